@@ -1,0 +1,34 @@
+"""ChatGLM-6B engine: checkpoint reading, model, tokenizer, quantization, generation.
+
+Self-contained: it knows nothing of files of the spool or of processes.
+
+## Engine API contract (glmpool/engine, owned by the lead; being written now)
+```python
+from glmpool.engine import load, SamplingParams, EngineError, PromptTooLongError, AdmissionError
+engine = load(model, device="cpu", dtype=None, cache_dir=".cache", quantize=None)
+#   model: local dir | hub id | "tiny-random" (built once into cache_dir, answers are noise)
+#   device: "cpu" | "cuda" | "cuda:N"; quantize: None | 4 | 8
+engine.config          # ModelConfig dataclass (hidden_size, num_layers, ... from config.json)
+engine.tokenizer       # .encode(text)->list[int], .decode(ids)->str, .build_prompt(query, history)->list[int]
+engine.chat(query, history=None, max_length=2048, do_sample=True, top_p=0.7, temperature=0.95, seed=None) -> (response, history)
+engine.stream_chat(...)  # yields (partial_response, history)
+
+params = SamplingParams(do_sample=True, top_p=0.7, temperature=0.95, top_k=50,
+                        max_length=2048, max_new_tokens=None, seed=None)   # validated in __post_init__ (ValueError)
+batch = engine.batcher(max_batch=16, max_kv_tokens=None)   # continuous batching; one per worker
+batch.add(key, query, history, params)   # prefill happens in the next step(); raises
+                                         #   AdmissionError (no room now: retry later, nothing changed),
+                                         #   PromptTooLongError / ValueError (permanent: report as error)
+events = batch.step()    # advances every running sequence by one token (new ones are prefilled first);
+                         # -> list[TokenEvent], one per sequence that produced a token this step:
+                         #   TokenEvent(key, token_id, text, finished, finish_reason, prompt_tokens, generated_tokens)
+                         #   text = post-processed response so far (as THUDM's stream_chat: never ends in a cut char)
+                         #   finish_reason in {None, "stop", "length", "cancelled"}
+batch.cancel(key) -> TokenEvent | None   # finished event with finish_reason "cancelled", cache freed at once
+len(batch); batch.keys(); batch.has_room(prompt_tokens, params) -> bool
+```
+Errors all derive from `EngineError`, each with a one-line human message.
+`glmpool.engine.tiny.write_tiny_checkpoint(path, layers=2, hidden=64, heads=4, inner=None, vocab=..., seed=0,
+safetensors=False, quantize=None, max_sequence_length=2048)` writes a random-weight checkpoint in THUDM's
+exact layout (used by `glmpool tiny-model DIR ...`).
+"""
