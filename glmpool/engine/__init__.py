@@ -32,3 +32,11 @@ Errors all derive from `EngineError`, each with a one-line human message.
 safetensors=False, quantize=None, max_sequence_length=2048)` writes a random-weight checkpoint in THUDM's
 exact layout (used by `glmpool tiny-model DIR ...`).
 """
+from .api import Engine, load
+from .config import ModelConfig
+from .errors import AdmissionError, CheckpointError, EngineError, ModelNotFoundError, PromptTooLongError
+from .generate import Batcher, SamplingParams, TokenEvent
+from .tokenizer import ChatGLMTokenizer
+
+__all__ = ["load", "Engine", "ModelConfig", "ChatGLMTokenizer", "Batcher", "SamplingParams", "TokenEvent",
+           "EngineError", "CheckpointError", "ModelNotFoundError", "PromptTooLongError", "AdmissionError"]

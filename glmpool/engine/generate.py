@@ -1,0 +1,228 @@
+"""Continuous-batching generation: sequences join and leave between steps.
+
+Each step prefills the sequences added since the last step (each on its own, prompts differ in length)
+and advances every running sequence by one token in a single batched forward pass: the weights are
+read once for the whole batch, which is what makes batching nearly free while decoding is bound by
+memory bandwidth. Each sequence keeps its own KV cache, sampling parameters and random generator,
+and frees its cache the moment it finishes.
+
+Admission is bounded by `max_batch` sequences and `max_kv_tokens` cached tokens, counted at the worst
+case (prompt + longest possible answer), so a full batch can never run the device out of memory.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Hashable
+
+import torch
+
+from .errors import AdmissionError, PromptTooLongError
+from .model import ChatGLM, KVCache, prefix_attention_mask, prompt_positions
+from .tokenizer import ChatGLMTokenizer, process_response
+
+INVALID_SCORE_TOKEN = 5  # where the reference puts all probability when logits are NaN/inf
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """THUDM chat()'s defaults; top_k=50 is transformers' default that the reference inherits."""
+    do_sample: bool = True
+    top_p: float = 0.7
+    temperature: float = 0.95
+    top_k: int = 50
+    max_length: int = 2048  # prompt + answer tokens
+    max_new_tokens: int | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        def number(name, value, low, high, low_open=False):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < low or value > high or (low_open and value == low):
+                raise ValueError(f"{name} must be a number in {'(' if low_open else '['}{low}, {high}], got {value!r}")
+        if not isinstance(self.do_sample, bool):
+            raise ValueError(f"do_sample must be true or false, got {self.do_sample!r}")
+        number("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        number("temperature", self.temperature, 0.0, 100.0, low_open=True)
+        for name in ("top_k", "max_length", "max_new_tokens", "seed"):
+            value = getattr(self, name)
+            if value is None and name in ("max_new_tokens", "seed"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name in ("top_k", "seed") else 1):
+                raise ValueError(f"{name} must be a {'non-negative' if name in ('top_k', 'seed') else 'positive'} "
+                                 f"integer, got {value!r}")
+
+
+@dataclass
+class TokenEvent:
+    key: Hashable
+    token_id: int
+    text: str  # post-processed answer so far (never ends in a cut multi-byte character)
+    finished: bool
+    finish_reason: str | None  # None while running; "stop", "length" or "cancelled"
+    prompt_tokens: int
+    generated_tokens: int
+
+
+@dataclass
+class Sequence:
+    key: Hashable
+    prompt: list[int]
+    params: SamplingParams
+    stop_length: int  # total length (prompt + answer) at which it ends
+    generator: torch.Generator | None
+    cache: KVCache | None = None
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    mask_position: int = 0
+    context_length: int = 0
+
+    def next_position(self) -> tuple[int, int]:
+        """(position, block position) of the token about to be fed (the last generated one)."""
+        index = len(self.prompt) + len(self.generated) - 1
+        return self.mask_position, index - self.context_length + 1
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token from logits [vocab] (float32): greedy, or temperature -> top-k -> top-p -> draw."""
+    if not bool(torch.isfinite(logits).all()):
+        logits = torch.zeros_like(logits)
+        logits[INVALID_SCORE_TOKEN] = 5e4
+    if not params.do_sample:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth_largest = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth_largest, -math.inf)
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative <= 1 - params.top_p
+        drop[-1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(0, order, drop), -math.inf)
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class Batcher:
+    """Runs many sequences together; see the module docstring. Not thread-safe: one per worker."""
+
+    def __init__(self, model: ChatGLM, tokenizer: ChatGLMTokenizer, max_batch: int = 16,
+                 max_kv_tokens: int | None = None):
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_kv_tokens = max_kv_tokens
+        self.pending: dict[Hashable, Sequence] = {}  # added, not yet prefilled
+        self.running: dict[Hashable, Sequence] = {}
+
+    def __len__(self) -> int:
+        return len(self.pending) + len(self.running)
+
+    def keys(self) -> list[Hashable]:
+        return [*self.running, *self.pending]
+
+    @property
+    def reserved_tokens(self) -> int:
+        return sum(s.stop_length for s in (*self.pending.values(), *self.running.values()))
+
+    def stop_length(self, prompt_tokens: int, params: SamplingParams) -> int:
+        """Validate a prompt's length against the window and `max_length`; return its final length bound."""
+        window = self.model.config.max_sequence_length
+        if prompt_tokens > window:
+            raise PromptTooLongError(f"prompt is {prompt_tokens} tokens, the model window is {window}")
+        if prompt_tokens >= params.max_length:
+            raise PromptTooLongError(f"prompt is {prompt_tokens} tokens, max_length {params.max_length} "
+                                     f"leaves no room for an answer")
+        stop = params.max_length
+        if params.max_new_tokens is not None:
+            stop = min(stop, prompt_tokens + params.max_new_tokens)
+        if self.max_kv_tokens is not None and stop > self.max_kv_tokens:
+            raise PromptTooLongError(f"request may need {stop} tokens of KV cache, this worker holds "
+                                     f"{self.max_kv_tokens}: lower max_length or max_new_tokens")
+        return stop
+
+    def has_room(self, prompt_tokens: int, params: SamplingParams) -> bool:
+        if len(self) >= self.max_batch:
+            return False
+        stop = self.stop_length(prompt_tokens, params)
+        return self.max_kv_tokens is None or self.reserved_tokens + stop <= self.max_kv_tokens
+
+    def add(self, key: Hashable, query: str, history: list | None = None,
+            params: SamplingParams | None = None) -> int:
+        """Queue a chat turn for the next step; returns its prompt length in tokens."""
+        return self.add_prompt(key, self.tokenizer.build_prompt(query, history), params)
+
+    def add_prompt(self, key: Hashable, prompt: list[int], params: SamplingParams | None = None) -> int:
+        params = params or SamplingParams()
+        if key in self.pending or key in self.running:
+            raise ValueError(f"sequence {key!r} is already in the batch")
+        if not self.has_room(len(prompt), params):
+            raise AdmissionError(f"batch full ({len(self)} sequences, {self.reserved_tokens} KV tokens reserved)")
+        generator = None
+        if params.do_sample:
+            generator = torch.Generator(device=self.model.device)
+            generator.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        _, _, context_length, mask_position = prompt_positions(
+            prompt, self.tokenizer.bos_id, self.tokenizer.mask_id, self.tokenizer.gmask_id)
+        self.pending[key] = Sequence(key, list(prompt), params, self.stop_length(len(prompt), params), generator,
+                                     mask_position=mask_position, context_length=context_length)
+        return len(prompt)
+
+    def cancel(self, key: Hashable) -> TokenEvent | None:
+        sequence = self.pending.pop(key, None) or self.running.pop(key, None)
+        if sequence is None:
+            return None
+        sequence.cache = None
+        last = sequence.generated[-1] if sequence.generated else -1
+        return self._event(sequence, last, "cancelled")
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        """Prefill what was added, advance everything running by one token; one event per sequence."""
+        events = []
+        decoding = list(self.running.values())
+        if decoding:
+            tokens = torch.tensor([[s.generated[-1]] for s in decoding], device=self.model.device)
+            positions = torch.tensor([[[p], [b]] for p, b in (s.next_position() for s in decoding)],
+                                     device=self.model.device)
+            logits = self.model(tokens, positions, [s.cache for s in decoding]).float()
+            events += [self._advance(s, row) for s, row in zip(decoding, logits)]
+        while self.pending:  # in arrival order
+            events.append(self._prefill(self.pending.pop(next(iter(self.pending)))))
+        return events
+
+    def _prefill(self, sequence: Sequence) -> TokenEvent:
+        prompt = sequence.prompt
+        position, block, context_length, _ = prompt_positions(
+            prompt, self.tokenizer.bos_id, self.tokenizer.mask_id, self.tokenizer.gmask_id)
+        device = self.model.device
+        sequence.cache = self.model.new_cache(min(sequence.stop_length, len(prompt) + 64))
+        logits = self.model(torch.tensor([prompt], device=device), torch.tensor([[position, block]], device=device),
+                            [sequence.cache], prefix_attention_mask(len(prompt), context_length, device))
+        self.running[sequence.key] = sequence
+        return self._advance(sequence, logits[0].float())
+
+    def _advance(self, sequence: Sequence, logits: torch.Tensor) -> TokenEvent:
+        token = sample(logits, sequence.params, sequence.generator)
+        sequence.generated.append(token)
+        reason = None
+        if token == self.model.config.eos_token_id:
+            reason = "stop"
+        elif len(sequence.prompt) + len(sequence.generated) >= sequence.stop_length:
+            reason = "length"
+        text = self.tokenizer.decode(sequence.generated)
+        if reason or (text and not text.endswith("\ufffd")):  # streamed text never shows a cut character
+            sequence.text = process_response(text)
+        if reason:
+            del self.running[sequence.key]
+            sequence.cache = None
+        return self._event(sequence, token, reason)
+
+    @staticmethod
+    def _event(sequence: Sequence, token: int, reason: str | None) -> TokenEvent:
+        return TokenEvent(sequence.key, token, sequence.text, reason is not None, reason,
+                          len(sequence.prompt), len(sequence.generated))

@@ -1,0 +1,227 @@
+"""ChatGLM-6B (GLM-130B family) in plain PyTorch.
+
+Shapes: B sequences, T new tokens each, L cached + new tokens, H hidden, n heads, d head dim.
+The arithmetic follows THUDM's reference operation by operation (order of scaling, fp32 softmax, the
+tanh GELU written the same way) so greedy decoding reproduces it token for token:
+- post-LayerNorm residuals scaled by alpha = sqrt(2 * num_layers) (DeepNorm);
+- each head's q/k/v interleaved in `query_key_value` rows: [head0 q|k|v, head1 q|k|v, ...];
+- 2D rotary encoding: the first half of every head rotates by the position id, the second half by
+  the block position id; inverse frequencies rounded to fp16 as the reference computes them;
+- attention scores scaled down by sqrt(d) * (layer + 1) and back up by (layer + 1) in fp32;
+- the output projection is the word embedding matrix (tied).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class KVCache:
+    """One sequence's keys and values for every layer: [layers, 2, capacity, n, d], grown on demand."""
+
+    def __init__(self, config: ModelConfig, capacity: int, dtype: torch.dtype, device: torch.device):
+        self.shape = (config.num_layers, 2, config.num_attention_heads, config.head_dim)
+        self.data = torch.empty(self._full_shape(capacity), dtype=dtype, device=device)
+        self.length = 0  # tokens already stored (in every layer)
+
+    def _full_shape(self, capacity: int) -> tuple:
+        layers, kv, heads, head_dim = self.shape
+        return (layers, kv, capacity, heads, head_dim)
+
+    @property
+    def capacity(self) -> int:
+        return self.data.shape[2]
+
+    def reserve(self, new_tokens: int) -> None:
+        needed = self.length + new_tokens
+        if needed > self.capacity:
+            grown = torch.empty(self._full_shape(max(needed, 2 * self.capacity)), dtype=self.data.dtype,
+                                device=self.data.device)
+            grown[:, :, :self.length] = self.data[:, :, :self.length]
+            self.data = grown
+
+    def store(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's key/value [T, n, d] after the cached ones; return all [L, n, d] of both."""
+        end = self.length + key.shape[0]
+        self.data[layer, 0, self.length:end] = key
+        self.data[layer, 1, self.length:end] = value
+        return self.data[layer, 0, :end], self.data[layer, 1, :end]
+
+    def advance(self, new_tokens: int) -> None:
+        self.length += new_tokens
+
+
+def rotary_tables(config: ModelConfig, length: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [length, d/2] for positions 0..length-1.
+
+    The reference builds its inverse frequencies in fp32, stores them as fp16, and multiplies in the
+    model's dtype; bfloat16 is computed in fp32 instead (bf16 cannot even count past 256 exactly).
+    """
+    rotary_dim = config.head_dim // 2 if config.position_encoding_2d else config.head_dim
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))).half()
+    compute_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    inv_freq = inv_freq.to(device=device, dtype=compute_dtype)
+    t = torch.arange(length, device=device, dtype=compute_dtype)
+    freqs = torch.outer(t, inv_freq)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    # The tanh approximation, written exactly as the reference writes it (the float rounding matters).
+    return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * x * (1.0 + 0.044715 * x * x)))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.position_encoding_2d = config.position_encoding_2d
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x [B, T, n, d]; cos/sin [B, 2, T, 1, d/2] (position, block position) when 2D
+        if not self.position_encoding_2d:
+            return apply_rotary(x, cos[:, 0], sin[:, 0])
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((apply_rotary(x1, cos[:, 0], sin[:, 0]), apply_rotary(x2, cos[:, 1], sin[:, 1])), dim=-1)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache],
+                prefix_mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, H = x.shape
+        qkv = self.query_key_value(x).view(B, T, self.n_heads, 3 * self.head_dim)
+        q, k, v = qkv.split(self.head_dim, dim=-1)  # [B, T, n, d] each
+        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        scale = float(self.layer_id + 1)
+        q = q / (math.sqrt(self.head_dim) * scale)
+        # Every sequence has its own cache length, so attention runs per sequence (cheap next to the
+        # weight reads of the projections, which are batched).
+        context = []
+        for b, cache in enumerate(caches):
+            keys, values = cache.store(self.layer_id, k[b], v[b])  # [L, n, d]
+            scores = torch.bmm(q[b].transpose(0, 1), keys.transpose(0, 1).transpose(1, 2))  # [n, T, L]
+            if prefix_mask is not None:
+                scores.masked_fill_(prefix_mask, -10000.0)
+            dtype = scores.dtype
+            probs = F.softmax(scores.float() * scale, dim=-1).type(dtype)
+            context.append(torch.bmm(probs, values.transpose(0, 1)))  # [n, T, d]
+        context = torch.stack(context).permute(0, 2, 1, 3).reshape(B, T, H)
+        return self.dense(context)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.inner_hidden_size)
+        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(gelu(self.dense_h_to_4h(x)))
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.attention = SelfAttention(config, layer_id)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.mlp = MLP(config)
+        self.alpha = (2 * config.num_layers) ** 0.5
+
+    def forward(self, x, cos, sin, caches, prefix_mask):
+        attention_input = self.input_layernorm(x)
+        x = attention_input * self.alpha + self.attention(attention_input, cos, sin, caches, prefix_mask)
+        mlp_input = self.post_attention_layernorm(x)
+        return mlp_input * self.alpha + self.mlp(mlp_input)
+
+
+class ChatGLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(GLMBlock(config, i) for i in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.final_layernorm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.final_layernorm.weight.device
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache(self.config, capacity, self.dtype, self.device)
+
+    def rotary(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rotary is None or self._rotary[0].shape[0] < length:
+            size = max(length, self.config.max_sequence_length)
+            self._rotary = rotary_tables(self.config, size, self.dtype, self.device)
+        return self._rotary
+
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The tied output projection: [.., H] -> [.., vocab]. Quantization swaps this method's matrix."""
+        return F.linear(hidden, self.word_embeddings.weight)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, caches: list[KVCache],
+                prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run T new tokens of B sequences; return the logits of each sequence's last token [B, vocab].
+
+        tokens [B, T]; positions [B, 2, T] (position id, block position id); caches: one per sequence,
+        extended in place; prefix_mask [T, L] bool, True = masked (prompt prefill only; None = attend all).
+        """
+        B, T = tokens.shape
+        for cache in caches:
+            cache.reserve(T)
+        cos_table, sin_table = self.rotary(int(positions.max()) + 1)
+        cos = F.embedding(positions, cos_table).unsqueeze(3)  # [B, 2, T, 1, d/2]
+        sin = F.embedding(positions, sin_table).unsqueeze(3)
+        x = self.word_embeddings(tokens)  # [B, T, H]
+        for layer in self.layers:
+            x = layer(x, cos, sin, caches, prefix_mask)
+        for cache in caches:
+            cache.advance(T)
+        return self.output_logits(self.final_layernorm(x[:, -1]))
+
+
+def prompt_positions(ids: list[int], bos_id: int, mask_id: int, gmask_id: int) -> tuple[list[int], list[int], int, int]:
+    """Position ids, block position ids, context length and mask position of a prompt, as THUDM builds them.
+
+    The context ends at the first `<sop>`; the mask position is the first `[MASK]` if the prompt has
+    one (literal `[MASK]` in user text counts), else the first `[gMASK]`. Tokens from the context end on
+    sit at the mask position and count block positions 1, 2, ...
+    """
+    length = len(ids)
+    context_length = ids.index(bos_id) if bos_id in ids else length
+    mask_token = mask_id if mask_id in ids else gmask_id
+    mask_position = ids.index(mask_token) if mask_token in ids else length - 1
+    position = [i if i < context_length else mask_position for i in range(length)]
+    block = [0] * context_length + list(range(1, length - context_length + 1))
+    return position, block, context_length, mask_position
+
+
+def prefix_attention_mask(length: int, context_length: int, device=None) -> torch.Tensor | None:
+    """[T, T] bool, True = masked: the context attends both ways, the rest causally. None if nothing is masked."""
+    allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    allowed[:, :context_length] = True
+    masked = ~allowed
+    return masked if bool(masked.any()) else None
