@@ -1,0 +1,179 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from glmpool.engine import CheckpointError, ModelNotFoundError, PromptTooLongError, load
+from glmpool.engine.model import prefix_attention_mask, prompt_positions
+from glmpool.engine.tiny import write_tiny_checkpoint
+
+
+def prompt_logits(engine, ids):
+    """Logits after a whole sequence in one pass (no cache reuse)."""
+    tok = engine.tokenizer
+    position, block, context_length, _ = prompt_positions(ids, tok.bos_id, tok.mask_id, tok.gmask_id)
+    with torch.inference_mode():
+        return engine.model(torch.tensor([ids]), torch.tensor([[position, block]]),
+                            [engine.model.new_cache(len(ids))], prefix_attention_mask(len(ids), context_length))[0]
+
+
+def test_positions_as_thudm_builds_them():
+    # ids: text 10 11, [gMASK]=2, <sop>=4, then two generated tokens
+    position, block, context, mask = prompt_positions([10, 11, 2, 4, 7, 8], bos_id=4, mask_id=1, gmask_id=2)
+    assert (context, mask) == (3, 2)
+    assert position == [0, 1, 2, 2, 2, 2]
+    assert block == [0, 0, 0, 1, 2, 3]
+    # a literal [MASK] in the text takes the mask position
+    position, _, _, mask = prompt_positions([10, 1, 11, 2, 4], bos_id=4, mask_id=1, gmask_id=2)
+    assert mask == 1 and position[-1] == 1
+
+
+def test_prefix_mask():
+    mask = prefix_attention_mask(4, 3)
+    assert mask.tolist() == [[False, False, False, True]] * 3 + [[False] * 4]
+    assert prefix_attention_mask(2, 2) is None
+
+
+@pytest.mark.parametrize("layout", [dict(shards=3), dict(safetensors=True), dict(safetensors=True, shards=2)])
+def test_every_layout_loads_to_identical_logits(tiny_dir, tiny_engine, tmp_path, layout):
+    other = load(write_tiny_checkpoint(tmp_path / "ckpt", seed=1, **layout), progress=False)
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert any(f.endswith("index.json") for f in files) == (layout.get("shards", 1) > 1)
+    ids = tiny_engine.tokenizer.encode_prompt("橘子 and apples")
+    assert torch.equal(prompt_logits(tiny_engine, ids), prompt_logits(other, ids))
+
+
+def test_tied_output_projection_kept_once(tiny_engine):
+    names = [n for n, _ in tiny_engine.model.named_parameters()]
+    assert "word_embeddings.weight" in names and not any("lm_head" in n for n in names)
+
+
+def test_lm_head_only_checkpoint_loads(tiny_dir, tiny_engine, tmp_path):
+    sd = torch.load(tiny_dir / "pytorch_model.bin", weights_only=True)
+    del sd["transformer.word_embeddings.weight"]
+    for f in ("config.json", "tokenizer_config.json", "ice_text.model"):
+        (tmp_path / f).write_bytes((tiny_dir / f).read_bytes())
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    ids = tiny_engine.tokenizer.encode_prompt("hello")
+    assert torch.equal(prompt_logits(load(tmp_path, progress=False), ids), prompt_logits(tiny_engine, ids))
+
+
+def test_kv_cache_decode_equals_full_recompute(tiny_engine):
+    tok = tiny_engine.tokenizer
+    prompt = tok.build_prompt("我喜欢吃橘子，你呢？", [("你好", "你好！")])
+    batch = tiny_engine.batcher(max_batch=1)
+    batch.add_prompt("s", prompt, __import__("glmpool.engine", fromlist=["SamplingParams"]).SamplingParams(
+        do_sample=False, max_new_tokens=12))
+    generated = []
+    while len(batch):
+        generated += [e.token_id for e in batch.step()]
+    assert len(generated) == 12 or generated[-1] == tiny_engine.config.eos_token_id
+    # the greedy token at every step equals the argmax of a full recompute of everything before it
+    for n in range(len(generated)):
+        logits = prompt_logits(tiny_engine, prompt + generated[:n])
+        assert int(logits.argmax()) == generated[n]
+    # and the logits themselves agree closely
+    cache = tiny_engine.model.new_cache(8)
+    full = prompt + generated
+    tok_ = tiny_engine.tokenizer
+    position, block, context_length, _ = prompt_positions(full, tok_.bos_id, tok_.mask_id, tok_.gmask_id)
+    with torch.inference_mode():
+        tiny_engine.model(torch.tensor([prompt]), torch.tensor([[position[:len(prompt)], block[:len(prompt)]]]),
+                          [cache], prefix_attention_mask(len(prompt), context_length))
+        for i in range(len(prompt), len(full)):
+            step = tiny_engine.model(torch.tensor([[full[i]]]), torch.tensor([[[position[i]], [block[i]]]]), [cache])
+    torch.testing.assert_close(step[0], prompt_logits(tiny_engine, full), rtol=1e-4, atol=1e-4)
+
+
+def test_chat_and_stream_chat_agree(tiny_engine):
+    history = [("你好", "你好，我是助手")]
+    response, new_history = tiny_engine.chat("你喜欢橘子吗？", history, max_length=60, do_sample=False)
+    partials = list(tiny_engine.stream_chat("你喜欢橘子吗？", history, max_length=60, do_sample=False))
+    assert partials[-1][0] == response
+    assert new_history == history + [("你喜欢橘子吗？", response)]
+    assert partials[-1][1] == new_history
+    assert all(response.startswith(p[0][:len(p[0]) // 2]) for p in partials)  # growing, not jumping
+
+
+def test_answers_depend_on_the_prompt(tiny_engine):
+    answers = {tiny_engine.chat(q, max_length=40, do_sample=False)[0] for q in ("你好", "hello", "橘子", "what?")}
+    assert len(answers) == 4
+
+
+def test_sampling_is_seeded(tiny_engine):
+    a = tiny_engine.chat("hello", max_length=40, seed=7)[0]
+    b = tiny_engine.chat("hello", max_length=40, seed=7)[0]
+    c = [tiny_engine.chat("hello", max_length=40, seed=s)[0] for s in (1, 2, 3)]
+    assert a == b and len(set(c + [a])) > 1
+
+
+def test_too_long_prompt_is_a_clear_error(tiny_engine):
+    with pytest.raises(PromptTooLongError, match="model window"):
+        tiny_engine.chat("橘子" * 3000)
+    with pytest.raises(PromptTooLongError, match="no room"):
+        tiny_engine.chat("one two three four five", max_length=3)
+
+
+def test_missing_and_misshaped_tensors_are_named(tiny_dir, tmp_path):
+    sd = torch.load(tiny_dir / "pytorch_model.bin", weights_only=True)
+    del sd["transformer.layers.1.mlp.dense_4h_to_h.bias"]
+    sd["transformer.layers.0.attention.dense.weight"] = torch.zeros(3, 3)
+    for f in ("config.json", "tokenizer_config.json", "ice_text.model"):
+        (tmp_path / f).write_bytes((tiny_dir / f).read_bytes())
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError) as error:
+        load(tmp_path, progress=False)
+    message = str(error.value)
+    assert "transformer.layers.1.mlp.dense_4h_to_h.bias" in message
+    assert "transformer.layers.0.attention.dense.weight (3, 3)" in message and "\n" not in message
+
+
+def test_offline_hub_id_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError) as error:
+        load("THUDM/chatglm-6b", cache_dir=tmp_path)
+    assert "local checkpoint directory" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_model_directory_code_is_never_imported(tiny_dir, tmp_path):
+    marker = tmp_path / "imported"
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for f in tiny_dir.iterdir():
+        (ckpt / f.name).symlink_to(f)
+    for name in ("modeling_chatglm", "configuration_chatglm", "tokenization_chatglm", "quantization", "__init__"):
+        (ckpt / f"{name}.py").write_text(f"open({str(marker)!r}, 'w').write('{name}')\n")
+    config = json.loads((tiny_dir / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration"}
+    (ckpt / "config.json").unlink()
+    (ckpt / "config.json").write_text(json.dumps(config))
+    code = (f"import sys; from glmpool.engine import load; e = load({str(ckpt)!r}, progress=False); "
+            f"e.chat('hi', max_length=20); "
+            f"assert not any('chatglm' in m or m == 'quantization' for m in sys.modules), sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=tmp_path)
+    assert not marker.exists()
+
+
+PEAK_SCRIPT = """
+import resource, sys, torch
+from glmpool.engine import load
+torch.ones(1)  # settle the allocator before the baseline
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+engine = load(sys.argv[1], progress=False)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+print(before, peak, weights)
+"""
+
+
+def test_peak_load_memory(tmp_path):
+    # big enough that the weights (fp32 in memory, fp16 on disk in 4 shards) dwarf allocator noise
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt", layers=6, hidden=512, heads=8, vocab=40000, shards=4)
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(ckpt)], capture_output=True, text=True,
+                         timeout=300, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    before, peak, weights = map(int, out.stdout.split())
+    assert weights > 100e6
+    assert peak - before <= 1.3 * weights, f"load grew RSS by {(peak - before) / weights:.2f}x the weights"
