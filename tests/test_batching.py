@@ -1,0 +1,109 @@
+import pytest
+
+from glmpool.engine import AdmissionError, PromptTooLongError, SamplingParams
+
+QUERIES = ["你好", "我喜欢吃橘子，你呢？", "hello there, how are you?", "what is the time", "橘子",
+           "a much longer question about the model server and its many requests and answers"]
+GREEDY = SamplingParams(do_sample=False, max_new_tokens=24)
+
+
+def run(batch, until_empty=True):
+    """Step the batch to the end; return {key: (token ids, final event)}."""
+    out = {}
+    while len(batch):
+        for event in batch.step():
+            tokens, _ = out.get(event.key, ([], None))
+            out[event.key] = (tokens + [event.token_id], event)
+    return out
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_engine):
+    results = {}
+    for q in QUERIES:
+        batch = tiny_engine.batcher(max_batch=1)
+        batch.add(q, q, None, GREEDY)
+        results[q] = run(batch)[q]
+    return results
+
+
+def test_batched_greedy_equals_alone(tiny_engine, alone):
+    batch = tiny_engine.batcher(max_batch=8)
+    for q in QUERIES:
+        batch.add(q, q, None, GREEDY)
+    together = run(batch)
+    for q in QUERIES:
+        assert together[q][0] == alone[q][0]
+        assert together[q][1].text == alone[q][1].text
+
+
+def test_sequences_join_midway_and_leave(tiny_engine, alone):
+    batch = tiny_engine.batcher(max_batch=8)
+    short = SamplingParams(do_sample=False, max_new_tokens=5)
+    batch.add("short", QUERIES[0], None, short)
+    tokens = {}
+    joined = iter(QUERIES[1:])
+    steps = 0
+    while len(batch):
+        for event in batch.step():
+            tokens.setdefault(event.key, []).append(event.token_id)
+            if event.finished:
+                assert event.key not in batch.keys()  # retired at once
+        steps += 1
+        q = next(joined, None)
+        if q is not None:
+            batch.add(q, q, None, GREEDY)  # one new sequence joins after every step
+    assert tokens["short"] == alone[QUERIES[0]][0][:5]
+    for q in QUERIES[1:]:
+        assert tokens[q] == alone[q][0], q
+
+
+def test_each_sequence_keeps_its_own_sampling(tiny_engine, alone):
+    batch = tiny_engine.batcher(max_batch=4)
+    batch.add("greedy", QUERIES[1], None, GREEDY)
+    batch.add("s1", QUERIES[1], None, SamplingParams(seed=5, max_new_tokens=24, temperature=2.0, top_p=1.0))
+    batch.add("s2", QUERIES[1], None, SamplingParams(seed=5, max_new_tokens=24, temperature=2.0, top_p=1.0))
+    out = run(batch)
+    assert out["greedy"][0] == alone[QUERIES[1]][0]
+    assert out["s1"][0] == out["s2"][0]  # same seed, same draws, whatever else is in the batch
+    assert out["s1"][0] != out["greedy"][0]
+
+
+def test_admission_is_bounded(tiny_engine):
+    batch = tiny_engine.batcher(max_batch=2, max_kv_tokens=100)
+    params = SamplingParams(do_sample=False, max_new_tokens=30)
+    batch.add("a", "hi", None, params)
+    assert batch.has_room(5, params)
+    batch.add("b", "hi", None, params)
+    assert not batch.has_room(5, params)
+    with pytest.raises(AdmissionError):
+        batch.add("c", "hi", None, params)
+    batch.cancel("b")
+    assert batch.has_room(5, params)
+    # a budget that a single request could never fit is a permanent error, not "retry later"
+    with pytest.raises(PromptTooLongError):
+        batch.add("d", "hi", None, SamplingParams(max_new_tokens=200))
+    budget = tiny_engine.batcher(max_batch=8, max_kv_tokens=60)
+    budget.add("x", "hi", None, params)
+    with pytest.raises(AdmissionError):
+        budget.add("y", "hi", None, params)  # two worst cases do not fit the token budget
+
+
+def test_cancel_stops_and_frees(tiny_engine):
+    batch = tiny_engine.batcher(max_batch=2)
+    batch.add("a", "hello", None, GREEDY)
+    batch.add("b", "橘子", None, GREEDY)
+    batch.step()
+    batch.step()
+    event = batch.cancel("a")
+    assert event.finished and event.finish_reason == "cancelled" and event.generated_tokens == 2
+    assert batch.keys() == ["b"]
+    assert {e.key for e in batch.step()} == {"b"}
+    assert batch.cancel("missing") is None
+
+
+def test_bad_sampling_parameters_are_rejected():
+    for bad in (dict(top_p=0), dict(top_p=float("nan")), dict(temperature=-1), dict(max_length=0),
+                dict(max_new_tokens=-5), dict(do_sample="yes"), dict(top_k=1.5), dict(seed=-1)):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
