@@ -86,7 +86,7 @@ class Sequence:
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token from logits [vocab] (float32): greedy, or temperature -> top-k -> top-p -> draw."""
-    if not bool(torch.isfinite(logits).all()):
+    if not bool(torch.isfinite(logits.sum())):  # one reduction; NaN/inf anywhere makes it non-finite
         logits = torch.zeros_like(logits)
         logits[INVALID_SCORE_TOKEN] = 5e4
     if not params.do_sample:
