@@ -7,8 +7,10 @@ into the model's preallocated parameters, so peak memory stays close to the fina
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import mmap
 import os
 from pathlib import Path
 from typing import Iterator
@@ -73,23 +75,54 @@ def shard_files(model_dir: Path) -> list[Path]:
     raise CheckpointError(f"{model_dir}: no weights found (pytorch_model*.bin or *.safetensors)")
 
 
-def read_shard(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path), device="cpu")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # old non-zip serialization cannot be memory-mapped
-        return torch.load(path, map_location="cpu", weights_only=True)
+_libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
 
 
-def iter_tensors(model_dir: Path, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+def release_pages(tensor: torch.Tensor) -> None:
+    """Drop the file pages a memory-mapped tensor was read through, once it has been copied.
+
+    Without this every page read stays resident until the whole shard is closed, and a single-file
+    checkpoint would briefly cost twice its size. The mapping is private and never written, so the
+    kernel simply re-reads the file if the range is ever touched again.
+    """
+    if _libc is None or tensor.numel() == 0:
+        return
+    start = tensor.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+    end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    whole_pages = (end - start) // mmap.PAGESIZE * mmap.PAGESIZE  # never past the tensor's last byte
+    if whole_pages:
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(whole_pages), 4)  # MADV_DONTNEED
+
+
+def iter_tensors(model_dir: Path, progress: bool = True) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    """(name, tensor, memory-mapped?) for every stored tensor, one shard open at a time."""
     files = shard_files(model_dir)
     for path in tqdm(files, desc="loading shards", unit="shard", disable=not progress or None, leave=False):
-        shard = read_shard(path)
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt", device="cpu") as shard:
+                for name in shard.keys():
+                    yield name, shard.get_tensor(name), False  # read one tensor at a time
+            continue
+        try:
+            shard, mapped = torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
+        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+            shard, mapped = torch.load(path, map_location="cpu", weights_only=True), False
         for name in list(shard):
-            yield name, shard.pop(name)
+            yield name, shard.pop(name), mapped
         del shard
+
+
+def copy_into(target: torch.Tensor, source: torch.Tensor, mapped: bool, chunk_bytes: int = 64 << 20) -> None:
+    """target <- source (converting dtype); a memory-mapped source is released chunk by chunk."""
+    rows = max(1, chunk_bytes // max(1, source[0].numel() * source.element_size())) if source.dim() else 1
+    with torch.no_grad():
+        if not mapped or source.dim() == 0:
+            target.copy_(source)
+            return
+        for start in range(0, source.shape[0], rows):
+            target[start:start + rows].copy_(source[start:start + rows])
+            release_pages(source[start:start + rows])
 
 
 def internal_name(name: str) -> str | None:
@@ -109,7 +142,7 @@ def load_weights(model: torch.nn.Module, model_dir: Path, progress: bool = True)
     filled: set[str] = set()
     mis_shaped: list[str] = []
     lm_head: torch.Tensor | None = None
-    for raw_name, tensor in iter_tensors(model_dir, progress):
+    for raw_name, tensor, mapped in iter_tensors(model_dir, progress):
         name = internal_name(raw_name)
         if name is None:
             continue
@@ -124,14 +157,12 @@ def load_weights(model: torch.nn.Module, model_dir: Path, progress: bool = True)
         if tuple(target.shape) != tuple(tensor.shape):
             mis_shaped.append(f"{raw_name} {tuple(tensor.shape)} (expected {tuple(target.shape)})")
             continue
-        with torch.no_grad():
-            target.copy_(tensor)
+        copy_into(target, tensor, mapped)
         filled.add(name)
     embedding = "word_embeddings.weight"
     if embedding in targets and embedding not in filled and lm_head is not None \
             and tuple(lm_head.shape) == tuple(targets[embedding].shape):
-        with torch.no_grad():  # only the output copy was stored: the same matrix, tied
-            targets[embedding].copy_(lm_head)
+        copy_into(targets[embedding], lm_head, False)  # only the output copy was stored: the same matrix
         filled.add(embedding)
     missing = sorted(set(targets) - filled)
     if mis_shaped or missing:
