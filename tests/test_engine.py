@@ -26,9 +26,12 @@ def test_positions_as_thudm_builds_them():
     assert (context, mask) == (3, 2)
     assert position == [0, 1, 2, 2, 2, 2]
     assert block == [0, 0, 0, 1, 2, 3]
-    # a literal [MASK] in the text takes the mask position
+    # a literal [MASK] in the text does not move the mask position off the appended [gMASK]...
     position, _, _, mask = prompt_positions([10, 1, 11, 2, 4], bos_id=4, mask_id=1, gmask_id=2)
-    assert mask == 1 and position[-1] == 1
+    assert mask == 3 and position[-1] == 3
+    # ...and the first <sop>, even a literal one in the text, ends the context
+    position, block, context, mask = prompt_positions([4, 10, 2, 4], bos_id=4, mask_id=1, gmask_id=2)
+    assert (context, mask, position, block) == (0, 2, [2, 2, 2, 2], [1, 2, 3, 4])
 
 
 def test_prefix_mask():

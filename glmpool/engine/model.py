@@ -224,13 +224,13 @@ class ChatGLM(nn.Module):
 def prompt_positions(ids: list[int], bos_id: int, mask_id: int, gmask_id: int) -> tuple[list[int], list[int], int, int]:
     """Position ids, block position ids, context length and mask position of a prompt, as THUDM builds them.
 
-    The context ends at the first `<sop>`; the mask position is the first `[MASK]` if the prompt has
-    one (literal `[MASK]` in user text counts), else the first `[gMASK]`. Tokens from the context end on
+    The context ends at the first `<sop>`; the mask position is the first `[gMASK]` (the one appended to
+    every prompt), or the first `[MASK]` in a prompt without `[gMASK]`. Tokens from the context end on
     sit at the mask position and count block positions 1, 2, ...
     """
     length = len(ids)
     context_length = ids.index(bos_id) if bos_id in ids else length
-    mask_token = mask_id if mask_id in ids else gmask_id
+    mask_token = gmask_id if gmask_id in ids else mask_id
     mask_position = ids.index(mask_token) if mask_token in ids else length - 1
     position = [i if i < context_length else mask_position for i in range(length)]
     block = [0] * context_length + list(range(1, length - context_length + 1))
