@@ -85,24 +85,25 @@ class Sequence:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token from logits [vocab] (float32): greedy, or temperature -> top-k -> top-p -> draw."""
+    """One token from logits [vocab] (float32): greedy, or temperature -> top-k -> top-p -> draw.
+
+    Top-p is applied within the top-k candidates only, which is the same distribution as filtering
+    the whole vocabulary (everything outside the top k already has probability zero) without
+    sorting 130k logits per token.
+    """
     if not bool(torch.isfinite(logits.sum())):  # one reduction; NaN/inf anywhere makes it non-finite
         logits = torch.zeros_like(logits)
         logits[INVALID_SCORE_TOKEN] = 5e4
     if not params.do_sample:
         return int(torch.argmax(logits))
-    logits = logits / params.temperature
-    if 0 < params.top_k < logits.shape[-1]:
-        kth_largest = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth_largest, -math.inf)
+    vocab = logits.shape[-1]
+    top_k = params.top_k if 0 < params.top_k < vocab else vocab
+    values, indices = torch.topk(logits / params.temperature, top_k)  # descending
+    probs = values.softmax(-1)
     if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative <= 1 - params.top_p
-        drop[-1] = False  # always keep the most likely token
-        logits = logits.masked_fill(drop.scatter(0, order, drop), -math.inf)
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        mass_before = probs.cumsum(-1) - probs  # probability of the more likely candidates
+        probs = probs.masked_fill(mass_before >= params.top_p, 0.0)  # the most likely always stays
+    return int(indices[torch.multinomial(probs, 1, generator=generator)])
 
 
 class Batcher:
