@@ -107,3 +107,24 @@ def test_bad_sampling_parameters_are_rejected():
                 dict(max_new_tokens=-5), dict(do_sample="yes"), dict(top_k=1.5), dict(seed=-1)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+def test_sampling_filters_like_transformers():
+    """temperature -> top-k -> top-p as transformers' warpers define them (sorted ascending, drop the
+    tokens whose cumulative probability is <= 1 - top_p)."""
+    import torch
+    from glmpool.engine.generate import candidates
+    g = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        logits = torch.randn(1000, generator=g) * (1 + trial % 5)
+        params = SamplingParams(temperature=0.5 + trial % 3 * 0.4, top_k=[0, 5, 50][trial % 3],
+                                top_p=[0.3, 0.7, 0.95, 1.0][trial % 4])
+        scores = logits / params.temperature
+        if params.top_k:
+            scores = scores.masked_fill(scores < torch.topk(scores, params.top_k).values[-1], -float("inf"))
+        ascending, order = torch.sort(scores)
+        drop = ascending.softmax(-1).cumsum(-1) <= 1 - params.top_p
+        drop[-1] = False
+        expected = set(order[~drop & torch.isfinite(ascending)].tolist())
+        indices, probs = candidates(logits, params)
+        assert set(indices[probs > 0].tolist()) == expected

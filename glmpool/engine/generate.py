@@ -96,6 +96,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         logits[INVALID_SCORE_TOKEN] = 5e4
     if not params.do_sample:
         return int(torch.argmax(logits))
+    indices, probs = candidates(logits, params)
+    return int(indices[torch.multinomial(probs, 1, generator=generator)])
+
+
+def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and their (unnormalised) probabilities after temperature, top-k and top-p."""
     vocab = logits.shape[-1]
     top_k = params.top_k if 0 < params.top_k < vocab else vocab
     values, indices = torch.topk(logits / params.temperature, top_k)  # descending
@@ -103,7 +109,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.top_p < 1.0:
         mass_before = probs.cumsum(-1) - probs  # probability of the more likely candidates
         probs = probs.masked_fill(mass_before >= params.top_p, 0.0)  # the most likely always stays
-    return int(indices[torch.multinomial(probs, 1, generator=generator)])
+    return indices, probs
 
 
 class Batcher:
