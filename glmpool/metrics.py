@@ -103,9 +103,7 @@ class _Family:
         if v is None:
             return
         key = tuple((k, str(val)) for k, val in labels.items())
-        if key in self.samples:
-            # Two workers reporting the same id+device: keep the first rather than emit an
-            # invalid duplicate series that would make the whole scrape fail.
+        if key in self.samples:  # an invalid scrape otherwise; render() dedupes workers first
             log.debug("duplicate series %s%s dropped", self.name, key)
             return
         self.samples[key] = v
@@ -137,7 +135,19 @@ def render(status: Mapping[str, Any], extra_labels: Mapping[str, str] | None = N
             log.warning("metrics: invalid label name %r ignored", name)
     if isinstance(status.get("host"), str):
         base["host"] = status["host"]
-    workers = [w for w in status.get("workers") or [] if isinstance(w, Mapping)]
+    workers: list[Mapping[str, Any]] = []
+    seen: set[tuple[str, str]] = set()
+    for w in status.get("workers") or []:
+        if not isinstance(w, Mapping):
+            continue
+        ident = (str(w.get("id", "")), str(w.get("device", "")))
+        if ident in seen:
+            # Two entries for one worker slot would make duplicate series, which fails the whole
+            # scrape, and would be counted twice in the totals: keep the first.
+            log.debug("metrics: duplicate worker %s dropped", ident)
+            continue
+        seen.add(ident)
+        workers.append(w)
     queue = status.get("queue") if isinstance(status.get("queue"), Mapping) else {}
     families: list[_Family] = []
 
@@ -304,9 +314,11 @@ class Metrics:
                 self._last_error = None
             except OSError as exc:
                 # Log once per distinct error, not every few seconds.
-                if str(exc) != self._last_error:
-                    log.warning("metrics file %s not written: %s", self.path, exc)
-                    self._last_error = str(exc)
+                # (errno and reason only: the message names a random temp file.)
+                reason = f"[Errno {exc.errno}] {exc.strerror}"
+                if reason != self._last_error:
+                    log.warning("metrics file %s not written: %s", self.path, reason)
+                    self._last_error = reason
         return text
 
     def close(self, remove_file: bool = False) -> None:
