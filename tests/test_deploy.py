@@ -388,3 +388,29 @@ def test_http_port_in_use_is_logged_not_raised(caplog):
         assert any("not started" in r.message for r in caplog.records)
         m.update(STATUS)
         m.close()
+
+
+# ---------------------------------------------------------------- example configuration
+
+# Until glmpool.config exists, the names agreed for the example (issue 7).
+AGREED_SETTINGS = {
+    "model", "quantize", "dtype", "gpus", "dir", "cache_dir", "host_id", "max_batch",
+    "kv_cache_gb", "poll_interval", "lease_seconds", "grace_seconds", "umask", "log_level",
+    "log_format", "metrics_file", "metrics_port",
+}
+
+
+def _example_settings() -> tuple[dict, dict]:
+    import tomllib
+    text = (DEPLOY / "glmpool.toml").read_text()
+    active = tomllib.loads(text)
+    # Every commented-out "# key = value" line is a setting shown at its default.
+    uncommented = re.sub(r"(?m)^# ([a-z_]+ = )", r"\1", text)
+    return active, tomllib.loads(uncommented)
+
+
+def test_example_config_documents_every_setting():
+    active, everything = _example_settings()
+    assert set(active) <= set(everything)
+    assert active["dir"] == "/srv/glmpool"  # what the units' RequiresMountsFor= assumes
+    assert set(everything) == AGREED_SETTINGS
