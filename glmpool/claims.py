@@ -1,0 +1,220 @@
+"""Claims: which supervisor answers which request, correct even across hosts.
+
+Claiming a request takes three steps, each safe on its own:
+1. a `filelock` lock on `requests/.locks/<id>.lock` (non-blocking) keeps supervisors whose locks are
+   coherent from even trying the same request at once;
+2. a record `.claims/<token>.claim` (host, pid, time, id) names the claim; the token is fresh per claim;
+3. the atomic rename of the request's main input into `.claims/<token>.<suffix>` is the claim itself:
+   exactly one rename of a file can succeed, whatever the locks did. A rename that reports ENOENT is
+   confirmed by stat of the destination (an NFS retransmit can report a rename that succeeded as failed).
+
+The claim's identity is its token: the answer is written only while `.claims/<token>.*` still exists,
+and `.back` is created exclusively (hard link), so a late duplicate never replaces a first answer, while
+a new request under a reused id (its own fresh claim removes the old outputs) does. Leases: the owner
+touches its records; another host adopts a record whose mtime is older than the lease, judged against a
+probe file it has just touched on the same filesystem (the server's clock, never two hosts' clocks).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from . import spool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Claim:
+    token: str
+    id: str
+    inputs: dict[str, Path] = field(default_factory=dict)  # suffix -> claimed path
+    attempts: int = 0
+
+    def to_record(self, host: str) -> str:
+        return json.dumps({"id": self.id, "host": host, "pid": os.getpid(), "time": time.time(),
+                           "attempts": self.attempts, "inputs": sorted(self.inputs)})
+
+
+class Claims:
+    def __init__(self, requests_dir: Path, host_id: str, lease_seconds: float = 60.0):
+        self.requests = requests_dir
+        self.dir = requests_dir / ".claims"
+        self.locks = requests_dir / ".locks"
+        self.host = host_id
+        self.lease = lease_seconds
+        self.mine: dict[str, Claim] = {}  # token -> claim held by this supervisor
+
+    def ensure_dirs(self) -> None:
+        for d in (self.requests, self.dir, self.locks, self.requests / "failed"):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def record_path(self, token: str) -> Path:
+        return self.dir / f"{token}.claim"
+
+    def claim(self, request_id: str, main: str, extras: tuple[str, ...] = ()) -> Claim | None:
+        """Take `requests/<id><main>` (and the `extras` suffixes if present); None if someone else has it."""
+        lock = FileLock(str(self.locks / f"{request_id}.lock"), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            return None
+        try:
+            source = self.requests / f"{request_id}{main}"
+            if not os.path.lexists(source):
+                return None
+            claim = Claim(uuid.uuid4().hex[:16], request_id)
+            spool.atomic_write(self.record_path(claim.token), claim.to_record(self.host))
+            target = self.dir / f"{claim.token}{main}"
+            if not self._rename(source, target):
+                spool.remove(self.record_path(claim.token))
+                return None
+            claim.inputs[main] = target
+            for suffix in extras:
+                extra = self.requests / f"{request_id}{suffix}"
+                if os.path.lexists(extra) and self._rename(extra, self.dir / f"{claim.token}{suffix}"):
+                    claim.inputs[suffix] = self.dir / f"{claim.token}{suffix}"
+            for suffix in spool.OUTPUT_SUFFIXES:  # a new request under a used id replaces old answers
+                spool.remove(self.requests / f"{request_id}{suffix}")
+            spool.atomic_write(self.record_path(claim.token), claim.to_record(self.host))
+            self.mine[claim.token] = claim
+            return claim
+        finally:
+            lock.release()
+
+    @staticmethod
+    def _rename(source: Path, target: Path) -> bool:
+        try:
+            os.rename(source, target)
+            return True
+        except FileNotFoundError:
+            return os.path.lexists(target)  # NFS: the first try may have succeeded
+        except OSError as error:
+            log.warning("cannot claim %s: %s", source.name, error.strerror)
+            return False
+
+    def holds(self, claim: Claim) -> bool:
+        """Still ours: the record and the main input are where our claim put them."""
+        return claim.token in self.mine and self.record_path(claim.token).exists() and \
+            all(os.path.lexists(p) for p in claim.inputs.values())
+
+    def finish(self, claim: Claim, back: str, meta: dict) -> bool:
+        """Publish the answer once: .meta, then .back (exclusive); then drop the claimed inputs."""
+        if not self.holds(claim):
+            log.warning("claim %s of %s was taken over; dropping this late answer", claim.token, claim.id)
+            self.mine.pop(claim.token, None)
+            return False
+        spool.atomic_write(self.requests / f"{claim.id}.meta", json.dumps(meta, ensure_ascii=False, indent=1))
+        written = spool.atomic_write(self.requests / f"{claim.id}.back", back, exclusive=True)
+        if not written:
+            log.warning("%s.back already exists; not replacing it with a duplicate answer", claim.id)
+        spool.remove(self.requests / f"{claim.id}.partial")
+        self.drop(claim)
+        return written
+
+    def fail(self, claim: Claim, sentence: str, detail: dict) -> None:
+        """Publish an .error and keep the inputs in failed/ (never silently deleted)."""
+        if claim.token in self.mine and not self.holds(claim):
+            self.mine.pop(claim.token, None)
+            return
+        failed = self.requests / "failed"
+        for suffix, path in claim.inputs.items():
+            try:
+                os.replace(path, failed / f"{claim.id}{suffix}")
+            except OSError:
+                pass
+        spool.remove(self.requests / f"{claim.id}.partial")
+        spool.atomic_write(self.requests / f"{claim.id}.error", spool.error_text(sentence, detail))
+        self.drop(claim, remove_inputs=False)
+
+    def release(self, claim: Claim) -> None:
+        """Give the request back unanswered (stop, or cut by the grace timeout): inputs return to requests/."""
+        for suffix, path in sorted(claim.inputs.items(), key=lambda item: item[0] != ".history"):
+            destination = self.requests / f"{claim.id}{suffix}"
+            try:
+                os.link(path, destination)  # never over a newer request that reused the id
+                os.unlink(path)
+            except FileExistsError:
+                log.warning("%s was re-submitted meanwhile; the claimed copy stays for adoption", destination.name)
+                return
+            except OSError:
+                pass
+        self.drop(claim, remove_inputs=False)
+
+    def drop(self, claim: Claim, remove_inputs: bool = True) -> None:
+        if remove_inputs:
+            for path in claim.inputs.values():
+                spool.remove(path)
+        spool.remove(self.record_path(claim.token))
+        self.mine.pop(claim.token, None)
+
+    def renew(self) -> None:
+        """Heartbeat every claim we hold (the lease)."""
+        for token in list(self.mine):
+            try:
+                os.utime(self.record_path(token))
+            except FileNotFoundError:
+                log.warning("claim %s disappeared (taken over?)", token)
+
+    def orphans(self) -> list[Claim]:
+        """Adopt claims whose owner is gone: this host's dead incarnations, or any host's expired lease."""
+        probe = self.dir / f".probe-{self.host}"
+        probe.touch()
+        now = probe.stat().st_mtime  # the shared filesystem's clock
+        adopted = []
+        for record in self.dir.glob("*.claim"):
+            token = record.name[:-len(".claim")]
+            if token in self.mine:
+                continue
+            try:
+                info = json.loads(record.read_text())
+                age = now - record.stat().st_mtime
+            except (OSError, ValueError):
+                continue
+            same_host_dead = info.get("host") == self.host and not _alive(info.get("pid"))
+            if same_host_dead or age > self.lease:
+                claim = self._adopt(token, info)
+                if claim:
+                    adopted.append(claim)
+        return adopted
+
+    def _adopt(self, old_token: str, info: dict) -> Claim | None:
+        claim = Claim(uuid.uuid4().hex[:16], info["id"], attempts=int(info.get("attempts", 0)))
+        spool.atomic_write(self.record_path(claim.token), claim.to_record(self.host))
+        inputs = sorted(self.dir.glob(f"{old_token}.*"), key=lambda p: p.suffix == ".claim")
+        for path in inputs:
+            if path.suffix == ".claim":
+                continue
+            target = self.dir / f"{claim.token}{path.suffix}"
+            if self._rename(path, target):
+                claim.inputs[path.suffix] = target
+        if not any(s in claim.inputs for s in (".request", ".json")):
+            for path in claim.inputs.values():  # lost the race to another adopter: undo
+                spool.remove(path)
+            spool.remove(self.record_path(claim.token))
+            return None
+        spool.remove(self.record_path(old_token))
+        self.mine[claim.token] = claim
+        log.info("adopted %s (claim %s of host %s)", claim.id, old_token, info.get("host"))
+        return claim
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True

@@ -1,0 +1,163 @@
+"""Settings of `glmpool serve`: one declaration each, driving flags, GLMPOOL_* variables and the TOML file.
+
+Precedence: command-line flags > environment (GLMPOOL_<NAME>) > config file > defaults. The config file
+is `--config FILE`, else $GLMPOOL_CONFIG, else /etc/glmpool/glmpool.toml when it exists. Unknown keys
+in the file are errors.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+try:
+    import tomllib
+except ImportError:  # Python < 3.11
+    import tomli as tomllib
+
+DEFAULT_CONFIG_FILE = Path("/etc/glmpool/glmpool.toml")
+
+
+class ConfigError(Exception):
+    """A setting has a bad value or the config file is unreadable; str() is a one-line message."""
+
+
+def _octal(text: Any) -> int:
+    return int(str(text), 8)
+
+
+def _log_level(text: Any) -> str:
+    level = str(text).upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("use DEBUG, INFO, WARNING or ERROR")
+    return level
+
+
+def _choice(*allowed: Any) -> Callable[[Any], Any]:
+    def parse(value: Any) -> Any:
+        for option in allowed:
+            if str(value) == str(option):
+                return option
+        raise ValueError("use one of " + ", ".join(map(str, allowed)))
+    return parse
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    metavar: str = "VALUE"
+
+
+SETTINGS = [
+    Setting("model", str, "THUDM/chatglm-6b-int4",
+            "hub id (THUDM/chatglm-6b, -int4, -int4-qe), checkpoint directory, or tiny-random", "ID|DIR"),
+    Setting("gpus", str, "", "workers: CUDA indices '0,1', 'cpu' entries ('cpu,cpu'), or 'all' "
+                             "(default: every visible GPU, else one cpu worker)", "LIST"),
+    Setting("quantize", _choice(4, 8), None, "quantize weights at load: 4 or 8 bits", "BITS"),
+    Setting("dtype", _choice("float16", "bfloat16", "float32"), None,
+            "compute dtype (default float16 on GPUs, float32 on cpu)", "DTYPE"),
+    Setting("dir", str, ".", "spool root; requests/ and flags/ are created in it", "DIR"),
+    Setting("cache_dir", str, str(Path.home() / ".cache" / "glmpool"), "where models are downloaded/built", "DIR"),
+    Setting("host_id", str, socket.gethostname(), "this host's identity in claims and status", "NAME"),
+    Setting("max_batch", int, 16, "sequences one worker generates together", "N"),
+    Setting("kv_cache_gb", float, None, "KV-cache budget per worker in GiB (default: sized from free memory)", "GIB"),
+    Setting("max_length", int, 2048, "default max_length (prompt + answer tokens) of a request", "N"),
+    Setting("request_timeout", float, 0.0, "default per-request deadline in seconds (0: none)", "S"),
+    Setting("poll_interval", float, 0.5, "seconds between directory scans (inotify wakes earlier locally)", "S"),
+    Setting("lease_seconds", float, 60.0, "a claim not renewed for this long is taken over by another host", "S"),
+    Setting("grace_seconds", float, 300.0, "on stop, how long in-flight generations may finish", "S"),
+    Setting("heartbeat_timeout", float, 120.0, "a busy worker silent this long is killed and restarted", "S"),
+    Setting("umask", _octal, 0o022, "umask for files created in the spool (octal)", "OCTAL"),
+    Setting("log_level", _log_level, "INFO", "DEBUG, INFO, WARNING or ERROR", "LEVEL"),
+    Setting("log_format", _choice("plain", "json"), "plain", "plain lines or JSON lines (journald)", "FORMAT"),
+    Setting("metrics_file", str, "", "Prometheus textfile to rewrite every few seconds", "FILE"),
+    Setting("metrics_port", int, 0, "serve the same metrics on 127.0.0.1:PORT (0: off)", "PORT"),
+]
+BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str
+    gpus: str
+    quantize: int | None
+    dtype: str | None
+    dir: str
+    cache_dir: str
+    host_id: str
+    max_batch: int
+    kv_cache_gb: float | None
+    max_length: int
+    request_timeout: float
+    poll_interval: float
+    lease_seconds: float
+    grace_seconds: float
+    heartbeat_timeout: float
+    umask: int
+    log_level: str
+    log_format: str
+    metrics_file: str
+    metrics_port: int
+    sources: dict = field(default_factory=dict, compare=False)  # setting -> where its value came from
+
+
+assert [f.name for f in fields(Config)][:-1] == [s.name for s in SETTINGS], "Config and SETTINGS disagree"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help=f"TOML config file (default {DEFAULT_CONFIG_FILE} if present)")
+    for s in SETTINGS:
+        default = "" if s.default is None else f" (default: {s.default if s.name != 'umask' else oct(s.default)})"
+        parser.add_argument("--" + s.name.replace("_", "-"), dest=s.name, metavar=s.metavar,
+                            default=argparse.SUPPRESS, help=s.help + default + f"; env GLMPOOL_{s.name.upper()}")
+
+
+def _parse(setting: Setting, raw: Any, origin: str) -> Any:
+    if raw is None or raw == "" and setting.default is None:
+        return None
+    try:
+        return setting.parse(raw)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{origin}: bad value {raw!r} for {setting.name}: {error}") from None
+
+
+def read_file(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
+    unknown = sorted(set(raw) - set(BY_NAME))
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
+    return raw
+
+
+def resolve(args: argparse.Namespace | None = None, environ: dict | None = None) -> Config:
+    """Merge defaults, the config file, GLMPOOL_* variables and flags (in rising precedence)."""
+    flags = vars(args) if args is not None else {}
+    environ = os.environ if environ is None else environ
+    config_file = flags.get("config") or environ.get("GLMPOOL_CONFIG")
+    if not config_file and DEFAULT_CONFIG_FILE.is_file():
+        config_file = DEFAULT_CONFIG_FILE
+    from_file = read_file(Path(config_file)) if config_file else {}
+    values, sources = {}, {}
+    for s in SETTINGS:
+        value, source = s.default, "default"
+        if s.name in from_file:
+            value, source = _parse(s, from_file[s.name], f"config file {config_file}"), f"file {config_file}"
+        env_name = "GLMPOOL_" + s.name.upper()
+        if env_name in environ:
+            value, source = _parse(s, environ[env_name], env_name), "env"
+        if s.name in flags:
+            value, source = _parse(s, flags[s.name], "--" + s.name.replace("_", "-")), "flag"
+        values[s.name], sources[s.name] = value, source
+    return Config(**values, sources=sources)

@@ -1,0 +1,199 @@
+"""The file protocol: names, parsing and validation of requests, atomic writing of results.
+
+Layout under the spool root:
+    requests/<id>.request + <id>.history   seed form (question; empty or JSON [[q, a], ...] history)
+    requests/<id>.json                      JSON form: {"query": ..., "history": ..., parameters}
+    requests/<id>.back                      the answer (UTF-8), appears atomically
+    requests/<id>.meta                      JSON detail of the answer (history, tokens, timings, worker)
+    requests/<id>.partial                   the answer so far while generating
+    requests/<id>.error                     failure: a sentence, then JSON detail; inputs go to failed/
+    requests/<id>.cancel                    a client asks to stop generating
+    requests/failed/                        inputs of failed requests, never silently deleted
+    requests/.claims/                       claimed inputs (see claims.py)
+    flags/quit.flag, flags/status.flag -> flags/status.back
+
+Pure functions except for the small, explicit read/write helpers at the bottom; the supervisor is
+the only caller that touches the spool.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+INPUT_SUFFIXES = (".request", ".history", ".json")
+OUTPUT_SUFFIXES = (".back", ".meta", ".error", ".partial")
+MAX_INPUT_BYTES = 1 << 20  # 1 MiB: far beyond any prompt the model window takes
+MAX_HISTORY_DEPTH = 3  # [[q, a], ...]
+SETTLE_SECONDS = 0.5  # a file unchanged this long is complete even without a final newline
+HISTORY_GRACE_SECONDS = 1.0  # a missing .history counts as empty once the .request is this old
+JSON_PARAMETERS = {"max_length": int, "max_new_tokens": int, "top_p": float, "temperature": float,
+                   "do_sample": bool, "seed": int, "top_k": int, "priority": int, "timeout": float}
+
+
+class RequestError(Exception):
+    """The request itself is bad (permanent): str() is the human sentence for the .error file."""
+
+
+class NotReady(Exception):
+    """The request is still being written; look again later."""
+
+
+@dataclass
+class Request:
+    id: str
+    query: str
+    history: list = field(default_factory=list)
+    params: dict = field(default_factory=dict)  # validated generation parameters
+    priority: int = 0
+    timeout: float | None = None
+    arrived: float = 0.0  # input mtime: FIFO order
+
+
+def split_name(name: str) -> tuple[str, str] | None:
+    """(id, suffix) of a spool file name, or None for names that are not ours (temp files, dot files)."""
+    if name.startswith("."):
+        return None
+    stem, dot, suffix = name.rpartition(".")
+    if not dot or not stem:
+        return None
+    return stem, "." + suffix
+
+
+def is_regular(path: Path) -> bool:
+    """True only for a regular file reached without following a symlink."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def read_input(path: Path, now: float | None = None) -> str:
+    """Text of one input file, refusing anything but a complete regular file of reasonable size."""
+    now = time.time() if now is None else now
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        if error.errno in (40,):  # ELOOP: a symlink
+            raise RequestError(f"{path.name} is a symlink, which glmpool never follows") from None
+        raise RequestError(f"{path.name} cannot be read: {error.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise RequestError(f"{path.name} is not a regular file")
+        if info.st_size > MAX_INPUT_BYTES:
+            raise RequestError(f"{path.name} is {info.st_size} bytes, over the {MAX_INPUT_BYTES}-byte limit")
+        data = os.read(fd, MAX_INPUT_BYTES + 1)
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if after.st_size != len(data) or after.st_mtime_ns != info.st_mtime_ns:
+        raise NotReady(f"{path.name} is still growing")
+    complete = data.endswith(b"\n") or now - info.st_mtime >= SETTLE_SECONDS
+    if not complete:
+        raise NotReady(f"{path.name} may still be being written")
+    if b"\0" in data:
+        raise RequestError(f"{path.name} contains NUL bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RequestError(f"{path.name} is not valid UTF-8 (byte {error.start})") from None
+
+
+def parse_history(text: str, source: str = "history") -> list:
+    if not text.strip():
+        return []
+    try:
+        history = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise RequestError(f"{source} is not valid JSON: {str(error)[:100]}") from None
+    return validate_history(history, source)
+
+
+def validate_history(history, source: str = "history") -> list:
+    if history is None:
+        return []
+    if not isinstance(history, list) or not all(
+            isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(s, str) for s in turn)
+            for turn in history):
+        raise RequestError(f"{source} must be a list of [question, answer] string pairs")
+    return [[q, a] for q, a in history]
+
+
+def parse_json_request(request_id: str, text: str) -> Request:
+    try:
+        body = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise RequestError(f"{request_id}.json is not valid JSON: {str(error)[:100]}") from None
+    if not isinstance(body, dict):
+        raise RequestError(f"{request_id}.json must hold one JSON object")
+    unknown = sorted(set(body) - {"query", "history"} - set(JSON_PARAMETERS))
+    if unknown:
+        raise RequestError(f"{request_id}.json has unknown keys: {', '.join(unknown)}")
+    query = body.get("query")
+    if not isinstance(query, str):
+        raise RequestError(f"{request_id}.json needs \"query\" as a string")
+    params = {}
+    for key, kind in JSON_PARAMETERS.items():
+        if key not in body:
+            continue
+        value = body[key]
+        ok = isinstance(value, bool) if kind is bool else (
+            isinstance(value, int) and not isinstance(value, bool) if kind is int else
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+        if not ok:
+            raise RequestError(f"{request_id}.json: {key} must be {kind.__name__}, got {value!r}")
+        params[key] = value
+    priority = params.pop("priority", 0)
+    timeout = params.pop("timeout", None)
+    if timeout is not None and timeout <= 0:
+        raise RequestError(f"{request_id}.json: timeout must be positive, got {timeout!r}")
+    return Request(request_id, query, validate_history(body.get("history"), f"{request_id}.json history"),
+                   params, priority, timeout)
+
+
+# --- writing: always a temp file in the same directory, then rename, so readers never see a part ---
+
+def atomic_write(path: Path, data: str | bytes, exclusive: bool = False) -> bool:
+    """Write `path` atomically. exclusive=True never replaces an existing file (returns False then)."""
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        if exclusive:
+            try:
+                os.link(temp, path)
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(temp)
+        else:
+            os.replace(temp, path)
+        return True
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def error_text(sentence: str, detail: dict) -> str:
+    return sentence.rstrip(".") + ".\n" + json.dumps(detail, ensure_ascii=False, indent=1) + "\n"
+
+
+def remove(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,602 @@
+"""The supervisor: owns the spool, claims requests, feeds one worker process per device, keeps them alive.
+
+Shaped like gunicorn's arbiter: signal handlers only enqueue; one loop manages everything:
+collect worker messages, reap dead workers, murder hung ones, spawn replacements after a capped
+exponential backoff, look at the flags, claim and dispatch requests, renew leases, publish status.
+Worker states follow supervisord: STARTING -> RUNNING, BACKOFF after a crash, FATAL when a device keeps
+failing to start (the other workers keep serving). The supervisor never imports torch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__, spool
+from .claims import Claim, Claims
+from .config import Config
+from .watch import DirWatch
+from .worker import WorkerSpec
+
+log = logging.getLogger("glmpool")
+
+MAX_ATTEMPTS = 3  # a request that crashed workers this often fails
+MAX_START_FAILURES = 3  # a device that failed to start this often in a row becomes FATAL
+BACKOFF_CAP = 30.0
+PARTIAL_SECONDS = 0.25  # .partial is rewritten at most this often per request
+HOST_BEAT_SECONDS = 1.0
+
+
+class StartupError(Exception):
+    """Bad setup detected before any worker starts (e.g. a GPU index that does not exist)."""
+
+
+@dataclass
+class Job:
+    claim: Claim
+    request: spool.Request
+    worker: int | None = None
+    started: float = 0.0
+    text: str = ""
+    tokens: int = 0
+    partial_written: float = 0.0
+    deadline: float | None = None
+
+
+@dataclass
+class Slot:
+    spec: WorkerSpec
+    state: str = "STARTING"
+    process: object = None
+    tasks: object = None
+    pid: int | None = None
+    jobs: dict = field(default_factory=dict)  # rid -> Job
+    served: int = 0
+    failed: int = 0
+    restarts: int = 0
+    start_failures: int = 0
+    retry_at: float = 0.0
+    last_seen: float = 0.0
+    tokens: int = 0
+    rate: float = 0.0
+    stats: dict = field(default_factory=dict)
+
+
+def worker_devices(gpus: str) -> list[str]:
+    """The device of each worker from --gpus, checked against the GPUs that exist (without torch)."""
+    from .status import visible_gpu_count
+    count = visible_gpu_count()
+    entries = [e.strip() for e in gpus.split(",") if e.strip()] if gpus else []
+    if not entries:
+        return [str(i) for i in range(count)] or ["cpu"]
+    devices = []
+    for entry in entries:
+        if entry == "all":
+            if not count:
+                raise StartupError("--gpus all: no GPU is visible (no NVIDIA driver, or CUDA_VISIBLE_DEVICES is empty)")
+            devices += [str(i) for i in range(count)]
+        elif entry == "cpu":
+            devices.append("cpu")
+        elif entry.isdigit():
+            if int(entry) >= count:
+                raise StartupError(f"--gpus {gpus}: GPU {entry} does not exist "
+                                   f"({count} visible{'' if count else '; use cpu workers'})")
+            devices.append(entry)
+        else:
+            raise StartupError(f"--gpus {gpus}: {entry!r} is neither a GPU index, 'cpu' nor 'all'")
+    return devices
+
+
+class Supervisor:
+    def __init__(self, config: Config, echo=print):
+        self.config = config
+        self.echo = echo  # the original server's two console lines
+        self.root = Path(config.dir).resolve()
+        self.requests = self.root / "requests"
+        self.flags = self.root / "flags"
+        self.claims = Claims(self.requests, config.host_id, config.lease_seconds)
+        self.status = "starting"
+        self.started = time.time()
+        self.signals: deque = deque()
+        self.pending: deque[Job] = deque()  # claimed, waiting for a worker (requeued or adopted)
+        self.slots: list[Slot] = []
+        self.results = None
+        self.context = None
+        self.stop_deadline: float | None = None
+        self.announced = False
+        self.served = self.failed = 0
+        self.timers: dict[str, float] = {}
+        self.tick_hooks: list = []  # callables(status dict), run every few seconds (metrics, notify)
+        self.watch: DirWatch | None = None
+
+    # --- life cycle ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        os.umask(self.config.umask)
+        devices = worker_devices(self.config.gpus)
+        self.claims.ensure_dirs()
+        self.flags.mkdir(parents=True, exist_ok=True)
+        (self.flags / ".hosts").mkdir(exist_ok=True)
+        self.clear_stale_quit_flag()
+        import multiprocess
+        self.context = multiprocess.get_context("spawn")
+        self.results = self.context.Queue()
+        c = self.config
+        self.slots = [Slot(WorkerSpec(i, d, c.model, c.dtype, c.quantize, c.cache_dir, c.max_batch, c.kv_cache_gb))
+                      for i, d in enumerate(devices)]
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda signum, frame: self.signals.append(signum))
+        self.watch = DirWatch(self.requests)
+        for job in self.claims_to_jobs(self.claims.orphans()):
+            self.pending.append(job)
+        for slot in self.slots:
+            self.spawn(slot)
+        log.info("supervisor %d on %s: %d worker(s) on %s, spool %s", os.getpid(), c.host_id, len(self.slots),
+                 ",".join(s.spec.label for s in self.slots), self.root)
+        try:
+            while not self.manage():
+                pass
+        finally:
+            self.shutdown()
+        return 0
+
+    def manage(self) -> bool:
+        """One round of the main loop; True when it is time to exit."""
+        self.collect(timeout=0.02)
+        self.handle_signals()
+        self.reap()
+        self.murder()
+        self.respawn()
+        self.check_flags()
+        if self.status == "running":
+            self.dispatch()
+        elif self.status == "starting" and self.all_started():
+            self.announce()
+        self.every("renew", max(0.5, self.config.lease_seconds / 4), self.claims.renew)
+        self.every("orphans", max(1.0, self.config.lease_seconds / 2), self.adopt_orphans)
+        self.every("host", HOST_BEAT_SECONDS, self.beat)
+        return self.status == "stopping" and self.drained()
+
+    def every(self, name: str, seconds: float, action) -> None:
+        now = time.monotonic()
+        if now >= self.timers.get(name, 0.0):
+            self.timers[name] = now + seconds
+            action()
+
+    def all_started(self) -> bool:
+        return all(s.state in ("RUNNING", "FATAL") for s in self.slots) and any(s.state == "RUNNING" for s in self.slots)
+
+    def announce(self) -> None:
+        self.echo(f"[Info {now_text()}]: Loaded.")
+        self.status = "running"
+        self.echo(f"[Info {now_text()}]: Running...")
+        for hook in self.tick_hooks:
+            hook(self.status_dict(), event="ready")
+
+    def handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.popleft()
+            log.info("received %s", signal.Signals(signum).name)
+            self.begin_stop()
+
+    def begin_stop(self) -> None:
+        if self.status != "stopping":
+            self.status = "stopping"
+            self.stop_deadline = time.monotonic() + self.config.grace_seconds
+            for job in list(self.pending):
+                self.claims.release(job.claim)
+            self.pending.clear()
+            log.info("stopping: no new requests; %d in flight may finish within %.0fs",
+                     sum(len(s.jobs) for s in self.slots), self.config.grace_seconds)
+            for hook in self.tick_hooks:
+                hook(self.status_dict(), event="stopping")
+
+    def drained(self) -> bool:
+        if not any(s.jobs for s in self.slots):
+            return True
+        return time.monotonic() >= (self.stop_deadline or 0)
+
+    def shutdown(self) -> None:
+        for slot in self.slots:
+            for job in list(slot.jobs.values()):
+                log.info("releasing %s unanswered (cut by the stop)", job.request.id)
+                self.claims.release(job.claim)
+            slot.jobs.clear()
+            if slot.process is not None and slot.process.is_alive():
+                slot.tasks.put(("stop",))
+        deadline = time.monotonic() + 10
+        for slot in self.slots:
+            if slot.process is not None:
+                slot.process.join(max(0.1, deadline - time.monotonic()))
+                if slot.process.is_alive():
+                    slot.process.kill()
+                    slot.process.join(5)
+        for job in self.pending:
+            self.claims.release(job.claim)
+        spool.remove(self.host_file())
+        if (self.flags / "quit.flag").exists() and not self.live_peers():
+            spool.remove(self.flags / "quit.flag")
+        log.info("stopped")
+
+    # --- workers ---------------------------------------------------------------------------------
+
+    def spawn(self, slot: Slot) -> None:
+        from . import worker
+        slot.tasks = self.context.Queue()
+        slot.process = self.context.Process(target=worker.main, args=(slot.spec, slot.tasks, self.results),
+                                            name=f"glmpool-worker-{slot.spec.wid}", daemon=True)
+        slot.process.start()
+        slot.pid = slot.process.pid
+        slot.state = "STARTING"
+        slot.last_seen = time.monotonic()
+        log.info("worker %d (%s) starting, pid %d", slot.spec.wid, slot.spec.label, slot.pid)
+
+    def reap(self) -> None:
+        for slot in self.slots:
+            if slot.process is None or slot.process.is_alive():
+                continue
+            code = slot.process.exitcode
+            slot.process.join(0)
+            slot.process = None
+            slot.tokens += slot.stats.pop("tokens", 0)  # lifetime counters survive restarts
+            slot.stats.pop("beat_at", None)
+            if slot.state == "FATAL":
+                continue
+            if slot.state == "STARTING":
+                slot.start_failures += 1
+            self.requeue(slot, f"worker {slot.spec.wid} exited with {exit_text(code)}")
+            if slot.start_failures >= MAX_START_FAILURES:
+                slot.state = "FATAL"
+                log.error("worker %d (%s) failed to start %d times: FATAL; other workers keep serving",
+                          slot.spec.wid, slot.spec.label, slot.start_failures)
+                continue
+            slot.restarts += 1
+            delay = min(BACKOFF_CAP, 2.0 ** min(slot.restarts - 1, 10) * 0.5)
+            slot.state, slot.retry_at = "BACKOFF", time.monotonic() + delay
+            log.warning("worker %d (%s) exited with %s; restart in %.1fs", slot.spec.wid, slot.spec.label,
+                        exit_text(code), delay)
+
+    def requeue(self, slot: Slot, reason: str) -> None:
+        for job in slot.jobs.values():
+            job.claim.attempts += 1
+            job.worker, job.text, job.tokens = None, "", 0
+            if job.claim.attempts >= MAX_ATTEMPTS:
+                self.fail(job, f"the request crashed workers {job.claim.attempts} times and was given up",
+                          {"reason": "worker crash", "last": reason})
+            else:
+                log.info("requeueing %s (attempt %d)", job.request.id, job.claim.attempts + 1)
+                self.pending.appendleft(job)
+        slot.jobs.clear()
+
+    def murder(self) -> None:
+        """SIGKILL a worker that holds requests but has been silent past the heartbeat timeout."""
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.process is not None and slot.state == "RUNNING" and slot.jobs \
+                    and now - slot.last_seen > self.config.heartbeat_timeout:
+                log.error("worker %d silent for %.0fs with %d request(s): killing it", slot.spec.wid,
+                          now - slot.last_seen, len(slot.jobs))
+                slot.process.kill()
+
+    def respawn(self) -> None:
+        if self.status == "stopping":
+            return
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.state == "BACKOFF" and now >= slot.retry_at:
+                self.spawn(slot)
+
+    def collect(self, timeout: float) -> None:
+        """Handle every message the workers sent (waiting up to `timeout` for the first)."""
+        block = True
+        while True:
+            try:
+                message = self.results.get(timeout=timeout) if block else self.results.get_nowait()
+            except (queue.Empty, OSError, EOFError):
+                return
+            block = False
+            self.on_message(message)
+
+    def on_message(self, message: tuple) -> None:
+        kind, wid = message[0], message[1]
+        slot = self.slots[wid]
+        slot.last_seen = time.monotonic()
+        if kind == "ready":
+            slot.state, slot.start_failures = "RUNNING", 0
+            slot.stats.update(message[2])
+            log.info("worker %d (%s) ready", wid, slot.spec.label)
+        elif kind == "fatal":
+            log.error("worker %d (%s) cannot load the model: %s", wid, slot.spec.label, message[2])
+            slot.start_failures += 1
+            if slot.start_failures >= MAX_START_FAILURES or "not available" in message[2]:
+                slot.state = "FATAL"
+        elif kind == "beat":
+            stats = message[2]
+            elapsed = max(1e-6, time.monotonic() - slot.stats.get("beat_at", slot.last_seen))
+            slot.rate = max(0.0, (stats["tokens"] - slot.stats.get("tokens", 0)) / elapsed) if "beat_at" in slot.stats else 0.0
+            slot.stats.update(stats, beat_at=time.monotonic())
+        elif kind == "token":
+            job = slot.jobs.get(message[2])
+            if job is not None:
+                job.text, job.tokens = message[3], message[4]
+                if time.monotonic() - job.partial_written >= PARTIAL_SECONDS:
+                    self.write_partial(job)
+        elif kind == "done":
+            job = slot.jobs.pop(message[2], None)
+            if job is not None:
+                self.complete(slot, job, message[3], message[4])
+        elif kind == "error":
+            job = slot.jobs.pop(message[2], None)
+            if job is not None:
+                slot.failed += 1
+                self.fail(job, message[3], {"reason": "rejected by the model"})
+
+    # --- requests --------------------------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        """Claim what the workers have room for (and no more: the rest stays for other hosts)."""
+        room = sum(self.config.max_batch - len(s.jobs) for s in self.slots if s.state == "RUNNING")
+        while self.pending and room > 0:
+            self.assign(self.pending.popleft())
+            room -= 1
+        changed = self.watch.changed() if self.watch else True
+        if not changed and time.monotonic() < self.timers.get("scan", 0.0):
+            return
+        self.timers["scan"] = time.monotonic() + self.config.poll_interval
+        self.watch_cancels()
+        if room <= 0:
+            return
+        for request_id, names in self.scan():
+            if room <= 0:
+                break
+            job = self.take(request_id, names)
+            if job is not None:
+                self.assign(job)
+                room -= 1
+
+    def scan(self) -> list[tuple[str, dict]]:
+        """Ready-looking request ids, highest priority then oldest first."""
+        groups: dict[str, dict] = {}
+        try:
+            entries = list(os.scandir(self.requests))
+        except FileNotFoundError:  # requests/ deleted while running: recreate it
+            self.claims.ensure_dirs()
+            return []
+        for entry in entries:
+            parts = spool.split_name(entry.name)
+            if parts and parts[1] in spool.INPUT_SUFFIXES + (".cancel",):
+                groups.setdefault(parts[0], {})[parts[1]] = entry
+        ready = []
+        for request_id, names in groups.items():
+            main = ".json" if ".json" in names else ".request" if ".request" in names else None
+            if main is None:
+                continue
+            try:
+                arrived = names[main].stat(follow_symlinks=False).st_mtime
+            except OSError:
+                continue
+            ready.append((-self.priority_hint(names), arrived, request_id, names))
+        ready.sort(key=lambda item: item[:2])
+        return [(rid, names) for _, _, rid, names in ready]
+
+    @staticmethod
+    def priority_hint(names: dict) -> int:
+        return 1 if ".json" in names else 0  # the exact priority is read when the JSON is parsed
+
+    def take(self, request_id: str, names: dict) -> Job | None:
+        """Validate a request in place, then claim it; invalid ones are claimed and failed."""
+        main = ".json" if ".json" in names else ".request"
+        now = time.time()
+        try:
+            request = self.read_request(request_id, main, names, now)
+        except spool.NotReady:
+            return None
+        except spool.RequestError as error:
+            claim = self.claims.claim(request_id, main, (".history",))
+            if claim is not None:
+                self.failed += 1
+                self.publish_error(claim, str(error), {"reason": "invalid request"})
+            return None
+        if request is None:
+            return None
+        claim = self.claims.claim(request_id, main, (".history",))
+        if claim is None:
+            return None
+        return self.new_job(claim, request)
+
+    def read_request(self, request_id: str, main: str, names: dict, now: float) -> spool.Request | None:
+        path = self.requests / f"{request_id}{main}"
+        text = spool.read_input(path, now)
+        if main == ".json":
+            request = spool.parse_json_request(request_id, text)
+        else:
+            history_path = self.requests / f"{request_id}.history"
+            if os.path.lexists(history_path):
+                history = spool.parse_history(spool.read_input(history_path, now), f"{request_id}.history")
+            elif now - os.lstat(path).st_mtime < spool.HISTORY_GRACE_SECONDS:
+                return None  # the client may be about to write its history
+            else:
+                history = []
+            request = spool.Request(request_id, text.rstrip("\n"), history)
+        request.arrived = os.lstat(path).st_mtime
+        return request
+
+    def new_job(self, claim: Claim, request: spool.Request) -> Job:
+        timeout = request.timeout or self.config.request_timeout or None
+        return Job(claim, request, deadline=time.time() + timeout if timeout else None)
+
+    def claims_to_jobs(self, claims: list[Claim]) -> list[Job]:
+        jobs = []
+        for claim in claims:
+            main = ".json" if ".json" in claim.inputs else ".request"
+            try:
+                text = spool.read_input(claim.inputs[main], now=time.time() + spool.SETTLE_SECONDS)
+                if main == ".json":
+                    request = spool.parse_json_request(claim.id, text)
+                else:
+                    history = claim.inputs.get(".history")
+                    request = spool.Request(claim.id, text.rstrip("\n"), spool.parse_history(
+                        spool.read_input(history, now=time.time() + 1) if history else ""))
+            except (spool.RequestError, spool.NotReady, OSError) as error:
+                self.publish_error(claim, f"adopted request {claim.id} is unreadable: {error}", {})
+                continue
+            jobs.append(self.new_job(claim, request))
+        return jobs
+
+    def adopt_orphans(self) -> None:
+        if self.status != "stopping":
+            self.pending.extend(self.claims_to_jobs(self.claims.orphans()))
+
+    def assign(self, job: Job) -> None:
+        """Give a claimed request to the least busy running worker."""
+        running = [s for s in self.slots if s.state == "RUNNING" and s.process is not None]
+        if not running:
+            self.pending.appendleft(job)
+            return
+        slot = min(running, key=lambda s: len(s.jobs))
+        params = {"max_length": self.config.max_length, "do_sample": True, "top_p": 0.7, "temperature": 0.95,
+                  **job.request.params}
+        job.worker, job.started = slot.spec.wid, time.time()
+        slot.jobs[job.request.id] = job
+        slot.tasks.put(("run", job.request.id, job.request.query, job.request.history, params, job.deadline))
+
+    def watch_cancels(self) -> None:
+        for slot in self.slots:
+            for rid, job in slot.jobs.items():
+                if os.path.lexists(self.requests / f"{rid}.cancel"):
+                    slot.tasks.put(("cancel", rid))
+
+    def complete(self, slot: Slot, job: Job, text: str, detail: dict) -> None:
+        reason = detail.get("finish_reason")
+        if reason in ("cancelled", "timeout"):
+            slot.failed += 1
+            sentence = "the request was cancelled" if reason == "cancelled" else "the request timed out"
+            self.fail(job, sentence, {"reason": reason, "partial": text, **detail})
+            return
+        history = job.request.history + [[job.request.query, text]]
+        meta = {"id": job.request.id, "history": history, **detail, "worker": slot.spec.wid,
+                "device": slot.spec.label, "host": self.config.host_id, "claim": job.claim.token,
+                "seconds": round(time.time() - job.started, 3), "attempts": job.claim.attempts + 1}
+        if self.claims.finish(job.claim, text, meta):
+            slot.served += 1
+            self.served += 1
+        spool.remove(self.requests / f"{job.request.id}.cancel")
+
+    def fail(self, job: Job, sentence: str, detail: dict) -> None:
+        self.failed += 1
+        self.publish_error(job.claim, sentence, {"id": job.request.id, **detail})
+
+    def publish_error(self, claim: Claim, sentence: str, detail: dict) -> None:
+        log.warning("request %s failed: %s", claim.id, sentence)
+        self.claims.fail(claim, sentence, {"host": self.config.host_id, **detail})
+        spool.remove(self.requests / f"{claim.id}.cancel")
+
+    def write_partial(self, job: Job) -> None:
+        job.partial_written = time.monotonic()
+        try:
+            spool.atomic_write(self.requests / f"{job.request.id}.partial", job.text)
+        except OSError as error:
+            log.warning("cannot write %s.partial: %s", job.request.id, error.strerror)
+
+    # --- flags and status ------------------------------------------------------------------------
+
+    def check_flags(self) -> None:
+        if self.status != "stopping" and (self.flags / "quit.flag").exists():
+            log.info("quit.flag found")
+            self.begin_stop()
+        status_flag = self.flags / "status.flag"
+        if os.path.lexists(status_flag):
+            taken = self.flags / f".status.{self.config.host_id}.{os.getpid()}"
+            try:
+                os.rename(status_flag, taken)  # one supervisor answers each status request
+            except OSError:
+                return
+            status = self.status_dict()
+            status["hosts"] = self.peer_statuses()
+            spool.atomic_write(self.flags / "status.back", json.dumps(status, ensure_ascii=False, indent=1))
+            spool.remove(taken)
+
+    def clear_stale_quit_flag(self) -> None:
+        if (self.flags / "quit.flag").exists() and not self.live_peers():
+            log.info("removing a quit.flag left from before this start")
+            spool.remove(self.flags / "quit.flag")
+
+    def host_file(self) -> Path:
+        return self.flags / ".hosts" / f"{self.config.host_id}.{os.getpid()}.json"
+
+    def beat(self) -> None:
+        status = self.status_dict()
+        try:
+            spool.atomic_write(self.host_file(), json.dumps(status, ensure_ascii=False))
+        except OSError as error:
+            log.warning("cannot write host heartbeat: %s", error.strerror)
+        for hook in self.tick_hooks:
+            hook(status, event="tick")
+
+    def peer_files(self) -> list[Path]:
+        """Heartbeat files of supervisors (any host) seen alive within a few beats, by the filesystem clock."""
+        hosts = self.flags / ".hosts"
+        probe = hosts / f".probe-{self.config.host_id}"
+        try:
+            probe.touch()
+            now = probe.stat().st_mtime
+            return [p for p in hosts.glob("*.json") if now - p.stat().st_mtime < 10 * HOST_BEAT_SECONDS]
+        except OSError:
+            return []
+
+    def live_peers(self) -> list[Path]:
+        own = self.host_file()
+        return [p for p in self.peer_files() if p != own]
+
+    def peer_statuses(self) -> list[dict]:
+        statuses = []
+        for path in self.peer_files():
+            try:
+                statuses.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                pass
+        return statuses
+
+    def status_dict(self) -> dict:
+        from .status import process_rss
+        in_progress = sum(len(s.jobs) for s in self.slots)
+        return {
+            "status": self.status, "host": self.config.host_id, "pid": os.getpid(),
+            "started": self.started, "version": __version__, "model": self.config.model,
+            "queue": {"pending": self.count_pending() + len(self.pending), "in_progress": in_progress},
+            "served": self.served, "failed": self.failed,
+            "workers": [{
+                "id": s.spec.wid, "device": s.spec.label, "pid": s.pid if s.process is not None else None,
+                "state": s.state, "in_flight": len(s.jobs), "served": s.served, "failed": s.failed,
+                "restarts": s.restarts, "tokens_per_s": round(s.rate, 2),
+                "tokens_generated": s.stats.get("tokens", 0) + s.tokens,
+                "rss_bytes": process_rss(s.pid) if s.process is not None else None,
+                "gpu_memory_used": s.stats.get("gpu_memory_used"),
+                "gpu_memory_total": s.stats.get("gpu_memory_total"),
+            } for s in self.slots],
+        }
+
+    def count_pending(self) -> int:
+        try:
+            return sum(1 for e in os.scandir(self.requests) if e.name.endswith((".request", ".json"))
+                       and not e.name.startswith("."))
+        except OSError:
+            return 0
+
+
+def exit_text(code: int | None) -> str:
+    if code is None:
+        return "unknown status"
+    if code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    return f"code {code}"
+
+
+def now_text() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")

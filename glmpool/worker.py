@@ -1,0 +1,166 @@
+"""One worker process per device: holds a model, runs the continuous-batching loop. Compute only.
+
+The worker never touches the spool. It talks to the supervisor through two queues:
+  tasks   (supervisor -> worker): ("run", rid, query, history, params, deadline) | ("cancel", rid) | ("stop",)
+  results (worker -> supervisor): ("ready", wid, info) | ("fatal", wid, message) | ("beat", wid, stats)
+                                  | ("token", wid, rid, text, n) | ("done", wid, rid, text, detail)
+                                  | ("error", wid, rid, message)
+This module imports no torch at module level: the process is spawned, sets CUDA_VISIBLE_DEVICES,
+and only then imports the engine, so CUDA initialises on the right device.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+BEAT_SECONDS = 1.0
+TEST_CRASH_ENV = "GLMPOOL_TEST_CRASH_ON"  # test-only: a worker exits abruptly on a query containing this
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    wid: int
+    device: str  # "cpu" or a CUDA index as a string
+    model: str
+    dtype: str | None
+    quantize: int | None
+    cache_dir: str
+    max_batch: int
+    kv_cache_gb: float | None
+
+    @property
+    def label(self) -> str:
+        return "cpu" if self.device == "cpu" else f"cuda:{self.device}"
+
+
+def main(spec: WorkerSpec, tasks, results) -> None:
+    """Entry point of the spawned process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
+    os.environ["CUDA_VISIBLE_DEVICES"] = "" if spec.device == "cpu" else spec.device
+    logging.basicConfig(level=logging.WARNING, format=f"[%(levelname)s worker {spec.wid}]: %(message)s")
+    from .engine import EngineError, load
+    try:
+        engine = load(spec.model, device="cpu" if spec.device == "cpu" else "cuda", dtype=spec.dtype,
+                      cache_dir=spec.cache_dir, quantize=spec.quantize, progress=False)
+    except EngineError as error:
+        results.put(("fatal", spec.wid, str(error)))
+        return
+    except Exception as error:  # a model that cannot load is reported, not a crash loop of tracebacks
+        results.put(("fatal", spec.wid, f"{type(error).__name__}: {error}"))
+        return
+    kv_tokens = (int(spec.kv_cache_gb * (1 << 30)) // engine.kv_bytes_per_token() if spec.kv_cache_gb
+                 else engine.default_kv_tokens())
+    results.put(("ready", spec.wid, {"pid": os.getpid(), "kv_tokens": kv_tokens}))
+    Loop(spec, engine, engine.batcher(spec.max_batch, kv_tokens), tasks, results).run()
+
+
+class Loop:
+    def __init__(self, spec, engine, batch, tasks, results):
+        self.spec, self.engine, self.batch = spec, engine, batch
+        self.tasks, self.results = tasks, results
+        self.waiting: deque = deque()  # dispatched here, not yet admitted (batch or KV budget full)
+        self.deadlines: dict = {}
+        self.tokens = 0
+        self.last_beat = 0.0
+        self.crash_marker = os.environ.get(TEST_CRASH_ENV)
+
+    def run(self) -> None:
+        while True:
+            idle = not len(self.batch) and not self.waiting
+            if not self.receive(block=idle):
+                return
+            self.admit()
+            self.expire()
+            if len(self.batch):
+                self.step()
+            self.beat()
+
+    def receive(self, block: bool) -> bool:
+        """Take every pending message; False when told to stop."""
+        while True:
+            try:
+                message = self.tasks.get(timeout=BEAT_SECONDS) if block else self.tasks.get_nowait()
+            except queue.Empty:
+                return True
+            block = False
+            kind = message[0]
+            if kind == "stop":
+                return False
+            if kind == "cancel":
+                self.cancel(message[1], "cancelled")
+            elif kind == "run":
+                self.waiting.append(message[1:])
+
+    def admit(self) -> None:
+        from .engine import EngineError, SamplingParams
+        while self.waiting:
+            rid, query, history, params, deadline = self.waiting[0]
+            if self.crash_marker and self.crash_marker in query:
+                os._exit(99)
+            try:
+                sampling = SamplingParams(**params)
+                prompt = self.engine.tokenizer.build_prompt(query, history)
+                if not self.batch.has_room(len(prompt), sampling):
+                    return
+                self.batch.add_prompt(rid, prompt, sampling)
+            except (EngineError, ValueError, TypeError) as error:
+                self.results.put(("error", self.spec.wid, rid, str(error)))
+            else:
+                if deadline:
+                    self.deadlines[rid] = deadline
+            self.waiting.popleft()
+
+    def expire(self) -> None:
+        now = time.time()
+        for rid, deadline in list(self.deadlines.items()):
+            if now >= deadline:
+                self.cancel(rid, "timeout")
+
+    def cancel(self, rid, reason: str) -> None:
+        for i, item in enumerate(self.waiting):
+            if item[0] == rid:
+                del self.waiting[i]
+                self.results.put(("done", self.spec.wid, rid, "", {"finish_reason": reason, "generated_tokens": 0}))
+                return
+        event = self.batch.cancel(rid)
+        self.deadlines.pop(rid, None)
+        if event is not None:
+            self.results.put(("done", self.spec.wid, rid, event.text, self._detail(event, reason)))
+
+    def step(self) -> None:
+        for event in self.batch.step():
+            self.tokens += 1
+            if event.finished:
+                self.deadlines.pop(event.key, None)
+                self.results.put(("done", self.spec.wid, event.key, event.text,
+                                  self._detail(event, event.finish_reason)))
+            else:
+                self.results.put(("token", self.spec.wid, event.key, event.text, event.generated_tokens))
+
+    @staticmethod
+    def _detail(event, reason) -> dict:
+        return {"finish_reason": reason, "prompt_tokens": event.prompt_tokens,
+                "generated_tokens": event.generated_tokens}
+
+    def beat(self) -> None:
+        now = time.time()
+        if now - self.last_beat < BEAT_SECONDS:
+            return
+        self.last_beat = now
+        self.results.put(("beat", self.spec.wid, {"tokens": self.tokens, "in_flight": len(self.batch),
+                                                  "waiting": len(self.waiting), **device_memory()}))
+
+
+def device_memory() -> dict:
+    import torch
+    if not torch.cuda.is_available():
+        return {"gpu_memory_used": None, "gpu_memory_total": None}
+    free, total = torch.cuda.mem_get_info()
+    return {"gpu_memory_used": total - free, "gpu_memory_total": total}
