@@ -10,7 +10,6 @@ behind. Prints one line per check and a verdict; exit status 0 only if every che
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil

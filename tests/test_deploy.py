@@ -392,25 +392,35 @@ def test_http_port_in_use_is_logged_not_raised(caplog):
 
 # ---------------------------------------------------------------- example configuration
 
-# Until glmpool.config exists, the names agreed for the example (issue 7).
-AGREED_SETTINGS = {
-    "model", "quantize", "dtype", "gpus", "dir", "cache_dir", "host_id", "max_batch",
-    "kv_cache_gb", "poll_interval", "lease_seconds", "grace_seconds", "umask", "log_level",
-    "log_format", "metrics_file", "metrics_port",
-}
+def _example_lines() -> dict[str, tuple[str, str]]:
+    """setting -> (kind, 'key = value' text); kind: active, default ('# k = v') or example ('#   k = v')."""
+    found: dict[str, tuple[str, str]] = {}
+    for line in (DEPLOY / "glmpool.toml").read_text().splitlines():
+        m = re.match(r"^(#   |# |)([a-z_]+) = (.*)$", line)
+        if m:
+            kind = {"": "active", "# ": "default", "#   ": "example"}[m.group(1)]
+            assert m.group(2) not in found, f"{m.group(2)} shown twice"
+            found[m.group(2)] = (kind, f"{m.group(2)} = {m.group(3)}")
+    return found
 
 
-def _example_settings() -> tuple[dict, dict]:
+def test_example_config_matches_the_declarations(tmp_path):
+    import argparse
     import tomllib
-    text = (DEPLOY / "glmpool.toml").read_text()
-    active = tomllib.loads(text)
-    # Every commented-out "# key = value" line is a setting shown at its default.
-    uncommented = re.sub(r"(?m)^# ([a-z_]+ = )", r"\1", text)
-    return active, tomllib.loads(uncommented)
 
-
-def test_example_config_documents_every_setting():
-    active, everything = _example_settings()
-    assert set(active) <= set(everything)
-    assert active["dir"] == "/srv/glmpool"  # what the units' RequiresMountsFor= assumes
-    assert set(everything) == AGREED_SETTINGS
+    from glmpool import config
+    lines = _example_lines()
+    assert set(lines) == {s.name for s in config.SETTINGS}  # every setting, nothing else
+    # The file as shipped loads, and what the units assume holds.
+    path = tmp_path / "glmpool.toml"
+    path.write_text((DEPLOY / "glmpool.toml").read_text())
+    shipped = config.resolve(argparse.Namespace(config=str(path)), environ={})
+    assert shipped.dir == "/srv/glmpool"  # RequiresMountsFor= / ReadWritePaths=
+    assert shipped.cache_dir == "/var/cache/glmpool"  # CacheDirectory=
+    # Every line uncommented is valid too, and "# key = value" lines really show the default.
+    path.write_text("\n".join(text for _, text in lines.values()) + "\n")
+    everything = config.resolve(argparse.Namespace(config=str(path)), environ={})
+    for name, (kind, text) in lines.items():
+        if kind == "default":
+            assert getattr(everything, name) == config.BY_NAME[name].default, text
+        assert getattr(everything, name) == config.BY_NAME[name].parse(tomllib.loads(text)[name])
