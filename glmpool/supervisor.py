@@ -54,7 +54,8 @@ class Slot:
     spec: WorkerSpec
     state: str = "STARTING"
     process: object = None
-    tasks: object = None
+    tasks: object = None  # queue to the worker
+    inbox: object = None  # the read end of the worker's own pipe
     pid: int | None = None
     jobs: dict = field(default_factory=dict)  # rid -> Job
     served: int = 0
@@ -106,7 +107,6 @@ class Supervisor:
         self.signals: deque = deque()
         self.pending: deque[Job] = deque()  # claimed, waiting for a worker (requeued or adopted)
         self.slots: list[Slot] = []
-        self.results = None
         self.context = None
         self.stop_deadline: float | None = None
         self.announced = False
@@ -126,7 +126,6 @@ class Supervisor:
         self.clear_stale_quit_flag()
         import multiprocess
         self.context = multiprocess.get_context("spawn")
-        self.results = self.context.Queue()
         c = self.config
         self.slots = [Slot(WorkerSpec(i, d, c.model, c.dtype, c.quantize, c.cache_dir, c.max_batch, c.kv_cache_gb))
                       for i, d in enumerate(devices)]
@@ -155,7 +154,10 @@ class Supervisor:
         self.respawn()
         self.check_flags()
         if self.status == "running":
-            self.dispatch()
+            try:
+                self.dispatch()
+            except OSError as error:  # a spool hiccup (full disk, NFS) must not stop the pool
+                log.error("dispatch failed, retrying: %s", error)
         elif self.status == "starting" and self.all_started():
             self.announce()
         self.every("renew", max(0.5, self.config.lease_seconds / 4), self.claims.renew)
@@ -229,9 +231,11 @@ class Supervisor:
     def spawn(self, slot: Slot) -> None:
         from . import worker
         slot.tasks = self.context.Queue()
-        slot.process = self.context.Process(target=worker.main, args=(slot.spec, slot.tasks, self.results),
+        slot.inbox, outbox = self.context.Pipe(duplex=False)
+        slot.process = self.context.Process(target=worker.main, args=(slot.spec, slot.tasks, outbox),
                                             name=f"glmpool-worker-{slot.spec.wid}", daemon=True)
         slot.process.start()
+        outbox.close()
         slot.pid = slot.process.pid
         slot.state = "STARTING"
         slot.last_seen = time.monotonic()
@@ -294,14 +298,18 @@ class Supervisor:
 
     def collect(self, timeout: float) -> None:
         """Handle every message the workers sent (waiting up to `timeout` for the first)."""
-        block = True
-        while True:
+        from multiprocess.connection import wait
+        inboxes = {s.inbox: s for s in self.slots if s.inbox is not None}
+        if not inboxes:
+            time.sleep(timeout)
+            return
+        for inbox in wait(list(inboxes), timeout):
             try:
-                message = self.results.get(timeout=timeout) if block else self.results.get_nowait()
-            except (queue.Empty, OSError, EOFError):
-                return
-            block = False
-            self.on_message(message)
+                while inbox.poll():
+                    self.on_message(inbox.recv())
+            except (EOFError, OSError, ValueError):  # the worker died (possibly mid-message)
+                inboxes[inbox].inbox = None
+                inbox.close()
 
     def on_message(self, message: tuple) -> None:
         kind, wid = message[0], message[1]
@@ -395,7 +403,7 @@ class Supervisor:
         now = time.time()
         try:
             request = self.read_request(request_id, main, names, now)
-        except spool.NotReady:
+        except (spool.NotReady, FileNotFoundError):  # still being written, or another supervisor took it
             return None
         except spool.RequestError as error:
             claim = self.claims.claim(request_id, main, (".history",))
@@ -518,7 +526,8 @@ class Supervisor:
             except OSError:
                 return
             status = self.status_dict()
-            status["hosts"] = self.peer_statuses()
+            status["hosts"] = [status.copy()] + [peer for peer in self.peer_statuses()
+                                                 if (peer.get("host"), peer.get("pid")) != (status["host"], status["pid"])]
             spool.atomic_write(self.flags / "status.back", json.dumps(status, ensure_ascii=False, indent=1))
             spool.remove(taken)
 

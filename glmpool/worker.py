@@ -1,6 +1,7 @@
 """One worker process per device: holds a model, runs the continuous-batching loop. Compute only.
 
-The worker never touches the spool. It talks to the supervisor through two queues:
+The worker never touches the spool. It talks to the supervisor through a queue and a pipe of its own
+(a shared queue would stay locked forever if a worker were killed while writing to it):
   tasks   (supervisor -> worker): ("run", rid, query, history, params, deadline) | ("cancel", rid) | ("stop",)
   results (worker -> supervisor): ("ready", wid, info) | ("fatal", wid, message) | ("beat", wid, stats)
                                   | ("token", wid, rid, text, n) | ("done", wid, rid, text, detail)
@@ -50,14 +51,14 @@ def main(spec: WorkerSpec, tasks, results) -> None:
         engine = load(spec.model, device="cpu" if spec.device == "cpu" else "cuda", dtype=spec.dtype,
                       cache_dir=spec.cache_dir, quantize=spec.quantize, progress=False)
     except EngineError as error:
-        results.put(("fatal", spec.wid, str(error)))
+        results.send(("fatal", spec.wid, str(error)))
         return
     except Exception as error:  # a model that cannot load is reported, not a crash loop of tracebacks
-        results.put(("fatal", spec.wid, f"{type(error).__name__}: {error}"))
+        results.send(("fatal", spec.wid, f"{type(error).__name__}: {error}"))
         return
     kv_tokens = (int(spec.kv_cache_gb * (1 << 30)) // engine.kv_bytes_per_token() if spec.kv_cache_gb
                  else engine.default_kv_tokens())
-    results.put(("ready", spec.wid, {"pid": os.getpid(), "kv_tokens": kv_tokens}))
+    results.send(("ready", spec.wid, {"pid": os.getpid(), "kv_tokens": kv_tokens}))
     Loop(spec, engine, engine.batcher(spec.max_batch, kv_tokens), tasks, results).run()
 
 
@@ -111,7 +112,7 @@ class Loop:
                     return
                 self.batch.add_prompt(rid, prompt, sampling)
             except (EngineError, ValueError, TypeError) as error:
-                self.results.put(("error", self.spec.wid, rid, str(error)))
+                self.results.send(("error", self.spec.wid, rid, str(error)))
             else:
                 if deadline:
                     self.deadlines[rid] = deadline
@@ -127,22 +128,22 @@ class Loop:
         for i, item in enumerate(self.waiting):
             if item[0] == rid:
                 del self.waiting[i]
-                self.results.put(("done", self.spec.wid, rid, "", {"finish_reason": reason, "generated_tokens": 0}))
+                self.results.send(("done", self.spec.wid, rid, "", {"finish_reason": reason, "generated_tokens": 0}))
                 return
         event = self.batch.cancel(rid)
         self.deadlines.pop(rid, None)
         if event is not None:
-            self.results.put(("done", self.spec.wid, rid, event.text, self._detail(event, reason)))
+            self.results.send(("done", self.spec.wid, rid, event.text, self._detail(event, reason)))
 
     def step(self) -> None:
         for event in self.batch.step():
             self.tokens += 1
             if event.finished:
                 self.deadlines.pop(event.key, None)
-                self.results.put(("done", self.spec.wid, event.key, event.text,
+                self.results.send(("done", self.spec.wid, event.key, event.text,
                                   self._detail(event, event.finish_reason)))
             else:
-                self.results.put(("token", self.spec.wid, event.key, event.text, event.generated_tokens))
+                self.results.send(("token", self.spec.wid, event.key, event.text, event.generated_tokens))
 
     @staticmethod
     def _detail(event, reason) -> dict:
@@ -154,7 +155,7 @@ class Loop:
         if now - self.last_beat < BEAT_SECONDS:
             return
         self.last_beat = now
-        self.results.put(("beat", self.spec.wid, {"tokens": self.tokens, "in_flight": len(self.batch),
+        self.results.send(("beat", self.spec.wid, {"tokens": self.tokens, "in_flight": len(self.batch),
                                                   "waiting": len(self.waiting), **device_memory()}))
 
 

@@ -1,0 +1,93 @@
+"""Running real pools in tests: a supervisor subprocess in its own process group, always cleaned up."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SERVE = "import sys; from glmpool.cli import main; sys.exit(main())"
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Pool:
+    def __init__(self, root: Path, cache_dir: Path, *args: str, env: dict | None = None, name: str = "pool"):
+        self.root = root
+        self.log_path = root / f"{name}.log"
+        self.cmd = [sys.executable, "-c", SERVE, "--model", "tiny-random", "--cache-dir", str(cache_dir),
+                    "--dir", str(root), "--poll-interval", "0.2", *args]
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "Pool":
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
+                                        start_new_session=True, cwd=self.root)
+        return self
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_running(self, timeout: float = 90) -> "Pool":
+        wait_for(lambda: "Running..." in self.output() or self.process.poll() is not None, timeout, "Running...")
+        assert self.process.poll() is None, self.output()
+        return self
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait_exit(self, timeout: float = 60) -> int:
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        if self.process is not None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)  # the supervisor and its workers
+            except ProcessLookupError:
+                pass
+            self.process.wait(10)
+            self.log.close()
+
+    def status(self, timeout: float = 15) -> dict:
+        from glmpool import client
+        return client.status(self.root, timeout)
+
+
+def seed_request(root: Path, rid: str, question: str, history: str = "") -> None:
+    """Exactly what the original clients do: plain shell redirections, history first."""
+    requests = root / "requests"
+    requests.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["sh", "-c", f"echo '{history}' > {rid}.history; echo '{question}' > {rid}.request"],
+                   cwd=requests, check=True)
+
+
+def json_request(root: Path, rid: str, body: dict) -> None:
+    from glmpool.spool import atomic_write
+    (root / "requests").mkdir(parents=True, exist_ok=True)
+    atomic_write(root / "requests" / f"{rid}.json", json.dumps(body, ensure_ascii=False))
+
+
+def outcome(root: Path, rid: str, timeout: float = 60) -> tuple[str, str]:
+    """("back" | "error", text) once the request has been answered."""
+    requests = root / "requests"
+
+    def done():
+        for kind in ("back", "error"):
+            path = requests / f"{rid}.{kind}"
+            if path.exists():
+                return kind, path.read_text(encoding="utf-8")
+        return None
+    return wait_for(done, timeout, f"an answer to {rid}")
