@@ -3,7 +3,8 @@
 Shapes: B sequences, T new tokens each, L cached + new tokens, H hidden, n heads, d head dim.
 The arithmetic follows THUDM's reference operation by operation (order of scaling, fp32 softmax, the
 tanh GELU written the same way) so greedy decoding reproduces it token for token:
-- post-LayerNorm residuals scaled by alpha = sqrt(2 * num_layers) (DeepNorm);
+- post-LayerNorm residuals scaled by alpha = sqrt(2 * num_layers) (DeepNorm), where the reference
+  never passes its config's layer count and always uses its default of 28 layers;
 - each head's q/k/v interleaved in `query_key_value` rows: [head0 q|k|v, head1 q|k|v, ...];
 - 2D rotary encoding: the first half of every head rotates by the position id, the second half by
   the block position id; inverse frequencies rounded to fp16 as the reference computes them;
@@ -152,6 +153,9 @@ class MLP(nn.Module):
         return project(self.dense_4h_to_h, gelu(project(self.dense_h_to_4h, x)))
 
 
+ALPHA_LAYERS = 28  # the reference's GLMBlock(num_layers=28) default, whatever config.json says
+
+
 class GLMBlock(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
@@ -159,7 +163,7 @@ class GLMBlock(nn.Module):
         self.attention = SelfAttention(config, layer_id)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.mlp = MLP(config)
-        self.alpha = (2 * config.num_layers) ** 0.5
+        self.alpha = (2 * ALPHA_LAYERS) ** 0.5
 
     def forward(self, x, cos, sin, caches, prefix_mask):
         attention_input = self.input_layernorm(x)
