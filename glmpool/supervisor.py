@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import signal
 import time
 from collections import deque
@@ -29,8 +28,9 @@ log = logging.getLogger("glmpool")
 MAX_ATTEMPTS = 3  # a request that crashed workers this often fails
 MAX_START_FAILURES = 3  # a device that failed to start this often in a row becomes FATAL
 BACKOFF_CAP = 30.0
-PARTIAL_SECONDS = 0.25  # .partial is rewritten at most this often per request
+PARTIAL_SECONDS = 0.25  # workers report progress, and .partial is rewritten, at most this often per request
 HOST_BEAT_SECONDS = 1.0
+LOOP_SECONDS = 0.1  # longest sleep of the main loop: flags and signals are seen within this
 
 
 class StartupError(Exception):
@@ -41,32 +41,40 @@ class StartupError(Exception):
 class Job:
     claim: Claim
     request: spool.Request
+    claimed: float = 0.0
+    deadline: float | None = None
     worker: int | None = None
-    started: float = 0.0
+    started: float = 0.0  # when it was given to a worker
     text: str = ""
     tokens: int = 0
-    partial_written: float = 0.0
-    deadline: float | None = None
+    cancelling: bool = False
 
 
 @dataclass
 class Slot:
+    """One worker's place: its spec, current process and pipes, state and lifetime counters."""
     spec: WorkerSpec
-    state: str = "STARTING"
+    state: str = "STARTING"  # STARTING -> RUNNING; BACKOFF after a death; FATAL; EXITED while stopping
     process: object = None
     tasks: object = None  # queue to the worker
     inbox: object = None  # the read end of the worker's own pipe
     pid: int | None = None
-    jobs: dict = field(default_factory=dict)  # rid -> Job
+    jobs: dict = field(default_factory=dict)  # claim token -> Job
     served: int = 0
     failed: int = 0
     restarts: int = 0
     start_failures: int = 0
+    last_error: str | None = None
     retry_at: float = 0.0
     last_seen: float = 0.0
     tokens: int = 0
     rate: float = 0.0
     stats: dict = field(default_factory=dict)
+
+    @property
+    def isolating(self) -> bool:
+        """Running a requeued job, alone: it may be what killed a worker, and must not take others with it."""
+        return any(job.claim.attempts for job in self.jobs.values())
 
 
 def worker_devices(gpus: str) -> list[str]:
@@ -104,20 +112,23 @@ class Supervisor:
         self.claims = Claims(self.requests, config.host_id, config.lease_seconds)
         self.status = "starting"
         self.started = time.time()
+        self.exit_code = 0
         self.signals: deque = deque()
         self.pending: deque[Job] = deque()  # claimed, waiting for a worker (requeued or adopted)
+        self.backlog: deque = deque()  # (id, names) from the last scan, oldest first, not yet looked at
+        self.dirty = True  # something may have arrived since the last scan
         self.slots: list[Slot] = []
         self.context = None
         self.stop_deadline: float | None = None
-        self.announced = False
         self.served = self.failed = 0
         self.timers: dict[str, float] = {}
-        self.tick_hooks: list = []  # callables(status dict), run every few seconds (metrics, notify)
+        self.tick_hooks: list = []  # callables(status dict, event=...): "ready", "tick" (every second), "stopping"
         self.watch: DirWatch | None = None
 
     # --- life cycle ------------------------------------------------------------------------------
 
     def run(self) -> int:
+        """Serve until asked to stop; the exit code (0, or 1 when no worker could start)."""
         os.umask(self.config.umask)
         devices = worker_devices(self.config.gpus)
         self.claims.ensure_dirs()
@@ -126,28 +137,34 @@ class Supervisor:
         self.clear_stale_quit_flag()
         import multiprocess
         self.context = multiprocess.get_context("spawn")
-        c = self.config
-        self.slots = [Slot(WorkerSpec(i, d, c.model, c.dtype, c.quantize, c.cache_dir, c.max_batch, c.kv_cache_gb))
-                      for i, d in enumerate(devices)]
+        self.slots = [Slot(self.worker_spec(i, device, devices)) for i, device in enumerate(devices)]
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda signum, frame: self.signals.append(signum))
-        self.watch = DirWatch(self.requests)
-        for job in self.claims_to_jobs(self.claims.orphans()):
-            self.pending.append(job)
+        self.watch = DirWatch(self.requests, self.flags, suffixes=spool.INPUT_SUFFIXES + (".cancel", ".flag"))
+        self.pending.extend(self.claims_to_jobs(self.claims.orphans()))
         for slot in self.slots:
             self.spawn(slot)
-        log.info("supervisor %d on %s: %d worker(s) on %s, spool %s", os.getpid(), c.host_id, len(self.slots),
-                 ",".join(s.spec.label for s in self.slots), self.root)
+        log.info("supervisor %d on %s: %d worker(s) on %s, spool %s", os.getpid(), self.config.host_id,
+                 len(self.slots), ",".join(s.spec.label for s in self.slots), self.root)
         try:
             while not self.manage():
                 pass
         finally:
             self.shutdown()
-        return 0
+        return self.exit_code
+
+    def worker_spec(self, wid: int, device: str, devices: list[str]) -> WorkerSpec:
+        c = self.config
+        threads = c.worker_threads
+        if not threads and device == "cpu":  # cpu workers share the cores instead of fighting over them
+            threads = max(1, len(os.sched_getaffinity(0)) // devices.count("cpu"))
+        return WorkerSpec(wid, device, c.model, c.dtype, c.quantize, c.cache_dir, c.max_batch, c.kv_cache_gb,
+                          threads, PARTIAL_SECONDS)
 
     def manage(self) -> bool:
         """One round of the main loop; True when it is time to exit."""
-        self.collect(timeout=0.02)
+        self.collect(timeout=LOOP_SECONDS)
+        self.dirty |= self.watch.changed()
         self.handle_signals()
         self.reap()
         self.murder()
@@ -163,6 +180,11 @@ class Supervisor:
         self.every("renew", max(0.5, self.config.lease_seconds / 4), self.claims.renew)
         self.every("orphans", max(1.0, self.config.lease_seconds / 2), self.adopt_orphans)
         self.every("host", HOST_BEAT_SECONDS, self.beat)
+        if all(s.state == "FATAL" for s in self.slots):
+            errors = "; ".join(sorted({s.last_error for s in self.slots if s.last_error})) or "see the log"
+            log.error("no worker could start, giving up: %s", errors)
+            self.exit_code = 1
+            return True
         return self.status == "stopping" and self.drained()
 
     def every(self, name: str, seconds: float, action) -> None:
@@ -178,8 +200,15 @@ class Supervisor:
         self.echo(f"[Info {now_text()}]: Loaded.")
         self.status = "running"
         self.echo(f"[Info {now_text()}]: Running...")
+        self.run_hooks("ready")
+
+    def run_hooks(self, event: str, status: dict | None = None) -> None:
+        status = status or self.status_dict()
         for hook in self.tick_hooks:
-            hook(self.status_dict(), event="ready")
+            try:
+                hook(status, event=event)
+            except Exception:  # metrics or notify trouble must never stop the pool
+                log.exception("status hook %r failed", hook)
 
     def handle_signals(self) -> None:
         while self.signals:
@@ -191,13 +220,12 @@ class Supervisor:
         if self.status != "stopping":
             self.status = "stopping"
             self.stop_deadline = time.monotonic() + self.config.grace_seconds
-            for job in list(self.pending):
+            for job in self.pending:
                 self.claims.release(job.claim)
             self.pending.clear()
             log.info("stopping: no new requests; %d in flight may finish within %.0fs",
                      sum(len(s.jobs) for s in self.slots), self.config.grace_seconds)
-            for hook in self.tick_hooks:
-                hook(self.status_dict(), event="stopping")
+            self.run_hooks("stopping")
 
     def drained(self) -> bool:
         if not any(s.jobs for s in self.slots):
@@ -206,7 +234,7 @@ class Supervisor:
 
     def shutdown(self) -> None:
         for slot in self.slots:
-            for job in list(slot.jobs.values()):
+            for job in slot.jobs.values():
                 log.info("releasing %s unanswered (cut by the stop)", job.request.id)
                 self.claims.release(job.claim)
             slot.jobs.clear()
@@ -245,37 +273,50 @@ class Supervisor:
         for slot in self.slots:
             if slot.process is None or slot.process.is_alive():
                 continue
+            if slot.inbox is not None:  # what it said before dying (a "done" must not be run again)
+                self.read_inbox(slot)
+            if slot.inbox is not None:
+                slot.inbox.close()
+                slot.inbox = None
             code = slot.process.exitcode
             slot.process.join(0)
             slot.process = None
             slot.tokens += slot.stats.pop("tokens", 0)  # lifetime counters survive restarts
             slot.stats.pop("beat_at", None)
-            if slot.state == "FATAL":
-                continue
+            self.requeue(slot, f"worker {slot.spec.wid} exited with {exit_text(code)}")
             if slot.state == "STARTING":
                 slot.start_failures += 1
-            self.requeue(slot, f"worker {slot.spec.wid} exited with {exit_text(code)}")
-            if slot.start_failures >= MAX_START_FAILURES:
-                slot.state = "FATAL"
-                log.error("worker %d (%s) failed to start %d times: FATAL; other workers keep serving",
-                          slot.spec.wid, slot.spec.label, slot.start_failures)
+                if slot.start_failures >= MAX_START_FAILURES:
+                    slot.state = "FATAL"
+                    log.error("worker %d (%s) failed to start %d times: FATAL; other workers keep serving",
+                              slot.spec.wid, slot.spec.label, slot.start_failures)
+                    continue
+            if self.status == "stopping":
+                slot.state = "EXITED"
                 continue
             slot.restarts += 1
-            delay = min(BACKOFF_CAP, 2.0 ** min(slot.restarts - 1, 10) * 0.5)
+            delay = min(BACKOFF_CAP, 0.5 * 2.0 ** min(slot.restarts - 1, 10))
             slot.state, slot.retry_at = "BACKOFF", time.monotonic() + delay
             log.warning("worker %d (%s) exited with %s; restart in %.1fs", slot.spec.wid, slot.spec.label,
                         exit_text(code), delay)
 
     def requeue(self, slot: Slot, reason: str) -> None:
+        """The in-flight requests of a dead worker: back to the queue, to be run alone (one of them may
+        be what killed it), or failed once they have been running at MAX_ATTEMPTS deaths."""
         for job in slot.jobs.values():
             job.claim.attempts += 1
-            job.worker, job.text, job.tokens = None, "", 0
+            job.worker, job.text, job.tokens, job.cancelling = None, "", 0, False
             if job.claim.attempts >= MAX_ATTEMPTS:
                 self.fail(job, f"the request crashed workers {job.claim.attempts} times and was given up",
                           {"reason": "worker crash", "last": reason})
+            elif self.status == "stopping":
+                self.claims.release(job.claim)
             else:
-                log.info("requeueing %s (attempt %d)", job.request.id, job.claim.attempts + 1)
+                log.info("requeueing %s (attempt %d, alone)", job.request.id, job.claim.attempts + 1)
+                self.claims.update(job.claim)  # an adopter would continue the count
                 self.pending.appendleft(job)
+        if slot.jobs:
+            self.dirty = True
         slot.jobs.clear()
 
     def murder(self) -> None:
@@ -297,44 +338,48 @@ class Supervisor:
                 self.spawn(slot)
 
     def collect(self, timeout: float) -> None:
-        """Handle every message the workers sent (waiting up to `timeout` for the first)."""
+        """Handle every message the workers sent, waiting up to `timeout` for one (or for the spool to change)."""
         from multiprocess.connection import wait
         inboxes = {s.inbox: s for s in self.slots if s.inbox is not None}
-        if not inboxes:
+        watched = [self.watch.fileno()] if self.watch and self.watch.fileno() is not None else []
+        if not inboxes and not watched:
             time.sleep(timeout)
             return
-        for inbox in wait(list(inboxes), timeout):
-            try:
-                while inbox.poll():
-                    self.on_message(inbox.recv())
-            except (EOFError, OSError, ValueError):  # the worker died (possibly mid-message)
-                inboxes[inbox].inbox = None
-                inbox.close()
+        for ready in wait(list(inboxes) + watched, timeout):
+            if ready in inboxes:
+                self.read_inbox(inboxes[ready])
+
+    def read_inbox(self, slot: Slot) -> None:
+        """Handle every message waiting in a worker's pipe; at EOF (the worker is gone) close it."""
+        try:
+            while slot.inbox.poll():
+                self.on_message(slot.inbox.recv())
+        except (EOFError, OSError, ValueError):  # possibly mid-message
+            slot.inbox.close()
+            slot.inbox = None
 
     def on_message(self, message: tuple) -> None:
         kind, wid = message[0], message[1]
         slot = self.slots[wid]
         slot.last_seen = time.monotonic()
         if kind == "ready":
-            slot.state, slot.start_failures = "RUNNING", 0
+            slot.state, slot.start_failures, slot.last_error = "RUNNING", 0, None
             slot.stats.update(message[2])
             log.info("worker %d (%s) ready", wid, slot.spec.label)
-        elif kind == "fatal":
+        elif kind == "fatal":  # the worker exits next; reap() counts the failed start
+            slot.last_error = message[2]
             log.error("worker %d (%s) cannot load the model: %s", wid, slot.spec.label, message[2])
-            slot.start_failures += 1
-            if slot.start_failures >= MAX_START_FAILURES or "not available" in message[2]:
-                slot.state = "FATAL"
         elif kind == "beat":
             stats = message[2]
-            elapsed = max(1e-6, time.monotonic() - slot.stats.get("beat_at", slot.last_seen))
-            slot.rate = max(0.0, (stats["tokens"] - slot.stats.get("tokens", 0)) / elapsed) if "beat_at" in slot.stats else 0.0
+            if "beat_at" in slot.stats:
+                elapsed = max(1e-6, time.monotonic() - slot.stats["beat_at"])
+                slot.rate = max(0.0, (stats["tokens"] - slot.stats.get("tokens", 0)) / elapsed)
             slot.stats.update(stats, beat_at=time.monotonic())
         elif kind == "token":
             job = slot.jobs.get(message[2])
             if job is not None:
                 job.text, job.tokens = message[3], message[4]
-                if time.monotonic() - job.partial_written >= PARTIAL_SECONDS:
-                    self.write_partial(job)
+                self.write_partial(job)
         elif kind == "done":
             job = slot.jobs.pop(message[2], None)
             if job is not None:
@@ -344,29 +389,44 @@ class Supervisor:
             if job is not None:
                 slot.failed += 1
                 self.fail(job, message[3], {"reason": "rejected by the model"})
+        if kind in ("done", "error"):
+            self.dirty = True  # room for the next request: look at the spool now
 
     # --- requests --------------------------------------------------------------------------------
 
     def dispatch(self) -> None:
-        """Claim what the workers have room for (and no more: the rest stays for other hosts)."""
-        room = sum(self.config.max_batch - len(s.jobs) for s in self.slots if s.state == "RUNNING")
-        while self.pending and room > 0:
-            self.assign(self.pending.popleft())
-            room -= 1
-        changed = self.watch.changed() if self.watch else True
-        if not changed and time.monotonic() < self.timers.get("scan", 0.0):
-            return
-        self.timers["scan"] = time.monotonic() + self.config.poll_interval
+        """Give workers what they have room for, claiming new requests only then (the rest stays for
+        other supervisors). Claimed jobs waiting for a worker go first; a new scan happens when the
+        spool changed and the last scan's backlog is used up, and every poll_interval regardless."""
         self.watch_cancels()
-        if room <= 0:
-            return
-        for request_id, names in self.scan():
-            if room <= 0:
-                break
-            job = self.take(request_id, names)
+        while self.pending:
+            job = self.pending[0]
+            slot = self.pick_slot(alone=job.claim.attempts > 0)
+            if slot is None:  # a requeued job waits for an idle worker; nothing new is claimed meanwhile
+                return
+            self.assign(self.pending.popleft(), slot)
+        now = time.monotonic()
+        if (self.dirty and not self.backlog) or now >= self.timers.get("scan", 0.0):
+            if self.pick_slot(alone=False) is None:
+                return  # no room: look again once a worker has some
+            self.dirty = False
+            self.timers["scan"] = now + self.config.poll_interval
+            self.backlog = deque(self.scan())
+        while self.backlog:
+            slot = self.pick_slot(alone=False)
+            if slot is None:
+                return
+            job = self.take(*self.backlog.popleft())
             if job is not None:
-                self.assign(job)
-                room -= 1
+                self.assign(job, slot)
+
+    def pick_slot(self, alone: bool) -> Slot | None:
+        """The least busy running worker with room; alone=True: only an idle one (for a requeued job)."""
+        usable = [s for s in self.slots if s.state == "RUNNING" and s.process is not None and not s.isolating]
+        if alone:
+            return next((s for s in usable if not s.jobs), None)
+        usable = [s for s in usable if len(s.jobs) < self.config.max_batch]
+        return min(usable, key=lambda s: len(s.jobs)) if usable else None
 
     def scan(self) -> list[tuple[str, dict]]:
         """Ready-looking request ids, highest priority then oldest first."""
@@ -375,6 +435,7 @@ class Supervisor:
             entries = list(os.scandir(self.requests))
         except FileNotFoundError:  # requests/ deleted while running: recreate it
             self.claims.ensure_dirs()
+            self.watch.rearm()
             return []
         for entry in entries:
             parts = spool.split_name(entry.name)
@@ -398,17 +459,17 @@ class Supervisor:
         return 1 if ".json" in names else 0  # the exact priority is read when the JSON is parsed
 
     def take(self, request_id: str, names: dict) -> Job | None:
-        """Validate a request in place, then claim it; invalid ones are claimed and failed."""
+        """Check a request in place (complete? valid?), claim it, then read what was claimed: that is
+        what gets answered, even if the client rewrote the file in between. Bad requests are failed."""
         main = ".json" if ".json" in names else ".request"
-        now = time.time()
         try:
-            request = self.read_request(request_id, main, names, now)
+            request = spool.read_request(request_id, self.requests / f"{request_id}{main}",
+                                         self.requests / f"{request_id}.history", time.time())
         except (spool.NotReady, FileNotFoundError):  # still being written, or another supervisor took it
             return None
         except spool.RequestError as error:
             claim = self.claims.claim(request_id, main, (".history",))
             if claim is not None:
-                self.failed += 1
                 self.publish_error(claim, str(error), {"reason": "invalid request"})
             return None
         if request is None:
@@ -416,69 +477,46 @@ class Supervisor:
         claim = self.claims.claim(request_id, main, (".history",))
         if claim is None:
             return None
-        return self.new_job(claim, request)
+        if ".cancel" in names:
+            self.publish_error(claim, "the request was cancelled", {"reason": "cancelled", "partial": ""})
+            return None
+        return self.job_from_claim(claim)
 
-    def read_request(self, request_id: str, main: str, names: dict, now: float) -> spool.Request | None:
-        path = self.requests / f"{request_id}{main}"
-        text = spool.read_input(path, now)
-        if main == ".json":
-            request = spool.parse_json_request(request_id, text)
-        else:
-            history_path = self.requests / f"{request_id}.history"
-            if os.path.lexists(history_path):
-                history = spool.parse_history(spool.read_input(history_path, now), f"{request_id}.history")
-            elif now - os.lstat(path).st_mtime < spool.HISTORY_GRACE_SECONDS:
-                return None  # the client may be about to write its history
-            else:
-                history = []
-            request = spool.Request(request_id, text.rstrip("\n"), history)
-        request.arrived = os.lstat(path).st_mtime
-        return request
-
-    def new_job(self, claim: Claim, request: spool.Request) -> Job:
+    def job_from_claim(self, claim: Claim, settled: bool = False) -> Job | None:
+        """A job from a claim's own files; settled: inputs are old (adopted), complete whatever they end in."""
+        now = time.time() + (spool.SETTLE_SECONDS if settled else 0.0)
+        try:
+            request = spool.read_request(claim.id, claim.inputs[claim.main], claim.inputs.get(".history"), now,
+                                         history_grace=False)
+        except spool.NotReady:  # changed since we looked: put it back and look again later
+            self.claims.release(claim)
+            return None
+        except (spool.RequestError, OSError) as error:
+            self.publish_error(claim, str(error), {"reason": "invalid request"})
+            return None
         timeout = request.timeout or self.config.request_timeout or None
-        return Job(claim, request, deadline=time.time() + timeout if timeout else None)
+        return Job(claim, request, claimed=time.time(), deadline=time.time() + timeout if timeout else None)
 
     def claims_to_jobs(self, claims: list[Claim]) -> list[Job]:
-        jobs = []
-        for claim in claims:
-            main = ".json" if ".json" in claim.inputs else ".request"
-            try:
-                text = spool.read_input(claim.inputs[main], now=time.time() + spool.SETTLE_SECONDS)
-                if main == ".json":
-                    request = spool.parse_json_request(claim.id, text)
-                else:
-                    history = claim.inputs.get(".history")
-                    request = spool.Request(claim.id, text.rstrip("\n"), spool.parse_history(
-                        spool.read_input(history, now=time.time() + 1) if history else ""))
-            except (spool.RequestError, spool.NotReady, OSError) as error:
-                self.publish_error(claim, f"adopted request {claim.id} is unreadable: {error}", {})
-                continue
-            jobs.append(self.new_job(claim, request))
-        return jobs
+        return [job for job in (self.job_from_claim(claim, settled=True) for claim in claims) if job is not None]
 
     def adopt_orphans(self) -> None:
         if self.status != "stopping":
             self.pending.extend(self.claims_to_jobs(self.claims.orphans()))
 
-    def assign(self, job: Job) -> None:
-        """Give a claimed request to the least busy running worker."""
-        running = [s for s in self.slots if s.state == "RUNNING" and s.process is not None]
-        if not running:
-            self.pending.appendleft(job)
-            return
-        slot = min(running, key=lambda s: len(s.jobs))
+    def assign(self, job: Job, slot: Slot) -> None:
         params = {"max_length": self.config.max_length, "do_sample": True, "top_p": 0.7, "temperature": 0.95,
                   **job.request.params}
         job.worker, job.started = slot.spec.wid, time.time()
-        slot.jobs[job.request.id] = job
-        slot.tasks.put(("run", job.request.id, job.request.query, job.request.history, params, job.deadline))
+        slot.jobs[job.claim.token] = job
+        slot.tasks.put(("run", job.claim.token, job.request.query, job.request.history, params, job.deadline))
 
     def watch_cancels(self) -> None:
         for slot in self.slots:
-            for rid, job in slot.jobs.items():
-                if os.path.lexists(self.requests / f"{rid}.cancel"):
-                    slot.tasks.put(("cancel", rid))
+            for job in slot.jobs.values():
+                if not job.cancelling and os.path.lexists(self.requests / f"{job.request.id}.cancel"):
+                    job.cancelling = True
+                    slot.tasks.put(("cancel", job.claim.token))
 
     def complete(self, slot: Slot, job: Job, text: str, detail: dict) -> None:
         reason = detail.get("finish_reason")
@@ -487,26 +525,29 @@ class Supervisor:
             sentence = "the request was cancelled" if reason == "cancelled" else "the request timed out"
             self.fail(job, sentence, {"reason": reason, "partial": text, **detail})
             return
-        history = job.request.history + [[job.request.query, text]]
-        meta = {"id": job.request.id, "history": history, **detail, "worker": slot.spec.wid,
-                "device": slot.spec.label, "host": self.config.host_id, "claim": job.claim.token,
-                "seconds": round(time.time() - job.started, 3), "attempts": job.claim.attempts + 1}
+        finished = time.time()
+        received = detail.pop("received", job.started)
+        meta = {"id": job.request.id, "history": job.request.history + [[job.request.query, text]], **detail,
+                "worker": slot.spec.wid, "device": slot.spec.label, "host": self.config.host_id,
+                "claim": job.claim.token, "attempts": job.claim.attempts + 1,
+                "seconds": round(finished - received, 3),
+                "timings": {"arrived": job.request.arrived, "claimed": job.claimed, "dispatched": job.started,
+                            "received": received, "finished": finished}}
         if self.claims.finish(job.claim, text, meta):
             slot.served += 1
             self.served += 1
         spool.remove(self.requests / f"{job.request.id}.cancel")
 
     def fail(self, job: Job, sentence: str, detail: dict) -> None:
-        self.failed += 1
         self.publish_error(job.claim, sentence, {"id": job.request.id, **detail})
 
     def publish_error(self, claim: Claim, sentence: str, detail: dict) -> None:
         log.warning("request %s failed: %s", claim.id, sentence)
+        self.failed += 1
         self.claims.fail(claim, sentence, {"host": self.config.host_id, **detail})
         spool.remove(self.requests / f"{claim.id}.cancel")
 
     def write_partial(self, job: Job) -> None:
-        job.partial_written = time.monotonic()
         try:
             spool.atomic_write(self.requests / f"{job.request.id}.partial", job.text)
         except OSError as error:
@@ -545,8 +586,7 @@ class Supervisor:
             spool.atomic_write(self.host_file(), json.dumps(status, ensure_ascii=False))
         except OSError as error:
             log.warning("cannot write host heartbeat: %s", error.strerror)
-        for hook in self.tick_hooks:
-            hook(status, event="tick")
+        self.run_hooks("tick", status)
 
     def peer_files(self) -> list[Path]:
         """Heartbeat files of supervisors (any host) seen alive within a few beats, by the filesystem clock."""
@@ -583,7 +623,7 @@ class Supervisor:
             "workers": [{
                 "id": s.spec.wid, "device": s.spec.label, "pid": s.pid if s.process is not None else None,
                 "state": s.state, "in_flight": len(s.jobs), "served": s.served, "failed": s.failed,
-                "restarts": s.restarts, "tokens_per_s": round(s.rate, 2),
+                "restarts": s.restarts, "last_error": s.last_error, "tokens_per_s": round(s.rate, 2),
                 "tokens_generated": s.stats.get("tokens", 0) + s.tokens,
                 "rss_bytes": process_rss(s.pid) if s.process is not None else None,
                 "gpu_memory_used": s.stats.get("gpu_memory_used"),

@@ -2,10 +2,14 @@
 
 The worker never touches the spool. It talks to the supervisor through a queue and a pipe of its own
 (a shared queue would stay locked forever if a worker were killed while writing to it):
-  tasks   (supervisor -> worker): ("run", rid, query, history, params, deadline) | ("cancel", rid) | ("stop",)
+  tasks   (supervisor -> worker): ("run", key, query, history, params, deadline) | ("cancel", key) | ("stop",)
   results (worker -> supervisor): ("ready", wid, info) | ("fatal", wid, message) | ("beat", wid, stats)
-                                  | ("token", wid, rid, text, n) | ("done", wid, rid, text, detail)
-                                  | ("error", wid, rid, message)
+                                  | ("token", wid, key, text, n) | ("done", wid, key, text, detail)
+                                  | ("error", wid, key, message)
+A worker holds any number of requests at once (up to max_batch generate together, the rest wait in
+arrival order). The key is the claim's token, unique even when a client reuses a request id.
+"token" messages are sent at most every progress_seconds per request: enough for .partial files,
+without streaming the growing text through the pipe after every step.
 This module imports no torch at module level: the process is spawned, sets CUDA_VISIBLE_DEVICES,
 and only then imports the engine, so CUDA initialises on the right device.
 """
@@ -17,7 +21,7 @@ import queue
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,9 @@ class WorkerSpec:
     cache_dir: str
     max_batch: int
     kv_cache_gb: float | None
+    threads: int = 0  # torch intra-op threads for a cpu worker (0: torch's default)
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    progress_seconds: float = 0.25
 
     @property
     def label(self) -> str:
@@ -46,7 +53,13 @@ def main(spec: WorkerSpec, tasks, results) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
     os.environ["CUDA_VISIBLE_DEVICES"] = "" if spec.device == "cpu" else spec.device
     logging.basicConfig(level=logging.WARNING, format=f"[%(levelname)s worker {spec.wid}]: %(message)s")
+    import torch
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
     from .engine import EngineError, load
+    if spec.threads:
+        import torch
+        torch.set_num_threads(spec.threads)  # cpu workers share the cores instead of fighting over them
     try:
         engine = load(spec.model, device="cpu" if spec.device == "cpu" else "cuda", dtype=spec.dtype,
                       cache_dir=spec.cache_dir, quantize=spec.quantize, progress=False)
@@ -62,12 +75,23 @@ def main(spec: WorkerSpec, tasks, results) -> None:
     Loop(spec, engine, engine.batcher(spec.max_batch, kv_tokens), tasks, results).run()
 
 
+@dataclass
+class Task:
+    key: str
+    query: str
+    history: list
+    params: dict
+    deadline: float | None  # wall clock
+    received: float = field(default_factory=time.time)
+    reported: float = 0.0  # monotonic time of the last progress message
+
+
 class Loop:
     def __init__(self, spec, engine, batch, tasks, results):
         self.spec, self.engine, self.batch = spec, engine, batch
         self.tasks, self.results = tasks, results
-        self.waiting: deque = deque()  # dispatched here, not yet admitted (batch or KV budget full)
-        self.deadlines: dict = {}
+        self.waiting: deque[Task] = deque()  # dispatched here, not yet admitted (batch or KV budget full)
+        self.active: dict[str, Task] = {}  # in the batch
         self.tokens = 0
         self.last_beat = 0.0
         self.crash_marker = os.environ.get(TEST_CRASH_ENV)
@@ -97,58 +121,61 @@ class Loop:
             if kind == "cancel":
                 self.cancel(message[1], "cancelled")
             elif kind == "run":
-                self.waiting.append(message[1:])
+                self.waiting.append(Task(*message[1:]))
 
     def admit(self) -> None:
         from .engine import EngineError, SamplingParams
         while self.waiting:
-            rid, query, history, params, deadline = self.waiting[0]
-            if self.crash_marker and self.crash_marker in query:
+            task = self.waiting[0]
+            if self.crash_marker and self.crash_marker in task.query:
                 os._exit(99)
             try:
-                sampling = SamplingParams(**params)
-                prompt = self.engine.tokenizer.build_prompt(query, history)
+                sampling = SamplingParams(**task.params)
+                prompt = self.engine.tokenizer.build_prompt(task.query, task.history)
                 if not self.batch.has_room(len(prompt), sampling):
                     return
-                self.batch.add_prompt(rid, prompt, sampling)
+                self.batch.add_prompt(task.key, prompt, sampling)
             except (EngineError, ValueError, TypeError) as error:
-                self.results.send(("error", self.spec.wid, rid, str(error)))
+                self.results.send(("error", self.spec.wid, task.key, str(error)))
             else:
-                if deadline:
-                    self.deadlines[rid] = deadline
+                task.reported = time.monotonic()
+                self.active[task.key] = task
             self.waiting.popleft()
 
     def expire(self) -> None:
         now = time.time()
-        for rid, deadline in list(self.deadlines.items()):
-            if now >= deadline:
-                self.cancel(rid, "timeout")
+        for task in [*self.waiting, *self.active.values()]:
+            if task.deadline and now >= task.deadline:
+                self.cancel(task.key, "timeout")
 
-    def cancel(self, rid, reason: str) -> None:
-        for i, item in enumerate(self.waiting):
-            if item[0] == rid:
-                del self.waiting[i]
-                self.results.send(("done", self.spec.wid, rid, "", {"finish_reason": reason, "generated_tokens": 0}))
+    def cancel(self, key: str, reason: str) -> None:
+        for task in self.waiting:
+            if task.key == key:
+                self.waiting.remove(task)
+                self.send_done(task, "", {"finish_reason": reason, "generated_tokens": 0})
                 return
-        event = self.batch.cancel(rid)
-        self.deadlines.pop(rid, None)
+        event = self.batch.cancel(key)
         if event is not None:
-            self.results.send(("done", self.spec.wid, rid, event.text, self._detail(event, reason)))
+            self.finish(event, reason)
 
     def step(self) -> None:
+        now = time.monotonic()
         for event in self.batch.step():
             self.tokens += 1
+            task = self.active.get(event.key)
             if event.finished:
-                self.deadlines.pop(event.key, None)
-                self.results.send(("done", self.spec.wid, event.key, event.text,
-                                  self._detail(event, event.finish_reason)))
-            else:
+                self.finish(event, event.finish_reason)
+            elif task is not None and now - task.reported >= self.spec.progress_seconds:
+                task.reported = now
                 self.results.send(("token", self.spec.wid, event.key, event.text, event.generated_tokens))
 
-    @staticmethod
-    def _detail(event, reason) -> dict:
-        return {"finish_reason": reason, "prompt_tokens": event.prompt_tokens,
-                "generated_tokens": event.generated_tokens}
+    def finish(self, event, reason: str) -> None:
+        task = self.active.pop(event.key)
+        self.send_done(task, event.text, {"finish_reason": reason, "prompt_tokens": event.prompt_tokens,
+                                          "generated_tokens": event.generated_tokens})
+
+    def send_done(self, task: Task, text: str, detail: dict) -> None:
+        self.results.send(("done", self.spec.wid, task.key, text, {**detail, "received": task.received}))
 
     def beat(self) -> None:
         now = time.time()
