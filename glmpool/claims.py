@@ -1,7 +1,8 @@
 """Claims: which supervisor answers which request, correct even across hosts.
 
 Claiming a request takes three steps, each safe on its own:
-1. a `filelock` lock on `requests/.locks/<id>.lock` (non-blocking) keeps supervisors whose locks are
+1. a `filelock` lock on `requests/.locks/<n>.lock` (non-blocking; n is one of LOCK_STRIPES picked by
+   the id, so the lock files stay few however many ids come and go) keeps supervisors whose locks are
    coherent from even trying the same request at once;
 2. a record `.claims/<token>.claim` (host, pid, time, id) names the claim; the token is fresh per claim;
 3. the atomic rename of the request's main input into `.claims/<token>.<suffix>` is the claim itself:
@@ -21,6 +22,7 @@ import logging
 import os
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,13 +32,19 @@ from . import spool
 
 log = logging.getLogger(__name__)
 
+LOCK_STRIPES = 64
+
 
 @dataclass
 class Claim:
     token: str
     id: str
     inputs: dict[str, Path] = field(default_factory=dict)  # suffix -> claimed path
-    attempts: int = 0
+    attempts: int = 0  # how many workers died while running it
+
+    @property
+    def main(self) -> str:
+        return ".json" if ".json" in self.inputs else ".request"
 
     def to_record(self, host: str) -> str:
         return json.dumps({"id": self.id, "host": host, "pid": os.getpid(), "time": time.time(),
@@ -61,7 +69,8 @@ class Claims:
 
     def claim(self, request_id: str, main: str, extras: tuple[str, ...] = ()) -> Claim | None:
         """Take `requests/<id><main>` (and the `extras` suffixes if present); None if someone else has it."""
-        lock = FileLock(str(self.locks / f"{request_id}.lock"), timeout=0)
+        stripe = zlib.crc32(request_id.encode("utf-8", "surrogateescape")) % LOCK_STRIPES
+        lock = FileLock(str(self.locks / f"{stripe}.lock"), timeout=0)
         try:
             lock.acquire()
         except Timeout:
@@ -71,7 +80,7 @@ class Claims:
             if not os.path.lexists(source):
                 return None
             claim = Claim(uuid.uuid4().hex[:16], request_id)
-            spool.atomic_write(self.record_path(claim.token), claim.to_record(self.host))
+            self.update(claim)  # the record exists before the rename, so a claimed input is never unowned
             target = self.dir / f"{claim.token}{main}"
             if not self._rename(source, target):
                 spool.remove(self.record_path(claim.token))
@@ -83,11 +92,14 @@ class Claims:
                     claim.inputs[suffix] = self.dir / f"{claim.token}{suffix}"
             for suffix in spool.OUTPUT_SUFFIXES:  # a new request under a used id replaces old answers
                 spool.remove(self.requests / f"{request_id}{suffix}")
-            spool.atomic_write(self.record_path(claim.token), claim.to_record(self.host))
             self.mine[claim.token] = claim
             return claim
         finally:
             lock.release()
+
+    def update(self, claim: Claim) -> None:
+        """(Re)write the claim's record: owner, time, attempts so far (an adopter continues the count)."""
+        spool.atomic_write(self.record_path(claim.token), claim.to_record(self.host))
 
     @staticmethod
     def _rename(source: Path, target: Path) -> bool:
@@ -187,7 +199,7 @@ class Claims:
 
     def _adopt(self, old_token: str, info: dict) -> Claim | None:
         claim = Claim(uuid.uuid4().hex[:16], info["id"], attempts=int(info.get("attempts", 0)))
-        spool.atomic_write(self.record_path(claim.token), claim.to_record(self.host))
+        self.update(claim)
         inputs = sorted(self.dir.glob(f"{old_token}.*"), key=lambda p: p.suffix == ".claim")
         for path in inputs:
             if path.suffix == ".claim":

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from pathlib import Path
@@ -23,12 +22,13 @@ def submit(root: str | Path, query: str, history: list | None = None, request_id
     request_id = request_id or f"ask-{uuid.uuid4().hex[:12]}"
     for suffix in spool.OUTPUT_SUFFIXES:
         spool.remove(requests / f"{request_id}{suffix}")
+    # Final newlines: the server takes a newline-terminated file at once (the completeness rule).
     if params:
         body = {"query": query, "history": history or [], **params}
-        spool.atomic_write(requests / f"{request_id}.json", json.dumps(body, ensure_ascii=False))
+        spool.atomic_write(requests / f"{request_id}.json", json.dumps(body, ensure_ascii=False) + "\n")
     else:
-        spool.atomic_write(requests / f"{request_id}.history", json.dumps(history or [], ensure_ascii=False))
-        spool.atomic_write(requests / f"{request_id}.request", query)
+        spool.atomic_write(requests / f"{request_id}.history", json.dumps(history or [], ensure_ascii=False) + "\n")
+        spool.atomic_write(requests / f"{request_id}.request", query + "\n")
     return request_id
 
 

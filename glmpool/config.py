@@ -66,6 +66,8 @@ SETTINGS = [
     Setting("cache_dir", str, str(Path.home() / ".cache" / "glmpool"), "where models are downloaded/built", "DIR"),
     Setting("host_id", str, socket.gethostname(), "this host's identity in claims and status", "NAME"),
     Setting("max_batch", int, 16, "sequences one worker generates together", "N"),
+    Setting("worker_threads", int, 0, "CPU threads of each worker's torch (0: the usable cores shared out "
+                                      "among cpu workers; torch's own default on GPU workers)", "N"),
     Setting("kv_cache_gb", float, None, "KV-cache budget per worker in GiB (default: sized from free memory)", "GIB"),
     Setting("max_length", int, 2048, "default max_length (prompt + answer tokens) of a request", "N"),
     Setting("request_timeout", float, 0.0, "default per-request deadline in seconds (0: none)", "S"),
@@ -92,6 +94,7 @@ class Config:
     cache_dir: str
     host_id: str
     max_batch: int
+    worker_threads: int
     kv_cache_gb: float | None
     max_length: int
     request_timeout: float

@@ -17,6 +17,7 @@ the only caller that touches the spool.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -73,38 +74,78 @@ def is_regular(path: Path) -> bool:
         return False
 
 
-def read_input(path: Path, now: float | None = None) -> str:
-    """Text of one input file, refusing anything but a complete regular file of reasonable size."""
+def read_input(path: Path, now: float | None = None, name: str | None = None) -> str:
+    """Text of one input file, refusing anything but a complete regular file of reasonable size.
+    `name` is how errors call the file (a claimed input's path carries the claim token instead)."""
     now = time.time() if now is None else now
+    name = name or path.name
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         raise
     except OSError as error:
-        if error.errno in (40,):  # ELOOP: a symlink
-            raise RequestError(f"{path.name} is a symlink, which glmpool never follows") from None
-        raise RequestError(f"{path.name} cannot be read: {error.strerror}") from None
+        if error.errno == errno.ELOOP:
+            raise RequestError(f"{name} is a symlink, which glmpool never follows") from None
+        raise RequestError(f"{name} cannot be read: {error.strerror}") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise RequestError(f"{path.name} is not a regular file")
+            raise RequestError(f"{name} is not a regular file")
         if info.st_size > MAX_INPUT_BYTES:
-            raise RequestError(f"{path.name} is {info.st_size} bytes, over the {MAX_INPUT_BYTES}-byte limit")
+            raise RequestError(f"{name} is {info.st_size} bytes, over the {MAX_INPUT_BYTES}-byte limit")
         data = os.read(fd, MAX_INPUT_BYTES + 1)
         after = os.fstat(fd)
     finally:
         os.close(fd)
     if after.st_size != len(data) or after.st_mtime_ns != info.st_mtime_ns:
-        raise NotReady(f"{path.name} is still growing")
-    complete = data.endswith(b"\n") or now - info.st_mtime >= SETTLE_SECONDS
-    if not complete:
-        raise NotReady(f"{path.name} may still be being written")
+        raise NotReady(f"{name} is still growing")
+    if not looks_complete(path.suffix, data, now - info.st_mtime):
+        raise NotReady(f"{name} may still be being written")
     if b"\0" in data:
-        raise RequestError(f"{path.name} contains NUL bytes")
+        raise RequestError(f"{name} contains NUL bytes")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise RequestError(f"{path.name} is not valid UTF-8 (byte {error.start})") from None
+        raise RequestError(f"{name} is not valid UTF-8 (byte {error.start})") from None
+
+
+def read_request(request_id: str, main_path: Path, history_path: Path | None, now: float,
+                 history_grace: bool = True) -> Request | None:
+    """The request whose main input (.request or .json) is `main_path`; None while it is not complete
+    yet (history_grace: a seed-form request waits HISTORY_GRACE_SECONDS for a missing .history).
+    Raises NotReady, RequestError, or OSError (FileNotFoundError: someone else took it)."""
+    main = main_path.suffix
+    text = read_input(main_path, now, f"{request_id}{main}")
+    history_text = ""
+    if main == ".request":
+        if history_path is not None and os.path.lexists(history_path):
+            history_text = read_input(history_path, now, f"{request_id}.history")
+        elif history_grace and now - os.lstat(main_path).st_mtime < HISTORY_GRACE_SECONDS:
+            return None  # the client may be about to write its history
+    request = parse_request(request_id, main, text, history_text)
+    request.arrived = os.lstat(main_path).st_mtime  # a rename into .claims/ keeps it
+    return request
+
+
+def looks_complete(suffix: str, data: bytes, age: float) -> bool:
+    """The completeness rule for files written without rename: a final newline (what `echo` writes),
+    a .json that already parses (a cut JSON object never does), or no change for SETTLE_SECONDS."""
+    if data.endswith(b"\n") or age >= SETTLE_SECONDS:
+        return True
+    if suffix != ".json":
+        return False
+    try:
+        json.loads(data)
+        return True
+    except (ValueError, RecursionError):
+        return False
+
+
+def parse_request(request_id: str, suffix: str, text: str, history_text: str = "") -> Request:
+    """A Request from the text of its main input (.json or .request) and, for .request, its .history."""
+    if suffix == ".json":
+        return parse_json_request(request_id, text)
+    return Request(request_id, text.rstrip("\n"), parse_history(history_text, f"{request_id}.history"))
 
 
 def parse_history(text: str, source: str = "history") -> list:

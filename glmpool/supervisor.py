@@ -63,6 +63,7 @@ class Slot:
     served: int = 0
     failed: int = 0
     restarts: int = 0
+    deaths_in_a_row: int = 0  # drives the backoff
     start_failures: int = 0
     last_error: str | None = None
     retry_at: float = 0.0
@@ -295,7 +296,8 @@ class Supervisor:
                 slot.state = "EXITED"
                 continue
             slot.restarts += 1
-            delay = min(BACKOFF_CAP, 0.5 * 2.0 ** min(slot.restarts - 1, 10))
+            slot.deaths_in_a_row += 1
+            delay = min(BACKOFF_CAP, 0.5 * 2.0 ** min(slot.deaths_in_a_row - 1, 10))
             slot.state, slot.retry_at = "BACKOFF", time.monotonic() + delay
             log.warning("worker %d (%s) exited with %s; restart in %.1fs", slot.spec.wid, slot.spec.label,
                         exit_text(code), delay)
@@ -381,6 +383,7 @@ class Supervisor:
                 job.text, job.tokens = message[3], message[4]
                 self.write_partial(job)
         elif kind == "done":
+            slot.deaths_in_a_row = 0  # it works: the next death starts the backoff over
             job = slot.jobs.pop(message[2], None)
             if job is not None:
                 self.complete(slot, job, message[3], message[4])

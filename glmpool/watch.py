@@ -1,25 +1,32 @@
-"""Wake up when the request directory changes: inotify where the kernel offers it, polling otherwise.
+"""Wake up when the spool changes: inotify where the kernel offers it, polling otherwise.
 
 inotify only sees changes made through this kernel: on NFS, other hosts' writes still come from the
 periodic scan (poll_interval), which is why the supervisor always scans at that interval too.
+The supervisor waits on fileno() together with its workers' pipes, so a new request wakes it at once.
 """
 from __future__ import annotations
 
 import ctypes
 import logging
 import os
-import select
+import struct
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE, IN_DELETE_SELF, IN_MOVE_SELF = 0x8, 0x80, 0x100, 0x400, 0x800
+IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE, IN_DELETE_SELF, IN_MOVE_SELF, IN_Q_OVERFLOW = \
+    0x8, 0x80, 0x100, 0x400, 0x800, 0x4000
 IN_NONBLOCK = os.O_NONBLOCK
+EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then len bytes of name
 
 
 class DirWatch:
-    def __init__(self, directory: Path):
-        self.directory = directory
+    """inotify on a few directories; changed() reports only events about names we care about
+    (the supervisor's own .partial/.back writes would otherwise wake it for nothing)."""
+
+    def __init__(self, *directories: Path, suffixes: tuple[str, ...] = ()):
+        self.directories = directories
+        self.suffixes = suffixes  # empty: every name counts
         self.fd: int | None = None
         try:
             self._libc = ctypes.CDLL(None, use_errno=True)
@@ -27,35 +34,49 @@ class DirWatch:
             if fd < 0:
                 raise OSError(ctypes.get_errno(), "inotify_init1")
             self.fd = fd
-            self._add()
+            self.rearm()
         except (OSError, AttributeError) as error:
-            log.info("inotify unavailable (%s): polling %s", error, directory)
+            log.info("inotify unavailable (%s): polling", error)
             self.close()
 
-    def _add(self) -> None:
+    def rearm(self) -> None:
+        """Watch the directories (idempotent; after a directory was deleted and recreated, watches the new one)."""
+        if self.fd is None:
+            return
         mask = IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_DELETE_SELF | IN_MOVE_SELF
-        if self._libc.inotify_add_watch(self.fd, os.fsencode(self.directory), mask) < 0:
-            raise OSError(ctypes.get_errno(), f"inotify_add_watch {self.directory}")
+        for directory in self.directories:
+            if self._libc.inotify_add_watch(self.fd, os.fsencode(directory), mask) < 0:
+                raise OSError(ctypes.get_errno(), f"inotify_add_watch {directory}")
+
+    def fileno(self) -> int | None:
+        """Readable when something changed (None without inotify)."""
+        return self.fd
 
     def changed(self) -> bool:
-        """True if something happened since the last call (always True without inotify)."""
+        """True if something we care about happened since the last call (always True without inotify)."""
         if self.fd is None:
             return True
-        readable, _, _ = select.select([self.fd], [], [], 0)
-        if not readable:
-            return False
+        data = b""
         try:
-            while os.read(self.fd, 65536):
-                pass
+            while chunk := os.read(self.fd, 65536):
+                data += chunk
         except BlockingIOError:
             pass
-        if not self.directory.is_dir():  # deleted: the scan recreates it; watch the new one next time
-            return True
-        try:
-            self._add()  # idempotent for the same directory; re-arms after a delete + recreate
-        except OSError:
-            pass
-        return True
+        relevant = False
+        offset = 0
+        while offset + EVENT.size <= len(data):
+            _, mask, _, length = EVENT.unpack_from(data, offset)
+            name = data[offset + EVENT.size:offset + EVENT.size + length].rstrip(b"\0").decode("utf-8", "replace")
+            offset += EVENT.size + length
+            if mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_Q_OVERFLOW):
+                relevant = True
+                try:
+                    self.rearm()
+                except OSError:  # gone for now: the scan recreates it and rearms
+                    pass
+            elif not self.suffixes or name.endswith(self.suffixes):
+                relevant = True
+        return relevant
 
     def close(self) -> None:
         if self.fd is not None:

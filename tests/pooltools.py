@@ -9,7 +9,13 @@ import sys
 import time
 from pathlib import Path
 
-SERVE = "import sys; from glmpool.cli import main; sys.exit(main())"
+REPO = str(Path(__file__).resolve().parent.parent)
+# Subprocesses run in the spool directory, so without this they would import whatever glmpool is
+# installed in site-packages instead of this checkout.
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+GLMPOOL = [sys.executable, "-c", "import sys; from glmpool.cli import main; sys.exit(main())"]
+# One torch thread per worker: on the tiny model, threads only add synchronisation (5x slower on 2 cores).
+FAST = ("--model", "tiny-random", "--poll-interval", "0.2", "--worker-threads", "1")
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -22,13 +28,19 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def glmpool(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """The `glmpool` command, run to completion."""
+    return subprocess.run(GLMPOOL + list(args), capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
 class Pool:
+    """`glmpool serve` on `root` in its own session, so kill() reaches the supervisor and its workers."""
+
     def __init__(self, root: Path, cache_dir: Path, *args: str, env: dict | None = None, name: str = "pool"):
         self.root = root
         self.log_path = root / f"{name}.log"
-        self.cmd = [sys.executable, "-c", SERVE, "--model", "tiny-random", "--cache-dir", str(cache_dir),
-                    "--dir", str(root), "--poll-interval", "0.2", *args]
-        self.env = {**os.environ, **(env or {})}
+        self.cmd = GLMPOOL + [*FAST, "--cache-dir", str(cache_dir), "--dir", str(root), *args]
+        self.env = {**ENV, **(env or {})}
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "Pool":
@@ -91,3 +103,7 @@ def outcome(root: Path, rid: str, timeout: float = 60) -> tuple[str, str]:
                 return kind, path.read_text(encoding="utf-8")
         return None
     return wait_for(done, timeout, f"an answer to {rid}")
+
+
+def meta(root: Path, rid: str) -> dict:
+    return json.loads((root / "requests" / f"{rid}.meta").read_text(encoding="utf-8"))

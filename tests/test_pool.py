@@ -1,15 +1,20 @@
-"""The pool end to end: real supervisor and worker processes, real files, real signals, tiny model."""
+"""The pool end to end: real supervisor and worker processes, real files, real signals, tiny model.
+
+One two-worker pool is shared by the tests that leave it serving; tests that stop or break a pool
+start their own. Greedy generations of the tiny model loop until their length limit, so LONG requests
+run for seconds (long enough to be caught mid-generation) and short ones for a fraction of a second.
+"""
 import json
 import os
 import signal
-import subprocess
 import sys
 
 import pytest
 
-from pooltools import Pool, json_request, outcome, seed_request, wait_for
+from pooltools import ENV, Pool, glmpool, json_request, meta, outcome, seed_request, wait_for
 
-LONG = {"max_new_tokens": 1500, "max_length": 2048, "do_sample": False}
+LONG = {"max_new_tokens": 1000, "max_length": 2048, "do_sample": False}
+CRASH_MARKER = "POISON-PILL"
 
 
 @pytest.fixture(scope="session")
@@ -24,51 +29,73 @@ def cache_dir(tmp_path_factory):
 def pool(tmp_path_factory, cache_dir):
     root = tmp_path_factory.mktemp("spool")
     p = Pool(root, cache_dir, "--gpus", "cpu,cpu", "--max-length", "96",
-             env={"GLMPOOL_TEST_CRASH_ON": "POISON-PILL"}).start()
+             env={"GLMPOOL_TEST_CRASH_ON": CRASH_MARKER}).start()
     try:
         yield p.wait_running()
     finally:
         p.kill()
 
 
+def busy_workers(pool, count: int) -> dict:
+    """A status in which `count` workers have requests in flight."""
+    return wait_for(lambda: (s := pool.status()) and sum(1 for w in s["workers"] if w["in_flight"]) >= count and s,
+                    30, f"{count} busy worker(s)")
+
+
 def test_original_readme_flow(pool):
-    root = pool.root
+    root, requests = pool.root, pool.root / "requests"
     seed_request(root, "1", "我喜欢吃橘子，你呢？")
     kind, answer = outcome(root, "1")
     assert kind == "back" and answer.strip()
-    requests = root / "requests"
     wait_for(lambda: not (requests / "1.request").exists() and not (requests / "1.history").exists(), 5, "inputs gone")
-    meta = json.loads((requests / "1.meta").read_text())
-    assert meta["history"] == [["我喜欢吃橘子，你呢？", answer]]
+    assert meta(root, "1")["history"] == [["我喜欢吃橘子，你呢？", answer]]
     # the original clients reuse ids: a new 1.request is a new request with its own answer
     (requests / "1.back").unlink()
     seed_request(root, "1", "hello", history='[["我喜欢吃橘子，你呢？", "我也喜欢"]]')
     kind, second = outcome(root, "1")
     assert kind == "back"
-    assert json.loads((requests / "1.meta").read_text())["history"] == [["我喜欢吃橘子，你呢？", "我也喜欢"],
-                                                                        ["hello", second]]
+    assert meta(root, "1")["history"] == [["我喜欢吃橘子，你呢？", "我也喜欢"], ["hello", second]]
 
 
-def test_console_lines(pool):
+def test_console_lines_and_no_torch_in_the_supervisor(pool):
     out = pool.output()
     assert out.index("]: Loaded.") < out.index("]: Running...")
-    assert "[Info " in out
+    assert out.count("]: Loaded.") == 1 and "Traceback" not in out
+    maps = lambda pid: open(f"/proc/{pid}/maps").read()  # noqa: E731 - what the process really loaded
+    assert "libtorch" not in maps(pool.process.pid)
+    assert all("libtorch" in maps(w["pid"]) for w in pool.status()["workers"])
 
 
-def test_status_while_both_workers_busy(pool):
+def test_json_form_parameters_and_fast_dispatch(pool):
+    body = {"query": "greedy", "do_sample": False, "max_new_tokens": 5}
+    json_request(pool.root, "j1", body)
+    json_request(pool.root, "j2", body)
+    assert outcome(pool.root, "j1")[0] == "back" and outcome(pool.root, "j2")[0] == "back"
+    first, second = meta(pool.root, "j1"), meta(pool.root, "j2")
+    assert first["generated_tokens"] <= 5 and first["history"] == second["history"]  # greedy: same answer
+    # an atomically written .json is taken at once (it parses), not after the 0.5 s settling time
+    timings = first["timings"]
+    assert timings["received"] - timings["arrived"] < 0.4, timings
+
+
+def test_status_while_both_workers_busy_then_cancel(pool):
     for i in range(4):
         json_request(pool.root, f"busy{i}", {"query": f"question {i}", **LONG})
-    status = wait_for(lambda: (s := pool.status()) and all(w["in_flight"] for w in s["workers"]) and s, 30,
-                      "both workers busy")
-    assert status["status"] == "running" and status["version"]
-    assert len(status["workers"]) == 2
+    status = busy_workers(pool, 2)
+    assert status["status"] == "running" and status["version"] and status["model"] == "tiny-random"
+    assert len(status["workers"]) == 2 and status["queue"]["in_progress"] == 4
     for worker in status["workers"]:
         assert worker["state"] == "RUNNING" and worker["device"] == "cpu" and worker["rss_bytes"] > 0
+        assert worker["in_flight"] == 2  # spread evenly
         assert worker["gpu_memory_used"] is None and worker["gpu_memory_total"] is None
-    assert status["queue"]["in_progress"] >= 2
+    assert [h["pid"] for h in status["hosts"]] == [pool.process.pid]
     assert not (pool.root / "flags" / "status.flag").exists()
     for i in range(4):
-        assert outcome(pool.root, f"busy{i}", 120)[0] == "back"
+        (pool.root / "requests" / f"busy{i}.cancel").touch()
+    for i in range(4):
+        kind, text = outcome(pool.root, f"busy{i}", 30)
+        assert kind == "error" and text.startswith("the request was cancelled")
+        assert not (pool.root / "requests" / f"busy{i}.cancel").exists()
 
 
 def test_sigkill_worker_mid_generation(pool):
@@ -80,20 +107,26 @@ def test_sigkill_worker_mid_generation(pool):
     os.kill(busy[0]["pid"], signal.SIGKILL)
     kind, _ = outcome(pool.root, "victim", 120)
     assert kind == "back"
-    meta = json.loads((pool.root / "requests" / "victim.meta").read_text())
-    assert meta["attempts"] == 2
+    assert meta(pool.root, "victim")["attempts"] == 2
     status = wait_for(lambda: (s := pool.status()) and all(w["state"] == "RUNNING" for w in s["workers"]) and s,
                       60, "the worker restarted")
     assert sum(w["restarts"] for w in status["workers"]) == restarts_before + 1
 
 
-def test_poison_request_fails_after_three_attempts(pool):
-    seed_request(pool.root, "poison", "POISON-PILL")
-    kind, text = outcome(pool.root, "poison", 180)
+def test_poison_request_fails_after_three_attempts_and_spares_its_batch(pool):
+    root = pool.root
+    json_request(root, "neighbour", {"query": "innocent", **LONG})
+    json_request(root, "other", {"query": "innocent too", **LONG})
+    busy_workers(pool, 2)
+    seed_request(root, "poison", CRASH_MARKER)  # joins a worker that is generating for a neighbour
+    kind, text = outcome(root, "poison", 180)
     assert kind == "error" and "crashed workers 3 times" in text.splitlines()[0]
-    assert (pool.root / "requests" / "failed" / "poison.request").exists()
-    seed_request(pool.root, "after", "still serving?")
-    assert outcome(pool.root, "after", 60)[0] == "back"
+    assert (root / "requests" / "failed" / "poison.request").exists()
+    # the request batched with it died with the worker once, then ran alone and was answered
+    assert outcome(root, "neighbour", 120)[0] == "back" and outcome(root, "other", 120)[0] == "back"
+    assert sorted([meta(root, "neighbour")["attempts"], meta(root, "other")["attempts"]]) == [1, 2]
+    seed_request(root, "after", "still serving?")
+    assert outcome(root, "after", 60)[0] == "back"
 
 
 @pytest.mark.parametrize("name, make, message", [
@@ -103,10 +136,15 @@ def test_poison_request_fails_after_three_attempts(pool):
                            (r / "badhist.request").write_text("q\n")), "pairs"),
     ("notjson", lambda r: ((r / "notjson.history").write_text("{oops\n"),
                            (r / "notjson.request").write_text("q\n")), "not valid JSON"),
+    ("brokenjson", lambda r: (r / "brokenjson.json").write_text('{"query": "q"'), "not valid JSON"),
+    ("notobject", lambda r: (r / "notobject.json").write_text('["q"]\n'), "one JSON object"),
+    ("noquery", lambda r: (r / "noquery.json").write_text('{"history": []}\n'), "query"),
     ("unknown", lambda r: (r / "unknown.json").write_text('{"query": "q", "colour": 1}'), "unknown keys"),
     ("badparam", lambda r: (r / "badparam.json").write_text('{"query": "q", "top_p": -1}'), "top_p"),
+    ("badtype", lambda r: (r / "badtype.json").write_text('{"query": "q", "max_length": "long"}'), "max_length"),
     ("nan", lambda r: (r / "nan.json").write_text('{"query": "q", "temperature": NaN}'), "temperature"),
     ("toolong", lambda r: (r / "toolong.request").write_text("橘子" * 3000 + "\n"), "window"),
+    ("huge", lambda r: (r / "huge.request").write_bytes(b"x" * (2 << 20) + b"\n"), "limit"),
     ("link", lambda r: os.symlink("/etc/passwd", r / "link.request"), "symlink"),
     ("dir", lambda r: os.mkdir(r / "dir.request"), "not a regular file"),
     ("fifo", lambda r: os.mkfifo(r / "fifo.request"), "not a regular file"),
@@ -118,30 +156,86 @@ def test_malformed_input_is_an_error(pool, name, make, message):
     assert kind == "error"
     assert message in text.splitlines()[0]
     json.loads(text.split("\n", 1)[1])  # then JSON detail
-    assert any(p.name.startswith(name + ".") for p in (requests / "failed").iterdir())
+    kept = [p.name for p in (requests / "failed").iterdir() if p.name.startswith(name + ".")]
+    assert kept and not any(p.name.startswith(name + ".") and p.suffix in (".request", ".json", ".history")
+                            for p in requests.iterdir())
 
 
-def test_cli_ask_status_quit(tmp_path, cache_dir):
-    p = Pool(tmp_path, cache_dir, "--gpus", "cpu", "--max-length", "64").start()
+def test_cli_ask_status_then_quit_during_generation(tmp_path, cache_dir):
+    p = Pool(tmp_path, cache_dir, "--gpus", "cpu", "--max-length", "64", "--max-batch", "2").start()
     try:
         p.wait_running()
-        cli = [sys.executable, "-c", "import sys; from glmpool.cli import main; sys.exit(main())"]
-        asked = subprocess.run(cli + ["ask", "你好", "--dir", str(tmp_path), "--timeout", "60"],
-                               capture_output=True, text=True, timeout=90)
+        asked = glmpool("ask", "你好", "--dir", str(tmp_path), "--timeout", "60")
         assert asked.returncode == 0 and asked.stdout.strip(), asked.stderr
-        table = subprocess.run(cli + ["status", "--dir", str(tmp_path)], capture_output=True, text=True, timeout=30)
+        table = glmpool("status", "--dir", str(tmp_path))
         assert table.returncode == 0 and "RUNNING" in table.stdout and "served 1" in table.stdout
-        as_json = subprocess.run(cli + ["status", "--json", "--dir", str(tmp_path)], capture_output=True, text=True,
-                                 timeout=30)
+        as_json = glmpool("status", "--json", "--dir", str(tmp_path))
         assert json.loads(as_json.stdout)["workers"][0]["served"] == 1
-        failing = subprocess.run(cli + ["ask", "x", "--dir", str(tmp_path), "--param", "top_p=5"],
-                                 capture_output=True, text=True, timeout=60)
-        assert failing.returncode == 1 and "top_p" in failing.stderr
-        subprocess.run(cli + ["quit", "--dir", str(tmp_path)], check=True, timeout=30)
+        failing = glmpool("ask", "x", "--dir", str(tmp_path), "--param", "top_p=5")
+        assert failing.returncode == 1 and "top_p" in failing.stderr and "Traceback" not in failing.stderr
+        short = {**LONG, "max_new_tokens": 300}  # a couple of seconds: finishes within the grace time
+        for i in range(4):
+            json_request(tmp_path, f"q{i}", {"query": f"q{i}", **short})
+        wait_for(lambda: len(list((tmp_path / "requests").glob("*.partial"))) == 2, 30, "two generations")
+        assert glmpool("quit", "--dir", str(tmp_path)).returncode == 0
         assert p.wait_exit(60) == 0
-        assert not (tmp_path / "flags" / "quit.flag").exists()
     finally:
         p.kill()
+    requests = tmp_path / "requests"
+    finished = [i for i in range(4) if (requests / f"q{i}.back").exists()]
+    put_back = [i for i in range(4) if (requests / f"q{i}.json").exists()]
+    assert len(finished) >= 2 and sorted(finished + put_back) == [0, 1, 2, 3]  # in flight finished, rest queued
+    assert not list((requests / ".claims").glob("[!.]*")) and not list(requests.glob("*.partial"))
+    assert not (tmp_path / "flags" / "quit.flag").exists()
+
+
+def test_sigterm_during_generation_puts_cut_requests_back(tmp_path, cache_dir):
+    p = Pool(tmp_path, cache_dir, "--gpus", "cpu", "--max-batch", "2", "--grace-seconds", "1").start()
+    bodies = {f"r{i}": {"query": f"q{i}", **LONG} for i in range(4)}
+    try:
+        p.wait_running()
+        for rid, body in bodies.items():
+            json_request(tmp_path, rid, body)
+        wait_for(lambda: any((tmp_path / "requests").glob("*.partial")), 30, "generation under way")
+        p.signal(signal.SIGTERM)
+        assert p.wait_exit(30) == 0
+    finally:
+        p.kill()
+    assert "stopping" in p.output() and "releasing" in p.output()
+    requests = tmp_path / "requests"
+    for rid, body in bodies.items():  # cut by the grace time: back in the queue, unchanged, unclaimed
+        assert json.loads((requests / f"{rid}.json").read_text()) == body
+        assert not (requests / f"{rid}.back").exists()
+    assert not list((requests / ".claims").glob("[!.]*")), "claims left behind"
+
+
+def test_two_supervisors_answer_each_request_once(tmp_path, cache_dir):
+    pools = [Pool(tmp_path, cache_dir, "--gpus", "cpu", "--max-length", "40", "--max-batch", "4", name=f"s{i}",
+                  env={"GLMPOOL_HOST_ID": f"host{i}"}).start() for i in range(2)]
+    try:
+        for p in pools:
+            p.wait_running()
+        requests = tmp_path / "requests"
+        for i in range(50):  # a burst, written the way old clients write: not atomically
+            (requests / f"m{i}.history").write_text("\n")
+            (requests / f"m{i}.request").write_text(f"question number {i}\n")
+        answers = [outcome(tmp_path, f"m{i}", 120) for i in range(50)]
+        assert all(kind == "back" for kind, _ in answers)
+        hosts = [meta(tmp_path, f"m{i}")["host"] for i in range(50)]
+        assert set(hosts) == {"host0", "host1"}  # both did work
+        # peers' figures come from their heartbeat files, at most a beat old
+        status = wait_for(lambda: (s := pools[0].status()) and sum(h["served"] for h in s["hosts"]) >= 50 and s,
+                          10, "both hosts' counts")
+        assert {h["host"] for h in status["hosts"]} == {"host0", "host1"}
+        assert sum(h["served"] for h in status["hosts"]) == 50  # exactly once: no duplicate answers
+        assert sorted(h["served"] for h in status["hosts"]) == sorted(hosts.count(h) for h in ("host0", "host1"))
+        (tmp_path / "flags" / "quit.flag").touch()  # stops every supervisor on the directory
+        assert [p.wait_exit(30) for p in pools] == [0, 0]
+    finally:
+        for p in pools:
+            p.kill()
+    assert not any("already exists" in p.output() for p in pools)
+    assert not list((tmp_path / "requests" / ".claims").glob("[!.]*"))
 
 
 def test_unknown_gpu_is_a_clear_error(tmp_path, cache_dir):
@@ -153,48 +247,19 @@ def test_unknown_gpu_is_a_clear_error(tmp_path, cache_dir):
         p.kill()
 
 
-@pytest.mark.parametrize("stop", ["quit.flag", "SIGTERM"])
-def test_stop_during_generation_loses_nothing(tmp_path, cache_dir, stop):
-    p = Pool(tmp_path, cache_dir, "--gpus", "cpu", "--max-batch", "2", "--grace-seconds", "1").start()
+def test_model_that_cannot_load_is_fatal_not_a_crash_loop(tmp_path, cache_dir):
+    p = Pool(tmp_path, cache_dir, "--gpus", "cpu", "--model", str(tmp_path / "no-such-model")).start()
     try:
-        p.wait_running()
-        for i in range(5):
-            json_request(tmp_path, f"r{i}", {"query": f"q{i}", **LONG})
-        wait_for(lambda: any((tmp_path / "requests").glob("*.partial")), 30, "generation under way")
-        if stop == "SIGTERM":
-            p.signal(signal.SIGTERM)
-        else:
-            (tmp_path / "flags" / "quit.flag").touch()
-        assert p.wait_exit(60) == 0
+        assert p.wait_exit(90) == 1
     finally:
         p.kill()
-    requests = tmp_path / "requests"
-    for i in range(5):  # answered, or back in the queue unclaimed: never lost
-        assert (requests / f"r{i}.back").exists() or (requests / f"r{i}.json").exists(), i
-    assert not list((requests / ".claims").glob("[!.]*")), "claims left behind"
-    assert not (tmp_path / "flags" / "quit.flag").exists()
+    out = p.output()
+    assert out.count("cannot load the model") == 3 and "FATAL" in out
+    assert "no worker could start" in out and "Running..." not in out
 
 
-def test_two_supervisors_answer_each_request_once(tmp_path, cache_dir):
-    pools = [Pool(tmp_path, cache_dir, "--gpus", "cpu", "--max-length", "80", "--max-batch", "2", name=f"s{i}",
-                  env={"GLMPOOL_HOST_ID": f"host{i}"}).start() for i in range(2)]
-    try:
-        for p in pools:
-            p.wait_running()
-        requests = tmp_path / "requests"
-        for i in range(50):  # a burst, written the way old clients write: not atomically
-            (requests / f"m{i}.history").write_text("\n")
-            (requests / f"m{i}.request").write_text(f"question number {i}\n")
-        answers = [outcome(tmp_path, f"m{i}", 120) for i in range(50)]
-        assert all(kind == "back" for kind, _ in answers)
-        hosts = {json.loads((tmp_path / "requests" / f"m{i}.meta").read_text())["host"] for i in range(50)}
-        assert hosts == {"host0", "host1"}  # both did work
-        # peers' figures come from their heartbeat files, at most a beat old
-        status = wait_for(lambda: (s := pools[0].status()) and sum(h["served"] for h in s["hosts"]) >= 50 and s,
-                          10, "both hosts' counts")
-        assert {h["host"] for h in status["hosts"]} == {"host0", "host1"}
-        assert sum(h["served"] for h in status["hosts"]) == 50  # exactly once: no duplicate answers
-    finally:
-        for p in pools:
-            p.kill()
-    assert not any("already exists" in p.output() for p in pools)
+def test_pool_modules_do_not_import_torch():
+    code = ("import sys; import glmpool.cli, glmpool.supervisor, glmpool.claims, glmpool.spool, glmpool.status, "
+            "glmpool.client, glmpool.config, glmpool.watch, glmpool.worker; "
+            "sys.exit('torch' in sys.modules)")
+    assert os.spawnve(os.P_WAIT, sys.executable, [sys.executable, "-c", code], ENV) == 0
