@@ -39,8 +39,7 @@ class WorkerSpec:
     cache_dir: str
     max_batch: int
     kv_cache_gb: float | None
-    threads: int = 0  # torch intra-op threads for a cpu worker (0: torch's default)
-    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    threads: int = 0  # torch intra-op threads (0: torch's default)
     progress_seconds: float = 0.25
 
     @property
@@ -53,9 +52,6 @@ def main(spec: WorkerSpec, tasks, results) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
     os.environ["CUDA_VISIBLE_DEVICES"] = "" if spec.device == "cpu" else spec.device
     logging.basicConfig(level=logging.WARNING, format=f"[%(levelname)s worker {spec.wid}]: %(message)s")
-    import torch
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
     from .engine import EngineError, load
     if spec.threads:
         import torch
