@@ -1,0 +1,138 @@
+"""Claims on a real directory: exclusive between supervisors, answers published once, nothing lost."""
+import json
+import multiprocessing
+import os
+import time
+
+from glmpool import claims as claims_module
+from glmpool.claims import Claims
+
+
+def new_claims(tmp_path, host="hostA", lease=60.0) -> Claims:
+    c = Claims(tmp_path / "requests", host, lease)
+    c.ensure_dirs()
+    return c
+
+
+def write_request(requests, rid, question="q", history=""):
+    (requests / f"{rid}.history").write_text(history + "\n")
+    (requests / f"{rid}.request").write_text(question + "\n")
+
+
+def leftovers(requests):
+    return sorted(p.name for p in (requests / ".claims").iterdir() if not p.name.startswith("."))
+
+
+def test_claim_moves_inputs_and_clears_old_outputs(tmp_path):
+    c = new_claims(tmp_path)
+    requests = c.requests
+    (requests / "1.back").write_text("stale answer of an earlier request under this id")
+    write_request(requests, "1")
+    claim = c.claim("1", ".request", (".history",))
+    assert claim is not None and set(claim.inputs) == {".request", ".history"}
+    assert not (requests / "1.request").exists() and not (requests / "1.back").exists()
+    record = json.loads(c.record_path(claim.token).read_text())
+    assert (record["id"], record["host"], record["pid"]) == ("1", "hostA", os.getpid())
+    assert c.claim("1", ".request") is None  # nothing left to take
+
+
+def test_finish_publishes_once_and_cleans_up(tmp_path):
+    c = new_claims(tmp_path)
+    write_request(c.requests, "1")
+    claim = c.claim("1", ".request", (".history",))
+    assert c.finish(claim, "answer", {"claim": claim.token})
+    assert (c.requests / "1.back").read_text() == "answer"
+    assert json.loads((c.requests / "1.meta").read_text()) == {"claim": claim.token}
+    assert leftovers(c.requests) == [] and not (c.requests / "1.request").exists()
+    assert not c.finish(claim, "again", {})  # no longer held: a late duplicate is dropped
+    assert (c.requests / "1.back").read_text() == "answer"
+
+
+def test_fail_keeps_inputs_in_failed(tmp_path):
+    c = new_claims(tmp_path)
+    write_request(c.requests, "1", "bad")
+    claim = c.claim("1", ".request", (".history",))
+    c.fail(claim, "it is bad", {"reason": "test"})
+    assert (c.requests / "1.error").read_text().startswith("it is bad.\n")
+    assert (c.requests / "failed" / "1.request").read_text() == "bad\n"
+    assert (c.requests / "failed" / "1.history").exists() and leftovers(c.requests) == []
+
+
+def test_release_puts_the_request_back_but_never_over_a_new_one(tmp_path):
+    c = new_claims(tmp_path)
+    write_request(c.requests, "1", "old")
+    claim = c.claim("1", ".request", (".history",))
+    c.release(claim)
+    assert (c.requests / "1.request").read_text() == "old\n" and leftovers(c.requests) == []
+    claim = c.claim("1", ".request", (".history",))
+    write_request(c.requests, "1", "new")  # the client reused the id meanwhile
+    c.release(claim)
+    assert (c.requests / "1.request").read_text() == "new\n"
+    assert any(name.endswith(".request") for name in leftovers(c.requests))  # the old one is kept, not lost
+
+
+def test_orphans_of_a_dead_supervisor_on_this_host_are_adopted_with_their_attempts(tmp_path):
+    dead = new_claims(tmp_path)
+    write_request(dead.requests, "1")
+    claim = dead.claim("1", ".request", (".history",))
+    claim.attempts = 2
+    dead.update(claim)
+    record = dead.record_path(claim.token)
+    info = json.loads(record.read_text())
+    record.write_text(json.dumps({**info, "pid": 2 ** 22 + 12345}))  # a pid that is not running
+    successor = new_claims(tmp_path)
+    adopted = successor.orphans()
+    assert [(a.id, a.attempts, sorted(a.inputs)) for a in adopted] == [("1", 2, [".history", ".request"])]
+    assert not record.exists() and successor.holds(adopted[0])
+    assert successor.orphans() == []  # already ours
+
+
+def test_live_claims_are_left_alone_until_their_lease_expires(tmp_path):
+    owner = new_claims(tmp_path, "hostA", lease=30)
+    write_request(owner.requests, "1")
+    claim = owner.claim("1", ".request", (".history",))
+    other = new_claims(tmp_path, "hostB", lease=30)
+    assert other.orphans() == []  # fresh lease
+    old = time.time() - 31
+    os.utime(owner.record_path(claim.token), (old, old))  # the owner stopped renewing
+    adopted = other.orphans()
+    assert [a.id for a in adopted] == ["1"]
+    assert not owner.holds(claim) and not owner.finish(claim, "late", {})  # the old owner's answer is dropped
+    assert not (owner.requests / "1.back").exists()
+
+
+def test_lock_files_stay_few(tmp_path):
+    c = new_claims(tmp_path)
+    for i in range(300):
+        (c.requests / f"id{i}.request").write_text("q\n")
+        c.drop(c.claim(f"id{i}", ".request"))
+    assert len(list(c.locks.iterdir())) <= claims_module.LOCK_STRIPES
+
+
+def _race(root, host, ids, results):
+    c = Claims(root, host)
+    won = []
+    for rid in ids:
+        claim = c.claim(rid, ".request", (".history",))
+        if claim is not None:
+            won.append(rid)
+    results.put((host, won))
+
+
+def test_racing_processes_claim_each_request_exactly_once(tmp_path):
+    c = new_claims(tmp_path)
+    ids = [f"r{i}" for i in range(150)]
+    for rid in ids:
+        write_request(c.requests, rid)
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    racers = [context.Process(target=_race, args=(c.requests, f"host{n}", ids[n % 2::1] if n % 2 else ids[::-1],
+                                                  results)) for n in range(4)]
+    for p in racers:
+        p.start()
+    won = [results.get(timeout=60) for _ in racers]
+    for p in racers:
+        p.join(10)
+    taken = [rid for _, rids in won for rid in rids]
+    assert sorted(taken) == sorted(ids)  # every request once, none twice
+    assert sum(1 for _, rids in won if rids) >= 2  # a real race, not one process taking everything
