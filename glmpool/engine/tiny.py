@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 SPECIAL_PIECES = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 FIXED_PIECES = 6 + len(SPECIAL_PIECES) + 1 + (MAX_BLANK_LENGTH - 1) + 256
-TINY_VERSION = 2
+TINY_VERSION = 3
 
 _HANZI = ("的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可"
           "里后小么心多天而能好都然没日于起还发成事只作当想看文无开手十用主行方又如前所本见经头面公同三已老"
@@ -163,7 +163,11 @@ def train_ice_text_model(vocab_size: int, seed: int = 0) -> bytes:
 
 
 def random_state_dict(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
-    """THUDM-named fp32 tensors; scales chosen so that greedy output is stable and prompt-dependent."""
+    """THUDM-named fp32 tensors; scales chosen so that greedy output is stable and prompt-dependent.
+
+    The layer outputs must be large: the reference adds them to the normalised input scaled by
+    sqrt(2 * 28) whatever the depth, which would otherwise drown them and repeat one token forever.
+    """
     g = torch.Generator().manual_seed(seed)
     H, inner = config.hidden_size, config.inner_hidden_size
 
@@ -178,13 +182,13 @@ def random_state_dict(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]
             p + "input_layernorm.bias": normal(H, std=0.2),
             p + "attention.query_key_value.weight": normal(3 * H, H, std=4.0 / H ** 0.5),
             p + "attention.query_key_value.bias": normal(3 * H, std=0.2),
-            p + "attention.dense.weight": normal(H, H, std=1.5 / H ** 0.5),
+            p + "attention.dense.weight": normal(H, H, std=8.0 / H ** 0.5),
             p + "attention.dense.bias": normal(H, std=0.1),
             p + "post_attention_layernorm.weight": normal(H, std=0.5, mean=1.0),
             p + "post_attention_layernorm.bias": normal(H, std=0.2),
             p + "mlp.dense_h_to_4h.weight": normal(inner, H, std=3.0 / H ** 0.5),
             p + "mlp.dense_h_to_4h.bias": normal(inner, std=0.1),
-            p + "mlp.dense_4h_to_h.weight": normal(H, inner, std=1.5 / inner ** 0.5),
+            p + "mlp.dense_4h_to_h.weight": normal(H, inner, std=8.0 / inner ** 0.5),
             p + "mlp.dense_4h_to_h.bias": normal(H, std=0.1),
         })
         rotary_dim = config.head_dim // 2
