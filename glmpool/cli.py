@@ -96,16 +96,18 @@ def serve(args) -> int:
         return 2
     setup_logging(settings.log_level, settings.log_format)
     supervisor = Supervisor(settings, echo=lambda line: print(line, flush=True))
-    install_hooks(supervisor, settings)
+    cleanup = install_hooks(supervisor, settings)
     try:
         return supervisor.run()
     except StartupError as error:
         logging.getLogger("glmpool").error("%s", error)
         return 2
+    finally:
+        cleanup()
 
 
-def install_hooks(supervisor, settings) -> None:
-    """systemd notifications and metrics, fed from the supervisor's ticks."""
+def install_hooks(supervisor, settings):
+    """systemd notifications and metrics, fed from the supervisor's ticks; returns the cleanup to run at exit."""
     from . import notify
     if notify.enabled():
         def tell_systemd(status: dict, event: str) -> None:
@@ -123,6 +125,8 @@ def install_hooks(supervisor, settings) -> None:
         from .metrics import Metrics
         metrics = Metrics(settings.metrics_file or None, settings.metrics_port or None)
         supervisor.tick_hooks.append(lambda status, event: metrics.update(status))
+        return lambda: metrics.close(remove_file=True)  # no stale "up" numbers after a stop
+    return lambda: None
 
 
 def ask(args) -> int:
