@@ -58,7 +58,7 @@ def main(spec: WorkerSpec, tasks, results) -> None:
         torch.set_num_threads(spec.threads)  # cpu workers share the cores instead of fighting over them
     try:
         engine = load(spec.model, device="cpu" if spec.device == "cpu" else "cuda", dtype=spec.dtype,
-                      cache_dir=spec.cache_dir, quantize=spec.quantize, progress=False)
+                      cache_dir=spec.cache_dir, quantize=spec.quantize, progress=True)  # tqdm; silent off a tty
     except EngineError as error:
         results.send(("fatal", spec.wid, str(error)))
         return
