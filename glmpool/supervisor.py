@@ -279,6 +279,8 @@ class Supervisor:
             if slot.inbox is not None:
                 slot.inbox.close()
                 slot.inbox = None
+            slot.tasks.close()  # whatever was still queued for it goes nowhere
+            slot.tasks.cancel_join_thread()
             code = slot.process.exitcode
             slot.process.join(0)
             slot.process = None

@@ -1,8 +1,8 @@
 """The pool end to end: real supervisor and worker processes, real files, real signals, tiny model.
 
 One two-worker pool is shared by the tests that leave it serving; tests that stop or break a pool
-start their own. Greedy generations of the tiny model loop until their length limit, so LONG requests
-run for seconds (long enough to be caught mid-generation) and short ones for a fraction of a second.
+start their own. Tests that must catch a generation in the middle use `long_body`: a question that the
+tiny model answers (greedily) with exactly LONG_TOKENS tokens, a few seconds of work.
 """
 import json
 import os
@@ -13,7 +13,7 @@ import pytest
 
 from pooltools import ENV, Pool, glmpool, json_request, meta, outcome, seed_request, wait_for
 
-LONG = {"max_new_tokens": 1000, "max_length": 2048, "do_sample": False}
+LONG_TOKENS = 600
 CRASH_MARKER = "POISON-PILL"
 
 
@@ -25,10 +25,37 @@ def cache_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def long_body(cache_dir):
+    """A request answered with LONG_TOKENS tokens: the tiny model ends most answers early, at random
+    lengths, so candidates are tried here, greedily, as a worker runs them (one thread; batching does
+    not change greedy tokens). Searching keeps the tests valid whatever the tiny model's weights."""
+    import torch
+
+    from glmpool.engine import SamplingParams, load
+    body = {"max_new_tokens": LONG_TOKENS, "max_length": 2048, "do_sample": False}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine = load("tiny-random", cache_dir=cache_dir, progress=False)
+        for first in range(0, 96, 12):
+            batch = engine.batcher(max_batch=12)
+            for n in range(first, first + 12):
+                query = f"please answer at length, take {n}"
+                batch.add(query, query, [], SamplingParams(**body))
+            while len(batch):
+                for event in batch.step():
+                    if event.finish_reason == "length":
+                        return {"query": event.key, **body}
+    finally:
+        torch.set_num_threads(threads)
+    pytest.fail(f"no candidate question makes the tiny model answer with {LONG_TOKENS} tokens")
+
+
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory, cache_dir):
     root = tmp_path_factory.mktemp("spool")
-    p = Pool(root, cache_dir, "--gpus", "cpu,cpu", "--max-length", "96",
+    p = Pool(root, cache_dir, "--gpus", "cpu,cpu", "--max-length", "96", "--heartbeat-timeout", "4",
              env={"GLMPOOL_TEST_CRASH_ON": CRASH_MARKER}).start()
     try:
         yield p.wait_running()
@@ -36,10 +63,16 @@ def pool(tmp_path_factory, cache_dir):
         p.kill()
 
 
-def busy_workers(pool, count: int) -> dict:
-    """A status in which `count` workers have requests in flight."""
-    return wait_for(lambda: (s := pool.status()) and sum(1 for w in s["workers"] if w["in_flight"]) >= count and s,
-                    30, f"{count} busy worker(s)")
+def all_running(pool) -> dict:
+    """A status in which every worker is RUNNING (after a restart, a worker is STARTING for seconds)."""
+    return wait_for(lambda: (s := pool.status()) and all(w["state"] == "RUNNING" for w in s["workers"]) and s,
+                    60, "every worker running")
+
+
+def busy_workers(pool, count: int, in_progress: int = 0) -> dict:
+    """A status in which `count` workers have requests in flight, `in_progress` of them at least."""
+    return wait_for(lambda: (s := pool.status()) and sum(1 for w in s["workers"] if w["in_flight"]) >= count
+                    and s["queue"]["in_progress"] >= in_progress and s, 30, f"{count} busy worker(s)")
 
 
 def test_original_readme_flow(pool):
@@ -78,10 +111,10 @@ def test_json_form_parameters_and_fast_dispatch(pool):
     assert timings["received"] - timings["arrived"] < 0.4, timings
 
 
-def test_status_while_both_workers_busy_then_cancel(pool):
+def test_status_while_both_workers_busy_then_cancel(pool, long_body):
     for i in range(4):
-        json_request(pool.root, f"busy{i}", {"query": f"question {i}", **LONG})
-    status = busy_workers(pool, 2)
+        json_request(pool.root, f"busy{i}", long_body)
+    status = busy_workers(pool, 2, in_progress=4)
     assert status["status"] == "running" and status["version"] and status["model"] == "tiny-random"
     assert len(status["workers"]) == 2 and status["queue"]["in_progress"] == 4
     for worker in status["workers"]:
@@ -98,8 +131,9 @@ def test_status_while_both_workers_busy_then_cancel(pool):
         assert not (pool.root / "requests" / f"busy{i}.cancel").exists()
 
 
-def test_sigkill_worker_mid_generation(pool):
-    json_request(pool.root, "victim", {"query": "a long answer please", **LONG})
+def test_sigkill_worker_mid_generation(pool, long_body):
+    all_running(pool)
+    json_request(pool.root, "victim", long_body)
     wait_for(lambda: (pool.root / "requests" / "victim.partial").exists(), 30, "generation under way")
     status = pool.status()
     busy = [w for w in status["workers"] if w["in_flight"]]
@@ -108,15 +142,41 @@ def test_sigkill_worker_mid_generation(pool):
     kind, _ = outcome(pool.root, "victim", 120)
     assert kind == "back"
     assert meta(pool.root, "victim")["attempts"] == 2
-    status = wait_for(lambda: (s := pool.status()) and all(w["state"] == "RUNNING" for w in s["workers"]) and s,
-                      60, "the worker restarted")
-    assert sum(w["restarts"] for w in status["workers"]) == restarts_before + 1
+    assert sum(w["restarts"] for w in all_running(pool)["workers"]) == restarts_before + 1
 
 
-def test_poison_request_fails_after_three_attempts_and_spares_its_batch(pool):
+def test_hung_worker_is_killed_and_its_request_answered_elsewhere(pool, long_body):
+    all_running(pool)
+    json_request(pool.root, "stuck", long_body)
+    wait_for(lambda: (pool.root / "requests" / "stuck.partial").exists(), 30, "generation under way")
+    status = pool.status()
+    hung = next(w for w in status["workers"] if w["in_flight"])
+    restarts_before = sum(w["restarts"] for w in status["workers"])
+    os.kill(hung["pid"], signal.SIGSTOP)  # alive, but silent: only the heartbeat timeout can tell
+    try:
+        assert outcome(pool.root, "stuck", 90)[0] == "back"
+    finally:
+        try:
+            os.kill(hung["pid"], signal.SIGCONT)  # only matters if the test failed before the murder
+        except ProcessLookupError:
+            pass
+    assert meta(pool.root, "stuck")["attempts"] == 2 and meta(pool.root, "stuck")["worker"] != hung["id"]
+    assert f"worker {hung['id']} silent for" in pool.output()
+    assert sum(w["restarts"] for w in all_running(pool)["workers"]) == restarts_before + 1
+
+
+def test_request_timeout_ends_with_an_error(pool, long_body):
+    json_request(pool.root, "slow", {**long_body, "timeout": 0.5})
+    kind, text = outcome(pool.root, "slow", 30)
+    assert kind == "error" and text.startswith("the request timed out")
+    assert json.loads(text.split("\n", 1)[1])["reason"] == "timeout"
+
+
+def test_poison_request_fails_after_three_attempts_and_spares_its_batch(pool, long_body):
     root = pool.root
-    json_request(root, "neighbour", {"query": "innocent", **LONG})
-    json_request(root, "other", {"query": "innocent too", **LONG})
+    all_running(pool)
+    json_request(root, "neighbour", long_body)
+    json_request(root, "other", long_body)
     busy_workers(pool, 2)
     seed_request(root, "poison", CRASH_MARKER)  # joins a worker that is generating for a neighbour
     kind, text = outcome(root, "poison", 180)
@@ -161,7 +221,7 @@ def test_malformed_input_is_an_error(pool, name, make, message):
                             for p in requests.iterdir())
 
 
-def test_cli_ask_status_then_quit_during_generation(tmp_path, cache_dir):
+def test_cli_ask_status_then_quit_during_generation(tmp_path, cache_dir, long_body):
     p = Pool(tmp_path, cache_dir, "--gpus", "cpu", "--max-length", "64", "--max-batch", "2").start()
     try:
         p.wait_running()
@@ -173,9 +233,8 @@ def test_cli_ask_status_then_quit_during_generation(tmp_path, cache_dir):
         assert json.loads(as_json.stdout)["workers"][0]["served"] == 1
         failing = glmpool("ask", "x", "--dir", str(tmp_path), "--param", "top_p=5")
         assert failing.returncode == 1 and "top_p" in failing.stderr and "Traceback" not in failing.stderr
-        short = {**LONG, "max_new_tokens": 300}  # a couple of seconds: finishes within the grace time
-        for i in range(4):
-            json_request(tmp_path, f"q{i}", {"query": f"q{i}", **short})
+        for i in range(4):  # a few seconds each, well within the default grace time
+            json_request(tmp_path, f"q{i}", long_body)
         wait_for(lambda: len(list((tmp_path / "requests").glob("*.partial"))) == 2, 30, "two generations")
         assert glmpool("quit", "--dir", str(tmp_path)).returncode == 0
         assert p.wait_exit(60) == 0
@@ -189,9 +248,9 @@ def test_cli_ask_status_then_quit_during_generation(tmp_path, cache_dir):
     assert not (tmp_path / "flags" / "quit.flag").exists()
 
 
-def test_sigterm_during_generation_puts_cut_requests_back(tmp_path, cache_dir):
-    p = Pool(tmp_path, cache_dir, "--gpus", "cpu", "--max-batch", "2", "--grace-seconds", "1").start()
-    bodies = {f"r{i}": {"query": f"q{i}", **LONG} for i in range(4)}
+def test_sigterm_during_generation_puts_cut_requests_back(tmp_path, cache_dir, long_body):
+    p = Pool(tmp_path, cache_dir, "--gpus", "cpu", "--max-batch", "2", "--grace-seconds", "0.5").start()
+    bodies = {f"r{i}": {**long_body, "seed": i} for i in range(4)}  # distinct files, same greedy work
     try:
         p.wait_running()
         for rid, body in bodies.items():
