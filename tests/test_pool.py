@@ -131,6 +131,14 @@ def test_status_while_both_workers_busy_then_cancel(pool, long_body):
         assert not (pool.root / "requests" / f"busy{i}.cancel").exists()
 
 
+def test_cancel_before_claim(pool):
+    (pool.root / "requests" / "early.cancel").touch()
+    json_request(pool.root, "early", {"query": "never mind"})
+    kind, text = outcome(pool.root, "early")
+    assert kind == "error" and text.startswith("the request was cancelled") and "meta" not in text
+    assert (pool.root / "requests" / "failed" / "early.json").exists()
+
+
 def test_sigkill_worker_mid_generation(pool, long_body):
     all_running(pool)
     json_request(pool.root, "victim", long_body)
