@@ -61,4 +61,5 @@ def render_table(status: dict) -> str:
                          str(w.get("tokens_per_s")), _size(w.get("rss_bytes")), gpu))
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines += ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+        lines += [f"  worker {w.get('id')}: {w['last_error']}" for w in host.get("workers", []) if w.get("last_error")]
     return "\n".join(lines)
