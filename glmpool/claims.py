@@ -140,8 +140,11 @@ class Claims:
         for suffix, path in claim.inputs.items():
             try:
                 os.replace(path, failed / f"{claim.id}{suffix}")
-            except OSError:
-                pass
+            except OSError:  # e.g. a directory x.request over an earlier one: keep it under its token
+                try:
+                    os.replace(path, failed / f"{claim.id}{suffix}.{claim.token}")
+                except OSError as error:
+                    log.error("cannot move %s into failed/: %s", path, error.strerror)
         spool.remove(self.requests / f"{claim.id}.partial")
         spool.atomic_write(self.requests / f"{claim.id}.error", spool.error_text(sentence, detail))
         self.drop(claim, remove_inputs=False)

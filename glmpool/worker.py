@@ -68,7 +68,10 @@ def main(spec: WorkerSpec, tasks, results) -> None:
     kv_tokens = (int(spec.kv_cache_gb * (1 << 30)) // engine.kv_bytes_per_token() if spec.kv_cache_gb
                  else engine.default_kv_tokens())
     results.send(("ready", spec.wid, {"pid": os.getpid(), "kv_tokens": kv_tokens}))
-    Loop(spec, engine, engine.batcher(spec.max_batch, kv_tokens), tasks, results).run()
+    try:
+        Loop(spec, engine, engine.batcher(spec.max_batch, kv_tokens), tasks, results).run()
+    except (BrokenPipeError, ConnectionResetError, EOFError):  # the supervisor is gone: so are we
+        pass
 
 
 @dataclass

@@ -276,6 +276,38 @@ def test_sigterm_during_generation_puts_cut_requests_back(tmp_path, cache_dir, l
     assert not list((requests / ".claims").glob("[!.]*")), "claims left behind"
 
 
+def test_killed_supervisor_workers_exit_and_its_successor_answers_its_claims(tmp_path, cache_dir, long_body):
+    import psutil
+    args = ("--gpus", "cpu", "--max-batch", "2")
+    first = Pool(tmp_path, cache_dir, *args, env={"GLMPOOL_HOST_ID": "same"}, name="first").start()
+    try:
+        first.wait_running()
+        for i in range(2):
+            json_request(tmp_path, f"k{i}", long_body)
+        wait_for(lambda: len(list((tmp_path / "requests").glob("*.partial"))) == 2, 30, "both generating")
+        worker = first.status()["workers"][0]["pid"]
+        os.kill(first.process.pid, signal.SIGKILL)  # the supervisor alone, mid-generation
+        first.wait_exit(10)
+
+        def gone():
+            try:
+                return psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+        wait_for(gone, 10, "the orphaned worker to exit by itself")
+        assert len(list((tmp_path / "requests" / ".claims").glob("*.claim"))) == 2  # claims outlive it
+    finally:
+        first.kill()
+    second = Pool(tmp_path, cache_dir, *args, env={"GLMPOOL_HOST_ID": "same"}, name="second").start()
+    try:
+        for i in range(2):  # adopted at start: its predecessor on this host is dead
+            assert outcome(tmp_path, f"k{i}", 60)[0] == "back"
+        assert "adopted k0" in second.output() and "adopted k1" in second.output()
+    finally:
+        second.kill()
+    assert not list((tmp_path / "requests" / ".claims").glob("[!.]*"))
+
+
 def test_two_supervisors_answer_each_request_once(tmp_path, cache_dir):
     pools = [Pool(tmp_path, cache_dir, "--gpus", "cpu", "--max-length", "40", "--max-batch", "4", name=f"s{i}",
                   env={"GLMPOOL_HOST_ID": f"host{i}"}).start() for i in range(2)]
