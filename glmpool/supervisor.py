@@ -170,12 +170,9 @@ class Supervisor:
         self.reap()
         self.murder()
         self.respawn()
-        self.check_flags()
+        self.guarded(self.check_flags)
         if self.status == "running":
-            try:
-                self.dispatch()
-            except OSError as error:  # a spool hiccup (full disk, NFS) must not stop the pool
-                log.error("dispatch failed, retrying: %s", error)
+            self.guarded(self.dispatch)
         elif self.status == "starting" and self.all_started():
             self.announce()
         self.every("renew", max(0.5, self.config.lease_seconds / 4), self.claims.renew)
@@ -192,7 +189,16 @@ class Supervisor:
         now = time.monotonic()
         if now >= self.timers.get(name, 0.0):
             self.timers[name] = now + seconds
+            self.guarded(action)
+
+    @staticmethod
+    def guarded(action) -> None:
+        """Spool work: a hiccup (full disk, NFS, a directory deleted under us) is logged and retried by
+        the next round, never allowed to stop the pool."""
+        try:
             action()
+        except OSError as error:
+            log.error("%s failed, will retry: %s", action.__name__, error)
 
     def all_started(self) -> bool:
         return all(s.state in ("RUNNING", "FATAL") for s in self.slots) and any(s.state == "RUNNING" for s in self.slots)
@@ -384,18 +390,21 @@ class Supervisor:
             if job is not None:
                 job.text, job.tokens = message[3], message[4]
                 self.write_partial(job)
-        elif kind == "done":
-            slot.deaths_in_a_row = 0  # it works: the next death starts the backoff over
-            job = slot.jobs.pop(message[2], None)
-            if job is not None:
-                self.complete(slot, job, message[3], message[4])
-        elif kind == "error":
-            job = slot.jobs.pop(message[2], None)
-            if job is not None:
-                slot.failed += 1
-                self.fail(job, message[3], {"reason": "rejected by the model"})
-        if kind in ("done", "error"):
+        elif kind in ("done", "error"):
             self.dirty = True  # room for the next request: look at the spool now
+            job = slot.jobs.pop(message[2], None)
+            if job is None:
+                return
+            try:
+                if kind == "done":
+                    slot.deaths_in_a_row = 0  # it works: the next death starts the backoff over
+                    self.complete(slot, job, message[3], message[4])
+                else:
+                    slot.failed += 1
+                    self.fail(job, message[3], {"reason": "rejected by the model"})
+            except OSError as error:  # still claimed: run it again rather than lose it
+                log.error("cannot publish the result of %s, it will run again: %s", job.request.id, error)
+                self.pending.append(job)
 
     # --- requests --------------------------------------------------------------------------------
 
