@@ -443,7 +443,7 @@ class Supervisor:
         return min(usable, key=lambda s: len(s.jobs)) if usable else None
 
     def scan(self) -> list[tuple[str, dict]]:
-        """Ready-looking request ids, highest priority then oldest first."""
+        """Ready-looking request ids, oldest first (FIFO by the main input's mtime, across both forms)."""
         groups: dict[str, dict] = {}
         try:
             entries = list(os.scandir(self.requests))
@@ -464,13 +464,9 @@ class Supervisor:
                 arrived = names[main].stat(follow_symlinks=False).st_mtime
             except OSError:
                 continue
-            ready.append((-self.priority_hint(names), arrived, request_id, names))
+            ready.append((arrived, request_id, names))
         ready.sort(key=lambda item: item[:2])
-        return [(rid, names) for _, _, rid, names in ready]
-
-    @staticmethod
-    def priority_hint(names: dict) -> int:
-        return 1 if ".json" in names else 0  # the exact priority is read when the JSON is parsed
+        return [(rid, names) for _, rid, names in ready]
 
     def take(self, request_id: str, names: dict) -> Job | None:
         """Check a request in place (complete? valid?), claim it, then read what was claimed: that is
