@@ -1,0 +1,67 @@
+"""Supervisor decisions that need no worker processes: devices, scan order, where a job may go."""
+import argparse
+import os
+import uuid
+
+import pytest
+
+from glmpool import config
+from glmpool.claims import Claim
+from glmpool.supervisor import Job, Slot, StartupError, Supervisor, worker_devices
+from glmpool.worker import WorkerSpec
+
+
+def supervisor(tmp_path, **settings) -> Supervisor:
+    return Supervisor(config.resolve(argparse.Namespace(dir=str(tmp_path), **settings), environ={}))
+
+
+def test_worker_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert worker_devices("") == ["0", "1"]
+    assert worker_devices("cpu,cpu") == ["cpu", "cpu"]
+    assert worker_devices("1,cpu") == ["1", "cpu"]
+    assert worker_devices("all") == ["0", "1"]
+    with pytest.raises(StartupError, match="GPU 2 does not exist"):
+        worker_devices("0,2")
+    with pytest.raises(StartupError, match="neither"):
+        worker_devices("gpu0")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert worker_devices("") == ["cpu"]
+    with pytest.raises(StartupError, match="no GPU is visible"):
+        worker_devices("all")
+
+
+def test_scan_is_fifo_across_both_forms_and_groups_files(tmp_path):
+    s = supervisor(tmp_path)
+    requests = s.requests
+    requests.mkdir()
+    for age, name in [(30, "old.request"), (30, "old.history"), (20, "mid.json"), (10, "new.request"),
+                      (5, "lonely.history"), (5, ".hidden.request"), (5, "x.back")]:
+        path = requests / name
+        path.write_text("q\n")
+        os.utime(path, (path.stat().st_mtime - age,) * 2)
+    order = s.scan()
+    assert [rid for rid, _ in order] == ["old", "mid", "new"]  # no main input, dot files, outputs: ignored
+    assert set(order[0][1]) == {".request", ".history"}
+
+
+def job(attempts: int) -> Job:
+    return Job(Claim(uuid.uuid4().hex, "id", attempts=attempts), None)
+
+
+def test_requeued_jobs_run_alone(tmp_path):
+    s = supervisor(tmp_path, max_batch="4")
+    spec = WorkerSpec(0, "cpu", "m", None, None, "", 4, None)
+    s.slots = [Slot(spec, state="RUNNING", process=object()), Slot(spec, state="RUNNING", process=object())]
+    s.slots[0].jobs = {"a": job(0)}
+    assert s.pick_slot(alone=False) is s.slots[1]  # least busy
+    assert s.pick_slot(alone=True) is s.slots[1]  # the idle one
+    s.slots[1].jobs = {"b": job(1)}  # a suspect runs there now
+    assert s.slots[1].isolating
+    assert s.pick_slot(alone=False) is s.slots[0]  # nothing joins the suspect
+    assert s.pick_slot(alone=True) is None  # no idle worker for another suspect
+    s.slots[0].jobs = {str(i): job(0) for i in range(4)}
+    assert s.pick_slot(alone=False) is None  # full
+    s.slots[1].state = "BACKOFF"
+    s.slots[1].jobs = {}
+    assert s.pick_slot(alone=True) is None  # only running workers take work
