@@ -69,8 +69,7 @@ class Claims:
 
     def claim(self, request_id: str, main: str, extras: tuple[str, ...] = ()) -> Claim | None:
         """Take `requests/<id><main>` (and the `extras` suffixes if present); None if someone else has it."""
-        stripe = zlib.crc32(request_id.encode("utf-8", "surrogateescape")) % LOCK_STRIPES
-        lock = FileLock(str(self.locks / f"{stripe}.lock"), timeout=0)
+        lock = self._lock(request_id)
         try:
             lock.acquire()
         except Timeout:
@@ -96,6 +95,10 @@ class Claims:
             return claim
         finally:
             lock.release()
+
+    def _lock(self, request_id: str) -> FileLock:
+        stripe = zlib.crc32(request_id.encode("utf-8", "surrogateescape")) % LOCK_STRIPES
+        return FileLock(str(self.locks / f"{stripe}.lock"), timeout=0)
 
     def update(self, claim: Claim) -> None:
         """(Re)write the claim's record: owner, time, attempts so far (an adopter continues the count)."""
@@ -201,24 +204,33 @@ class Claims:
         return adopted
 
     def _adopt(self, old_token: str, info: dict) -> Claim | None:
-        claim = Claim(uuid.uuid4().hex[:16], info["id"], attempts=int(info.get("attempts", 0)))
-        self.update(claim)
-        inputs = sorted(self.dir.glob(f"{old_token}.*"), key=lambda p: p.suffix == ".claim")
-        for path in inputs:
-            if path.suffix == ".claim":
-                continue
-            target = self.dir / f"{claim.token}{path.suffix}"
-            if self._rename(path, target):
-                claim.inputs[path.suffix] = target
-        if not any(s in claim.inputs for s in (".request", ".json")):
-            for path in claim.inputs.values():  # lost the race to another adopter: undo
-                spool.remove(path)
-            spool.remove(self.record_path(claim.token))
+        """Move an orphaned claim's inputs under a fresh claim of ours. The main input is renamed first
+        and alone decides: of two adopters, the one that lost it touches nothing else."""
+        lock = self._lock(str(info.get("id")))
+        try:
+            lock.acquire()
+        except Timeout:
             return None
-        spool.remove(self.record_path(old_token))
-        self.mine[claim.token] = claim
-        log.info("adopted %s (claim %s of host %s)", claim.id, old_token, info.get("host"))
-        return claim
+        try:
+            claim = Claim(uuid.uuid4().hex[:16], info["id"], attempts=int(info.get("attempts", 0)))
+            self.update(claim)
+            inputs = {p.suffix: p for p in self.dir.glob(f"{old_token}.*") if p.suffix != ".claim"}
+            main = ".json" if ".json" in inputs else ".request"
+            if main not in inputs or not self._rename(inputs[main], self.dir / f"{claim.token}{main}"):
+                spool.remove(self.record_path(claim.token))
+                if main not in inputs:  # nothing left to answer: an interrupted drop or fail
+                    spool.remove(self.record_path(old_token))
+                return None
+            for suffix, path in inputs.items():
+                target = self.dir / f"{claim.token}{suffix}"
+                if suffix == main or self._rename(path, target):
+                    claim.inputs[suffix] = target
+            spool.remove(self.record_path(old_token))
+            self.mine[claim.token] = claim
+            log.info("adopted %s (claim %s of host %s)", claim.id, old_token, info.get("host"))
+            return claim
+        finally:
+            lock.release()
 
 
 def _alive(pid) -> bool:

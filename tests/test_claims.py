@@ -136,3 +136,12 @@ def test_racing_processes_claim_each_request_exactly_once(tmp_path):
     taken = [rid for _, rids in won for rid in rids]
     assert sorted(taken) == sorted(ids)  # every request once, none twice
     assert sum(1 for _, rids in won if rids) >= 2  # a real race, not one process taking everything
+
+
+def test_an_orphan_record_without_inputs_is_cleaned_up(tmp_path):
+    c = new_claims(tmp_path)
+    # a supervisor that died between writing its record and renaming the input: the request is unclaimed
+    (c.dir / "deadbeef.claim").write_text(json.dumps({"id": "1", "host": "hostA", "pid": 2 ** 22 + 12345}))
+    write_request(c.requests, "1")
+    assert c.orphans() == [] and leftovers(c.requests) == []
+    assert c.claim("1", ".request") is not None
