@@ -1,0 +1,552 @@
+"""Weight-only int8/int4 quantization in THUDM's ChatGLM-6B format, with fast CPU and CUDA matmuls.
+
+## The stored format (THUDM's, so their pre-quantized checkpoints load unchanged)
+Per output row n of a weight W [N, K]:
+    scale[n] = max_k |W[n, k]| / (2^(bits-1) - 1)          stored float16, `weight_scale` [N]
+    q[n, k]  = round(W[n, k] / scale[n])                    in [-127, 127] or [-7, 7]
+8 bits: `weight` is q as int8 [N, K]. 4 bits: two signed nibbles per byte, the even column in the high
+nibble and the odd column in the low nibble: `weight` int8 [N, K/2]. W ~ scale[:, None] * q.
+chatglm-6b-int4 (`quantization_bit`) stores every Linear of the layers this way (weight, weight_scale,
+bias); with `quantization_embeddings` (chatglm-6b-int4-qe) the word embedding matrix as well, with the
+same number of bits, and the output projection (lm_head) is that same quantized matrix.
+
+## Kernels (chosen per call by the number of rows M of the input)
+- CPU, few rows (decode): torch's own weight-only kernels, which read the int8/int4 weights directly
+  (fewer bytes per token is the whole point, decoding being memory-bound) and need no C compiler:
+  8 bits `aten._weight_int8pack_mm` on the stored int8 matrix as it is; 4 bits
+  `aten._weight_int4pack_mm_for_cpu`, whose weights are unsigned nibbles (q + 8) in a blocked layout
+  (32-row blocks). The int4 matrix is re-laid out **in place** (same bytes, same [N, K/2] shape) on the
+  first CPU matmul, so memory holds one copy; `state_dict()` converts back to THUDM's layout, and a
+  checkpoint copied into `weight` in place (which bumps its version counter) is re-laid out again.
+  Both kernels are fast only with bfloat16 activations on CPUs without native fp16/bf16 math, so the
+  input is rounded to bfloat16 (8-bit mantissa: 0.4% per element, less than the int8 weights' own
+  rounding); they run with unit scales and the fp16 row scales are applied in the model's dtype
+  afterwards, so the scales lose nothing.
+- CPU, many rows (prefill): dequantize blocks of rows to the model's dtype and use the BLAS GEMM, whose
+  cost is then amortized over the rows (the weight-only kernels are slower than fp32 there).
+- CUDA: dequantize to the activation dtype with a few torch element-wise kernels and multiply with
+  cuBLAS -- the same scheme as THUDM's CUDA path (their fused extraction kernels are compiled into their
+  `quantization.py` and are not part of the `cpm_kernels` package, which only loads them). Saves GPU
+  memory, not time. Not run on this project's CPU-only test machines.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_BITS = (4, 8)
+LINEAR_NAMES = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+
+# Rows M of the input up to which the CPU weight-only kernels beat dequantize + BLAS (bench/kernels).
+CPU_KERNEL_MAX_ROWS = {8: 64, 4: 64}
+INT4_BLOCK_ROWS = 32  # the CPU int4 kernel's weight layout interleaves blocks of 32 output rows
+INT4_GROUP_SIZES = (256, 128, 64, 32)  # allowed by the CPU int4 kernel (all groups share the row scale)
+KERNEL_K_MULTIPLE = 32  # the CPU kernels misbehave (garbage, crashes) unless K is a multiple of 8; be safe
+DEQUANT_CHUNK_BYTES = 8 << 20  # dequantized block size on CPU (fits in L2/L3 next to its GEMM)
+CUDA_DEQUANT_CHUNK_BYTES = 256 << 20  # bounds the temporary fp16 copy of a huge matrix (the -qe lm_head)
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"quantization bits must be 4 or 8, got {bits!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# THUDM's format: quantize, pack, unpack, dequantize
+# --------------------------------------------------------------------------------------------------
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] values in [-8, 7] -> int8 [N, K/2]: even column in the high nibble, odd in the low."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even number of columns, got {q.shape[-1]}")
+    pairs = q.view(*q.shape[:-1], q.shape[-1] // 2, 2).to(torch.int16)  # [N, K/2, 2]
+    packed = (pairs[..., 0] << 4) | (pairs[..., 1] & 0x0F)  # [N, K/2] in 0..255 (high nibble signed)
+    return packed.to(torch.uint8).view(torch.int8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K/2] packed by THUDM -> signed int8 [N, K] (sign-extending both nibbles)."""
+    packed = packed.view(torch.int8)
+    high = packed >> 4  # arithmetic shift: the even column, sign included
+    low = (packed << 4) >> 4  # the odd column, sign-extended (int8 arithmetic wraps as in C)
+    return torch.stack((high, low), dim=-1).view(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def quantize_weight(w: torch.Tensor, bits: int, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [N, K] float -> (qweight int8 [N, K * bits / 8], scale float16 [N]), THUDM's per-row symmetric format.
+
+    The scale is rounded to fp16 first (as stored) and q computed against the rounded scale in fp32, so
+    dequantizing reproduces W as closely as the format allows; rows are processed in chunks to bound
+    the temporary fp32 copies. An all-zero row gets scale 0 and q 0.
+    """
+    _check_bits(bits)
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    N, K = w.shape
+    if bits == 4 and K % 2:
+        raise ValueError(f"int4 needs an even number of input features, got {K}")
+    qmax = 2 ** (bits - 1) - 1
+    qweight = torch.empty(N, K * bits // 8, dtype=torch.int8, device=w.device)
+    scale = torch.empty(N, dtype=torch.float16, device=w.device)
+    with torch.no_grad():
+        for start in range(0, N, chunk_rows):
+            rows = w[start:start + chunk_rows].float()  # [R, K]
+            s = (rows.abs().amax(dim=1) / qmax).half()  # [R]
+            divisor = s.float().masked_fill(s == 0, 1.0)[:, None]
+            q = torch.round(rows / divisor).clamp_(-qmax, qmax).to(torch.int8)  # [R, K]
+            qweight[start:start + chunk_rows] = pack_int4(q) if bits == 4 else q
+            scale[start:start + chunk_rows] = s
+    return qweight, scale
+
+
+def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, bits: int,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(qweight int8 [N, K * bits / 8], scale [N]) in THUDM's layout -> W [N, K] in `dtype`."""
+    _check_bits(bits)
+    q = unpack_int4(qweight) if bits == 4 else qweight  # [N, K] int8
+    return q.to(dtype) * scale.to(dtype)[:, None]
+
+
+# --------------------------------------------------------------------------------------------------
+# The CPU int4 kernel's layout: for every block of 32 output rows and every column k, 16 bytes; byte j
+# holds row j's nibble low and row j+16's nibble high, unsigned (q + 8). Same byte count as THUDM's.
+# --------------------------------------------------------------------------------------------------
+
+def _cpu_int4_pack(q: torch.Tensor) -> torch.Tensor:
+    """signed int8 [R, K] (R a multiple of 32) -> uint8 [R, K/2] in the CPU int4 kernel's layout."""
+    R, K = q.shape
+    u = (q + 8).to(torch.uint8).view(R // INT4_BLOCK_ROWS, 2, INT4_BLOCK_ROWS // 2, K)  # [R/32, 2, 16, K]
+    packed = u[:, 0] | (u[:, 1] << 4)  # [R/32, 16, K]
+    return packed.transpose(1, 2).contiguous().view(R, K // 2)  # [R/32, K, 16] flattened
+
+
+def _cpu_int4_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [R, K/2] in the CPU int4 kernel's layout -> signed int8 [R, K]."""
+    R, half = packed.shape
+    K = half * 2
+    blocks = packed.view(torch.uint8).reshape(R // INT4_BLOCK_ROWS, K, INT4_BLOCK_ROWS // 2).transpose(1, 2)
+    q = torch.stack((blocks & 0x0F, blocks >> 4), dim=1)  # [R/32, 2, 16, K]
+    return (q.view(torch.int8) - 8).reshape(R, K)
+
+
+_self_check: dict[str, bool] = {}
+_self_check_lock = threading.Lock()
+
+
+def _cpu_int4_layout_ok() -> bool:
+    """Whether this torch's CPU int4 kernel uses the layout above (checked once against torch's packer)."""
+    with _self_check_lock:
+        if "int4" not in _self_check:
+            ok = False
+            try:
+                g = torch.Generator().manual_seed(0)
+                q = torch.randint(-8, 8, (64, 128), generator=g, dtype=torch.int8)
+                reference = torch.ops.aten._convert_weight_to_int4pack_for_cpu((q + 8).to(torch.int32), 1)
+                ok = torch.equal(reference.view(torch.uint8), _cpu_int4_pack(q))
+                x = torch.randn(3, 128, generator=g).bfloat16()
+                ones = torch.ones(1, 64, 2, dtype=torch.bfloat16)
+                ones[..., 1] = 0
+                out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, reference, 128, ones)
+                ok = ok and torch.allclose(out.float(), x.float() @ q.float().t(), rtol=2e-2, atol=0.5)
+            except (RuntimeError, AttributeError) as error:
+                log.warning("torch's CPU int4 kernel is unavailable (%s); int4 uses dequantize + matmul", error)
+            else:
+                if not ok:
+                    log.warning("torch's CPU int4 kernel layout is not the expected one; "
+                                "int4 uses dequantize + matmul")
+            _self_check["int4"] = ok
+        return _self_check["int4"]
+
+
+def _cpu_int8_kernel_ok() -> bool:
+    with _self_check_lock:
+        if "int8" not in _self_check:
+            ok = False
+            try:
+                g = torch.Generator().manual_seed(0)
+                q = torch.randint(-127, 128, (8, 64), generator=g, dtype=torch.int8)
+                x = torch.randn(3, 64, generator=g).bfloat16()
+                out = torch.ops.aten._weight_int8pack_mm(x, q, torch.ones(8, dtype=torch.bfloat16))
+                ok = torch.allclose(out.float(), x.float() @ q.float().t(), rtol=2e-2, atol=0.5)
+            except (RuntimeError, AttributeError) as error:
+                log.warning("torch's CPU int8 kernel is unavailable (%s); int8 uses dequantize + matmul", error)
+            _self_check["int8"] = ok
+        return _self_check["int8"]
+
+
+_constants: dict[tuple, torch.Tensor] = {}
+
+
+def _unit_scales(kind: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Shared read-only bf16 tensors: ones [N] (int8 kernel), or (scale 1, zero 0) pairs [G, N, 2] (int4)."""
+    key = (kind, shape)
+    tensor = _constants.get(key)
+    if tensor is None:
+        tensor = torch.ones(shape, dtype=torch.bfloat16)
+        if kind == "int4":
+            tensor[..., 1] = 0
+        _constants[key] = tensor
+    return tensor
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------------
+
+class QuantizedMatrix(nn.Module):
+    """A quantized [N, K] matrix in THUDM's format with `matmul(x) = x @ W^T` on the fastest path.
+
+    Buffers (the state_dict, THUDM's names): `weight` int8 [N, K * bits / 8], `weight_scale` fp16 [N].
+    """
+
+    LAYOUT_THUDM, LAYOUT_CPU_INT4 = "thudm", "cpu-int4"
+
+    def __init__(self, out_features: int, in_features: int, bits: int, device=None):
+        super().__init__()
+        _check_bits(bits)
+        if bits == 4 and in_features % 2:
+            raise ValueError(f"int4 needs an even number of input features, got {in_features}")
+        self.out_features, self.in_features, self.bits = out_features, in_features, bits
+        self.register_buffer("weight", torch.empty(out_features, in_features * bits // 8, dtype=torch.int8,
+                                                   device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float16, device=device))
+        # What `weight` holds now; for the in-place CPU int4 layout, the (tensor, version) it was made for.
+        self._layout = self.LAYOUT_THUDM
+        self._layout_key: tuple | None = None
+        self._scale_cache: tuple | None = None  # (weight_scale version key, dtype, scale in dtype)
+        self._register_state_dict_hook(_thudm_layout_state_dict_hook)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+
+    def set_quantized(self, qweight: torch.Tensor, scale: torch.Tensor) -> None:
+        """Take (qweight, scale) in THUDM's layout as this matrix's content (no copy when possible)."""
+        self.weight = qweight
+        self.weight_scale = scale
+        self._layout, self._layout_key, self._scale_cache = self.LAYOUT_THUDM, None, None
+
+    # --- layouts ---------------------------------------------------------------------------------
+
+    def _current_layout(self) -> str:
+        if self._layout == self.LAYOUT_CPU_INT4 and self._layout_key != _tensor_key(self.weight):
+            # overwritten in place since (a checkpoint copied in): the content is THUDM's again
+            self._layout, self._layout_key = self.LAYOUT_THUDM, None
+        return self._layout
+
+    def _cpu_int4_ready(self) -> bool:
+        """Lay `weight` out for the CPU int4 kernel (once, in place); False if the kernel can't be used."""
+        if self._current_layout() == self.LAYOUT_CPU_INT4:
+            return True
+        if self.out_features % INT4_BLOCK_ROWS or self.in_features % KERNEL_K_MULTIPLE \
+                or self.weight.device.type != "cpu" or not _cpu_int4_layout_ok():
+            return False
+        w = self.weight
+        rows = max(INT4_BLOCK_ROWS, (DEQUANT_CHUNK_BYTES // max(1, w.shape[1])) // INT4_BLOCK_ROWS * INT4_BLOCK_ROWS)
+        with torch.no_grad():
+            for start in range(0, self.out_features, rows):
+                block = w[start:start + rows]  # a 32-row block occupies the same bytes in both layouts
+                block.copy_(_cpu_int4_pack(unpack_int4(block)).view(torch.int8))
+        self._layout, self._layout_key = self.LAYOUT_CPU_INT4, _tensor_key(w)
+        return True
+
+    def _to_thudm_layout_(self) -> None:
+        if self._current_layout() != self.LAYOUT_CPU_INT4:
+            return
+        w = self.weight
+        rows = max(INT4_BLOCK_ROWS, (DEQUANT_CHUNK_BYTES // max(1, w.shape[1])) // INT4_BLOCK_ROWS * INT4_BLOCK_ROWS)
+        with torch.no_grad():
+            for start in range(0, self.out_features, rows):
+                block = w[start:start + rows]
+                block.copy_(pack_int4(_cpu_int4_unpack(block)))
+        self._layout, self._layout_key = self.LAYOUT_THUDM, None
+
+    def thudm_weight(self) -> torch.Tensor:
+        """`weight` in THUDM's layout (a converted copy while the CPU int4 layout is in place)."""
+        if self._current_layout() == self.LAYOUT_CPU_INT4:
+            return pack_int4(_cpu_int4_unpack(self.weight))
+        return self.weight
+
+    def _apply(self, fn, recurse=True):
+        # Moving or casting: hand over THUDM's layout, which every device understands.
+        self._to_thudm_layout_()
+        self._scale_cache = None
+        return super()._apply(fn, recurse)
+
+    # --- dequantization ----------------------------------------------------------------------------
+
+    def _dequant_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows start..stop of W [stop-start, K] in `dtype` (32-aligned while the CPU int4 layout is in place).
+
+        Written straight into the float output (int8 * float promotes in one kernel), which matters on
+        CPU where each pass over the matrix costs about as much as a small GEMM.
+        """
+        block = self.weight[start:stop]  # [R, K * bits / 8]
+        scale = self._scale(dtype)[start:stop]  # [R]
+        R, K = block.shape[0], self.in_features
+        if self.bits == 8:
+            return torch.mul(block, scale[:, None])
+        out = torch.empty(R, K, dtype=dtype, device=block.device)
+        if self._current_layout() == self.LAYOUT_CPU_INT4:
+            bytes_ = block.view(torch.uint8).reshape(R // INT4_BLOCK_ROWS, K, INT4_BLOCK_ROWS // 2) \
+                .transpose(1, 2).contiguous()  # [R/32, 16, K]
+            halves = out.view(R // INT4_BLOCK_ROWS, 2, INT4_BLOCK_ROWS // 2, K)  # rows j (low nibble), j+16 (high)
+            row_scale = scale.view(R // INT4_BLOCK_ROWS, 2, INT4_BLOCK_ROWS // 2, 1)
+            torch.mul((bytes_ & 0x0F).view(torch.int8) - 8, row_scale[:, 0], out=halves[:, 0])
+            torch.mul((bytes_ >> 4).view(torch.int8) - 8, row_scale[:, 1], out=halves[:, 1])
+        else:
+            pairs = out.view(R, K // 2, 2)  # (even column: high nibble, odd column: low nibble)
+            torch.mul(block >> 4, scale[:, None], out=pairs[..., 0])
+            torch.mul((block << 4) >> 4, scale[:, None], out=pairs[..., 1])
+        return out
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole matrix W [N, K] in `dtype`."""
+        return self._dequant_rows(0, self.out_features, dtype)
+
+    def _scale(self, dtype: torch.dtype) -> torch.Tensor:
+        key = _tensor_key(self.weight_scale)
+        cached = self._scale_cache
+        if cached is None or cached[0] != key or cached[1] != dtype:
+            cached = (key, dtype, self.weight_scale.to(dtype))
+            self._scale_cache = cached
+        return cached[2]
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` [...] of W, dequantized: [..., K] (the embedding lookup)."""
+        flat = ids.reshape(-1)
+        if self.bits == 4 and self._current_layout() == self.LAYOUT_CPU_INT4:
+            blocks = self.weight.view(self.out_features // INT4_BLOCK_ROWS, -1)[flat // INT4_BLOCK_ROWS]
+            q = _cpu_int4_unpack(blocks.view(-1, self.weight.shape[1]))  # [T * 32, K]
+            q = q.view(flat.shape[0], INT4_BLOCK_ROWS, -1)[torch.arange(flat.shape[0], device=flat.device),
+                                                            flat % INT4_BLOCK_ROWS]
+        else:
+            q = self.weight[flat]
+            if self.bits == 4:
+                q = unpack_int4(q)
+        out = q.to(dtype) * self.weight_scale[flat].to(dtype)[:, None]
+        return out.view(*ids.shape, self.in_features)
+
+    # --- matmul ---------------------------------------------------------------------------------
+
+    def kernel_path(self, rows: int, device: torch.device) -> str:
+        """Which implementation `matmul` uses for `rows` input rows: "int8-cpu", "int4-cpu", "dequant"."""
+        if device.type != "cpu" or rows > CPU_KERNEL_MAX_ROWS[self.bits] or self.in_features % KERNEL_K_MULTIPLE:
+            return "dequant"
+        if self.bits == 8:
+            return "int8-cpu" if _cpu_int8_kernel_ok() else "dequant"
+        return "int4-cpu" if self._cpu_int4_ready() else "dequant"
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, path: str | None = None) -> torch.Tensor:
+        """x [..., K] -> x @ W^T + bias [..., N] in x's dtype. `path` forces an implementation (tests)."""
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # [M, K]
+        path = path or self.kernel_path(x2.shape[0], x.device)
+        if path in ("int8-cpu", "int4-cpu") and self.in_features % KERNEL_K_MULTIPLE:
+            raise RuntimeError(f"the CPU kernels need in_features % {KERNEL_K_MULTIPLE} == 0")
+        if path == "int8-cpu":
+            out = self._int8_cpu(x2)
+        elif path == "int4-cpu":
+            if not self._cpu_int4_ready():
+                raise RuntimeError("the CPU int4 kernel cannot be used for this matrix")
+            out = self._int4_cpu(x2)
+        elif path == "dequant":
+            out = self._dequant_matmul(x2)
+        else:
+            raise ValueError(f"unknown kernel path {path!r}")
+        if path != "dequant":
+            # the kernels ran with unit scales: apply the row scales (and bias) in x's dtype
+            scale = self._scale(x.dtype)
+            out = torch.addcmul(bias.to(x.dtype), out.to(x.dtype), scale) if bias is not None \
+                else out.to(x.dtype) * scale
+        elif bias is not None:
+            out = out + bias
+        return out.view(*shape[:-1], self.out_features)
+
+    def _int8_cpu(self, x2: torch.Tensor) -> torch.Tensor:
+        # bf16 [M, K] x int8 [N, K]^T -> bf16 [M, N], unit scales
+        ones = _unit_scales("int8", (self.out_features,))
+        return torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight, ones)
+
+    def _int4_cpu(self, x2: torch.Tensor) -> torch.Tensor:
+        # bf16 [M, K] x int4 (q + 8, blocked) [N, K/2] -> bf16 [M, N], unit scales and zero points
+        K = self.in_features
+        group = next(g for g in INT4_GROUP_SIZES if K % g == 0)
+        scales_zeros = _unit_scales("int4", (K // group, self.out_features, 2))
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(),
+                                                          self.weight.view(torch.uint8), group, scales_zeros)
+
+    def _dequant_matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """Dequantize blocks of rows to x's dtype and multiply: [M, K] -> [M, N] (no bias)."""
+        dtype, N, K = x2.dtype, self.out_features, self.in_features
+        limit = CUDA_DEQUANT_CHUNK_BYTES if x2.device.type == "cuda" else DEQUANT_CHUNK_BYTES
+        rows = max(INT4_BLOCK_ROWS, limit // (K * x2.element_size()) // INT4_BLOCK_ROWS * INT4_BLOCK_ROWS)
+        if rows >= N:
+            return F.linear(x2, self._dequant_rows(0, N, dtype))
+        out = torch.empty(x2.shape[0], N, dtype=dtype, device=x2.device)
+        for start in range(0, N, rows):
+            stop = min(N, start + rows)
+            out[:, start:stop] = F.linear(x2, self._dequant_rows(start, stop, dtype))
+        return out
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (id(t), t.data_ptr(), t._version)
+
+
+def _thudm_layout_state_dict_hook(module: QuantizedMatrix, state_dict: dict, prefix: str, local_metadata) -> None:
+    if module._current_layout() == QuantizedMatrix.LAYOUT_CPU_INT4:
+        state_dict[prefix + "weight"] = module.thudm_weight()
+
+
+class QuantizedLinear(QuantizedMatrix):
+    """nn.Linear's drop-in with a quantized weight: buffers `weight`, `weight_scale`, `bias` (THUDM's names)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = True, device=None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__(out_features, in_features, bits, device)
+        if bias:
+            self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device))
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, empty: bool = False) -> "QuantizedLinear":
+        """Quantize `linear` (empty=True: same shapes, uninitialized, for loading a quantized checkpoint)."""
+        weight = linear.weight
+        module = cls(linear.in_features, linear.out_features, bits, bias=linear.bias is not None,
+                     device=weight.device, dtype=weight.dtype)
+        if not empty:
+            module.set_quantized(*quantize_weight(weight.detach(), bits))
+            if linear.bias is not None:
+                module.bias = linear.bias.detach().clone()
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.bias)
+
+
+class QuantizedEmbedding(QuantizedMatrix):
+    """nn.Embedding's drop-in with a quantized table; `project` is the tied output projection."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, device=None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__(num_embeddings, embedding_dim, bits, device)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.dtype = dtype  # what lookups return
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, bits: int, empty: bool = False) -> "QuantizedEmbedding":
+        weight = embedding.weight
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, bits, device=weight.device,
+                     dtype=weight.dtype)
+        if not empty:
+            module.set_quantized(*quantize_weight(weight.detach(), bits))
+        return module
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        probe = fn(torch.empty(0, dtype=self.dtype))  # follow the model's casts (.half(), .to(dtype))
+        if probe.is_floating_point():
+            self.dtype = probe.dtype
+        return result
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.rows(ids, self.dtype)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., H] -> logits [..., vocab] through the same quantized matrix."""
+        return self.matmul(hidden)
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole models and state dicts
+# --------------------------------------------------------------------------------------------------
+
+def _replace(parent: nn.Module, dotted: str, new: nn.Module) -> None:
+    *path, name = dotted.split(".")
+    for part in path:
+        parent = getattr(parent, part)
+    setattr(parent, name, new)
+
+
+def quantize_model(model: nn.Module, bits: int, embeddings: bool = False, empty: bool = False) -> nn.Module:
+    """Swap the four Linear kinds of every layer (and with `embeddings` the word embeddings, which also
+    serve as the output projection) for quantized modules, in place; return the model.
+
+    empty=True allocates uninitialized quantized buffers of the right shapes on the model's device (meta
+    included) for a pre-quantized checkpoint to be copied into; otherwise the existing weights are
+    quantized one matrix at a time and each fp matrix is released as soon as it is replaced, so the peak
+    is the fp model plus one quantized matrix.
+    """
+    _check_bits(bits)
+    for layer in model.layers:
+        for name in LINEAR_NAMES:
+            linear = layer.get_submodule(name)
+            if isinstance(linear, QuantizedMatrix):
+                raise ValueError(f"{name} is already quantized")
+            _replace(layer, name, QuantizedLinear.from_linear(linear, bits, empty=empty))
+            del linear
+    if embeddings:
+        embedding = model.word_embeddings
+        if isinstance(embedding, QuantizedMatrix):
+            raise ValueError("word_embeddings is already quantized")
+        model.word_embeddings = QuantizedEmbedding.from_embedding(embedding, bits, empty=empty)
+        del embedding
+        # The model's output projection reads model.word_embeddings.weight as a float matrix; route it
+        # through the quantized matmul instead (the instance attribute shadows the method).
+        model.output_logits = model.word_embeddings.project
+    log.info("quantized %d layers to int%d%s%s", len(model.layers), bits, " and the embeddings" if embeddings else "",
+             " (empty, for loading)" if empty else "")
+    return model
+
+
+def _is_layer_linear(name: str) -> bool:
+    return name.startswith("transformer.layers.") and name.endswith(".weight") \
+        and any(f".{kind}.weight" in name for kind in LINEAR_NAMES)
+
+
+def quantize_state_dict(sd: dict[str, torch.Tensor], bits: int, embeddings: bool = False) -> dict[str, torch.Tensor]:
+    """A THUDM-named fp state dict -> the same in THUDM's stored quantized layout (a new dict).
+
+    Each layer Linear's `weight` becomes int8 [N, K * bits / 8] and gains `weight_scale` fp16 [N];
+    biases and everything else are kept. With `embeddings` (chatglm-6b-int4-qe) the word embeddings are
+    quantized the same way and `lm_head.weight` (if present) becomes the same quantized tensor, with
+    `lm_head.weight_scale`.
+    """
+    _check_bits(bits)
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in sd.items():
+        if _is_layer_linear(name) or (embeddings and name == "transformer.word_embeddings.weight"):
+            qweight, scale = quantize_weight(tensor, bits)
+            out[name] = qweight
+            out[name[:-len("weight")] + "weight_scale"] = scale
+        elif embeddings and name in ("lm_head.weight", "lm_head.weight_scale"):
+            continue
+        else:
+            out[name] = tensor
+    if embeddings and "lm_head.weight" in sd:
+        if "transformer.word_embeddings.weight" in out:
+            out["lm_head.weight"] = out["transformer.word_embeddings.weight"]
+            out["lm_head.weight_scale"] = out["transformer.word_embeddings.weight_scale"]
+        else:
+            out["lm_head.weight"], out["lm_head.weight_scale"] = quantize_weight(sd["lm_head.weight"], bits)
+    return out
+
+
+def quantized_modules(model: nn.Module) -> Iterable[tuple[str, QuantizedMatrix]]:
+    return ((name, m) for name, m in model.named_modules() if isinstance(m, QuantizedMatrix))
+
+
+def prepare(model: nn.Module) -> nn.Module:
+    """Build the kernel layouts now instead of on the first forward (e.g. right after loading)."""
+    for _, module in quantized_modules(model):
+        if module.weight.device.type == "cpu" and module.bits == 4:
+            module._cpu_int4_ready()
+    return model
