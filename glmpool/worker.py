@@ -123,18 +123,16 @@ class Loop:
                 self.waiting.append(Task(*message[1:]))
 
     def admit(self) -> None:
-        from .engine import EngineError, SamplingParams
+        from .engine import AdmissionError, EngineError, SamplingParams
         while self.waiting:
             task = self.waiting[0]
             if self.crash_marker and self.crash_marker in task.query:
                 os._exit(99)
             try:
-                sampling = SamplingParams(**task.params)
-                prompt = self.engine.tokenizer.build_prompt(task.query, task.history)
-                if not self.batch.has_room(len(prompt), sampling):
-                    return
-                self.batch.add_prompt(task.key, prompt, sampling)
-            except (EngineError, ValueError, TypeError) as error:
+                self.batch.add(task.key, task.query, task.history, SamplingParams(**task.params))
+            except AdmissionError:  # no room until something finishes: it waits at the head of the line
+                return
+            except (EngineError, ValueError, TypeError) as error:  # this request can never run
                 self.results.send(("error", self.spec.wid, task.key, str(error)))
             else:
                 task.reported = time.monotonic()

@@ -230,7 +230,10 @@ def test_malformed_input_is_an_error(pool, name, make, message):
 
 
 def test_cli_ask_status_then_quit_during_generation(tmp_path, cache_dir, long_body):
-    p = Pool(tmp_path, cache_dir, "--gpus", "cpu", "--max-length", "64", "--max-batch", "2").start()
+    # A KV budget of ~1000 tokens (tiny model, fp32: 1 KiB a token) fits one long request: the second
+    # one dispatched waits inside the worker until the first finishes.
+    p = Pool(tmp_path, cache_dir, "--gpus", "cpu", "--max-length", "64", "--max-batch", "2",
+             "--kv-cache-gb", "0.001").start()
     try:
         p.wait_running()
         asked = glmpool("ask", "你好", "--dir", str(tmp_path), "--timeout", "60")
@@ -243,7 +246,7 @@ def test_cli_ask_status_then_quit_during_generation(tmp_path, cache_dir, long_bo
         assert failing.returncode == 1 and "top_p" in failing.stderr and "Traceback" not in failing.stderr
         for i in range(4):  # a few seconds each, well within the default grace time
             json_request(tmp_path, f"q{i}", long_body)
-        wait_for(lambda: len(list((tmp_path / "requests").glob("*.partial"))) == 2, 30, "two generations")
+        wait_for(lambda: p.status()["queue"]["in_progress"] == 2, 30, "two requests in the worker")
         assert glmpool("quit", "--dir", str(tmp_path)).returncode == 0
         assert p.wait_exit(60) == 0
     finally:
@@ -251,7 +254,9 @@ def test_cli_ask_status_then_quit_during_generation(tmp_path, cache_dir, long_bo
     requests = tmp_path / "requests"
     finished = [i for i in range(4) if (requests / f"q{i}.back").exists()]
     put_back = [i for i in range(4) if (requests / f"q{i}.json").exists()]
-    assert len(finished) >= 2 and sorted(finished + put_back) == [0, 1, 2, 3]  # in flight finished, rest queued
+    assert len(finished) == 2 and sorted(finished + put_back) == [0, 1, 2, 3]  # in flight finished, rest queued
+    first, second = sorted((meta(tmp_path, f"q{i}")["timings"] for i in finished), key=lambda t: t["finished"])
+    assert second["received"] < first["finished"]  # the worker held it while the first one generated
     assert not list((requests / ".claims").glob("[!.]*")) and not list(requests.glob("*.partial"))
     assert not (tmp_path / "flags" / "quit.flag").exists()
 
