@@ -1,0 +1,302 @@
+"""Quantization: THUDM's int8/int4 format, the CPU kernel paths, modules, whole models and checkpoints."""
+import copy
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glmpool.engine import quantize as Q
+from glmpool.engine.config import ModelConfig
+from glmpool.engine.model import ChatGLM, prefix_attention_mask, prompt_positions
+from glmpool.engine.quantize import (QuantizedEmbedding, QuantizedLinear, dequantize_weight, pack_int4,
+                                     quantize_model, quantize_state_dict, quantize_weight, unpack_int4)
+
+KERNEL = {8: "int8-cpu", 4: "int4-cpu"}
+
+
+def thudm_dequantize_reference(qweight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Element by element, as THUDM's CPU extraction kernel reads the bytes (signed char shifts)."""
+    rows = []
+    for n in range(qweight.shape[0]):
+        row = []
+        for byte in qweight[n].tolist():  # int8 values
+            if bits == 8:
+                row.append(byte)
+                continue
+            high = byte >> 4  # Python's >> on a negative int is arithmetic, like C's on signed char
+            low = ((byte << 4) & 0xFF)
+            low = (low - 256 if low >= 128 else low) >> 4  # (signed char)(byte << 4) >> 4
+            row += [high, low]
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.float32) * scale.float()[:, None]
+
+
+def test_int4_nibble_order_and_signs():
+    q = torch.tensor([[1, -2, 7, -8, -1, 0, 0, -1]], dtype=torch.int8)
+    packed = pack_int4(q)
+    # even column high nibble, odd column low nibble, two's complement nibbles
+    assert packed.view(torch.uint8).tolist() == [[0x1E, 0x78, 0xF0, 0x0F]]
+    assert torch.equal(unpack_int4(packed), q)
+
+
+def test_int4_pack_round_trip_every_value_in_both_positions():
+    values = torch.arange(-8, 8, dtype=torch.int8)
+    q = torch.cartesian_prod(values, values).to(torch.int8).view(1, -1).repeat(3, 1)  # [3, 512]: all pairs
+    assert torch.equal(unpack_int4(pack_int4(q)), q)
+    packed = pack_int4(q)
+    assert packed.dtype == torch.int8 and packed.shape == (3, 256)
+    scale = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float16)
+    assert torch.equal(dequantize_weight(packed, scale, 4), thudm_dequantize_reference(packed, scale, 4))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_weight_format_and_error_bound(bits):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(37, 64, generator=g) * torch.logspace(-3, 2, 37)[:, None]  # rows of very different scales
+    w[5] = 0  # an all-zero row
+    qweight, scale = quantize_weight(w, bits, chunk_rows=10)
+    qmax = 2 ** (bits - 1) - 1
+    assert qweight.dtype == torch.int8 and qweight.shape == (37, 64 * bits // 8)
+    assert scale.dtype == torch.float16 and scale.shape == (37,)
+    assert torch.equal(scale, (w.abs().amax(1) / qmax).half())
+    q = unpack_int4(qweight) if bits == 4 else qweight
+    assert int(q.abs().max()) <= qmax
+    assert torch.equal(q, torch.round(w / scale.float().clamp_min(1e-30)[:, None]).clamp(-qmax, qmax).to(torch.int8))
+    restored = dequantize_weight(qweight, scale, bits)
+    assert torch.equal(restored, thudm_dequantize_reference(qweight, scale, bits))
+    error = (restored - w).abs().amax(1)
+    assert bool((error <= scale.float() / 2 * (1 + 1e-3) + 1e-12).all())  # at most half a step per row
+    assert bool((restored[5] == 0).all())
+
+
+def test_cpu_int4_layout_matches_torchs_packer_blockwise():
+    q = torch.randint(-8, 8, (96, 256), dtype=torch.int8)
+    theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu((q + 8).to(torch.int32), 1).view(torch.uint8)
+    assert torch.equal(Q._cpu_int4_pack(q), theirs)
+    assert torch.equal(Q._cpu_int4_pack(q[32:64]), theirs[32:64])  # 32-row blocks are independent
+    assert torch.equal(Q._cpu_int4_unpack(theirs), q)
+    assert Q._cpu_int4_layout_ok() and Q._cpu_int8_kernel_ok()
+
+
+def reference_linear(module: QuantizedLinear, x: torch.Tensor, path: str) -> torch.Tensor:
+    weight = dequantize_weight(module.thudm_weight(), module.weight_scale, module.bits)
+    if path != "dequant":
+        x = x.bfloat16().float()  # the CPU kernels take bf16 activations
+    return F.linear(x, weight, module.bias)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 3, 16, 33, 70])
+def test_quantized_linear_paths_equal_dequantize_then_linear(bits, rows):
+    torch.manual_seed(rows)
+    module = QuantizedLinear.from_linear(torch.nn.Linear(128, 96), bits)
+    x = torch.randn(rows, 128)
+    for path in (KERNEL[bits], "dequant"):
+        expected = reference_linear(module, x, path)
+        out = module.matmul(x, module.bias, path=path)
+        assert out.dtype == torch.float32 and out.shape == (rows, 96)
+        # kernels: bf16 output rounding of the unscaled sums (relative 2^-9); dequant: fp32 summation order
+        tolerance = 1e-2 * float(expected.abs().max()) if path != "dequant" else 1e-5
+        assert float((out - expected).abs().max()) <= tolerance, path
+    assert module(x.view(1, rows, 128)).shape == (1, rows, 96)  # any leading shape
+    expected_path = KERNEL[bits] if rows <= Q.CPU_KERNEL_MAX_ROWS[bits] else "dequant"
+    assert module.kernel_path(rows, x.device) == expected_path
+
+
+def test_dequant_path_in_chunks_and_without_bias(monkeypatch):
+    monkeypatch.setattr(Q, "DEQUANT_CHUNK_BYTES", 64 * 128 * 4)  # 64 rows per chunk
+    for bits in (8, 4):
+        module = QuantizedLinear.from_linear(torch.nn.Linear(128, 160, bias=False), bits)
+        assert module.bias is None
+        x = torch.randn(5, 128)
+        expected = F.linear(x, module.dequantize())
+        assert torch.allclose(module.matmul(x, path="dequant"), expected, atol=1e-5)
+        module.matmul(x, path=KERNEL[bits])  # now in the kernel's layout (int4)
+        assert torch.allclose(module.matmul(x, path="dequant"), expected, atol=1e-5)
+
+
+def test_shapes_the_kernels_cannot_take_fall_back():
+    odd = QuantizedLinear.from_linear(torch.nn.Linear(40, 48), 4)  # K % 32, N % 32 both off
+    assert odd.kernel_path(1, torch.device("cpu")) == "dequant"
+    x = torch.randn(2, 40)
+    assert torch.allclose(odd(x), F.linear(x, odd.dequantize(), odd.bias), atol=1e-5)
+    with pytest.raises(RuntimeError):
+        odd.matmul(x, path="int4-cpu")
+
+
+def test_int4_kernel_layout_in_place_keeps_state_dict_and_reloads():
+    torch.manual_seed(0)
+    module = QuantizedLinear.from_linear(torch.nn.Linear(256, 64), 4)
+    original = {k: v.clone() for k, v in module.state_dict().items()}
+    storage = module.weight.data_ptr()
+    x = torch.randn(1, 256)
+    before = module.matmul(x, module.bias, path="dequant")
+    module(x)  # the first kernel call re-lays out the weight, in place
+    assert module._layout == module.LAYOUT_CPU_INT4 and module.weight.data_ptr() == storage
+    assert not torch.equal(module.weight, original["weight"])
+    state = module.state_dict()
+    assert state.keys() == original.keys() and all(torch.equal(state[k], original[k]) for k in state)
+    assert torch.equal(module.thudm_weight(), original["weight"])
+
+    fresh = QuantizedLinear(256, 64, 4)
+    fresh.load_state_dict(state)
+    assert torch.allclose(fresh(x), module(x), atol=1e-6)
+
+    # a checkpoint copied into the buffer in place (as the loader does) is THUDM's layout again
+    other = QuantizedLinear.from_linear(torch.nn.Linear(256, 64), 4)
+    with torch.no_grad():
+        module.weight.copy_(other.weight)
+        module.weight_scale.copy_(other.weight_scale)
+        module.bias.copy_(other.bias)
+    assert module._current_layout() == module.LAYOUT_THUDM
+    assert torch.allclose(module(x), other(x), atol=1e-6)
+
+    # load_state_dict over the kernel layout
+    module(x)
+    module.load_state_dict(original)
+    assert torch.allclose(module.matmul(x, module.bias, path="dequant"), before, atol=1e-6)
+
+    # casting/moving hands over THUDM's layout
+    module(x)
+    module.to(torch.float64)
+    assert module._layout == module.LAYOUT_THUDM and torch.equal(module.weight, original["weight"])
+    assert module.bias.dtype == torch.float64
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_embedding_lookup_and_projection(bits):
+    torch.manual_seed(1)
+    embedding = torch.nn.Embedding(96, 64)
+    module = QuantizedEmbedding.from_embedding(embedding, bits)
+    table = dequantize_weight(module.weight, module.weight_scale, bits)
+    ids = torch.tensor([[0, 5, 95], [33, 33, 64]])
+    assert torch.equal(module(ids), table[ids])
+    hidden = torch.randn(3, 64)
+    assert torch.allclose(module.project(hidden), F.linear(hidden.bfloat16().float(), table), rtol=1e-2, atol=1e-2)
+    assert torch.equal(module(ids), table[ids])  # also in the kernel layout (int4)
+    many = torch.randn(80, 64)  # more rows than CPU_KERNEL_MAX_ROWS: the dequant path
+    assert torch.allclose(module.project(many), F.linear(many, table), atol=1e-5)
+    assert (module.num_embeddings, module.embedding_dim) == (96, 64)
+
+
+def small_config(**changes) -> ModelConfig:
+    base = dict(vocab_size=512, hidden_size=64, num_layers=2, num_attention_heads=4, inner_hidden_size=256,
+                mask_token_id=500, gmask_token_id=501, bos_token_id=504, eos_token_id=505)
+    base.update(changes)
+    return ModelConfig(**base)
+
+
+def small_model(seed: int = 0) -> ChatGLM:
+    torch.manual_seed(seed)
+    model = ChatGLM(small_config()).eval().requires_grad_(False)
+    for name, p in model.named_parameters():
+        if p.dim() == 2:
+            p.normal_(0, 1.0 / p.shape[1] ** 0.5)
+    return model
+
+
+def last_logits(model: ChatGLM, prompt: list[int]) -> torch.Tensor:
+    c = model.config
+    position, block, context_length, _ = prompt_positions(prompt, c.bos_token_id, c.mask_token_id, c.gmask_token_id)
+    with torch.no_grad():
+        return model(torch.tensor([prompt]), torch.tensor([[position, block]]), [model.new_cache(len(prompt))],
+                     prefix_attention_mask(len(prompt), context_length))[0]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("embeddings", [False, True])
+def test_quantize_model_matches_dequantized_weights(bits, embeddings):
+    model = small_model()
+    reference = copy.deepcopy(model)
+    quantize_model(model, bits, embeddings=embeddings)
+    for i, layer in enumerate(model.layers):
+        for name in Q.LINEAR_NAMES:
+            assert isinstance(layer.get_submodule(name), QuantizedLinear)
+            reference.layers[i].get_submodule(name).weight.data = layer.get_submodule(name).dequantize()
+    if embeddings:
+        assert isinstance(model.word_embeddings, QuantizedEmbedding)
+        reference.word_embeddings.weight.data = model.word_embeddings.dequantize()
+    prompt = [7, 8, 9, 10, 11, 501, 504]
+    expected = last_logits(reference, prompt)
+    got = last_logits(model, prompt)  # prompt rows <= CPU_KERNEL_MAX_ROWS: the bf16-activation kernels
+    assert float((got - expected).abs().max()) <= 0.05 * float(expected.abs().max())
+    with pytest.raises(ValueError):
+        quantize_model(model, bits)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_empty_model_loads_quantized_state_dict(bits):
+    model = small_model()
+    thudm = {"transformer." + k: v for k, v in model.state_dict().items()}
+    stored = quantize_state_dict(thudm, bits, embeddings=True)
+    assert stored["transformer.layers.0.mlp.dense_h_to_4h.weight"].shape == (256, 64 * bits // 8)
+    assert stored["transformer.layers.1.attention.dense.weight_scale"].dtype == torch.float16
+    assert stored["transformer.word_embeddings.weight"].dtype == torch.int8
+    assert stored["transformer.final_layernorm.weight"] is thudm["transformer.final_layernorm.weight"]
+
+    quantized = copy.deepcopy(model)
+    quantize_model(quantized, bits, embeddings=True)
+    with torch.device("meta"):
+        empty = ChatGLM(model.config)
+    quantize_model(empty, bits, embeddings=True, empty=True)
+    empty = empty.to_empty(device="cpu").eval()
+    empty._rotary = None
+    missing, unexpected = empty.load_state_dict({k.removeprefix("transformer."): v for k, v in stored.items()},
+                                                strict=False)
+    assert not unexpected and all(name.endswith("inv_freq") for name in missing), missing
+    prompt = [3, 30, 300, 501, 504]
+    assert torch.equal(last_logits(empty, prompt), last_logits(quantized, prompt))
+    state = quantized.state_dict()  # round trip after the kernels re-laid out the int4 weights
+    for name, tensor in stored.items():
+        if name.startswith("transformer.") and "inv_freq" not in name:
+            assert torch.equal(state[name.removeprefix("transformer.")], tensor), name
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_prequantized_checkpoint_loads_and_matches_quantize_at_load(tiny_dir, tmp_path, bits):
+    from glmpool.engine import load
+    from glmpool.engine.tiny import write_tiny_checkpoint
+
+    stored = load(write_tiny_checkpoint(tmp_path / "q", seed=1, quantize=bits), progress=False)
+    at_load = load(tiny_dir, quantize=bits, progress=False)
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_bit"] == bits
+    prompt = stored.tokenizer.build_prompt("hello", [])
+    assert torch.equal(last_logits(stored.model, prompt), last_logits(at_load.model, prompt))
+    assert stored.chat("hello", do_sample=False, max_length=40) == at_load.chat("hello", do_sample=False, max_length=40)
+
+
+def test_int4_qe_checkpoint_layout_loads(tiny_dir, tmp_path):
+    """chatglm-6b-int4-qe: embeddings stored quantized, lm_head the same tensor, config flags set."""
+    import shutil
+    from glmpool.engine import load
+
+    target = tmp_path / "qe"
+    shutil.copytree(tiny_dir, target)
+    sd = torch.load(target / "pytorch_model.bin", weights_only=True)
+    sd = quantize_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, 4, embeddings=True)
+    torch.save({k: v.clone() for k, v in sd.items()}, target / "pytorch_model.bin")
+    config = json.loads((target / "config.json").read_text())
+    config.update(quantization_bit=4, quantization_embeddings=True)
+    (target / "config.json").write_text(json.dumps(config))
+    engine = load(target, progress=False)
+    assert isinstance(engine.model.word_embeddings, QuantizedEmbedding)
+    reference = load(tiny_dir, progress=False)
+    quantize_model(reference.model, 4, embeddings=True)
+    prompt = engine.tokenizer.build_prompt("hi", [])
+    assert torch.equal(last_logits(engine.model, prompt), last_logits(reference.model, prompt))
+
+
+def test_greedy_agreement_on_the_tiny_model(tiny_engine):
+    """Quantized greedy decoding against fp32 (random weights make this model unusually sensitive)."""
+    reference = tiny_engine.model
+    c = tiny_engine.config
+    rng = random.Random(0)
+    prompts = [[rng.randrange(6, c.mask_token_id) for _ in range(rng.randint(4, 20))]
+               + [c.gmask_token_id, c.bos_token_id] for _ in range(4)]
+    args = (prompts, 12, c.bos_token_id, c.mask_token_id, c.gmask_token_id)
+    assert Q.greedy_agreement(reference, reference, *args) == {"teacher_forced": 1.0, "prefix": 1.0, "exact": 1.0}
+    int8 = quantize_model(copy.deepcopy(reference), 8)
+    scores = Q.greedy_agreement(reference, int8, *args)
+    assert scores["teacher_forced"] >= 0.5, scores  # measured ~0.85 on this model; README has the figures
