@@ -1,0 +1,261 @@
+"""Decode benchmark: fp32 / int8 / int4 (and -qe: embeddings quantized too) on the medium random model.
+
+    python bench/decode.py [--rounds 3] [--batches 4,16,64] [--variants fp32,int8,int4,int8-qe,int4-qe]
+                           [--agreement] [--model DIR]
+
+Medium config (as the issue specifies): hidden 1024, 16 heads, inner 4096, 8 layers, vocab 130528, tied
+embeddings, ~234 M parameters (0.94 GB in fp32), random weights from `glmpool.engine.tiny`, built once
+into .cache/. For every variant: prompt ms (one 32-token prompt), decode tokens/s of one sequence,
+aggregate tokens/s of batches through `engine.batcher` (greedy), next to this machine's memory read
+bandwidth measured in the same run and the bound it implies (bandwidth / weight bytes read per token).
+
+The machine is shared and noisy: the variants run round-robin, several rounds, and the table shows
+medians plus ratios against fp32 measured in the same rounds. Not a test: no targets are asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import logging
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from glmpool.engine import SamplingParams, load  # noqa: E402
+from glmpool.engine import quantize as Q  # noqa: E402
+
+MEDIUM = dict(layers=8, hidden=1024, heads=16, inner=4096, vocab=130528, seed=0)
+PROMPT_TOKENS = 32
+
+
+def medium_checkpoint(cache: Path) -> Path:
+    from glmpool.engine.tiny import write_tiny_checkpoint
+
+    target = cache / "bench-medium-v1"
+    if not (target / "config.json").is_file():
+        print(f"building the medium random checkpoint in {target} ...", file=sys.stderr)
+        write_tiny_checkpoint(target, **MEDIUM)
+    return target
+
+
+def read_bandwidth(rounds: int = 7, megabytes: int = 1024) -> float:
+    """GB/s of a large fp32 tensor sum on torch's threads (median of rounds)."""
+    data = torch.ones(megabytes * (1 << 20) // 4)
+    data.sum()
+    speeds = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        data.sum()
+        speeds.append(data.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    return statistics.median(speeds)
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer, each storage once (the tied matrix is read once, as the output
+    projection; the embedding lookup reads one row). That is what one decode step streams from memory."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        key = tensor.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += tensor.untyped_storage().nbytes()
+    return total
+
+
+def make_prompt(config, rng: random.Random) -> list[int]:
+    return [rng.randrange(6, min(1000, config.mask_token_id)) for _ in range(PROMPT_TOKENS - 2)] \
+        + [config.gmask_token_id, config.bos_token_id]
+
+
+def measure(engine, batch: int, decode_steps: int, rng: random.Random) -> dict[str, float]:
+    """One measurement of a variant: (prompt ms and decode tok/s) at batch 1, or aggregate tok/s at `batch`."""
+    params = SamplingParams(do_sample=False, max_new_tokens=decode_steps + 8, max_length=4096)
+    batcher = engine.batcher(max_batch=batch)
+    for i in range(batch):
+        batcher.add_prompt(i, make_prompt(engine.config, rng), params)
+    start = time.perf_counter()
+    batcher.step()  # prefill (each prompt on its own) and each sequence's first token
+    prefill = time.perf_counter() - start
+    tokens, start = 0, time.perf_counter()
+    for _ in range(decode_steps):
+        tokens += len(batcher.step())
+        if not len(batcher):
+            break
+    elapsed = time.perf_counter() - start
+    return {"prompt_ms": prefill * 1e3 / batch, "tokens_per_s": tokens / elapsed}
+
+
+def prepare_chatglm_cpp(model_dir: Path, cache: Path) -> dict[str, Path]:
+    import subprocess
+
+    files = {}
+    for kind in ("f32", "q8_0", "q4_0"):
+        path = cache / f"{model_dir.name}-ggml-{kind}.bin"
+        if not path.is_file():
+            subprocess.run([sys.executable, str(ROOT / "bench" / "vs_chatglm_cpp.py"), "convert", str(model_dir),
+                            str(path), "--type", kind], check=True)
+        files[kind] = path
+    return files
+
+
+def run_chatglm_cpp(python: str, path: Path, tokens: int) -> float:
+    import json
+    import subprocess
+
+    out = subprocess.run([python, str(ROOT / "bench" / "vs_chatglm_cpp.py"), "run", str(path), "--tokens",
+                          str(tokens)], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["tokens_per_s"]
+
+
+def build_variants(model_dir: Path, names: list[str]) -> dict:
+    engines = {}
+    for name in names:
+        bits = {"fp32": None, "int8": 8, "int4": 4, "int8-qe": 8, "int4-qe": 4, "bf16": None}[name]
+        if name == "bf16":
+            engine = load(model_dir, dtype="bfloat16", progress=False)
+        elif name.endswith("-qe"):
+            engine = load(model_dir, progress=False)
+            Q.quantize_model(engine.model, bits, embeddings=True)
+        else:
+            engine = load(model_dir, quantize=bits, progress=False)
+        Q.prepare(engine.model)
+        # Random weights may well predict <eop>; the bench wants every sequence decoding every step.
+        engine.model.config = dataclasses.replace(engine.model.config, eos_token_id=-1)
+        engines[name] = engine
+        gc.collect()
+    return engines
+
+
+def agreement_table(engines: dict, reference: str, prompts: int, new_tokens: int, rng: random.Random) -> list[str]:
+    ref = engines[reference]
+    c = ref.config
+    sample = [[rng.randrange(6, min(1000, c.mask_token_id)) for _ in range(rng.randint(4, 24))] + [c.gmask_token_id, c.bos_token_id]
+              for _ in range(prompts)]
+    rows = []
+    for name, engine in engines.items():
+        if name == reference:
+            continue
+        s = Q.greedy_agreement(ref.model, engine.model, sample, new_tokens, c.bos_token_id, c.mask_token_id,
+                               c.gmask_token_id)
+        rows.append(f"| {name} | {s['teacher_forced']:.3f} | {s['prefix']:.3f} | {s['exact']:.2f} |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: the medium random one)")
+    parser.add_argument("--cache", type=Path, default=ROOT / ".cache")
+    parser.add_argument("--variants", default="fp32,int8,int4,int8-qe,int4-qe")
+    parser.add_argument("--batches", default="4,16,64")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--agreement", action="store_true", help="also greedy token agreement against fp32")
+    parser.add_argument("--agreement-prompts", type=int, default=8)
+    parser.add_argument("--agreement-tokens", type=int, default=16)
+    parser.add_argument("--chatglm-cpp", metavar="PYTHON", default=None,
+                        help="a python with chatglm-cpp installed (separate venv): also time its f32/q8_0/q4_0 "
+                             "decoding of the same checkpoint in the same rounds (see bench/vs_chatglm_cpp.py)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = args.model or medium_checkpoint(args.cache)
+    names = args.variants.split(",")
+    if "fp32" not in names:
+        names.insert(0, "fp32")
+    batches = [int(b) for b in args.batches.split(",") if b]
+    engines = build_variants(model_dir, names)
+    config = engines["fp32"].config
+    params = sum(p.numel() for p in engines["fp32"].model.parameters())
+    print(f"model {model_dir.name}: {params / 1e6:.0f} M parameters, hidden {config.hidden_size}, "
+          f"{config.num_layers} layers, vocab {config.vocab_size}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads", file=sys.stderr)
+
+    cpp_files = prepare_chatglm_cpp(model_dir, args.cache) if args.chatglm_cpp else {}
+    cpp = {kind: [] for kind in cpp_files}
+    rng = random.Random(0)
+    bandwidths = []
+    results = {name: {"prompt_ms": [], "tokens_per_s": [], **{f"b{b}": [] for b in batches}} for name in names}
+    for round_ in range(args.rounds):
+        bandwidths.append(read_bandwidth())
+        for name, engine in engines.items():
+            one = measure(engine, 1, args.decode_steps, rng)
+            results[name]["prompt_ms"].append(one["prompt_ms"])
+            results[name]["tokens_per_s"].append(one["tokens_per_s"])
+            for b in batches:
+                steps = max(4, args.decode_steps // max(1, b // 8))
+                results[name][f"b{b}"].append(measure(engine, b, steps, rng)["tokens_per_s"])
+            print(f"round {round_ + 1}/{args.rounds} {name}: " + ", ".join(
+                f"{k} {v[-1]:.1f}" for k, v in results[name].items()), file=sys.stderr, flush=True)
+        for kind, path in cpp_files.items():
+            cpp[kind].append(run_chatglm_cpp(args.chatglm_cpp, path, args.decode_steps * 2))
+            print(f"round {round_ + 1}/{args.rounds} chatglm.cpp {kind}: {cpp[kind][-1]:.1f} tok/s",
+                  file=sys.stderr, flush=True)
+        bandwidths.append(read_bandwidth())
+
+    bandwidth = statistics.median(bandwidths)
+    med = {name: {k: statistics.median(v) for k, v in r.items()} for name, r in results.items()}
+    # ratios per round against fp32 of the same round, then the median
+    ratio = {name: {k: statistics.median(a / b for a, b in zip(v, results["fp32"][k])) for k, v in r.items()}
+             for name, r in results.items()}
+    print(f"\nMemory read bandwidth (fp32 sum of 1 GiB, {torch.get_num_threads()} threads, median of "
+          f"{len(bandwidths)}): **{bandwidth:.1f} GB/s** (min {min(bandwidths):.1f}, max {max(bandwidths):.1f}).\n")
+    header = ("| variant | weight bytes/token | bound tok/s | prompt ms (32 tok) | decode tok/s (batch 1) | "
+              "% of bound | " + " | ".join(f"batch {b} tok/s" for b in batches) + " |")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for name, engine in engines.items():
+        nbytes = weight_bytes_per_token(engine.model)
+        bound = bandwidth * 1e9 / nbytes
+        m, r = med[name], ratio[name]
+        cells = [f"{nbytes / 1e6:.0f} MB", f"{bound:.1f}",
+                 f"{m['prompt_ms']:.0f} ({r['prompt_ms']:.2f}x)",
+                 f"{m['tokens_per_s']:.1f} ({r['tokens_per_s']:.2f}x)",
+                 f"{100 * m['tokens_per_s'] / bound:.0f}%"]
+        cells += [f"{m[f'b{b}']:.1f} ({r[f'b{b}']:.2f}x)" for b in batches]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\n(x): ratio to fp32 measured in the same rounds (prompt: time ratio, lower is faster; "
+          "tokens/s: speed ratio).")
+    if batches:
+        print("Batch scaling (aggregate tokens/s at batch b / decode tokens/s at batch 1): " + "; ".join(
+            f"{name} " + ", ".join(f"b{b} {med[name][f'b{b}'] / med[name]['tokens_per_s']:.1f}x" for b in batches)
+            for name in names))
+
+    if cpp:
+        print("\nchatglm.cpp (C++/ggml; its q8_0/q4_0 quantize the embeddings too, so compare with -qe), batch-1 "
+              "decode in the same rounds:\n")
+        print("| chatglm.cpp | tok/s | glmpool counterpart | glmpool tok/s | glmpool / chatglm.cpp (per round, median) |")
+        print("|---|---|---|---|---|")
+        for kind, ours in (("f32", "fp32"), ("q8_0", "int8-qe"), ("q4_0", "int4-qe")):
+            if kind in cpp and ours in results:
+                per_round = statistics.median(a / b for a, b in zip(results[ours]["tokens_per_s"], cpp[kind]))
+                print(f"| {kind} | {statistics.median(cpp[kind]):.1f} | {ours} | {med[ours]['tokens_per_s']:.1f} | "
+                      f"{per_round:.2f} |")
+
+    if args.agreement:
+        print(f"\nGreedy agreement with fp32 ({args.agreement_prompts} prompts x {args.agreement_tokens} tokens):\n")
+        print("| variant | teacher-forced token agreement | identical prefix (fraction) | identical continuations |")
+        print("|---|---|---|---|")
+        agreement_engines = dict(engines)
+        if "bf16" not in agreement_engines:
+            agreement_engines["bf16 (yardstick)"] = build_variants(model_dir, ["bf16"])["bf16"]
+        fp16 = copy.deepcopy(engines["fp32"])
+        fp16.model = fp16.model.half()
+        fp16.model._rotary = None
+        agreement_engines["fp16 (yardstick)"] = fp16
+        for row in agreement_table(agreement_engines, "fp32", args.agreement_prompts, args.agreement_tokens,
+                                   random.Random(1)):
+            print(row)
+
+
+if __name__ == "__main__":
+    main()
