@@ -75,7 +75,7 @@ class _Pool:
             self.lines.append(line.rstrip("\n"))
 
     def wait_for_line(self, text: str) -> None:
-        _wait(lambda: any(text in line for line in self.lines) or self.proc.poll() is not None,
+        wait_for(lambda: any(text in line for line in self.lines) or self.proc.poll() is not None,
               self.timeout, f"console line {text!r}")
         if not any(text in line for line in self.lines):
             raise SelftestError(f"pool exited ({self.proc.returncode}) before {text!r}")
@@ -95,14 +95,15 @@ class _Pool:
         return self.proc.returncode
 
 
-def _wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, error: type = None) -> Any:
+    """The predicate's first truthy value, polled every 50 ms; `error` (SelftestError) after `timeout`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(0.05)
-    raise SelftestError(f"timed out after {timeout:.0f}s waiting for {what}")
+    raise (error or SelftestError)(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def _send_seed(requests: Path, rid: str, question: str) -> None:
@@ -169,7 +170,7 @@ def run(workdir: Path | None = None, timeout: float = 120.0, out: TextIO = sys.s
         def seed_form() -> str:
             _send_seed(requests, "1", QUESTION)
             answer = _answer(spool, "1", timeout)
-            _wait(lambda: not (requests / "1.request").exists()
+            wait_for(lambda: not (requests / "1.request").exists()
                   and not (requests / "1.history").exists(), timeout, "inputs removed")
             return f"{len(answer)} characters, inputs removed"
         check("seed protocol: 1.history + 1.request -> 1.back", seed_form)
@@ -201,7 +202,7 @@ def run(workdir: Path | None = None, timeout: float = 120.0, out: TextIO = sys.s
             def busy_worker() -> dict[str, Any] | None:
                 return next((w for w in _workers(_status(spool, timeout))
                              if int(w.get("in_flight") or 0) > 0 and w.get("pid")), None)
-            victim = _wait(busy_worker, timeout, "a worker generating")
+            victim = wait_for(busy_worker, timeout, "a worker generating")
             os.kill(int(victim["pid"]), signal.SIGKILL)
             for rid in ids:
                 _answer(spool, rid, timeout)
@@ -212,7 +213,7 @@ def run(workdir: Path | None = None, timeout: float = 120.0, out: TextIO = sys.s
                         and str(same[0].get("state", "")).lower() == "running":
                     return same[0]
                 return None
-            w = _wait(recovered, timeout, "the killed worker restarted")
+            w = wait_for(recovered, timeout, "the killed worker restarted")
             return (f"worker {victim.get('id')} killed with {victim.get('in_flight')} in flight; "
                     f"all {len(ids)} answered; restarts={w.get('restarts')}")
         check("SIGKILL a worker mid-generation", kill_worker)

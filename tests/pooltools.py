@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = str(Path(__file__).resolve().parent.parent)
@@ -19,13 +18,8 @@ FAST = ("--model", "tiny-random", "--poll-interval", "0.2", "--worker-threads", 
 
 
 def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    from glmpool.selftest import wait_for as poll
+    return poll(predicate, timeout, what, AssertionError)
 
 
 def glmpool(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
