@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--shards", type=int, default=1)
     tiny.add_argument("--safetensors", action="store_true")
-    tiny.add_argument("--quantize", type=int, choices=(4, 8), default=None)
+    tiny.add_argument("--quantize", choices=("4", "8", "4-qe", "8-qe"), default=None,
+                      help="write it pre-quantized like THUDM's -int4 (-qe: embeddings too, like -int4-qe)")
 
     sub.add_parser("selftest", help="check this installation end to end with a tiny model", add_help=False)
     return parser
@@ -183,12 +184,13 @@ def quit_command(args) -> int:
 
 
 def tiny_model(args) -> int:
+    from .engine import EngineError
     from .engine.tiny import write_tiny_checkpoint
     try:
         path = write_tiny_checkpoint(args.path, layers=args.layers, hidden=args.hidden, heads=args.heads,
                                      inner=args.inner, vocab=args.vocab, seed=args.seed, shards=args.shards,
                                      safetensors=args.safetensors, quantize=args.quantize)
-    except (ValueError, ImportError) as error:
+    except (ValueError, ImportError, EngineError) as error:
         print(f"glmpool tiny-model: {error}", file=sys.stderr)
         return 2
     print(path)

@@ -59,7 +59,8 @@ SETTINGS = [
             "hub id (THUDM/chatglm-6b, -int4, -int4-qe), checkpoint directory, or tiny-random", "ID|DIR"),
     Setting("gpus", str, "", "workers: CUDA indices '0,1', 'cpu' entries ('cpu,cpu'), or 'all' "
                              "(default: every visible GPU, else one cpu worker)", "LIST"),
-    Setting("quantize", _choice(4, 8), None, "quantize weights at load: 4 or 8 bits", "BITS"),
+    Setting("quantize", _choice(4, 8, "4-qe", "8-qe"), None,
+            "quantize weights at load to 4 or 8 bits; -qe: the embeddings (= output projection) too", "BITS"),
     Setting("dtype", _choice("float16", "bfloat16", "float32"), None,
             "compute dtype (default float16 on GPUs, float32 on cpu)", "DTYPE"),
     Setting("dir", str, ".", "spool root; requests/ and flags/ are created in it", "DIR"),
@@ -71,6 +72,8 @@ SETTINGS = [
     Setting("kv_cache_gb", float, None, "KV-cache budget per worker in GiB (default: sized from free memory)", "GIB"),
     Setting("max_length", int, 2048, "default max_length (prompt + answer tokens) of a request", "N"),
     Setting("request_timeout", float, 0.0, "default per-request deadline in seconds (0: none)", "S"),
+    Setting("partial_seconds", float, 0.25, "rewrite a request's .partial at most this often (seconds)", "S"),
+    Setting("partial_tokens", int, 1, "... and at most every N generated tokens (0: no .partial files)", "N"),
     Setting("poll_interval", float, 0.5, "seconds between directory scans (inotify wakes earlier locally)", "S"),
     Setting("lease_seconds", float, 60.0, "a claim not renewed for this long is taken over by another host", "S"),
     Setting("grace_seconds", float, 300.0, "on stop, how long in-flight generations may finish", "S"),
@@ -88,7 +91,7 @@ BY_NAME = {s.name: s for s in SETTINGS}
 class Config:
     model: str
     gpus: str
-    quantize: int | None
+    quantize: int | str | None
     dtype: str | None
     dir: str
     cache_dir: str
@@ -98,6 +101,8 @@ class Config:
     kv_cache_gb: float | None
     max_length: int
     request_timeout: float
+    partial_seconds: float
+    partial_tokens: int
     poll_interval: float
     lease_seconds: float
     grace_seconds: float

@@ -8,8 +8,8 @@ The worker never touches the spool. It talks to the supervisor through a queue a
                                   | ("error", wid, key, message)
 A worker holds any number of requests at once (up to max_batch generate together, the rest wait in
 arrival order). The key is the claim's token, unique even when a client reuses a request id.
-"token" messages are sent at most every progress_seconds per request: enough for .partial files,
-without streaming the growing text through the pipe after every step.
+"token" messages are sent at most every progress_seconds and every progress_tokens per request (0 tokens:
+never): enough for .partial files, without streaming the growing text through the pipe after every step.
 This module imports no torch at module level: the process is spawned, sets CUDA_VISIBLE_DEVICES,
 and only then imports the engine, so CUDA initialises on the right device.
 """
@@ -35,12 +35,13 @@ class WorkerSpec:
     device: str  # "cpu" or a CUDA index as a string
     model: str
     dtype: str | None
-    quantize: int | None
+    quantize: int | str | None
     cache_dir: str
     max_batch: int
     kv_cache_gb: float | None
     threads: int = 0  # torch intra-op threads (0: torch's default)
     progress_seconds: float = 0.25
+    progress_tokens: int = 1
 
     @property
     def label(self) -> str:
@@ -83,6 +84,7 @@ class Task:
     deadline: float | None  # wall clock
     received: float = field(default_factory=time.time)
     reported: float = 0.0  # monotonic time of the last progress message
+    reported_tokens: int = 0  # generated tokens at the last progress message
 
 
 class Loop:
@@ -162,8 +164,10 @@ class Loop:
             task = self.active.get(event.key)
             if event.finished:
                 self.finish(event, event.finish_reason)
-            elif task is not None and now - task.reported >= self.spec.progress_seconds:
-                task.reported = now
+            elif task is not None and self.spec.progress_tokens \
+                    and event.generated_tokens - task.reported_tokens >= self.spec.progress_tokens \
+                    and now - task.reported >= self.spec.progress_seconds:
+                task.reported, task.reported_tokens = now, event.generated_tokens
                 self.results.send(("token", self.spec.wid, event.key, event.text, event.generated_tokens))
 
     def finish(self, event, reason: str) -> None:

@@ -254,21 +254,63 @@ def test_empty_model_loads_quantized_state_dict(bits):
             assert torch.equal(state[name.removeprefix("transformer.")], tensor), name
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_prequantized_checkpoint_loads_and_matches_quantize_at_load(tiny_dir, tmp_path, bits):
+@pytest.mark.parametrize("spec", [8, 4, "8-qe", "4-qe"])
+def test_prequantized_checkpoint_loads_and_matches_quantize_at_load(tiny_dir, tmp_path, spec):
+    from glmpool.cli import main
     from glmpool.engine import load
-    from glmpool.engine.tiny import write_tiny_checkpoint
 
-    stored = load(write_tiny_checkpoint(tmp_path / "q", seed=1, quantize=bits), progress=False)
-    at_load = load(tiny_dir, quantize=bits, progress=False)
-    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_bit"] == bits
+    assert main(["tiny-model", str(tmp_path / "q"), "--seed", "1", "--quantize", str(spec)]) == 0
+    stored = load(tmp_path / "q", progress=False)
+    at_load = load(tiny_dir, quantize=spec, progress=False)
+    bits, embeddings = Q.parse_quantize(spec)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert (config["quantization_bit"], config["quantization_embeddings"]) == (bits, embeddings)
+    for engine in (stored, at_load):
+        assert isinstance(engine.model.word_embeddings, QuantizedEmbedding) == embeddings
+        assert all(isinstance(layer.mlp.dense_h_to_4h, QuantizedLinear) for layer in engine.model.layers)
     prompt = stored.tokenizer.build_prompt("hello", [])
     assert torch.equal(last_logits(stored.model, prompt), last_logits(at_load.model, prompt))
     assert stored.chat("hello", do_sample=False, max_length=40) == at_load.chat("hello", do_sample=False, max_length=40)
 
 
-def test_int4_qe_checkpoint_layout_loads(tiny_dir, tmp_path):
-    """chatglm-6b-int4-qe: embeddings stored quantized, lm_head the same tensor, config flags set."""
+def test_quantize_spec_errors_and_mismatches(tiny_dir, tmp_path):
+    from glmpool.engine import EngineError, load
+    from glmpool.engine.tiny import write_tiny_checkpoint
+
+    assert Q.parse_quantize("int4-qe") == (4, True) and Q.parse_quantize(None) == (None, False)
+    for bad in (3, "16", "4qe", "qe"):
+        with pytest.raises(EngineError, match="4, 8, 4-qe or 8-qe"):
+            load(tiny_dir, quantize=bad, progress=False)
+    int8 = write_tiny_checkpoint(tmp_path / "int8", seed=1, quantize=8)
+    with pytest.raises(EngineError, match="stored quantized to 8 bits"):
+        load(int8, quantize=4, progress=False)
+
+
+def test_embeddings_quantized_at_load_on_a_layers_only_checkpoint(tiny_dir, tmp_path):
+    """chatglm-6b-int4 loaded with "4-qe" == chatglm-6b-int4-qe: the embeddings are quantized at load."""
+    from glmpool.engine import load
+    from glmpool.engine.tiny import write_tiny_checkpoint
+
+    upgraded = load(write_tiny_checkpoint(tmp_path / "int4", seed=1, quantize=4), quantize="4-qe", progress=False)
+    qe = load(write_tiny_checkpoint(tmp_path / "int4-qe", seed=1, quantize="4-qe"), progress=False)
+    assert isinstance(upgraded.model.word_embeddings, QuantizedEmbedding)
+    prompt = qe.tokenizer.build_prompt("hello", [])
+    assert torch.equal(last_logits(upgraded.model, prompt), last_logits(qe.model, prompt))
+
+
+def test_int4_weights_are_laid_out_for_the_cpu_kernel_at_load(tiny_dir):
+    from glmpool.engine import load
+
+    if not Q._cpu_int4_layout_ok():
+        pytest.skip("this torch has no usable CPU int4 kernel: int4 runs dequantize + matmul")
+    model = load(tiny_dir, quantize="4-qe", progress=False).model
+    layouts = {name: m._current_layout() for name, m in Q.quantized_modules(model)}
+    assert set(layouts.values()) == {Q.QuantizedMatrix.LAYOUT_CPU_INT4}, layouts
+
+
+@pytest.mark.parametrize("stored_as", ["both", "lm_head only"])
+def test_int4_qe_checkpoint_layout_loads(tiny_dir, tmp_path, stored_as):
+    """chatglm-6b-int4-qe: embeddings stored quantized, lm_head the same tensor (or the only copy)."""
     import shutil
     from glmpool.engine import load
 
@@ -276,6 +318,9 @@ def test_int4_qe_checkpoint_layout_loads(tiny_dir, tmp_path):
     shutil.copytree(tiny_dir, target)
     sd = torch.load(target / "pytorch_model.bin", weights_only=True)
     sd = quantize_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, 4, embeddings=True)
+    assert "lm_head.weight_scale" in sd
+    if stored_as == "lm_head only":
+        del sd["transformer.word_embeddings.weight"], sd["transformer.word_embeddings.weight_scale"]
     torch.save({k: v.clone() for k, v in sd.items()}, target / "pytorch_model.bin")
     config = json.loads((target / "config.json").read_text())
     config.update(quantization_bit=4, quantization_embeddings=True)

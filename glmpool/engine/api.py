@@ -92,39 +92,48 @@ class Engine:
 
 
 def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         cache_dir: str | Path = ".cache", quantize: int | None = None, progress: bool = True) -> Engine:
-    """Load a ChatGLM-6B checkpoint (directory, hub id, or "tiny-random") into an Engine."""
+         cache_dir: str | Path = ".cache", quantize: int | str | None = None, progress: bool = True) -> Engine:
+    """Load a ChatGLM-6B checkpoint (directory, hub id, or "tiny-random") into an Engine.
+
+    quantize: 4, 8, "4-qe", "8-qe" (see quantize.parse_quantize), or None to run the checkpoint as stored.
+    A pre-quantized checkpoint keeps its bits; "-qe" on one stored without quantized embeddings
+    quantizes them at load.
+    """
     device = parse_device(device)
     dtype = parse_dtype(dtype, device)
+    from .quantize import parse_quantize, prepare, quantize_model
+    bits, embeddings = parse_quantize(quantize)
     model_dir = checkpoint.resolve(str(model), cache_dir)
     config = checkpoint.read_config(model_dir)
     if not (model_dir / "ice_text.model").is_file():
         raise CheckpointError(f"{model_dir}: no ice_text.model (the tokenizer)")
     tokenizer = ChatGLMTokenizer.from_dir(model_dir)
     stored_bits = config.quantization_bit or None
-    if quantize not in (None, 4, 8):
-        raise EngineError(f"quantize must be 4 or 8, got {quantize!r}")
-    if stored_bits and quantize and quantize != stored_bits:
-        raise EngineError(f"{model_dir} is stored quantized to {stored_bits} bits; it cannot be loaded as {quantize}-bit")
+    stored_embeddings = bool(stored_bits and config.quantization_embeddings)
+    if stored_bits and bits and bits != stored_bits:
+        raise EngineError(f"{model_dir} is stored quantized to {stored_bits} bits; it cannot be loaded as {bits}-bit")
+    bits = bits or stored_bits
+    quantize_layers = bool(bits and not stored_bits)
+    quantize_embeddings = embeddings and not stored_embeddings
     if str(model) == "tiny-random":
         log.warning("model tiny-random has random weights: its answers are noise (for tests and smoke runs)")
 
     # Quantizing at load time works on the host, one matrix at a time, so a GPU never holds the fp copy.
-    load_device = torch.device("cpu") if quantize and not stored_bits else device
+    load_device = torch.device("cpu") if quantize_layers or quantize_embeddings else device
     with torch.device("meta"):
         net = ChatGLM(config)
     net = net.to(dtype)
     if stored_bits:
-        from .quantize import quantize_model
-        quantize_model(net, stored_bits, embeddings=config.quantization_embeddings, empty=True)
+        quantize_model(net, stored_bits, embeddings=stored_embeddings, empty=True)
     net = net.to_empty(device=load_device)
     net._rotary = None
     checkpoint.load_weights(net, model_dir, progress)
-    if quantize and not stored_bits:
-        from .quantize import quantize_model
-        quantize_model(net, quantize)
+    if quantize_layers or quantize_embeddings:
+        quantize_model(net, bits, layers=quantize_layers, embeddings=quantize_embeddings)
         net = net.to(device)
+    prepare(net)
     net.eval().requires_grad_(False)
+    quantized = f", int{bits}" + ("-qe" if embeddings or stored_embeddings else "") if bits else ""
     log.info("loaded %s (%d layers, hidden %d%s) on %s as %s", model, config.num_layers, config.hidden_size,
-             f", int{quantize or stored_bits}" if (quantize or stored_bits) else "", device, str(dtype).removeprefix("torch."))
+             quantized, device, str(dtype).removeprefix("torch."))
     return Engine(net, tokenizer, str(model))

@@ -141,14 +141,13 @@ def load_weights(model: torch.nn.Module, model_dir: Path, progress: bool = True)
     targets = {k: v for k, v in targets.items() if not k.startswith("_")}
     filled: set[str] = set()
     mis_shaped: list[str] = []
-    lm_head: torch.Tensor | None = None
+    lm_head: dict[str, torch.Tensor] = {}  # "weight" (and "weight_scale" when quantized) -> tensor
     for raw_name, tensor, mapped in iter_tensors(model_dir, progress):
         name = internal_name(raw_name)
         if name is None:
             continue
         if name.startswith("lm_head."):
-            if name == "lm_head.weight":
-                lm_head = tensor
+            lm_head[name.removeprefix("lm_head.")] = tensor
             continue
         target = targets.get(name)
         if target is None:
@@ -159,11 +158,11 @@ def load_weights(model: torch.nn.Module, model_dir: Path, progress: bool = True)
             continue
         copy_into(target, tensor, mapped)
         filled.add(name)
-    embedding = "word_embeddings.weight"
-    if embedding in targets and embedding not in filled and lm_head is not None \
-            and tuple(lm_head.shape) == tuple(targets[embedding].shape):
-        copy_into(targets[embedding], lm_head, False)  # only the output copy was stored: the same matrix
-        filled.add(embedding)
+    for part, tensor in lm_head.items():  # only the output copy was stored: it is the same matrix
+        embedding = "word_embeddings." + part
+        if embedding in targets and embedding not in filled and tuple(tensor.shape) == tuple(targets[embedding].shape):
+            copy_into(targets[embedding], tensor, False)
+            filled.add(embedding)
     missing = sorted(set(targets) - filled)
     if mis_shaped or missing:
         parts = []

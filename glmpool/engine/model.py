@@ -199,7 +199,9 @@ class ChatGLM(nn.Module):
         return self._rotary
 
     def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The tied output projection: [B, H] -> [B, vocab]. Quantization swaps this method's matrix."""
+        """The tied output projection: [B, H] -> [B, vocab]."""
+        if hasattr(self.word_embeddings, "project"):  # a quantized table multiplies by itself
+            return self.word_embeddings.project(hidden)
         if hidden.shape[0] > 1:  # several sequences: see project()
             return (self.word_embeddings.weight @ hidden.t()).t()
         return F.linear(hidden, self.word_embeddings.weight)

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import EngineError
+
 log = logging.getLogger(__name__)
 
 SUPPORTED_BITS = (4, 8)
@@ -51,6 +53,22 @@ INT4_GROUP_SIZES = (256, 128, 64, 32)  # allowed by the CPU int4 kernel (all gro
 KERNEL_K_MULTIPLE = 32  # the CPU kernels misbehave (garbage, crashes) unless K is a multiple of 8; be safe
 DEQUANT_CHUNK_BYTES = 8 << 20  # dequantized block size on CPU (fits in L2/L3 next to its GEMM)
 CUDA_DEQUANT_CHUNK_BYTES = 256 << 20  # bounds the temporary fp16 copy of a huge matrix (the -qe lm_head)
+
+
+def parse_quantize(quantize: int | str | None) -> tuple[int | None, bool]:
+    """4, 8, "4-qe" or "8-qe" (None: as stored) -> (bits, whether the word embeddings are quantized too).
+
+    "-qe" is THUDM's name (chatglm-6b-int4-qe): the embedding matrix, which is also the output
+    projection, is quantized like the layers. On a 6B model it is 5% of the weights; on small
+    vocabulary-heavy models it is most of what a decode step reads.
+    """
+    if quantize is None or quantize == "":
+        return None, False
+    text = str(quantize).lower().removeprefix("int")
+    bits, embeddings = (text[:-3], True) if text.endswith("-qe") else (text, False)
+    if bits not in ("4", "8"):
+        raise EngineError(f"quantize must be 4, 8, 4-qe or 8-qe, got {quantize!r}")
+    return int(bits), embeddings
 
 
 def _check_bits(bits: int) -> None:
@@ -476,17 +494,19 @@ def _replace(parent: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(parent, name, new)
 
 
-def quantize_model(model: nn.Module, bits: int, embeddings: bool = False, empty: bool = False) -> nn.Module:
+def quantize_model(model: nn.Module, bits: int, embeddings: bool = False, empty: bool = False,
+                   layers: bool = True) -> nn.Module:
     """Swap the four Linear kinds of every layer (and with `embeddings` the word embeddings, which also
     serve as the output projection) for quantized modules, in place; return the model.
 
     empty=True allocates uninitialized quantized buffers of the right shapes on the model's device (meta
     included) for a pre-quantized checkpoint to be copied into; otherwise the existing weights are
     quantized one matrix at a time and each fp matrix is released as soon as it is replaced, so the peak
-    is the fp model plus one quantized matrix.
+    is the fp model plus one quantized matrix. layers=False leaves the layers as they are (e.g. a
+    checkpoint stored quantized without its embeddings).
     """
     _check_bits(bits)
-    for layer in model.layers:
+    for layer in model.layers if layers else ():
         for name in LINEAR_NAMES:
             linear = layer.get_submodule(name)
             if isinstance(linear, QuantizedMatrix):
@@ -497,13 +517,11 @@ def quantize_model(model: nn.Module, bits: int, embeddings: bool = False, empty:
         embedding = model.word_embeddings
         if isinstance(embedding, QuantizedMatrix):
             raise ValueError("word_embeddings is already quantized")
+        # also the output projection: ChatGLM.output_logits uses its `project`
         model.word_embeddings = QuantizedEmbedding.from_embedding(embedding, bits, empty=empty)
         del embedding
-        # The model's output projection reads model.word_embeddings.weight as a float matrix; route it
-        # through the quantized matmul instead (the instance attribute shadows the method).
-        model.output_logits = model.word_embeddings.project
-    log.info("quantized %d layers to int%d%s%s", len(model.layers), bits, " and the embeddings" if embeddings else "",
-             " (empty, for loading)" if empty else "")
+    log.info("quantized %s to int%d%s", "the layers" if layers else "nothing in the layers", bits,
+             " and the embeddings" if embeddings else "")
     return model
 
 

@@ -226,9 +226,14 @@ def save_state_dict(sd: dict[str, torch.Tensor], out: Path, shards: int, safeten
 
 def write_tiny_checkpoint(path: str | Path, layers: int = 2, hidden: int = 64, heads: int = 4,
                           inner: int | None = None, vocab: int = 1024, seed: int = 0, safetensors: bool = False,
-                          quantize: int | None = None, max_sequence_length: int = 2048, shards: int = 1,
+                          quantize: int | str | None = None, max_sequence_length: int = 2048, shards: int = 1,
                           dtype: torch.dtype = torch.float16) -> Path:
-    """Write a deterministic random-weight checkpoint in THUDM's layout into `path`; return it."""
+    """Write a deterministic random-weight checkpoint in THUDM's layout into `path`; return it.
+
+    quantize: 4, 8, "4-qe" or "8-qe" writes it pre-quantized, as THUDM's -int4 / -int4-qe checkpoints.
+    """
+    from .quantize import parse_quantize
+    bits, embeddings = parse_quantize(quantize)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     if hidden % (heads * 4):
@@ -239,14 +244,14 @@ def write_tiny_checkpoint(path: str | Path, layers: int = 2, hidden: int = 64, h
     config = ModelConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_attention_heads=heads,
                          inner_hidden_size=inner or 4 * hidden, max_sequence_length=max_sequence_length,
                          mask_token_id=base, gmask_token_id=base + 1, bos_token_id=base + 4, eos_token_id=base + 5,
-                         pad_token_id=3, quantization_bit=quantize or 0)
+                         pad_token_id=3, quantization_bit=bits or 0,
+                         quantization_embeddings=embeddings)
     raw_config = config.to_dict()
-    raw_config["quantization_embeddings"] = False
     sd = {k: v.to(dtype) if v.is_floating_point() and not k.endswith("inv_freq") else v
           for k, v in random_state_dict(config, seed).items()}
-    if quantize:
+    if bits:
         from .quantize import quantize_state_dict
-        sd = quantize_state_dict(sd, quantize)
+        sd = quantize_state_dict(sd, bits, embeddings)
     (out / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n")
     (out / "tokenizer_config.json").write_text(json.dumps({
         "name_or_path": "glmpool/tiny-random", "remove_space": False, "do_lower_case": False,
