@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -28,7 +29,6 @@ log = logging.getLogger("glmpool")
 MAX_ATTEMPTS = 3  # a request that crashed workers this often fails
 MAX_START_FAILURES = 3  # a device that failed to start this often in a row becomes FATAL
 BACKOFF_CAP = 30.0
-PARTIAL_SECONDS = 0.25  # workers report progress, and .partial is rewritten, at most this often per request
 HOST_BEAT_SECONDS = 1.0
 LOOP_SECONDS = 0.1  # longest sleep of the main loop: flags and signals are seen within this
 
@@ -116,7 +116,8 @@ class Supervisor:
         self.exit_code = 0
         self.signals: deque = deque()
         self.pending: deque[Job] = deque()  # claimed, waiting for a worker (requeued or adopted)
-        self.backlog: deque = deque()  # (id, names) from the last scan, oldest first, not yet looked at
+        self.backlog: deque = deque()  # (id, names) from the last scan, in dispatch order, not yet looked at
+        self.priorities: dict[str, tuple] = {}  # id -> (mtime_ns, size, priority) of .json inputs seen by scan
         self.dirty = True  # something may have arrived since the last scan
         self.slots: list[Slot] = []
         self.context = None
@@ -142,7 +143,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda signum, frame: self.signals.append(signum))
         self.watch = DirWatch(self.requests, self.flags, suffixes=spool.INPUT_SUFFIXES + (".cancel", ".flag"))
-        self.pending.extend(self.claims_to_jobs(self.claims.orphans()))
+        self.queue_pending(self.claims_to_jobs(self.claims.orphans()))
         for slot in self.slots:
             self.spawn(slot)
         log.info("supervisor %d on %s: %d worker(s) on %s, spool %s", os.getpid(), self.config.host_id,
@@ -160,7 +161,7 @@ class Supervisor:
         if not threads and device == "cpu":  # cpu workers share the cores instead of fighting over them
             threads = max(1, len(os.sched_getaffinity(0)) // devices.count("cpu"))
         return WorkerSpec(wid, device, c.model, c.dtype, c.quantize, c.cache_dir, c.max_batch, c.kv_cache_gb,
-                          threads, PARTIAL_SECONDS)
+                          threads, c.partial_seconds, c.partial_tokens)
 
     def manage(self) -> bool:
         """One round of the main loop; True when it is time to exit."""
@@ -324,7 +325,7 @@ class Supervisor:
             else:
                 log.info("requeueing %s (attempt %d, alone)", job.request.id, job.claim.attempts + 1)
                 self.claims.update(job.claim)  # an adopter would continue the count
-                self.pending.appendleft(job)
+                self.queue_pending([job])
         if slot.jobs:
             self.dirty = True
         slot.jobs.clear()
@@ -404,7 +405,7 @@ class Supervisor:
                     self.fail(job, message[3], {"reason": "rejected by the model"})
             except OSError as error:  # still claimed: run it again rather than lose it
                 log.error("cannot publish the result of %s, it will run again: %s", job.request.id, error)
-                self.pending.append(job)
+                self.queue_pending([job])
 
     # --- requests --------------------------------------------------------------------------------
 
@@ -443,7 +444,9 @@ class Supervisor:
         return min(usable, key=lambda s: len(s.jobs)) if usable else None
 
     def scan(self) -> list[tuple[str, dict]]:
-        """Ready-looking request ids, oldest first (FIFO by the main input's mtime, across both forms)."""
+        """Ready-looking request ids in dispatch order: higher `priority` first, then oldest first (FIFO by
+        the main input's mtime, across both forms). Only .json inputs carry a priority (seed form: 0); it is
+        read once per (id, mtime, size), so a rescan of a deep queue costs a stat per request."""
         groups: dict[str, dict] = {}
         try:
             entries = list(os.scandir(self.requests))
@@ -455,18 +458,26 @@ class Supervisor:
             parts = spool.split_name(entry.name)
             if parts and parts[1] in spool.INPUT_SUFFIXES + (".cancel",):
                 groups.setdefault(parts[0], {})[parts[1]] = entry
-        ready = []
+        ready, priorities = [], {}
         for request_id, names in groups.items():
             main = ".json" if ".json" in names else ".request" if ".request" in names else None
             if main is None:
                 continue
             try:
-                arrived = names[main].stat(follow_symlinks=False).st_mtime
+                info = names[main].stat(follow_symlinks=False)
             except OSError:
                 continue
-            ready.append((arrived, request_id, names))
-        ready.sort(key=lambda item: item[:2])
-        return [(rid, names) for _, rid, names in ready]
+            priority = 0
+            if main == ".json":
+                known = self.priorities.get(request_id)
+                if known is None or known[:2] != (info.st_mtime_ns, info.st_size):
+                    known = (info.st_mtime_ns, info.st_size, read_priority(names[main].path, info))
+                priorities[request_id] = known
+                priority = known[2]
+            ready.append((-priority, info.st_mtime, request_id, names))
+        self.priorities = priorities  # forget requests that are gone
+        ready.sort(key=lambda item: item[:3])
+        return [(rid, names) for _, _, rid, names in ready]
 
     def take(self, request_id: str, names: dict) -> Job | None:
         """Check a request in place (complete? valid?), claim it, then read what was claimed: that is
@@ -512,7 +523,13 @@ class Supervisor:
 
     def adopt_orphans(self) -> None:
         if self.status != "stopping":
-            self.pending.extend(self.claims_to_jobs(self.claims.orphans()))
+            self.queue_pending(self.claims_to_jobs(self.claims.orphans()))
+
+    def queue_pending(self, jobs: list[Job]) -> None:
+        """Claimed jobs waiting for a worker (requeued, adopted, or to run again): they go before anything
+        unclaimed, among themselves by priority, then oldest first."""
+        if jobs:
+            self.pending = deque(sorted([*self.pending, *jobs], key=lambda j: (-j.request.priority, j.request.arrived)))
 
     def assign(self, job: Job, slot: Slot) -> None:
         params = {"max_length": self.config.max_length, "do_sample": True, "top_p": 0.7, "temperature": 0.95,
@@ -647,6 +664,23 @@ class Supervisor:
                        and not e.name.startswith("."))
         except OSError:
             return 0
+
+
+def read_priority(path: str, info: os.stat_result) -> int:
+    """The `priority` of a .json request, for ordering only: 0 for anything unreadable or invalid (take()
+    judges validity, and fails bad requests properly). Never follows a symlink or blocks on a fifo."""
+    if not stat.S_ISREG(info.st_mode) or info.st_size > spool.MAX_INPUT_BYTES:
+        return 0
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            data = os.read(fd, spool.MAX_INPUT_BYTES + 1)
+        finally:
+            os.close(fd)
+        value = json.loads(data).get("priority", 0)
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return 0
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def exit_text(code: int | None) -> str:
