@@ -31,9 +31,9 @@ same number of bits, and the output projection (lm_head) is that same quantized 
 """
 from __future__ import annotations
 
+import functools
 import logging
-import threading
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -154,49 +154,42 @@ def _cpu_int4_unpack(packed: torch.Tensor) -> torch.Tensor:
     return (q.view(torch.int8) - 8).reshape(R, K)
 
 
-_self_check: dict[str, bool] = {}
-_self_check_lock = threading.Lock()
+def _kernel_check(kind: str, probe: Callable[[torch.Generator], bool]) -> bool:
+    """Run `probe` (does torch's CPU `kind` kernel compute what we expect?), warning when it does not."""
+    try:
+        ok = probe(torch.Generator().manual_seed(0))
+    except (RuntimeError, AttributeError) as error:
+        log.warning("torch's CPU %s kernel is unavailable (%s); %s uses dequantize + matmul", kind, error, kind)
+        return False
+    if not ok:
+        log.warning("torch's CPU %s kernel does not give the expected results; %s uses dequantize + matmul",
+                    kind, kind)
+    return ok
 
 
+@functools.cache
 def _cpu_int4_layout_ok() -> bool:
     """Whether this torch's CPU int4 kernel uses the layout above (checked once against torch's packer)."""
-    with _self_check_lock:
-        if "int4" not in _self_check:
-            ok = False
-            try:
-                g = torch.Generator().manual_seed(0)
-                q = torch.randint(-8, 8, (64, 128), generator=g, dtype=torch.int8)
-                reference = torch.ops.aten._convert_weight_to_int4pack_for_cpu((q + 8).to(torch.int32), 1)
-                ok = torch.equal(reference.view(torch.uint8), _cpu_int4_pack(q))
-                x = torch.randn(3, 128, generator=g).bfloat16()
-                ones = torch.ones(1, 64, 2, dtype=torch.bfloat16)
-                ones[..., 1] = 0
-                out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, reference, 128, ones)
-                ok = ok and torch.allclose(out.float(), x.float() @ q.float().t(), rtol=2e-2, atol=0.5)
-            except (RuntimeError, AttributeError) as error:
-                log.warning("torch's CPU int4 kernel is unavailable (%s); int4 uses dequantize + matmul", error)
-            else:
-                if not ok:
-                    log.warning("torch's CPU int4 kernel layout is not the expected one; "
-                                "int4 uses dequantize + matmul")
-            _self_check["int4"] = ok
-        return _self_check["int4"]
+    def probe(g: torch.Generator) -> bool:
+        q = torch.randint(-8, 8, (64, 128), generator=g, dtype=torch.int8)
+        reference = torch.ops.aten._convert_weight_to_int4pack_for_cpu((q + 8).to(torch.int32), 1)
+        x = torch.randn(3, 128, generator=g).bfloat16()
+        ones = torch.ones(1, 64, 2, dtype=torch.bfloat16)
+        ones[..., 1] = 0
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, reference, 128, ones)
+        return torch.equal(reference.view(torch.uint8), _cpu_int4_pack(q)) \
+            and torch.allclose(out.float(), x.float() @ q.float().t(), rtol=2e-2, atol=0.5)
+    return _kernel_check("int4", probe)
 
 
+@functools.cache
 def _cpu_int8_kernel_ok() -> bool:
-    with _self_check_lock:
-        if "int8" not in _self_check:
-            ok = False
-            try:
-                g = torch.Generator().manual_seed(0)
-                q = torch.randint(-127, 128, (8, 64), generator=g, dtype=torch.int8)
-                x = torch.randn(3, 64, generator=g).bfloat16()
-                out = torch.ops.aten._weight_int8pack_mm(x, q, torch.ones(8, dtype=torch.bfloat16))
-                ok = torch.allclose(out.float(), x.float() @ q.float().t(), rtol=2e-2, atol=0.5)
-            except (RuntimeError, AttributeError) as error:
-                log.warning("torch's CPU int8 kernel is unavailable (%s); int8 uses dequantize + matmul", error)
-            _self_check["int8"] = ok
-        return _self_check["int8"]
+    def probe(g: torch.Generator) -> bool:
+        q = torch.randint(-127, 128, (8, 64), generator=g, dtype=torch.int8)
+        x = torch.randn(3, 64, generator=g).bfloat16()
+        out = torch.ops.aten._weight_int8pack_mm(x, q, torch.ones(8, dtype=torch.bfloat16))
+        return torch.allclose(out.float(), x.float() @ q.float().t(), rtol=2e-2, atol=0.5)
+    return _kernel_check("int8", probe)
 
 
 _constants: dict[tuple, torch.Tensor] = {}
