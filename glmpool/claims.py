@@ -126,6 +126,8 @@ class Claims:
             log.warning("claim %s of %s was taken over; dropping this late answer", claim.token, claim.id)
             self.mine.pop(claim.token, None)
             return False
+        if self.answered(claim):
+            return False
         spool.atomic_write(self.requests / f"{claim.id}.meta", json.dumps(meta, ensure_ascii=False, indent=1))
         written = spool.atomic_write(self.requests / f"{claim.id}.back", back, exclusive=True)
         if not written:
@@ -134,10 +136,23 @@ class Claims:
         self.drop(claim)
         return written
 
+    def answered(self, claim: Claim) -> bool:
+        """A .back while we hold the claim was published under this very claim (claiming removed any older
+        one) by an owner killed before it dropped the claim, and adopted since: drop the rerun, keep both
+        that .back and its .meta as they are."""
+        if not os.path.lexists(self.requests / f"{claim.id}.back"):
+            return False
+        log.warning("%s.back was already published under claim %s; dropping this rerun", claim.id, claim.token)
+        spool.remove(self.requests / f"{claim.id}.partial")
+        self.drop(claim)
+        return True
+
     def fail(self, claim: Claim, sentence: str, detail: dict) -> None:
         """Publish an .error and keep the inputs in failed/ (never silently deleted)."""
         if claim.token in self.mine and not self.holds(claim):
             self.mine.pop(claim.token, None)
+            return
+        if self.answered(claim):
             return
         failed = self.requests / "failed"
         for suffix, path in claim.inputs.items():
@@ -186,6 +201,7 @@ class Claims:
         probe = self.dir / f".probe-{self.host}"
         probe.touch()
         now = probe.stat().st_mtime  # the shared filesystem's clock
+        self.sweep(now)
         adopted = []
         for record in self.dir.glob("*.claim"):
             token = record.name[:-len(".claim")]
@@ -202,6 +218,25 @@ class Claims:
                 if claim:
                     adopted.append(claim)
         return adopted
+
+    def sweep(self, now: float) -> None:
+        """Remove the temp files (spool.atomic_write's `.<name>.<random>.tmp`) of writers killed before
+        their rename, once older than the lease by the filesystem's clock `now` (a live writer renames
+        its own within moments; one stalled longer than the lease has lost its claims anyway)."""
+        flags = self.requests.parent / "flags"
+        for directory in (self.requests, self.dir, flags, flags / ".hosts"):
+            try:
+                entries = list(os.scandir(directory))
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                    try:
+                        if now - entry.stat(follow_symlinks=False).st_mtime > self.lease:
+                            os.unlink(entry.path)
+                            log.info("removed %s, left by a writer that died", entry.name)
+                    except OSError:
+                        pass
 
     def _adopt(self, old_token: str, info: dict) -> Claim | None:
         """Move an orphaned claim's inputs under a fresh claim of ours. The main input is renamed first

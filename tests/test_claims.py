@@ -145,3 +145,55 @@ def test_an_orphan_record_without_inputs_is_cleaned_up(tmp_path):
     write_request(c.requests, "1")
     assert c.orphans() == [] and leftovers(c.requests) == []
     assert c.claim("1", ".request") is not None
+
+
+def test_temp_files_of_killed_writers_are_swept_after_the_lease(tmp_path):
+    # found by bench/faults.py: a supervisor SIGKILLed inside spool.atomic_write leaves `.<name>.<rand>.tmp`
+    c = new_claims(tmp_path, lease=30)
+    flags = tmp_path / "flags" / ".hosts"
+    flags.mkdir(parents=True)
+    stale = [c.requests / ".1.meta.abc123.tmp", c.dir / ".0123abcd.claim.x1.tmp", flags / ".h0.1.json.q.tmp"]
+    fresh = c.requests / ".2.back.def456.tmp"  # a live writer's, about to be renamed
+    for path in stale + [fresh]:
+        path.write_text("partial")
+    old = time.time() - 31
+    for path in stale:
+        os.utime(path, (old, old))
+    (c.requests / "keep.tmp").write_text("not ours: no leading dot")
+    os.utime(c.requests / "keep.tmp", (old, old))
+    assert c.orphans() == []
+    assert not any(p.exists() for p in stale) and fresh.exists() and (c.requests / "keep.tmp").exists()
+
+
+def _published_then_killed(tmp_path):
+    """A supervisor published .meta and .back, then was killed before dropping its claim: its successor
+    adopts the claim and runs the request again."""
+    dead = new_claims(tmp_path)
+    write_request(dead.requests, "1")
+    claim = dead.claim("1", ".request", (".history",))
+    first = {"id": "1", "claim": claim.token, "history": [["q", "first answer"]]}
+    from glmpool import spool
+    spool.atomic_write(dead.requests / "1.meta", json.dumps(first))
+    spool.atomic_write(dead.requests / "1.back", "first answer", exclusive=True)
+    record = dead.record_path(claim.token)
+    record.write_text(json.dumps({**json.loads(record.read_text()), "pid": 2 ** 22 + 12345}))
+    successor = new_claims(tmp_path)
+    [adopted] = successor.orphans()
+    return successor, adopted, first
+
+
+def test_a_rerun_of_an_answered_claim_changes_neither_back_nor_meta(tmp_path):
+    # found by reasoning about bench/faults.py's kills: .meta used to be rewritten before .back was refused
+    successor, adopted, first = _published_then_killed(tmp_path)
+    assert not successor.finish(adopted, "second answer", {"id": "1", "history": [["q", "second answer"]]})
+    assert (successor.requests / "1.back").read_text() == "first answer"
+    assert json.loads((successor.requests / "1.meta").read_text()) == first
+    assert leftovers(successor.requests) == []
+
+
+def test_a_rerun_of_an_answered_claim_never_adds_an_error(tmp_path):
+    successor, adopted, _ = _published_then_killed(tmp_path)
+    successor.fail(adopted, "the request timed out", {"reason": "timeout"})
+    assert not (successor.requests / "1.error").exists()
+    assert (successor.requests / "1.back").read_text() == "first answer"
+    assert leftovers(successor.requests) == []
