@@ -202,15 +202,18 @@ def parse_json_request(request_id: str, text: str) -> Request:
 
 # --- writing: always a temp file in the same directory, then rename, so readers never see a part ---
 
-def atomic_write(path: Path, data: str | bytes, exclusive: bool = False) -> bool:
-    """Write `path` atomically. exclusive=True never replaces an existing file (returns False then)."""
+def atomic_write(path: Path, data: str | bytes, exclusive: bool = False, sync: bool = True) -> bool:
+    """Write `path` atomically. exclusive=True never replaces an existing file (returns False then).
+    sync=False skips the fsync (still atomic for readers; only a power failure may lose it): for files that
+    are rewritten anyway or matter only while the process lives, where an fsync (ms on many disks) is waste."""
     payload = data.encode("utf-8") if isinstance(data, str) else data
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         if exclusive:
             try:
                 os.link(temp, path)

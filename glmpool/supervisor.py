@@ -576,7 +576,7 @@ class Supervisor:
 
     def write_partial(self, job: Job) -> None:
         try:
-            spool.atomic_write(self.requests / f"{job.request.id}.partial", job.text)
+            spool.atomic_write(self.requests / f"{job.request.id}.partial", job.text, sync=False)  # ephemeral
         except OSError as error:
             log.warning("cannot write %s.partial: %s", job.request.id, error.strerror)
 
@@ -596,7 +596,7 @@ class Supervisor:
             status = self.status_dict()
             status["hosts"] = [status.copy()] + [peer for peer in self.peer_statuses()
                                                  if (peer.get("host"), peer.get("pid")) != (status["host"], status["pid"])]
-            spool.atomic_write(self.flags / "status.back", json.dumps(status, ensure_ascii=False, indent=1))
+            spool.atomic_write(self.flags / "status.back", json.dumps(status, ensure_ascii=False, indent=1), sync=False)
             spool.remove(taken)
 
     def clear_stale_quit_flag(self) -> None:
@@ -610,7 +610,7 @@ class Supervisor:
     def beat(self) -> None:
         status = self.status_dict()
         try:
-            spool.atomic_write(self.host_file(), json.dumps(status, ensure_ascii=False))
+            spool.atomic_write(self.host_file(), json.dumps(status, ensure_ascii=False), sync=False)
         except OSError as error:
             log.warning("cannot write host heartbeat: %s", error.strerror)
         self.run_hooks("tick", status)

@@ -1,0 +1,341 @@
+"""Protocol benchmark: the spool alone, claim -> dispatch -> .back, with workers that answer instantly.
+
+    python bench/spool.py [--rounds 3] [--requests 2000] [--workers 1,4] [--paced 200] [--pending 100,1000,10000]
+                          [--profile FILE]
+
+The pool is the real one (`glmpool serve`: supervisor, claims, worker processes, pipes, the worker's
+batching loop), except that each worker's engine is replaced by `InstantBatch`, a stand-in defined here
+that answers every admitted request at the next step. It is installed only in the bench's own server
+process (`python bench/spool.py --serve ...` swaps `glmpool.worker.main` for `instant_worker` before the
+supervisor spawns anything); the product has no such hook.
+
+Measured, from the `.meta` timings of every answer (arrived = the request file's mtime, i.e. its close;
+received = the worker took the task off its queue; finished = the supervisor had its answer):
+  - burst: M requests written at once (atomically, JSON form) into a running pool of 1 and of 4 workers:
+    requests/s end to end (first arrival to last answer published);
+  - paced: one request at a time (the next one written when the previous answer appears): dispatch
+    latency (received - arrived), median and p95;
+  - claim cost: N requests (100, 1000, 10000) written while no pool runs, then a pool of 1 worker
+    started: how fast it drains them (requests/s from the first claim to the last answer), plus, in this
+    process, one directory scan's cost and the cost of one claim (`Supervisor.take`) at that depth.
+
+The machine is shared and noisy: each figure is the median of --rounds rounds. Not a test: targets are
+reported (median dispatch latency < 20 ms, >= 500 requests/s, flat claim cost), never asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT))
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+# --- the engine stand-in (runs inside the bench's own server and its worker processes) -------------
+
+class InstantBatch:
+    """Takes the place of the engine's Batcher in a worker: every request added is answered ("ok", one
+    token) at the next step, so what is measured is the protocol and the processes around it."""
+
+    def __init__(self, max_batch: int):
+        self.max_batch = max_batch
+        self.keys: list = []
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def add(self, key, query, history, params) -> int:
+        from glmpool.engine import AdmissionError
+        if len(self.keys) >= self.max_batch:
+            raise AdmissionError("batch full")
+        self.keys.append(key)
+        return 1
+
+    def cancel(self, key):
+        from glmpool.engine.generate import TokenEvent
+        if key not in self.keys:
+            return None
+        self.keys.remove(key)
+        return TokenEvent(key, 0, "", True, "cancelled", 1, 0)
+
+    def step(self) -> list:
+        from glmpool.engine.generate import TokenEvent
+        events = [TokenEvent(key, 0, "ok", True, "stop", 1, 1) for key in self.keys]
+        self.keys = []
+        return events
+
+
+def instant_worker(spec, tasks, results) -> None:
+    """What the bench's server spawns instead of glmpool.worker.main: the real worker loop, no model."""
+    from glmpool import worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.WARNING, format=f"[%(levelname)s instant worker {spec.wid}]: %(message)s")
+    results.send(("ready", spec.wid, {"pid": os.getpid(), "kv_tokens": 0}))
+    try:
+        worker.Loop(spec, None, InstantBatch(spec.max_batch), tasks, results).run()
+    except (BrokenPipeError, ConnectionResetError, EOFError):
+        pass
+
+
+def serve_instant(argv: list[str]) -> int:
+    """`glmpool serve` with instant workers (this process only). With GLMPOOL_BENCH_PROFILE=FILE, the
+    supervisor runs under cProfile and writes its stats there at exit."""
+    import glmpool.worker
+    from glmpool.cli import main
+    glmpool.worker.main = instant_worker  # the supervisor spawns worker.main: this one, pickled by name
+    if os.environ.get("GLMPOOL_BENCH_NO_FSYNC"):  # what-if only: how much of the cost is the disk's fsync
+        os.fsync = lambda fd: None
+    profile = os.environ.get("GLMPOOL_BENCH_PROFILE")
+    if not profile:
+        return main(["serve", *argv])
+    import cProfile
+    profiler = cProfile.Profile()
+    try:
+        return profiler.runcall(main, ["serve", *argv])
+    finally:
+        profiler.dump_stats(profile)
+
+
+# --- driving a pool from the outside -------------------------------------------------------------
+
+class Server:
+    """A pool process in its own session (killpg by its pid reaches its workers), bounded and cleaned up."""
+
+    def __init__(self, root: Path, args: list[str], instant: bool = True, env: dict | None = None):
+        self.root = root
+        if instant:
+            code = f"import sys; sys.path.insert(0, {str(BENCH)!r}); import spool; sys.exit(spool.serve_instant(sys.argv[1:]))"
+        else:
+            code = "import sys; from glmpool.cli import main; sys.exit(main())"
+        self.cmd = [sys.executable, "-c", code, "--dir", str(root), "--log-level", "WARNING", *args]
+        self.env = {**ENV, **(env or {})}
+        self.process: subprocess.Popen | None = None
+        self.log_path = root / "server.log"
+
+    def __enter__(self) -> "Server":
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
+                                        cwd=self.root, start_new_session=True)
+        return self
+
+    def wait_running(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while "Running..." not in self.log_path.read_text(errors="replace"):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"pool did not start:\n{self.log_path.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.05)
+
+    def __exit__(self, *exc) -> None:
+        if self.process is None:
+            return
+        (self.root / "flags").mkdir(parents=True, exist_ok=True)
+        (self.root / "flags" / "quit.flag").touch()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # whatever is left of this pool, by its session id
+        except ProcessLookupError:
+            pass
+        self.process.wait(10)
+        self.log.close()
+
+
+def write_request(requests: Path, rid: str, body: dict) -> None:
+    """Atomically, as new clients should: temp file in requests/, then rename."""
+    temp = requests / f".{rid}.tmp"
+    with open(temp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(body) + "\n")
+    os.rename(temp, requests / f"{rid}.json")
+
+
+def wait_answers(requests: Path, ids: list[str], timeout: float, poll: float = 0.02) -> None:
+    wanted = {f"{rid}.back" for rid in ids}
+    deadline = time.monotonic() + timeout
+    while True:
+        names = set(os.listdir(requests))
+        missing = [name for name in wanted if name not in names]
+        if not missing:
+            return
+        errors = [name for name in names if name.endswith(".error")]
+        if errors:
+            raise RuntimeError(f"{len(errors)} request(s) failed, e.g. {(requests / errors[0]).read_text()[:300]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{len(missing)} of {len(ids)} answers missing after {timeout:.0f}s")
+        time.sleep(poll)
+
+
+def timings(requests: Path, ids: list[str]) -> list[dict]:
+    return [json.loads((requests / f"{rid}.meta").read_text())["timings"] for rid in ids]
+
+
+def clear_outputs(requests: Path) -> None:
+    for entry in os.scandir(requests):
+        if entry.name.endswith((".back", ".meta")):
+            os.unlink(entry.path)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def burst(server: Server, count: int, tag: str) -> dict:
+    requests = server.root / "requests"
+    ids = [f"{tag}-{i}" for i in range(count)]
+    for rid in ids:
+        write_request(requests, rid, {"query": "q"})
+    wait_answers(requests, ids, timeout=max(60, count / 20))
+    t = timings(requests, ids)
+    elapsed = max(x["finished"] for x in t) - min(x["arrived"] for x in t)
+    clear_outputs(requests)
+    return {"requests_per_s": count / elapsed, "latency_p50": statistics.median(x["received"] - x["arrived"] for x in t)}
+
+
+def paced(server: Server, count: int, tag: str) -> dict:
+    requests = server.root / "requests"
+    ids = [f"{tag}-{i}" for i in range(count)]
+    for rid in ids:
+        write_request(requests, rid, {"query": "q"})
+        back = requests / f"{rid}.back"
+        deadline = time.monotonic() + 30
+        while not os.path.exists(back):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no answer to {rid}")
+            time.sleep(0.001)
+    t = timings(requests, ids)
+    clear_outputs(requests)
+    latencies = [1e3 * (x["received"] - x["arrived"]) for x in t]
+    return {"dispatch_ms_p50": statistics.median(latencies), "dispatch_ms_p95": percentile(latencies, 0.95),
+            "roundtrip_ms_p50": statistics.median(1e3 * (x["finished"] - x["arrived"]) for x in t)}
+
+
+def in_process_claim_cost(root: Path) -> dict:
+    """One scan of the queue as it is, and the cost of taking (checking, claiming, reading) 50 requests, here."""
+    import argparse as _argparse
+
+    from glmpool import config
+    from glmpool.supervisor import Supervisor
+    s = Supervisor(config.resolve(_argparse.Namespace(dir=str(root)), environ={}))
+    s.claims.ensure_dirs()
+    start = time.perf_counter()
+    backlog = s.scan()
+    scan = time.perf_counter() - start
+    start = time.perf_counter()
+    jobs = [s.take(rid, names) for rid, names in backlog[:50]]
+    take = (time.perf_counter() - start) / len(jobs)
+    assert all(jobs), "a take failed"
+    for job in jobs:  # give them back, as they were
+        s.claims.release(job.claim)
+    return {"scan_ms": scan * 1e3, "scan_us_per_file": scan * 1e6 / max(1, len(backlog)), "take_ms": take * 1e3}
+
+
+def drain(base: Path, pending: int, tag: str, args: list[str]) -> dict:
+    root = base / f"drain-{tag}"
+    requests = root / "requests"
+    requests.mkdir(parents=True)
+    ids = [f"{tag}-{i}" for i in range(pending)]
+    now = time.time()
+    for i, rid in enumerate(ids):
+        write_request(requests, rid, {"query": "q"})
+        os.utime(requests / f"{rid}.json", (now - pending + i,) * 2)  # distinct ages: a real FIFO
+    cost = in_process_claim_cost(root)
+    with Server(root, ["--gpus", "cpu", *args]) as server:
+        server.wait_running()
+        wait_answers(requests, ids, timeout=max(120, pending / 20), poll=0.2)
+    t = timings(requests, ids)
+    elapsed = max(x["finished"] for x in t) - min(x["claimed"] for x in t)
+    shutil.rmtree(root, ignore_errors=True)
+    return {"drain_per_s": pending / elapsed, **cost}
+
+
+def machine() -> str:
+    import platform
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    return (f"{os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), {model}, Linux {platform.release()}, "
+            f"Python {platform.python_version()}, load average {os.getloadavg()[0]:.1f} at the end")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=2000, help="burst size")
+    parser.add_argument("--paced", type=int, default=200, help="requests sent one at a time")
+    parser.add_argument("--workers", default="1,4")
+    parser.add_argument("--pending", default="100,1000,10000")
+    parser.add_argument("--dir", type=Path, default=None, help="where the spools go (default: a temp dir under /tmp)")
+    parser.add_argument("--profile", metavar="FILE", default=None,
+                        help="run the 1-worker pool's supervisor under cProfile, stats to FILE (pstats)")
+    parser.add_argument("--no-fsync", action="store_true",
+                        help="what-if: the server's os.fsync does nothing (shows what the disk's fsyncs cost)")
+    parser.add_argument("pool_args", nargs="*", help="extra `glmpool serve` arguments (after --)")
+    args = parser.parse_args()
+    if args.no_fsync:
+        ENV["GLMPOOL_BENCH_NO_FSYNC"] = "1"
+        os.fsync = lambda fd: None  # the in-process claim cost too
+    base = Path(tempfile.mkdtemp(prefix="glmpool-bench-spool-", dir=args.dir))
+    workers = [int(w) for w in args.workers.split(",") if w]
+    depths = [int(n) for n in args.pending.split(",") if n]
+    results: dict = {}
+    try:
+        for round_ in range(args.rounds):
+            for count in workers:
+                env = {"GLMPOOL_BENCH_PROFILE": args.profile} if args.profile and count == 1 and round_ == 0 else {}
+                with Server(base / f"w{count}-r{round_}", ["--gpus", ",".join(["cpu"] * count), *args.pool_args],
+                            env=env) as server:
+                    server.wait_running()
+                    burst(server, 50, f"warm{round_}")
+                    for key, value in {**burst(server, args.requests, f"b{round_}"),
+                                       **paced(server, args.paced, f"p{round_}")}.items():
+                        results.setdefault((count, key), []).append(value)
+                print(f"round {round_ + 1}: {count} worker(s): " + ", ".join(
+                    f"{k} {v[-1]:.1f}" for (c, k), v in results.items() if c == count), file=sys.stderr, flush=True)
+            for depth in depths:
+                for key, value in drain(base, depth, f"d{depth}r{round_}", args.pool_args).items():
+                    results.setdefault((f"pending {depth}", key), []).append(value)
+                print(f"round {round_ + 1}: {depth} pending: " + ", ".join(
+                    f"{k} {v[-1]:.2f}" for (d, k), v in results.items() if d == f"pending {depth}"),
+                    file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    med = {key: statistics.median(values) for key, values in results.items()}
+    print(f"\nMachine: {machine()}. Medians of {args.rounds} rounds.\n")
+    print(f"| workers | burst of {args.requests}: requests/s | burst: dispatch latency p50 (queueing included) | "
+          f"paced: dispatch latency p50 | paced p95 | paced: close to answer published p50 |")
+    print("|---|---|---|---|---|---|")
+    for count in workers:
+        m = lambda key: med[(count, key)]  # noqa: E731
+        print(f"| {count} | {m('requests_per_s'):.0f} | {1e3 * m('latency_p50'):.0f} ms | "
+              f"{m('dispatch_ms_p50'):.1f} ms | {m('dispatch_ms_p95'):.1f} ms | {m('roundtrip_ms_p50'):.1f} ms |")
+    print("\n| pending files | drain (1 worker), requests/s | one scan | scan per file | one claim (take) |")
+    print("|---|---|---|---|---|")
+    for depth in depths:
+        m = lambda key: med[(f"pending {depth}", key)]  # noqa: E731
+        print(f"| {depth} | {m('drain_per_s'):.0f} | {m('scan_ms'):.1f} ms | {m('scan_us_per_file'):.1f} µs | "
+              f"{m('take_ms'):.2f} ms |")
+    print("\nTargets: median dispatch latency < 20 ms (paced), >= 500 requests/s end to end, claim cost flat "
+          "from 100 to 10,000 pending.")
+    print("\nChart (requests/s):")
+    bars = [(f"burst, {c} worker(s)", med[(c, "requests_per_s")]) for c in workers] + \
+           [(f"drain, {d} pending", med[(f"pending {d}", "drain_per_s")]) for d in depths]
+    top = max(v for _, v in bars)
+    for label, value in bars:
+        print(f"    {label:<22} {'#' * max(1, round(40 * value / top)):<40} {value:.0f}")
+
+
+if __name__ == "__main__":
+    main()
