@@ -17,9 +17,11 @@ probe file it has just touched on the same filesystem (the server's clock, never
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import stat
 import time
 import uuid
 import zlib
@@ -59,16 +61,32 @@ class Claims:
         self.host = host_id
         self.lease = lease_seconds
         self.mine: dict[str, Claim] = {}  # token -> claim held by this supervisor
+        self.refused: set[str] = set()  # tokens of claim records not fit to adopt (logged once)
 
     def ensure_dirs(self) -> None:
         for d in (self.requests, self.dir, self.locks, self.requests / "failed"):
             d.mkdir(parents=True, exist_ok=True)
+        self.check_dirs()
+
+    def check_dirs(self) -> None:
+        """Refuse (NotADirectoryError) while a directory we write into is not a real one: clients can
+        write in requests/, so one could swap .claims/ or failed/ for a symlink to have inputs renamed, or
+        records written, wherever it points. Nothing is claimed or moved until it is fixed."""
+        for d in (self.dir, self.locks, self.requests / "failed"):
+            try:
+                mode = os.lstat(d).st_mode
+            except FileNotFoundError:
+                continue  # rename/mkstemp into it fail plainly; ensure_dirs() recreates it
+            if not stat.S_ISDIR(mode):
+                raise NotADirectoryError(errno.ENOTDIR, f"requests/{d.name} is not a directory (a symlink?); "
+                                         "glmpool never writes through one: nothing is claimed until it is fixed")
 
     def record_path(self, token: str) -> Path:
         return self.dir / f"{token}.claim"
 
     def claim(self, request_id: str, main: str, extras: tuple[str, ...] = ()) -> Claim | None:
         """Take `requests/<id><main>` (and the `extras` suffixes if present); None if someone else has it."""
+        self.check_dirs()
         lock = self._lock(request_id)
         try:
             lock.acquire()
@@ -148,14 +166,16 @@ class Claims:
         return True
 
     def fail(self, claim: Claim, sentence: str, detail: dict) -> None:
-        """Publish an .error and keep the inputs in failed/ (never silently deleted)."""
+        """Publish an .error and keep the inputs in failed/ (never silently deleted). Safe to call again
+        after an OSError (a full disk): inputs already moved are not looked for again."""
         if claim.token in self.mine and not self.holds(claim):
             self.mine.pop(claim.token, None)
             return
         if self.answered(claim):
             return
+        self.check_dirs()
         failed = self.requests / "failed"
-        for suffix, path in claim.inputs.items():
+        for suffix, path in list(claim.inputs.items()):
             try:
                 os.replace(path, failed / f"{claim.id}{suffix}")
             except OSError:  # e.g. a directory x.request over an earlier one: keep it under its token
@@ -163,8 +183,15 @@ class Claims:
                     os.replace(path, failed / f"{claim.id}{suffix}.{claim.token}")
                 except OSError as error:
                     log.error("cannot move %s into failed/: %s", path, error.strerror)
+            del claim.inputs[suffix]
         spool.remove(self.requests / f"{claim.id}.partial")
-        spool.atomic_write(self.requests / f"{claim.id}.error", spool.error_text(sentence, detail))
+        try:
+            spool.atomic_write(self.requests / f"{claim.id}.error", spool.error_text(sentence, detail))
+        except OSError as error:
+            if error.errno != errno.ENAMETOOLONG:
+                raise
+            log.error("%s failed (%s) but no .error can be named after it (%s); its inputs are in failed/",
+                      claim.id, sentence, error.strerror)
         self.drop(claim, remove_inputs=False)
 
     def release(self, claim: Claim) -> None:
@@ -198,6 +225,7 @@ class Claims:
 
     def orphans(self) -> list[Claim]:
         """Adopt claims whose owner is gone: this host's dead incarnations, or any host's expired lease."""
+        self.check_dirs()
         probe = self.dir / f".probe-{self.host}"
         probe.touch()
         now = probe.stat().st_mtime  # the shared filesystem's clock
@@ -205,12 +233,18 @@ class Claims:
         adopted = []
         for record in self.dir.glob("*.claim"):
             token = record.name[:-len(".claim")]
-            if token in self.mine:
+            if token in self.mine or token in self.refused:
                 continue
-            try:
-                info = json.loads(record.read_text())
-                age = now - record.stat().st_mtime
-            except (OSError, ValueError):
+            try:  # read like an input: never through a symlink, never blocking on a fifo
+                info = json.loads(spool.read_input(record, now=float("inf")))
+                age = now - os.lstat(record).st_mtime
+            except (OSError, ValueError, RecursionError, spool.RequestError, spool.NotReady):
+                continue
+            if not isinstance(info, dict) or not spool.valid_id(info.get("id")) \
+                    or not isinstance(info.get("attempts", 0), int):
+                log.error("claim record %s does not name a valid request (%r): not adopted", record.name,
+                          info.get("id") if isinstance(info, dict) else info)
+                self.refused.add(token)
                 continue
             same_host_dead = info.get("host") == self.host and not _alive(info.get("pid"))
             if same_host_dead or age > self.lease:

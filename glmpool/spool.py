@@ -30,6 +30,9 @@ from pathlib import Path
 INPUT_SUFFIXES = (".request", ".history", ".json")
 OUTPUT_SUFFIXES = (".back", ".meta", ".error", ".partial")
 MAX_INPUT_BYTES = 1 << 20  # 1 MiB: far beyond any prompt the model window takes
+# The longest id a `<id>.request` name (255 bytes, NAME_MAX) allows: then every name of the protocol,
+# `.partial` and `.history` included, fits too. A longer id (only `.json` allows one) is refused.
+MAX_ID_BYTES = 255 - len(".request")
 MAX_HISTORY_DEPTH = 3  # [[q, a], ...]
 SETTLE_SECONDS = 0.5  # a file unchanged this long is complete even without a final newline
 HISTORY_GRACE_SECONDS = 1.0  # a missing .history counts as empty once the .request is this old
@@ -64,6 +67,14 @@ def split_name(name: str) -> tuple[str, str] | None:
     if not dot or not stem:
         return None
     return stem, "." + suffix
+
+
+def valid_id(request_id: object) -> bool:
+    """A plain name, as split_name() gives: ids from claim records are checked with this before any path
+    is built from them (a forged record could name `../../etc/x`)."""
+    return isinstance(request_id, str) and bool(request_id) and not request_id.startswith(".") \
+        and "/" not in request_id and "\0" not in request_id \
+        and len(os.fsencode(request_id)) <= MAX_ID_BYTES
 
 
 def is_regular(path: Path) -> bool:
@@ -115,6 +126,10 @@ def read_request(request_id: str, main_path: Path, history_path: Path | None, no
     yet (history_grace: a seed-form request waits HISTORY_GRACE_SECONDS for a missing .history).
     Raises NotReady, RequestError, or OSError (FileNotFoundError: someone else took it)."""
     main = main_path.suffix
+    size = len(os.fsencode(request_id))
+    if size > MAX_ID_BYTES:
+        raise RequestError(f"the id is {size} bytes, over the {MAX_ID_BYTES}-byte limit "
+                           "(every result name must fit in 255 bytes)")
     text = read_input(main_path, now, f"{request_id}{main}")
     history_text = ""
     if main == ".request":
@@ -191,6 +206,8 @@ def parse_json_request(request_id: str, text: str) -> Request:
             isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
         if not ok:
             raise RequestError(f"{request_id}.json: {key} must be {kind.__name__}, got {value!r}")
+        if kind is int and not -2 ** 63 <= value < 2 ** 63:  # JSON ints are unbounded; torch's are 64-bit
+            raise RequestError(f"{request_id}.json: {key} is out of range, got {value!r}")
         params[key] = value
     priority = params.pop("priority", 0)
     timeout = params.pop("timeout", None)
@@ -202,14 +219,37 @@ def parse_json_request(request_id: str, text: str) -> Request:
 
 # --- writing: always a temp file in the same directory, then rename, so readers never see a part ---
 
+_umask: int | None = None
+
+
+def set_umask(mask: int) -> None:
+    """Set the process umask; atomic_write() gives its files the matching mode."""
+    global _umask
+    os.umask(mask)
+    _umask = mask
+
+
+def file_mode() -> int:
+    """0666 minus the umask: what open() would give. mkstemp() always creates 0600, which would make
+    results unreadable to clients running as another user whatever the configured umask."""
+    global _umask
+    if _umask is None:
+        _umask = os.umask(0o022)  # the only way to read it; set straight back
+        os.umask(_umask)
+    return 0o666 & ~_umask
+
+
 def atomic_write(path: Path, data: str | bytes, exclusive: bool = False, sync: bool = True) -> bool:
     """Write `path` atomically. exclusive=True never replaces an existing file (returns False then).
+    Text is encoded with surrogateescape: an id from an undecodable file name goes back as its own bytes.
     sync=False skips the fsync (still atomic for readers; only a power failure may lose it): for files that
     are rewritten anyway or matter only while the process lives, where an fsync (ms on many disks) is waste."""
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    payload = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data
+    # The temp name carries only the start of the final name: a 255-byte final name must not make it too long.
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())
             f.write(payload)
             f.flush()
             if sync:
@@ -239,5 +279,6 @@ def error_text(sentence: str, detail: dict) -> str:
 def remove(path: Path) -> None:
     try:
         os.unlink(path)
-    except FileNotFoundError:
-        pass
+    except OSError as error:
+        if error.errno not in (errno.ENOENT, errno.ENAMETOOLONG):  # a name too long cannot exist either
+            raise

@@ -29,6 +29,7 @@ log = logging.getLogger("glmpool")
 MAX_ATTEMPTS = 3  # a request that crashed workers this often fails
 MAX_START_FAILURES = 3  # a device that failed to start this often in a row becomes FATAL
 BACKOFF_CAP = 30.0
+PUBLISH_RETRY_FIRST, PUBLISH_RETRY_CAP = 0.5, 10.0  # backoff for a result the spool refused (full disk)
 HOST_BEAT_SECONDS = 1.0
 LOOP_SECONDS = 0.1  # longest sleep of the main loop: flags and signals are seen within this
 
@@ -126,14 +127,18 @@ class Supervisor:
         self.timers: dict[str, float] = {}
         self.tick_hooks: list = []  # callables(status dict, event=...): "ready", "tick" (every second), "stopping"
         self.watch: DirWatch | None = None
+        self.unpublished: list = []  # [due, delay, claim, what, action]: results the spool refused, retried
 
     # --- life cycle ------------------------------------------------------------------------------
 
     def run(self) -> int:
         """Serve until asked to stop; the exit code (0, or 1 when no worker could start)."""
-        os.umask(self.config.umask)
+        spool.set_umask(self.config.umask)
         devices = worker_devices(self.config.gpus)
-        self.claims.ensure_dirs()
+        try:
+            self.claims.ensure_dirs()
+        except NotADirectoryError as error:
+            raise StartupError(error.strerror) from None
         self.flags.mkdir(parents=True, exist_ok=True)
         (self.flags / ".hosts").mkdir(exist_ok=True)
         self.clear_stale_quit_flag()
@@ -176,6 +181,7 @@ class Supervisor:
             self.guarded(self.dispatch)
         elif self.status == "starting" and self.all_started():
             self.announce()
+        self.retry_publish()
         self.every("renew", max(0.5, self.config.lease_seconds / 4), self.claims.renew)
         self.every("orphans", max(1.0, self.config.lease_seconds / 2), self.adopt_orphans)
         self.every("host", HOST_BEAT_SECONDS, self.beat)
@@ -257,6 +263,12 @@ class Supervisor:
                     slot.process.join(5)
         for job in self.pending:
             self.claims.release(job.claim)
+        for _, _, claim, what, action in self.unpublished:  # a last try; else the request runs again later
+            try:
+                action()
+            except OSError as error:
+                log.error("cannot publish %s, giving the request back: %s", what, error)
+                self.guarded(lambda: self.claims.release(claim))
         spool.remove(self.host_file())
         if (self.flags / "quit.flag").exists() and not self.live_peers():
             spool.remove(self.flags / "quit.flag")
@@ -426,6 +438,7 @@ class Supervisor:
                 return  # no room: look again once a worker has some
             self.dirty = False
             self.timers["scan"] = now + self.config.poll_interval
+            self.check_spool()
             self.backlog = deque(self.scan())
         while self.backlog:
             slot = self.pick_slot(alone=False)
@@ -478,6 +491,16 @@ class Supervisor:
         self.priorities = priorities  # forget requests that are gone
         ready.sort(key=lambda item: item[:3])
         return [(rid, names) for _, _, rid, names in ready]
+
+    def check_spool(self) -> None:
+        """Before a scan: a client may have deleted requests/ and created it again (without our
+        subdirectories, and inotify still watching the deleted one); and a subdirectory swapped for a
+        symlink stops all claiming (OSError, logged by guarded()) until it is fixed."""
+        self.claims.ensure_dirs()
+        try:  # every time: a new directory can reuse the old inode number, so nothing simpler tells them apart
+            self.watch.rearm()
+        except OSError as error:  # e.g. flags/ deleted: polling still works
+            log.warning("cannot watch the spool: %s", error)
 
     def take(self, request_id: str, names: dict) -> Job | None:
         """Check a request in place (complete? valid?), claim it, then read what was claimed: that is
@@ -560,19 +583,44 @@ class Supervisor:
                 "seconds": round(finished - received, 3),
                 "timings": {"arrived": job.request.arrived, "claimed": job.claimed, "dispatched": job.started,
                             "received": received, "finished": finished}}
-        if self.claims.finish(job.claim, text, meta):
-            slot.served += 1
-            self.served += 1
-        spool.remove(self.requests / f"{job.request.id}.cancel")
+
+        def publish() -> None:
+            if self.claims.finish(job.claim, text, meta):
+                slot.served += 1
+                self.served += 1
+            spool.remove(self.requests / f"{job.request.id}.cancel")
+        self.publish(f"the answer of {job.request.id}", job.claim, publish)
 
     def fail(self, job: Job, sentence: str, detail: dict) -> None:
         self.publish_error(job.claim, sentence, {"id": job.request.id, **detail})
 
     def publish_error(self, claim: Claim, sentence: str, detail: dict) -> None:
         log.warning("request %s failed: %s", claim.id, sentence)
-        self.failed += 1
-        self.claims.fail(claim, sentence, {"host": self.config.host_id, **detail})
-        spool.remove(self.requests / f"{claim.id}.cancel")
+
+        def publish() -> None:
+            self.claims.fail(claim, sentence, {"host": self.config.host_id, **detail})
+            self.failed += 1
+            spool.remove(self.requests / f"{claim.id}.cancel")
+        self.publish(f"the error of {claim.id}", claim, publish)
+
+    def publish(self, what: str, claim: Claim, action, delay: float = PUBLISH_RETRY_FIRST) -> None:
+        """Run `action`, which publishes a result. If the spool refuses (a full disk, NFS trouble), the
+        finished result is kept, still claimed, and published later with backoff: running the request
+        again would redo the work and could fail the same way at the end."""
+        try:
+            action()
+        except OSError as error:
+            log.error("cannot publish %s, retrying in %.1fs: %s", what, delay, error)
+            self.unpublished.append([time.monotonic() + delay, min(PUBLISH_RETRY_CAP, 2 * delay), claim, what, action])
+
+    def retry_publish(self) -> None:
+        now = time.monotonic()
+        if not any(entry[0] <= now for entry in self.unpublished):
+            return
+        due = [entry for entry in self.unpublished if entry[0] <= now]
+        self.unpublished = [entry for entry in self.unpublished if entry[0] > now]
+        for _, delay, claim, what, action in due:
+            self.publish(what, claim, action, delay)
 
     def write_partial(self, job: Job) -> None:
         try:
