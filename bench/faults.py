@@ -18,7 +18,8 @@ When every request has its answer, the supervisors are stopped and the trial che
   - each .back agrees with its .meta (the last history turn is the .back text, same id): a duplicate
     publication that overwrote .meta next to an older .back shows up here;
   - nothing is left behind: no inputs in requests/, no claim records or claimed inputs in .claims/, no
-    temp files (.*.tmp) anywhere in the spool, and failed/ holds inputs only of requests that failed.
+    temp files (.*.tmp) anywhere in the spool, no heartbeat files in flags/.hosts/ (every supervisor is
+    stopped by then), and failed/ holds inputs only of requests that failed.
 
     python bench/faults.py --trials 10 --requests 300          # prints one JSON line per trial and a total
     python bench/faults.py --until-kills 1000 --json-out faults.json
@@ -215,7 +216,9 @@ def verify(root: Path, ids: list[str], creates: Counter, overflows: int = 0) -> 
         if (req_dir / ".claims").is_dir() else []
     stray_failed = sorted({p.name.split(".", 1)[0] for p in (req_dir / "failed").iterdir()} - failed_ids) \
         if (req_dir / "failed").is_dir() else []
+    beats = [p.name for p in (root / "flags" / ".hosts").glob("*.json")] if (root / "flags" / ".hosts").is_dir() else []
     for what, names in (("inputs or partials left in requests/", left), ("claims left", claims_left),
+                        ("heartbeat files of dead supervisors left", beats),
                         ("temp files left", temp_files(root)), ("failed/ inputs of answered requests", stray_failed)):
         if names:
             violations.append(f"{what}: {names[:10]}{' ...' if len(names) > 10 else ''}")
@@ -227,8 +230,9 @@ def verify(root: Path, ids: list[str], creates: Counter, overflows: int = 0) -> 
 def run_trial(root: Path, cache_dir: Path, *, requests: int = 300, supervisors: int = 3, workers: int = 2,
               interval: float = 1.0, submit_seconds: float = 20.0, lease: float = 5.0, max_length: int = 160,
               seed: int = 0, timeout: float = 600.0, weights: dict | None = None, long_down: float = 0.15,
-              progress=None) -> dict:
-    """One trial in `root` (created); returns counts and the list of `violations` (empty: all good)."""
+              min_kills: int = 0, min_serving: float = 0.5, progress=None) -> dict:
+    """One trial in `root` (created); returns counts and the list of `violations` (empty: all good).
+    Faults go on until every request is answered and at least `min_kills` kills were made."""
     rng = random.Random(seed)
     weights = weights or {"worker": 75, "supervisor": 12, "host": 5, "restart": 8}
     root.mkdir(parents=True, exist_ok=True)
@@ -277,15 +281,18 @@ def run_trial(root: Path, cache_dir: Path, *, requests: int = 300, supervisors: 
                         host.start()
                         host.down_until = 0.0
             done = outcomes(req_dir)
-            if settle_until is None and submitted == len(ids) and all(rid in done for rid in ids):
+            if settle_until is None and submitted == len(ids) and all(rid in done for rid in ids) \
+                    and sum(v for k, v in kills.items() if k != "restart") >= min_kills:
                 result["seconds_to_answer"] = round(now - started, 1)
                 settle_until = now + 3 * lease + 5  # quiet: orphans and stale temp files get cleaned up
             if settle_until is not None:
-                if now >= settle_until or not (temp_files(root) or any((req_dir / ".claims").glob("[!.]*"))):
+                beats = len(list((root / "flags" / ".hosts").glob("*.json")))
+                if now >= settle_until or not (temp_files(root) or any((req_dir / ".claims").glob("[!.]*"))
+                                               or beats > sum(h.up for h in hosts)):
                     break
             elif now >= next_fault:
                 next_fault = now + rng.expovariate(1 / interval)
-                kind = inject(rng, weights, hosts, root, lease, long_down, supervisors * workers)
+                kind = inject(rng, weights, hosts, root, lease, long_down, supervisors * workers, min_serving)
                 if kind:
                     kills[kind] += 1
             if progress and now >= shown + 10:
@@ -386,6 +393,8 @@ def main(argv=None) -> int:
     parser.add_argument("--interval", type=float, default=1.0, help="mean seconds between faults")
     parser.add_argument("--submit-seconds", type=float, default=60.0, help="requests are written over this long")
     parser.add_argument("--lease", type=float, default=5.0)
+    parser.add_argument("--min-serving", type=float, default=0.5,
+                        help="inject only while at least this fraction of all workers is RUNNING")
     parser.add_argument("--max-length", type=int, default=160)
     parser.add_argument("--timeout", type=float, default=1200.0, help="a trial not done by then is a failure")
     parser.add_argument("--seed", type=int, default=1)
@@ -407,7 +416,7 @@ def main(argv=None) -> int:
         try:
             result = run_trial(root, args.cache_dir, requests=args.requests, supervisors=args.supervisors,
                                workers=args.workers, interval=args.interval, submit_seconds=args.submit_seconds,
-                               lease=args.lease, max_length=args.max_length, seed=args.seed + n, timeout=args.timeout,
+                               lease=args.lease, max_length=args.max_length, seed=args.seed + n, timeout=args.timeout, min_serving=args.min_serving,
                                progress=(lambda m: print("   ", m, file=sys.stderr, flush=True)) if args.verbose else None)
         except TimeoutError as error:
             result = {"seed": args.seed + n, "violations": [str(error)], "kills": 0, "requests": args.requests}

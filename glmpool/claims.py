@@ -255,8 +255,9 @@ class Claims:
 
     def sweep(self, now: float) -> None:
         """Remove the temp files (spool.atomic_write's `.<name>.<random>.tmp`) of writers killed before
-        their rename, once older than the lease by the filesystem's clock `now` (a live writer renames
-        its own within moments; one stalled longer than the lease has lost its claims anyway)."""
+        their rename, and heartbeat files in flags/.hosts/, once older than the lease by the filesystem's
+        clock `now` (a live writer renames its own within moments, a live supervisor beats every second;
+        one stalled longer than the lease has lost its claims anyway, and simply beats again)."""
         flags = self.requests.parent / "flags"
         for directory in (self.requests, self.dir, flags, flags / ".hosts"):
             try:
@@ -264,7 +265,9 @@ class Claims:
             except OSError:
                 continue
             for entry in entries:
-                if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                # also the heartbeat files of supervisors killed before they could remove their own
+                beat = directory.name == ".hosts" and not entry.name.startswith(".") and entry.name.endswith(".json")
+                if beat or entry.name.startswith(".") and entry.name.endswith(".tmp"):
                     try:
                         if now - entry.stat(follow_symlinks=False).st_mtime > self.lease:
                             os.unlink(entry.path)

@@ -159,10 +159,15 @@ def test_temp_files_of_killed_writers_are_swept_after_the_lease(tmp_path):
     old = time.time() - 31
     for path in stale:
         os.utime(path, (old, old))
+    (flags / "h0.4242.json").write_text("{}")  # the heartbeat of a supervisor killed long ago
+    os.utime(flags / "h0.4242.json", (old, old))
+    (flags / "h1.4343.json").write_text("{}")  # a live one's
+    stale.append(flags / "h0.4242.json")
     (c.requests / "keep.tmp").write_text("not ours: no leading dot")
     os.utime(c.requests / "keep.tmp", (old, old))
     assert c.orphans() == []
     assert not any(p.exists() for p in stale) and fresh.exists() and (c.requests / "keep.tmp").exists()
+    assert (flags / "h1.4343.json").exists()
 
 
 def _published_then_killed(tmp_path):

@@ -175,6 +175,8 @@ def test_a_crashed_host_restarting_reclaims_its_own_claims_at_once(tmp_path, cac
             assert answer["host"] == "host-a" and answer["attempts"] == 1
             assert answer["timings"]["claimed"] - crashed_at < 120  # not after a 300 s lease
         assert again.output().count("adopted own") == 3 and "of host host-a" in again.output()
+        again.signal(signal.SIGTERM)  # a clean stop (a SIGKILL right after a .back may precede its drop)
+        assert again.wait_exit(60) == 0
     finally:
         again.kill()
     assert not list((shared / "requests" / ".claims").glob("[!.]*"))
@@ -190,7 +192,7 @@ def test_a_dead_hosts_claims_are_taken_over_by_another_after_the_lease(tmp_path,
         owner.wait_running(180)
         worker = hold_claims(shared, owner, 3, "held")
         other.start().wait_running(180)
-        time.sleep(3 * lease)  # the owner is alive and renews: its claims are not taken
+        time.sleep(2 * lease)  # the owner is alive and renews: its claims are not taken
         assert sorted(r["host"] for r in claim_records(shared)) == ["host-a"] * 3
         assert "adopted" not in other.output()
         os.killpg(owner.process.pid, signal.SIGKILL)  # the owner host dies (its stopped worker with it)
@@ -203,6 +205,8 @@ def test_a_dead_hosts_claims_are_taken_over_by_another_after_the_lease(tmp_path,
             # taken over only once the record went unrenewed for a lease (renewed every lease / 4)
             assert answer["timings"]["claimed"] >= killed_at + 0.7 * lease
         assert other.output().count("of host host-a") == 3
+        other.signal(signal.SIGTERM)
+        assert other.wait_exit(60) == 0
     finally:
         try:
             os.kill(worker, signal.SIGCONT)
