@@ -408,16 +408,13 @@ class Supervisor:
             job = slot.jobs.pop(message[2], None)
             if job is None:
                 return
-            try:
-                if kind == "done":
-                    slot.deaths_in_a_row = 0  # it works: the next death starts the backoff over
-                    self.complete(slot, job, message[3], message[4])
-                else:
-                    slot.failed += 1
-                    self.fail(job, message[3], {"reason": "rejected by the model"})
-            except OSError as error:  # still claimed: run it again rather than lose it
-                log.error("cannot publish the result of %s, it will run again: %s", job.request.id, error)
-                self.queue_pending([job])
+            # A result the spool refuses is kept and retried by publish(), never generated again.
+            if kind == "done":
+                slot.deaths_in_a_row = 0  # it works: the next death starts the backoff over
+                self.complete(slot, job, message[3], message[4])
+            else:
+                slot.failed += 1
+                self.fail(job, message[3], {"reason": "rejected by the model"})
 
     # --- requests --------------------------------------------------------------------------------
 
@@ -585,10 +582,11 @@ class Supervisor:
                             "received": received, "finished": finished}}
 
         def publish() -> None:
+            # The old .cancel goes before the answer appears: a client may reuse the id at once.
+            spool.remove(self.requests / f"{job.request.id}.cancel")
             if self.claims.finish(job.claim, text, meta):
                 slot.served += 1
                 self.served += 1
-            spool.remove(self.requests / f"{job.request.id}.cancel")
         self.publish(f"the answer of {job.request.id}", job.claim, publish)
 
     def fail(self, job: Job, sentence: str, detail: dict) -> None:
@@ -598,9 +596,9 @@ class Supervisor:
         log.warning("request %s failed: %s", claim.id, sentence)
 
         def publish() -> None:
+            spool.remove(self.requests / f"{claim.id}.cancel")  # before the .error appears, as above
             self.claims.fail(claim, sentence, {"host": self.config.host_id, **detail})
             self.failed += 1
-            spool.remove(self.requests / f"{claim.id}.cancel")
         self.publish(f"the error of {claim.id}", claim, publish)
 
     def publish(self, what: str, claim: Claim, action, delay: float = PUBLISH_RETRY_FIRST) -> None:

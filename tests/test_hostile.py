@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pooltools import Pool, json_request, meta, outcome, wait_for
+from pooltools import FAST, Pool, glmpool, json_request, meta, outcome, wait_for
 
 MB = 1 << 20
 
@@ -250,7 +250,7 @@ def test_requests_dir_deleted_and_recreated(pool):
             json_request(pool.root, rid, {"query": "q", "max_new_tokens": 4})
             sent = time.time()
             assert outcome(pool.root, rid, 30)[0] == "back"
-            assert meta(pool.root, rid)["timings"]["claimed"] - sent < 1.0
+            assert meta(pool.root, rid)["timings"]["claimed"] - sent < 2.0
 
 
 def mode(path: Path) -> int:
@@ -377,6 +377,16 @@ def test_unreadable_files_are_an_error(jail):
     still_serving(jail, jail.view, rid="jail-after-unreadable")
 
 
+def fill(path: Path) -> None:
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as error:
+            assert error.errno == errno.ENOSPC
+
+
 def test_full_disk_while_writing_back_keeps_the_answer_and_retries(jail):
     requests = jail.view / "requests"
     time.sleep(1.5)  # a worker heartbeat: its token count so far
@@ -386,13 +396,7 @@ def test_full_disk_while_writing_back_keeps_the_answer_and_retries(jail):
     try:
         json_request(jail.view, "full", {"query": "fill", "max_new_tokens": 24, "do_sample": False})
         wait_for(lambda: not (requests / "full.json").exists(), 10, "the request claimed")
-        with open(ballast, "wb") as f:
-            try:
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
-            except OSError as error:
-                assert error.errno == errno.ENOSPC
+        fill(ballast)
     finally:
         os.kill(worker, signal.SIGCONT)
     wait_for(lambda: "cannot publish" in jail.output(), 20, "the failed publication in the log")
@@ -412,3 +416,34 @@ def test_full_disk_while_writing_back_keeps_the_answer_and_retries(jail):
         [p.name for p in (requests / ".claims").iterdir() if not p.name.startswith(".probe")]
     assert not leftovers
     still_serving(jail, jail.view, rid="jail-after-full")
+
+
+def test_full_disk_while_writing_an_error_keeps_it_and_retries(jail):
+    requests = jail.view / "requests"
+    worker = stopped_worker(jail)
+    ballast = requests / "ballast"
+    try:
+        json_request(jail.view, "fullerr", {"query": "q", "timeout": 0.5})
+        wait_for(lambda: not (requests / "fullerr.json").exists(), 10, "the request claimed")
+        fill(ballast)
+        time.sleep(0.6)  # past its deadline: the worker ends it as soon as it runs again
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    wait_for(lambda: "cannot publish the error of fullerr" in jail.output(), 20, "the failed publication")
+    time.sleep(1)
+    assert not (requests / "fullerr.error").exists()
+    ballast.unlink()
+    assert_error(jail.view, "fullerr", "timed out")
+    assert not list((requests / ".claims").glob("*.claim"))
+    still_serving(jail, jail.view, rid="jail-after-fullerr")
+
+
+def test_symlinked_spool_dir_at_start_is_a_setup_error(tmp_path):
+    (tmp_path / "requests").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "requests" / ".claims")
+    done = glmpool("serve", *FAST, "--cache-dir", str(tmp_path / "cache"), "--dir", str(tmp_path), "--gpus", "cpu",
+                   timeout=60)  # refused before any worker starts: no model needed
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "requests/.claims is not a directory" in done.stdout + done.stderr
+    assert list((tmp_path / "elsewhere").iterdir()) == []
