@@ -284,7 +284,7 @@ def run_trial(root: Path, cache_dir: Path, *, requests: int = 300, supervisors: 
             if settle_until is None and submitted == len(ids) and all(rid in done for rid in ids) \
                     and sum(v for k, v in kills.items() if k != "restart") >= min_kills:
                 result["seconds_to_answer"] = round(now - started, 1)
-                settle_until = now + 3 * lease + 5  # quiet: orphans and stale temp files get cleaned up
+                settle_until = now + max(3 * lease + 5, 30)  # quiet: orphans, temp and heartbeat files get cleaned up
             if settle_until is not None:
                 beats = len(list((root / "flags" / ".hosts").glob("*.json")))
                 if now >= settle_until or not (temp_files(root) or any((req_dir / ".claims").glob("[!.]*"))
@@ -413,11 +413,12 @@ def main(argv=None) -> int:
         root = args.dir / f"trial-{args.seed + n}"
         if root.exists():
             subprocess.run(["rm", "-rf", str(root)], check=True)
+        progress = (lambda m: print("   ", m, file=sys.stderr, flush=True)) if args.verbose else None
         try:
             result = run_trial(root, args.cache_dir, requests=args.requests, supervisors=args.supervisors,
                                workers=args.workers, interval=args.interval, submit_seconds=args.submit_seconds,
-                               lease=args.lease, max_length=args.max_length, seed=args.seed + n, timeout=args.timeout, min_serving=args.min_serving,
-                               progress=(lambda m: print("   ", m, file=sys.stderr, flush=True)) if args.verbose else None)
+                               lease=args.lease, max_length=args.max_length, seed=args.seed + n,
+                               timeout=args.timeout, min_serving=args.min_serving, progress=progress)
         except TimeoutError as error:
             result = {"seed": args.seed + n, "violations": [str(error)], "kills": 0, "requests": args.requests}
         trials.append(result)

@@ -255,9 +255,9 @@ class Claims:
 
     def sweep(self, now: float) -> None:
         """Remove the temp files (spool.atomic_write's `.<name>.<random>.tmp`) of writers killed before
-        their rename, and heartbeat files in flags/.hosts/, once older than the lease by the filesystem's
-        clock `now` (a live writer renames its own within moments, a live supervisor beats every second;
-        one stalled longer than the lease has lost its claims anyway, and simply beats again)."""
+        their rename, and heartbeat files in flags/.hosts/, once older than the lease (heartbeats: and
+        15 s) by the filesystem's clock `now` (a live writer renames its own within moments, a live
+        supervisor beats every second; one stalled longer has lost its claims anyway, and beats again)."""
         flags = self.requests.parent / "flags"
         for directory in (self.requests, self.dir, flags, flags / ".hosts"):
             try:
@@ -268,8 +268,8 @@ class Claims:
                 # also the heartbeat files of supervisors killed before they could remove their own
                 beat = directory.name == ".hosts" and not entry.name.startswith(".") and entry.name.endswith(".json")
                 if beat or entry.name.startswith(".") and entry.name.endswith(".tmp"):
-                    try:
-                        if now - entry.stat(follow_symlinks=False).st_mtime > self.lease:
+                    try:  # a heartbeat older than 15 s is past what counts as a live peer (10 s)
+                        if now - entry.stat(follow_symlinks=False).st_mtime > max(self.lease, 15.0 if beat else 0.0):
                             os.unlink(entry.path)
                             log.info("removed %s, left by a writer that died", entry.name)
                     except OSError:

@@ -276,8 +276,9 @@ def sshfs_mounts(tmp_path):
         for mount in mounts:
             mount.mkdir()
             with open(f"{mount}.log", "wb") as log:
-                clients.append(subprocess.Popen(["sshfs", "-f", "-o", options, f"{user}@127.0.0.1:{backing}", str(mount)],
-                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+                clients.append(subprocess.Popen(["sshfs", "-f", "-o", options, f"{user}@127.0.0.1:{backing}",
+                                                 str(mount)], stdout=log, stderr=subprocess.STDOUT,
+                                                start_new_session=True))
         for mount, client in zip(mounts, clients):
             wait_for(lambda: os.path.ismount(mount) or client.poll() is not None, 30, f"{mount} mounted")
             if client.poll() is not None:
