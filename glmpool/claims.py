@@ -108,7 +108,10 @@ class Claims:
                 if os.path.lexists(extra) and self._rename(extra, self.dir / f"{claim.token}{suffix}"):
                     claim.inputs[suffix] = self.dir / f"{claim.token}{suffix}"
             for suffix in spool.OUTPUT_SUFFIXES:  # a new request under a used id replaces old answers
-                spool.remove(self.requests / f"{request_id}{suffix}")
+                try:
+                    spool.remove(self.requests / f"{request_id}{suffix}")
+                except OSError as error:  # e.g. a directory that is not empty: finish() fails the request
+                    log.error("cannot remove %s%s: %s", request_id, suffix, error.strerror)
             self.mine[claim.token] = claim
             return claim
         finally:
@@ -144,6 +147,13 @@ class Claims:
             log.warning("claim %s of %s was taken over; dropping this late answer", claim.token, claim.id)
             self.mine.pop(claim.token, None)
             return False
+        back_path = self.requests / f"{claim.id}.back"
+        if os.path.isdir(back_path) and not os.path.islink(back_path):
+            # Not an answer but a directory in the way (claim() removes only empty ones): the client
+            # must hear that its answer cannot be written, not wait for it.
+            self.fail(claim, f"{claim.id}.back cannot be written: a directory is in its place",
+                      {"id": claim.id, "reason": "output blocked"})
+            return False
         if self.answered(claim):
             return False
         spool.atomic_write(self.requests / f"{claim.id}.meta", json.dumps(meta, ensure_ascii=False, indent=1))
@@ -158,7 +168,7 @@ class Claims:
         """A .back while we hold the claim was published under this very claim (claiming removed any older
         one) by an owner killed before it dropped the claim, and adopted since: drop the rerun, keep both
         that .back and its .meta as they are."""
-        if not os.path.lexists(self.requests / f"{claim.id}.back"):
+        if not spool.is_regular(self.requests / f"{claim.id}.back"):  # we publish files, never anything else
             return False
         log.warning("%s.back was already published under claim %s; dropping this rerun", claim.id, claim.token)
         spool.remove(self.requests / f"{claim.id}.partial")
@@ -188,7 +198,7 @@ class Claims:
         try:
             spool.atomic_write(self.requests / f"{claim.id}.error", spool.error_text(sentence, detail))
         except OSError as error:
-            if error.errno != errno.ENAMETOOLONG:
+            if error.errno not in (errno.ENAMETOOLONG, errno.EISDIR):  # permanent: retrying cannot help
                 raise
             log.error("%s failed (%s) but no .error can be named after it (%s); its inputs are in failed/",
                       claim.id, sentence, error.strerror)

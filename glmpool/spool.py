@@ -277,8 +277,12 @@ def error_text(sentence: str, detail: dict) -> str:
 
 
 def remove(path: Path) -> None:
+    """Remove a file or symlink (never what it points to), or an empty directory left under one of our
+    names; a missing name is fine. A directory that is not empty raises OSError (ENOTEMPTY)."""
     try:
         os.unlink(path)
+    except IsADirectoryError:
+        os.rmdir(path)
     except OSError as error:
         if error.errno not in (errno.ENOENT, errno.ENAMETOOLONG):  # a name too long cannot exist either
             raise

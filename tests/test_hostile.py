@@ -225,6 +225,41 @@ def test_ids_too_long_for_every_result_name(pool):
     still_serving(pool, rid="alive-after-long-ids")
 
 
+def test_results_blocked_by_directories(pool):
+    """A directory under a result name: removed when empty (the answer takes its place); when it holds
+    something, never deleted: the request fails with an .error, or only in the log if .error is blocked."""
+    requests = pool.root / "requests"
+    (requests / "emptydir.back").mkdir()
+    seed(requests, "emptydir", "hello")
+    wait_for(lambda: (requests / "emptydir.back").is_file(), 30, "the answer in the directory's place")
+    assert meta(pool.root, "emptydir")["id"] == "emptydir"
+    (requests / "fulldir.back").mkdir()
+    (requests / "fulldir.back" / "keep").write_text("client data\n")
+    seed(requests, "fulldir", "hello")
+    error = wait_for(lambda: (requests / "fulldir.error").is_file(), 30, "the error") and \
+        (requests / "fulldir.error").read_text()
+    assert "fulldir.back cannot be written" in error.splitlines()[0]
+    assert (requests / "failed" / "fulldir.request").exists() and not (requests / "fulldir.request").exists()
+    assert (requests / "fulldir.back" / "keep").exists()
+    (requests / "blocked.error").mkdir()
+    (requests / "blocked.error" / "keep").write_text("client data\n")
+    write(requests, "blocked.request", b"nul\0\n")
+    wait_for(lambda: (requests / "failed" / "blocked.request").exists(), 30, "the input kept in failed/")
+    wait_for(lambda: "blocked failed" in pool.output(), 5, "the reason in the log")
+    assert (requests / "blocked.error" / "keep").exists()
+    still_serving(pool, rid="alive-after-blocked")
+
+
+def test_status_flag_as_a_directory(pool):
+    flags = pool.root / "flags"
+    (flags / "status.back").unlink(missing_ok=True)
+    (flags / "status.flag").mkdir()
+    wait_for(lambda: (flags / "status.back").exists(), 10, "the status")
+    assert json.loads((flags / "status.back").read_text())["status"] == "running"
+    wait_for(lambda: not (flags / "status.flag").exists() and not list(flags.glob(".status.*")), 5, "the flag gone")
+    assert pool.status()["status"] == "running"
+
+
 def test_dot_files_are_never_taken(pool):
     """Names beginning with a dot are temp files of writers (and ours): never requests."""
     requests = pool.root / "requests"
