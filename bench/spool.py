@@ -82,6 +82,7 @@ def instant_worker(spec, tasks, results) -> None:
     from glmpool import worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format=f"[%(levelname)s instant worker {spec.wid}]: %(message)s")
+    import glmpool.engine  # noqa: F401 - what the real worker has imported before it is ready (torch)
     results.send(("ready", spec.wid, {"pid": os.getpid(), "kv_tokens": 0}))
     try:
         worker.Loop(spec, None, InstantBatch(spec.max_batch), tasks, results).run()
