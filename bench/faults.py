@@ -325,6 +325,7 @@ def run_trial(root: Path, cache_dir: Path, *, requests: int = 300, supervisors: 
         "starts": sum(h.starts for h in hosts), "answered": len(ids) - len(failed_ids), "errors": dict(errors),
         "late_answers_dropped": logs_text.count("dropping this late answer"),
         "duplicates_refused": logs_text.count("already exists; not replacing"),
+        "reruns_dropped": logs_text.count("dropping this rerun"),
         "adopted": logs_text.count("adopted "),
         # a worker still loading when its supervisor was killed dies on its first send: not a pool error
         "tracebacks": logs_text.count("Traceback") - logs_text.count("\nBrokenPipeError: [Errno 32] Broken pipe"),
@@ -423,7 +424,8 @@ def main(argv=None) -> int:
             result = {"seed": args.seed + n, "violations": [str(error)], "kills": 0, "requests": args.requests}
         trials.append(result)
         print(json.dumps(result), flush=True)
-        for key in ("requests", "kills", "answered", "starts", "late_answers_dropped", "duplicates_refused", "adopted"):
+        for key in ("requests", "kills", "answered", "starts", "late_answers_dropped", "duplicates_refused",
+                    "reruns_dropped", "adopted"):
             totals[key] += result.get(key, 0)
         for key, value in result.get("faults", {}).items():
             totals["fault_" + key] += value

@@ -307,6 +307,12 @@ class Claims:
                 target = self.dir / f"{claim.token}{suffix}"
                 if suffix == main or self._rename(path, target):
                     claim.inputs[suffix] = target
+            history = self.requests / f"{claim.id}.history"
+            if main == ".request" and ".history" not in claim.inputs and os.path.lexists(history):
+                # its claimer died between the renames (or a release put the history back first): the
+                # request's history is still in requests/, and no client reuses an id before its answer
+                if self._rename(history, self.dir / f"{claim.token}.history"):
+                    claim.inputs[".history"] = self.dir / f"{claim.token}.history"
             spool.remove(self.record_path(old_token))
             self.mine[claim.token] = claim
             log.info("adopted %s (claim %s of host %s)", claim.id, old_token, info.get("host"))

@@ -202,3 +202,18 @@ def test_a_rerun_of_an_answered_claim_never_adds_an_error(tmp_path):
     assert not (successor.requests / "1.error").exists()
     assert (successor.requests / "1.back").read_text() == "first answer"
     assert leftovers(successor.requests) == []
+
+
+def test_an_adopter_takes_the_history_its_dead_claimer_had_not_moved_yet(tmp_path):
+    # found by bench/faults.py: a supervisor SIGKILLed between renaming x.request and x.history into its
+    # claim left x.history in requests/; the adopter answered without that history, and the stray file
+    # would have become the history of the next request reusing the id
+    dead = new_claims(tmp_path)
+    write_request(dead.requests, "1", history='[["earlier", "turn"]]')
+    claim = dead.claim("1", ".request")  # the main input only: killed before the extras
+    record = dead.record_path(claim.token)
+    record.write_text(json.dumps({**json.loads(record.read_text()), "pid": 2 ** 22 + 12345}))
+    [adopted] = new_claims(tmp_path).orphans()
+    assert sorted(adopted.inputs) == [".history", ".request"]
+    assert adopted.inputs[".history"].read_text() == '[["earlier", "turn"]]\n'
+    assert not (dead.requests / "1.history").exists()
