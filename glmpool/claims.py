@@ -165,24 +165,43 @@ class Claims:
         return written
 
     def answered(self, claim: Claim) -> bool:
-        """A .back while we hold the claim was published under this very claim (claiming removed any older
-        one) by an owner killed before it dropped the claim, and adopted since: drop the rerun, keep both
-        that .back and its .meta as they are."""
-        if not spool.is_regular(self.requests / f"{claim.id}.back"):  # we publish files, never anything else
-            return False
-        log.warning("%s.back was already published under claim %s; dropping this rerun", claim.id, claim.token)
-        spool.remove(self.requests / f"{claim.id}.partial")
-        self.drop(claim)
-        return True
+        """An outcome while we hold the claim was published under this very claim (claiming removed any
+        older one) by an owner killed before it dropped the claim, and adopted since: finish that owner's
+        work (an .error's inputs go to failed/) and drop the rerun, keeping .back, .meta or .error as they are."""
+        for suffix in (".back", ".error"):
+            if spool.is_regular(self.requests / f"{claim.id}{suffix}"):  # we publish files, never anything else
+                log.warning("%s%s was already published under claim %s; dropping this rerun", claim.id, suffix,
+                            claim.token)
+                spool.remove(self.requests / f"{claim.id}.partial")
+                if suffix == ".error":
+                    self.keep_inputs(claim)
+                self.drop(claim, remove_inputs=suffix == ".back")
+                return True
+        return False
 
     def fail(self, claim: Claim, sentence: str, detail: dict) -> None:
-        """Publish an .error and keep the inputs in failed/ (never silently deleted). Safe to call again
-        after an OSError (a full disk): inputs already moved are not looked for again."""
+        """Publish an .error, then keep the inputs in failed/ (never silently deleted). In that order: an
+        owner killed in between leaves a claim whose .error says it is answered (see answered()). Safe to
+        call again after an OSError (a full disk): nothing was moved yet."""
         if claim.token in self.mine and not self.holds(claim):
             self.mine.pop(claim.token, None)
             return
         if self.answered(claim):
             return
+        self.check_dirs()
+        spool.remove(self.requests / f"{claim.id}.partial")
+        try:
+            spool.atomic_write(self.requests / f"{claim.id}.error", spool.error_text(sentence, detail))
+        except OSError as error:
+            if error.errno not in (errno.ENAMETOOLONG, errno.EISDIR):  # permanent: retrying cannot help
+                raise
+            log.error("%s failed (%s) but no .error can be named after it (%s); its inputs are in failed/",
+                      claim.id, sentence, error.strerror)
+        self.keep_inputs(claim)
+        self.drop(claim, remove_inputs=False)
+
+    def keep_inputs(self, claim: Claim) -> None:
+        """Move the claimed inputs into failed/."""
         self.check_dirs()
         failed = self.requests / "failed"
         for suffix, path in list(claim.inputs.items()):
@@ -194,15 +213,6 @@ class Claims:
                 except OSError as error:
                     log.error("cannot move %s into failed/: %s", path, error.strerror)
             del claim.inputs[suffix]
-        spool.remove(self.requests / f"{claim.id}.partial")
-        try:
-            spool.atomic_write(self.requests / f"{claim.id}.error", spool.error_text(sentence, detail))
-        except OSError as error:
-            if error.errno not in (errno.ENAMETOOLONG, errno.EISDIR):  # permanent: retrying cannot help
-                raise
-            log.error("%s failed (%s) but no .error can be named after it (%s); its inputs are in failed/",
-                      claim.id, sentence, error.strerror)
-        self.drop(claim, remove_inputs=False)
 
     def release(self, claim: Claim) -> None:
         """Give the request back unanswered (stop, or cut by the grace timeout): inputs return to requests/."""

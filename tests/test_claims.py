@@ -217,3 +217,22 @@ def test_an_adopter_takes_the_history_its_dead_claimer_had_not_moved_yet(tmp_pat
     assert sorted(adopted.inputs) == [".history", ".request"]
     assert adopted.inputs[".history"].read_text() == '[["earlier", "turn"]]\n'
     assert not (dead.requests / "1.history").exists()
+
+
+def test_an_error_published_by_a_killed_owner_is_its_outcome(tmp_path):
+    # fail() used to move the inputs into failed/ before writing .error: an owner killed in between left
+    # a claim record without inputs, cleaned up as an orphan, and the request had no outcome at all
+    dead = new_claims(tmp_path)
+    write_request(dead.requests, "1", "bad")
+    claim = dead.claim("1", ".request", (".history",))
+    from glmpool import spool
+    spool.atomic_write(dead.requests / "1.error", spool.error_text("it is bad", {"reason": "test"}))
+    record = dead.record_path(claim.token)
+    record.write_text(json.dumps({**json.loads(record.read_text()), "pid": 2 ** 22 + 12345}))
+    successor = new_claims(tmp_path)
+    [adopted] = successor.orphans()
+    assert not successor.finish(adopted, "a rerun's answer", {})
+    assert not (successor.requests / "1.back").exists()
+    assert (successor.requests / "1.error").read_text().startswith("it is bad.\n")
+    assert (successor.requests / "failed" / "1.request").read_text() == "bad\n"
+    assert leftovers(successor.requests) == []
