@@ -34,7 +34,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
-from spool import Server, machine, percentile, write_request  # noqa: E402  (bench/spool.py)
+from spool import Server, bar_chart, machine, percentile, write_request  # noqa: E402  (bench/spool.py)
 
 END_NEVER = -1  # an end-of-answer token id no model produces
 
@@ -221,9 +221,7 @@ def main() -> None:
                   f"{m('latency_p50'):.2f} s | {m('latency_p95'):.2f} s |")
     print("\nChart (aggregate tokens/s):")
     bars = [("one at a time", s("tokens_per_s"))] + [(f"{n} at once", med[(n, "tokens_per_s")]) for n in counts]
-    top = max(v for _, v in bars)
-    for label, value in bars:
-        print(f"    {label:<14} {'#' * max(1, round(40 * value / top)):<40} {value:.1f}")
+    bar_chart(bars, "{:.1f}")
     target = med.get((16, "speedup"))
     if target is not None:
         print(f"\nTarget: 16 at once >= 8x one at a time: {target:.2f}x ({'met' if target >= 8 else 'missed'}).")

@@ -264,6 +264,14 @@ def drain(base: Path, pending: int, tag: str, args: list[str]) -> dict:
     return {"drain_per_s": pending / elapsed, **cost}
 
 
+def bar_chart(bars: list[tuple[str, float]], number: str) -> None:
+    """Print labelled ASCII bars scaled to the largest value (the README's charts)."""
+    top = max(value for _, value in bars)
+    width = max(len(label) for label, _ in bars)
+    for label, value in bars:
+        print(f"    {label:<{width}} {'#' * max(1, round(40 * value / top)):<40} {number.format(value)}")
+
+
 def machine() -> str:
     import platform
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
@@ -333,9 +341,7 @@ def main() -> None:
     print("\nChart (requests/s):")
     bars = [(f"burst, {c} worker(s)", med[(c, "requests_per_s")]) for c in workers] + \
            [(f"drain, {d} pending", med[(f"pending {d}", "drain_per_s")]) for d in depths]
-    top = max(v for _, v in bars)
-    for label, value in bars:
-        print(f"    {label:<22} {'#' * max(1, round(40 * value / top)):<40} {value:.0f}")
+    bar_chart(bars, "{:.0f}")
 
 
 if __name__ == "__main__":
