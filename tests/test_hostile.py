@@ -382,8 +382,17 @@ def jail(public_dir, cache):
     (root / "requests").mkdir(parents=True)
     shutil.chown(root, "nobody", "nogroup")
     shutil.chown(root / "requests", "nobody", "nogroup")
+    # The checkout may sit in a directory only root can enter (a `mktemp -d` clone is 0700): give nobody
+    # its own readable copy of the package.
+    source = public_dir / "src"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "glmpool", source / "glmpool",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for d, _, files in os.walk(source):
+        os.chmod(d, 0o755)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o644)
     p = Pool(root, cache, "--gpus", "cpu", "--max-length", "96", "--heartbeat-timeout", "60",
-             env={"HOME": str(root)}, name="jail")
+             env={"HOME": str(root), "PYTHONPATH": str(source)}, name="jail")
     p.cmd = ["unshare", "-m", "sh", "-c", jail_script(), "jail", str(root)] + p.cmd
     p.start()
     try:
