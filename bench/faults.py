@@ -286,9 +286,12 @@ def run_trial(root: Path, cache_dir: Path, *, requests: int = 300, supervisors: 
                 result["seconds_to_answer"] = round(now - started, 1)
                 settle_until = now + max(3 * lease + 5, 30)  # quiet: orphans, temp and heartbeat files get cleaned up
             if settle_until is not None:
-                beats = len(list((root / "flags" / ".hosts").glob("*.json")))
+                # heartbeat files named <host>.<pid>.json of supervisors that are gone (by pid, not by count: a
+                # host just restarted may not have written its own yet)
+                live = {str(h.process.pid) for h in hosts if h.up}
+                stale = [b for b in (root / "flags" / ".hosts").glob("*.json") if b.stem.rsplit(".", 1)[-1] not in live]
                 if now >= settle_until or not (temp_files(root) or any((req_dir / ".claims").glob("[!.]*"))
-                                               or beats > sum(h.up for h in hosts)):
+                                               or stale):
                     break
             elif now >= next_fault:
                 next_fault = now + rng.expovariate(1 / interval)
