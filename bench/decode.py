@@ -1,11 +1,12 @@
 """Decode benchmark: fp32 / int8 / int4 (and -qe: embeddings quantized too) on the medium random model.
 
-    python bench/decode.py [--rounds 3] [--batches 4,16,64] [--variants fp32,int8,int4,int8-qe,int4-qe]
+    python bench/decode.py [--rounds 3] [--batches 4,16,64] [--variants fp32,fp32-mkl,int8,int4,int8-qe,int4-qe]
                            [--agreement] [--model DIR]
 
 Medium config (as the issue specifies): hidden 1024, 16 heads, inner 4096, 8 layers, vocab 130528, tied
 embeddings, ~234 M parameters (0.94 GB in fp32), random weights from `glmpool.engine.tiny`, built once
-into .cache/. For every variant: prompt ms (one 32-token prompt), decode tokens/s of one sequence,
+into .cache/. fp32-mkl is fp32 through plain torch (F.linear, MKL) instead of oneDNN's packed weights
+(`glmpool.engine.onednn`), for comparison. For every variant: prompt ms (one 32-token prompt), decode tokens/s of one sequence,
 aggregate tokens/s of batches through `engine.batcher` (greedy), next to this machine's memory read
 bandwidth measured in the same run and the bound it implies (bandwidth / weight bytes read per token).
 
@@ -15,7 +16,6 @@ medians plus ratios against fp32 measured in the same rounds. Not a test: no tar
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import gc
 import logging
@@ -24,12 +24,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from glmpool.engine import SamplingParams, load  # noqa: E402
+from glmpool.engine import onednn  # noqa: E402
 from glmpool.engine import quantize as Q  # noqa: E402
 
 MEDIUM = dict(layers=8, hidden=1024, heads=16, inner=4096, vocab=130528, seed=0)
@@ -63,6 +65,9 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     projection; the embedding lookup reads one row). That is what one decode step streams from memory."""
     seen, total = set(), 0
     for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.layout == torch._mkldnn:  # oneDNN's opaque layout (onednn.PackedLinear): no storage to share
+            total += tensor.numel() * tensor.element_size()
+            continue
         key = tensor.untyped_storage().data_ptr()
         if key not in seen:
             seen.add(key)
@@ -118,8 +123,11 @@ def run_chatglm_cpp(python: str, path: Path, tokens: int) -> float:
 def build_variants(model_dir: Path, names: list[str]) -> dict:
     engines = {}
     for name in names:
-        if name == "bf16":
-            engine = load(model_dir, dtype="bfloat16", progress=False)
+        if name in ("bf16", "fp16"):
+            engine = load(model_dir, dtype={"bf16": "bfloat16", "fp16": "float16"}[name], progress=False)
+        elif name == "fp32-mkl":  # the plain torch path (F.linear, MKL) that onednn.py replaces, for comparison
+            with mock.patch.object(onednn, "usable", return_value=False):
+                engine = load(model_dir, progress=False)
         else:
             engine = load(model_dir, quantize=None if name == "fp32" else name.removeprefix("int"), progress=False)
         # Random weights may well predict <eop>; the bench wants every sequence decoding every step.
@@ -148,7 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: the medium random one)")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache")
-    parser.add_argument("--variants", default="fp32,int8,int4,int8-qe,int4-qe")
+    parser.add_argument("--variants", default="fp32,fp32-mkl,int8,int4,int8-qe,int4-qe")
     parser.add_argument("--batches", default="4,16,64")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--decode-steps", type=int, default=16)
@@ -170,7 +178,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",") if b]
     engines = build_variants(model_dir, names)
     config = engines["fp32"].config
-    params = sum(p.numel() for p in engines["fp32"].model.parameters())
+    params = sum(t.numel() for t in [*engines["fp32"].model.parameters(), *engines["fp32"].model.buffers()])
     print(f"model {model_dir.name}: {params / 1e6:.0f} M parameters, hidden {config.hidden_size}, "
           f"{config.num_layers} layers, vocab {config.vocab_size}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads", file=sys.stderr)
@@ -243,10 +251,7 @@ def main() -> None:
         agreement_engines = dict(engines)
         if "bf16" not in agreement_engines:
             agreement_engines["bf16 (yardstick)"] = build_variants(model_dir, ["bf16"])["bf16"]
-        fp16 = copy.deepcopy(engines["fp32"])
-        fp16.model = fp16.model.half()
-        fp16.model._rotary = None
-        agreement_engines["fp16 (yardstick)"] = fp16
+        agreement_engines["fp16 (yardstick)"] = build_variants(model_dir, ["fp16"])["fp16"]
         for row in agreement_table(agreement_engines, "fp32", args.agreement_prompts, args.agreement_tokens,
                                    random.Random(1)):
             print(row)

@@ -172,7 +172,7 @@ open("/proc/self/clear_refs", "w").write("5")  # restart the high-water mark fro
 before = status("VmRSS")
 engine = load(sys.argv[1], progress=False)
 peak = status("VmHWM")
-weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+weights = sum(t.numel() * t.element_size() for t in [*engine.model.parameters(), *engine.model.buffers()])
 print(before, peak, weights)
 """
 

@@ -72,10 +72,12 @@ def test_quantize_weight_format_and_error_bound(bits):
 
 
 def test_cpu_int4_layout_matches_torchs_packer_blockwise():
-    q = torch.randint(-8, 8, (96, 256), dtype=torch.int8)
+    block = Q.int4_block_rows()
+    assert block in Q.INT4_BLOCK_CANDIDATES  # 64 on AVX-512 machines, 32 on AVX2 ones
+    q = torch.randint(-8, 8, (192, 256), dtype=torch.int8)
     theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu((q + 8).to(torch.int32), 1).view(torch.uint8)
     assert torch.equal(Q._cpu_int4_pack(q), theirs)
-    assert torch.equal(Q._cpu_int4_pack(q[32:64]), theirs[32:64])  # 32-row blocks are independent
+    assert torch.equal(Q._cpu_int4_pack(q[block:2 * block]), theirs[block:2 * block])  # blocks are independent
     assert torch.equal(Q._cpu_int4_unpack(theirs), q)
     assert Q._cpu_int4_layout_ok() and Q._cpu_int8_kernel_ok()
 
@@ -91,24 +93,24 @@ def reference_linear(module: QuantizedLinear, x: torch.Tensor, path: str) -> tor
 @pytest.mark.parametrize("rows", [1, 3, 16, 33, 70])
 def test_quantized_linear_paths_equal_dequantize_then_linear(bits, rows):
     torch.manual_seed(rows)
-    module = QuantizedLinear.from_linear(torch.nn.Linear(128, 96), bits)
+    module = QuantizedLinear.from_linear(torch.nn.Linear(128, 192), bits)
     x = torch.randn(rows, 128)
     for path in (KERNEL[bits], "dequant"):
         expected = reference_linear(module, x, path)
         out = module.matmul(x, module.bias, path=path)
-        assert out.dtype == torch.float32 and out.shape == (rows, 96)
+        assert out.dtype == torch.float32 and out.shape == (rows, 192)
         # kernels: bf16 output rounding of the unscaled sums (relative 2^-9); dequant: fp32 summation order
         tolerance = 1e-2 * float(expected.abs().max()) if path != "dequant" else 1e-5
         assert float((out - expected).abs().max()) <= tolerance, path
-    assert module(x.view(1, rows, 128)).shape == (1, rows, 96)  # any leading shape
+    assert module(x.view(1, rows, 128)).shape == (1, rows, 192)  # any leading shape
     expected_path = KERNEL[bits] if rows <= Q.CPU_KERNEL_MAX_ROWS[bits] else "dequant"
     assert module.kernel_path(rows, x.device) == expected_path
 
 
 def test_dequant_path_in_chunks_and_without_bias(monkeypatch):
-    monkeypatch.setattr(Q, "DEQUANT_CHUNK_BYTES", 64 * 128 * 4)  # 64 rows per chunk
+    monkeypatch.setattr(Q, "DEQUANT_CHUNK_BYTES", 128 * 128 * 4)  # 128 rows per chunk
     for bits in (8, 4):
-        module = QuantizedLinear.from_linear(torch.nn.Linear(128, 160, bias=False), bits)
+        module = QuantizedLinear.from_linear(torch.nn.Linear(128, 320, bias=False), bits)
         assert module.bias is None
         x = torch.randn(5, 128)
         expected = F.linear(x, module.dequantize())
@@ -118,7 +120,7 @@ def test_dequant_path_in_chunks_and_without_bias(monkeypatch):
 
 
 def test_shapes_the_kernels_cannot_take_fall_back():
-    odd = QuantizedLinear.from_linear(torch.nn.Linear(40, 48), 4)  # K % 32, N % 32 both off
+    odd = QuantizedLinear.from_linear(torch.nn.Linear(40, 48), 4)  # K % 32, N % 32 (so any block) both off
     assert odd.kernel_path(1, torch.device("cpu")) == "dequant"
     x = torch.randn(2, 40)
     assert torch.allclose(odd(x), F.linear(x, odd.dequantize(), odd.bias), atol=1e-5)
@@ -168,17 +170,17 @@ def test_int4_kernel_layout_in_place_keeps_state_dict_and_reloads():
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_embedding_lookup_and_projection(bits):
     torch.manual_seed(1)
-    embedding = torch.nn.Embedding(96, 64)
+    embedding = torch.nn.Embedding(192, 64)
     module = QuantizedEmbedding.from_embedding(embedding, bits)
     table = dequantize_weight(module.weight, module.weight_scale, bits)
-    ids = torch.tensor([[0, 5, 95], [33, 33, 64]])
+    ids = torch.tensor([[0, 5, 191], [33, 33, 64]])
     assert torch.equal(module(ids), table[ids])
     hidden = torch.randn(3, 64)
     assert torch.allclose(module.project(hidden), F.linear(hidden.bfloat16().float(), table), rtol=1e-2, atol=1e-2)
     assert torch.equal(module(ids), table[ids])  # also in the kernel layout (int4)
     many = torch.randn(80, 64)  # more rows than CPU_KERNEL_MAX_ROWS: the dequant path
     assert torch.allclose(module.project(many), F.linear(many, table), atol=1e-5)
-    assert (module.num_embeddings, module.embedding_dim) == (96, 64)
+    assert (module.num_embeddings, module.embedding_dim) == (192, 64)
 
 
 def small_config(**changes) -> ModelConfig:

@@ -7,7 +7,7 @@ from typing import Iterator
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, onednn
 from .config import ModelConfig
 from .errors import CheckpointError, EngineError
 from .generate import Batcher, SamplingParams
@@ -132,6 +132,9 @@ def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | tor
         quantize_model(net, bits, layers=quantize_layers, embeddings=quantize_embeddings)
         net = net.to(device)
     prepare(net)
+    if onednn.usable(device, dtype):
+        onednn.pack_linears(net)
+        net.onednn_output = True  # unless a quantized table projects itself
     net.eval().requires_grad_(False)
     quantized = f", int{bits}" + ("-qe" if embeddings or stored_embeddings else "") if bits else ""
     log.info("loaded %s (%d layers, hidden %d%s) on %s as %s", model, config.num_layers, config.hidden_size,

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import onednn
 from .config import ModelConfig
 
 
@@ -180,6 +181,7 @@ class ChatGLM(nn.Module):
         self.layers = nn.ModuleList(GLMBlock(config, i) for i in range(config.num_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.onednn_output = False  # the output projection through onednn.linear (see onednn.py)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -202,6 +204,8 @@ class ChatGLM(nn.Module):
         """The tied output projection: [B, H] -> [B, vocab]."""
         if hasattr(self.word_embeddings, "project"):  # a quantized table multiplies by itself
             return self.word_embeddings.project(hidden)
+        if self.onednn_output:
+            return onednn.linear(hidden, self.word_embeddings.weight, None)
         if hidden.shape[0] > 1:  # several sequences: see project()
             return (self.word_embeddings.weight @ hidden.t()).t()
         return F.linear(hidden, self.word_embeddings.weight)

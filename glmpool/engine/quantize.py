@@ -48,7 +48,7 @@ LINEAR_NAMES = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_
 
 # Rows M of the input up to which the CPU weight-only kernels beat dequantize + BLAS (bench/kernels).
 CPU_KERNEL_MAX_ROWS = {8: 64, 4: 64}
-INT4_BLOCK_ROWS = 32  # the CPU int4 kernel's weight layout interleaves blocks of 32 output rows
+INT4_BLOCK_CANDIDATES = (64, 32)  # output rows per block of the CPU int4 layout: 64 with AVX-512, else 32
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # allowed by the CPU int4 kernel (all groups share the row scale)
 KERNEL_K_MULTIPLE = 32  # the CPU kernels misbehave (garbage, crashes) unless K is a multiple of 8; be safe
 DEQUANT_CHUNK_BYTES = 8 << 20  # dequantized block size on CPU (fits in L2/L3 next to its GEMM)
@@ -137,21 +137,35 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, bits: int,
 # holds row j's nibble low and row j+16's nibble high, unsigned (q + 8). Same byte count as THUDM's.
 # --------------------------------------------------------------------------------------------------
 
-def _cpu_int4_pack(q: torch.Tensor) -> torch.Tensor:
-    """signed int8 [R, K] (R a multiple of 32) -> uint8 [R, K/2] in the CPU int4 kernel's layout."""
+def _cpu_int4_pack(q: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """signed int8 [R, K] (R a multiple of the block) -> uint8 [R, K/2] in the CPU int4 kernel's layout:
+    per block of B output rows, for each k, B/2 bytes holding row j in the low and row j + B/2 in the
+    high nibble."""
     R, K = q.shape
-    u = (q + 8).to(torch.uint8).view(R // INT4_BLOCK_ROWS, 2, INT4_BLOCK_ROWS // 2, K)  # [R/32, 2, 16, K]
-    packed = u[:, 0] | (u[:, 1] << 4)  # [R/32, 16, K]
-    return packed.transpose(1, 2).contiguous().view(R, K // 2)  # [R/32, K, 16] flattened
+    B = block or int4_block_rows()
+    u = (q + 8).to(torch.uint8).view(R // B, 2, B // 2, K)  # [R/B, 2, B/2, K]
+    packed = u[:, 0] | (u[:, 1] << 4)  # [R/B, B/2, K]
+    return packed.transpose(1, 2).contiguous().view(R, K // 2)  # [R/B, K, B/2] flattened
 
 
 def _cpu_int4_unpack(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [R, K/2] in the CPU int4 kernel's layout -> signed int8 [R, K]."""
     R, half = packed.shape
-    K = half * 2
-    blocks = packed.view(torch.uint8).reshape(R // INT4_BLOCK_ROWS, K, INT4_BLOCK_ROWS // 2).transpose(1, 2)
-    q = torch.stack((blocks & 0x0F, blocks >> 4), dim=1)  # [R/32, 2, 16, K]
+    K, B = half * 2, int4_block_rows()
+    blocks = packed.view(torch.uint8).reshape(R // B, K, B // 2).transpose(1, 2)
+    q = torch.stack((blocks & 0x0F, blocks >> 4), dim=1)  # [R/B, 2, B/2, K]
     return (q.view(torch.int8) - 8).reshape(R, K)
+
+
+@functools.cache
+def int4_block_rows() -> int:
+    """The block size of this torch's CPU int4 layout (it depends on the CPU), or 0 if none is known."""
+    try:
+        q = torch.randint(-8, 8, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+        theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu((q + 8).to(torch.int32), 1).view(torch.uint8)
+    except (RuntimeError, AttributeError):
+        return 0
+    return next((b for b in INT4_BLOCK_CANDIDATES if torch.equal(_cpu_int4_pack(q, b), theirs)), 0)
 
 
 def _kernel_check(kind: str, probe: Callable[[torch.Generator], bool]) -> bool:
@@ -171,13 +185,13 @@ def _kernel_check(kind: str, probe: Callable[[torch.Generator], bool]) -> bool:
 def _cpu_int4_layout_ok() -> bool:
     """Whether this torch's CPU int4 kernel uses the layout above (checked once against torch's packer)."""
     def probe(g: torch.Generator) -> bool:
-        q = torch.randint(-8, 8, (64, 128), generator=g, dtype=torch.int8)
+        q = torch.randint(-8, 8, (128, 128), generator=g, dtype=torch.int8)
         reference = torch.ops.aten._convert_weight_to_int4pack_for_cpu((q + 8).to(torch.int32), 1)
         x = torch.randn(3, 128, generator=g).bfloat16()
-        ones = torch.ones(1, 64, 2, dtype=torch.bfloat16)
+        ones = torch.ones(1, 128, 2, dtype=torch.bfloat16)
         ones[..., 1] = 0
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, reference, 128, ones)
-        return torch.equal(reference.view(torch.uint8), _cpu_int4_pack(q)) \
+        return int4_block_rows() > 0 and torch.equal(reference.view(torch.uint8), _cpu_int4_pack(q)) \
             and torch.allclose(out.float(), x.float() @ q.float().t(), rtol=2e-2, atol=0.5)
     return _kernel_check("int4", probe)
 
@@ -255,14 +269,13 @@ class QuantizedMatrix(nn.Module):
         """Lay `weight` out for the CPU int4 kernel (once, in place); False if the kernel can't be used."""
         if self._current_layout() == self.LAYOUT_CPU_INT4:
             return True
-        if self.out_features % INT4_BLOCK_ROWS or self.in_features % KERNEL_K_MULTIPLE \
-                or self.weight.device.type != "cpu" or not _cpu_int4_layout_ok():
+        if self.weight.device.type != "cpu" or not _cpu_int4_layout_ok() \
+                or self.out_features % int4_block_rows() or self.in_features % KERNEL_K_MULTIPLE:
             return False
         w = self.weight
-        rows = max(INT4_BLOCK_ROWS, (DEQUANT_CHUNK_BYTES // max(1, w.shape[1])) // INT4_BLOCK_ROWS * INT4_BLOCK_ROWS)
         with torch.no_grad():
-            for start in range(0, self.out_features, rows):
-                block = w[start:start + rows]  # a 32-row block occupies the same bytes in both layouts
+            for start, rows in self._block_chunks():
+                block = w[start:start + rows]  # a block of rows occupies the same bytes in both layouts
                 block.copy_(_cpu_int4_pack(unpack_int4(block)).view(torch.int8))
         self._layout, self._layout_key = self.LAYOUT_CPU_INT4, _tensor_key(w)
         return True
@@ -271,12 +284,17 @@ class QuantizedMatrix(nn.Module):
         if self._current_layout() != self.LAYOUT_CPU_INT4:
             return
         w = self.weight
-        rows = max(INT4_BLOCK_ROWS, (DEQUANT_CHUNK_BYTES // max(1, w.shape[1])) // INT4_BLOCK_ROWS * INT4_BLOCK_ROWS)
         with torch.no_grad():
-            for start in range(0, self.out_features, rows):
+            for start, rows in self._block_chunks():
                 block = w[start:start + rows]
                 block.copy_(pack_int4(_cpu_int4_unpack(block)))
         self._layout, self._layout_key = self.LAYOUT_THUDM, None
+
+    def _block_chunks(self) -> Iterable[tuple[int, int]]:
+        """(start, rows) covering the matrix in whole layout blocks of about DEQUANT_CHUNK_BYTES each."""
+        B = int4_block_rows()
+        rows = max(B, (DEQUANT_CHUNK_BYTES // max(1, self.weight.shape[1])) // B * B)
+        return ((start, rows) for start in range(0, self.out_features, rows))
 
     def thudm_weight(self) -> torch.Tensor:
         """`weight` in THUDM's layout (a converted copy while the CPU int4 layout is in place)."""
@@ -293,7 +311,7 @@ class QuantizedMatrix(nn.Module):
     # --- dequantization ----------------------------------------------------------------------------
 
     def _dequant_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        """Rows start..stop of W [stop-start, K] in `dtype` (32-aligned while the CPU int4 layout is in place).
+        """Rows start..stop of W [stop-start, K] in `dtype` (block-aligned while the CPU int4 layout is in place).
 
         Written straight into the float output (int8 * float promotes in one kernel), which matters on
         CPU where each pass over the matrix costs about as much as a small GEMM.
@@ -305,10 +323,10 @@ class QuantizedMatrix(nn.Module):
             return torch.mul(block, scale[:, None])
         out = torch.empty(R, K, dtype=dtype, device=block.device)
         if self._current_layout() == self.LAYOUT_CPU_INT4:
-            bytes_ = block.view(torch.uint8).reshape(R // INT4_BLOCK_ROWS, K, INT4_BLOCK_ROWS // 2) \
-                .transpose(1, 2).contiguous()  # [R/32, 16, K]
-            halves = out.view(R // INT4_BLOCK_ROWS, 2, INT4_BLOCK_ROWS // 2, K)  # rows j (low nibble), j+16 (high)
-            row_scale = scale.view(R // INT4_BLOCK_ROWS, 2, INT4_BLOCK_ROWS // 2, 1)
+            B = int4_block_rows()
+            bytes_ = block.view(torch.uint8).reshape(R // B, K, B // 2).transpose(1, 2).contiguous()  # [R/B, B/2, K]
+            halves = out.view(R // B, 2, B // 2, K)  # rows j (low nibble), j + B/2 (high)
+            row_scale = scale.view(R // B, 2, B // 2, 1)
             torch.mul((bytes_ & 0x0F).view(torch.int8) - 8, row_scale[:, 0], out=halves[:, 0])
             torch.mul((bytes_ >> 4).view(torch.int8) - 8, row_scale[:, 1], out=halves[:, 1])
         else:
@@ -333,10 +351,10 @@ class QuantizedMatrix(nn.Module):
         """Rows `ids` [...] of W, dequantized: [..., K] (the embedding lookup)."""
         flat = ids.reshape(-1)
         if self.bits == 4 and self._current_layout() == self.LAYOUT_CPU_INT4:
-            blocks = self.weight.view(self.out_features // INT4_BLOCK_ROWS, -1)[flat // INT4_BLOCK_ROWS]
-            q = _cpu_int4_unpack(blocks.view(-1, self.weight.shape[1]))  # [T * 32, K]
-            q = q.view(flat.shape[0], INT4_BLOCK_ROWS, -1)[torch.arange(flat.shape[0], device=flat.device),
-                                                            flat % INT4_BLOCK_ROWS]
+            B = int4_block_rows()
+            blocks = self.weight.view(self.out_features // B, -1)[flat // B]
+            q = _cpu_int4_unpack(blocks.view(-1, self.weight.shape[1]))  # [T * B, K]
+            q = q.view(flat.shape[0], B, -1)[torch.arange(flat.shape[0], device=flat.device), flat % B]
         else:
             q = self.weight[flat]
             if self.bits == 4:
@@ -397,7 +415,8 @@ class QuantizedMatrix(nn.Module):
         """Dequantize blocks of rows to x's dtype and multiply: [M, K] -> [M, N] (no bias)."""
         dtype, N, K = x2.dtype, self.out_features, self.in_features
         limit = CUDA_DEQUANT_CHUNK_BYTES if x2.device.type == "cuda" else DEQUANT_CHUNK_BYTES
-        rows = max(INT4_BLOCK_ROWS, limit // (K * x2.element_size()) // INT4_BLOCK_ROWS * INT4_BLOCK_ROWS)
+        align = 64  # a multiple of every int4 layout block
+        rows = max(align, limit // (K * x2.element_size()) // align * align)
         if rows >= N:
             return F.linear(x2, self._dequant_rows(0, N, dtype))
         out = torch.empty(x2.shape[0], N, dtype=dtype, device=x2.device)

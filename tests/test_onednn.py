@@ -1,0 +1,50 @@
+"""oneDNN fp32 matmuls (glmpool.engine.onednn): the same numbers for a row however many rows go with it."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glmpool.engine import onednn
+
+pytestmark = pytest.mark.skipif(not onednn.available(), reason="this torch has no usable oneDNN linear")
+
+
+@pytest.mark.parametrize("shape", [(4096, 1024), (1024, 4096), (192, 64)])  # medium model's MLP; tiny's qkv
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_row_gives_the_same_bits_alone_and_in_any_batch(shape, packed):
+    torch.manual_seed(0)
+    weight, bias = torch.randn(shape), torch.randn(shape[0])
+    operand = torch.ops.mkldnn._reorder_linear_weight(weight) if packed else weight
+    x = torch.randn(33, shape[1])
+    together = onednn.linear(x, operand, bias)
+    for rows in (1, 2, 3, 16, 17):
+        assert torch.equal(onednn.linear(x[:rows], operand, bias), together[:rows]), rows
+    assert torch.equal(onednn.linear(x.view(3, 11, -1), operand, bias), together.view(3, 11, -1))
+    assert torch.allclose(together, F.linear(x, weight, bias), rtol=1e-4, atol=1e-3)
+
+
+def test_pack_linears_swaps_every_linear_and_keeps_what_it_computes():
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 32, bias=False))
+    x = torch.randn(5, 64)
+    expected = model(x)
+    assert onednn.pack_linears(model) == 2
+    assert all(type(m) is not torch.nn.Linear for m in model)
+    assert torch.allclose(model(x), expected, rtol=1e-5, atol=1e-5)
+    assert "0.packed" not in model.state_dict()  # opaque: never saved as if it were a checkpoint tensor
+    assert torch.equal(model[2].weight, model[2].packed.to_dense())
+    clone = copy.deepcopy(model)
+    assert torch.equal(clone(x), model(x))
+
+
+def test_loaded_fp32_model_is_packed_and_decodes_as_before(tiny_dir):
+    from glmpool.engine import load
+
+    engine = load(tiny_dir, progress=False)
+    assert engine.model.onednn_output
+    kinds = {type(m).__name__ for m in engine.model.modules()}
+    assert "PackedLinear" in kinds and "Linear" not in kinds
+    half = load(tiny_dir, dtype="bfloat16", progress=False)  # oneDNN is used for fp32 only
+    assert not half.model.onednn_output
+    assert "PackedLinear" not in {type(m).__name__ for m in half.model.modules()}
