@@ -1,23 +1,27 @@
 """fp32 matmuls on CPU through oneDNN (bundled with torch), with weights reordered once at load.
 
-Measured on the 2-core AVX2 test machines, y = x W^T + b for the medium model's shapes: a weight
-reordered into oneDNN's blocked layout multiplies 1 row as fast as F.linear (MKL) and 4-16 rows 2-5x
-faster -- MKL's GEMM repacks the whole of W on every call, oneDNN's packed GEMM does not. The tied
-output projection keeps its plain layout (the embedding lookup needs it, and a second copy would cost
-vocab x hidden floats); oneDNN on the plain matrix is still about 2x faster than MKL from 4 rows on.
+y = x W^T + b for the medium model's shapes, measured on this project's 2-core machines: MKL's GEMM
+(F.linear) repacks the whole of W on every call, so 2-16 rows cost 2-4x one row; oneDNN with W
+reordered once into its blocked layout multiplies 4-16 rows 2-5x faster than MKL, and one row faster
+too. The tied output projection keeps its plain layout (the embedding lookup needs it, and a second copy
+would cost vocab x hidden floats); oneDNN on the plain matrix still beats MKL at every row count.
 
-Batching must not change results: a row's output must not depend on how many rows are multiplied
-with it. oneDNN sums a lone row in another order than two or more (a GEMV kernel), while any count
-from 2 up agrees bit for bit; a lone row is therefore computed as two (itself twice), which costs
-nothing measurable in a memory-bound multiply.
+Batching must not change results: a row's output must not depend on how many rows are multiplied with
+it. From 2 rows up oneDNN sums every row in the same order, but a lone row may take a GEMV kernel that
+sums in another, depending on the shape (seen for K = 4096, not for K = 1024). Each weight is probed
+once, on first use: where a lone row comes out different, it is computed as two (itself twice), which
+costs time, but only there.
 """
 from __future__ import annotations
 
 import copy
 import functools
+import weakref
 
 import torch
 from torch import nn
+
+_lone_row_padded: dict[int, bool] = {}  # id(weight) -> pad a lone row? (forgotten with the weight)
 
 
 @functools.cache
@@ -36,15 +40,27 @@ def available() -> bool:
         return False
 
 
+def _matmul(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+
+
+def _pads_lone_row(weight: torch.Tensor) -> bool:
+    padded = _lone_row_padded.get(id(weight))
+    if padded is None:
+        x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0))
+        padded = not torch.equal(_matmul(x[:1], weight, None), _matmul(x, weight, None)[:1])
+        _lone_row_padded[id(weight)] = padded
+        weakref.finalize(weight, _lone_row_padded.pop, id(weight), None)
+    return padded
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., in] @ weight [out, in]^T + bias; `weight` plain or reordered by `_reorder_linear_weight`."""
     rows = x.reshape(-1, x.shape[-1])
-    lone = rows.shape[0] == 1
-    if lone:  # see the module docstring
-        rows = rows.expand(2, -1).contiguous()
-    out = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
-    if lone:
-        out = out[:1]
+    if rows.shape[0] == 1 and _pads_lone_row(weight):  # see the module docstring
+        out = _matmul(rows.expand(2, -1).contiguous(), weight, bias)[:1]
+    else:
+        out = _matmul(rows, weight, bias)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
