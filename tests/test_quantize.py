@@ -128,6 +128,30 @@ def test_shapes_the_kernels_cannot_take_fall_back():
         odd.matmul(x, path="int4-cpu")
 
 
+def test_int4_rows_past_the_last_layout_block_are_multiplied_apart():
+    # The 130528-row embedding table is not a multiple of the 64-row blocks of AVX-512 machines: the
+    # kernel takes the whole blocks, the last rows stay in THUDM's layout (here 8 of them, on any machine).
+    if not Q._cpu_int4_layout_ok():
+        pytest.skip("this torch has no usable CPU int4 kernel")
+    torch.manual_seed(2)
+    block = Q.int4_block_rows()
+    embedding = QuantizedEmbedding.from_embedding(torch.nn.Embedding(2 * block + 8, 128), 4)
+    original = embedding.weight.clone()
+    table = embedding.dequantize()
+    hidden = torch.randn(3, 128)
+    expected = F.linear(hidden.bfloat16().float(), table)
+    assert embedding.kernel_path(3, hidden.device) == "int4-cpu"
+    assert torch.allclose(embedding.project(hidden), expected, rtol=1e-2, atol=1e-2)
+    assert embedding._current_layout() == embedding.LAYOUT_CPU_INT4
+    assert torch.equal(embedding.weight[-8:], original[-8:])  # the tail kept THUDM's layout
+    ids = torch.tensor([[0, block - 1, 2 * block + 7], [2 * block, 5, 2 * block + 3]])
+    assert torch.equal(embedding(ids), table[ids])
+    assert torch.equal(embedding.dequantize(), table)
+    assert torch.equal(embedding.state_dict()["weight"], original)
+    many = torch.randn(80, 128)  # the dequantize path across the boundary
+    assert torch.allclose(embedding.project(many), F.linear(many, table), atol=1e-4)
+
+
 def test_int4_kernel_layout_in_place_keeps_state_dict_and_reloads():
     torch.manual_seed(0)
     module = QuantizedLinear.from_linear(torch.nn.Linear(256, 64), 4)

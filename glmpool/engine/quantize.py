@@ -270,7 +270,7 @@ class QuantizedMatrix(nn.Module):
         if self._current_layout() == self.LAYOUT_CPU_INT4:
             return True
         if self.weight.device.type != "cpu" or not _cpu_int4_layout_ok() \
-                or self.out_features % int4_block_rows() or self.in_features % KERNEL_K_MULTIPLE:
+                or self.out_features < int4_block_rows() or self.in_features % KERNEL_K_MULTIPLE:
             return False
         w = self.weight
         with torch.no_grad():
@@ -290,16 +290,23 @@ class QuantizedMatrix(nn.Module):
                 block.copy_(pack_int4(_cpu_int4_unpack(block)))
         self._layout, self._layout_key = self.LAYOUT_THUDM, None
 
+    def _blocked_rows(self) -> int:
+        """How many leading rows the CPU int4 layout covers: whole blocks. The rest (fewer than a block,
+        e.g. the last 32 of the 130528-row embedding table where blocks are 64 rows) stay in THUDM's
+        layout and are multiplied apart."""
+        return self.out_features // int4_block_rows() * int4_block_rows()
+
     def _block_chunks(self) -> Iterable[tuple[int, int]]:
-        """(start, rows) covering the matrix in whole layout blocks of about DEQUANT_CHUNK_BYTES each."""
-        B = int4_block_rows()
+        """(start, rows) covering the blocked rows in whole blocks of about DEQUANT_CHUNK_BYTES each."""
+        B, head = int4_block_rows(), self._blocked_rows()
         rows = max(B, (DEQUANT_CHUNK_BYTES // max(1, self.weight.shape[1])) // B * B)
-        return ((start, rows) for start in range(0, self.out_features, rows))
+        return ((start, min(rows, head - start)) for start in range(0, head, rows))
 
     def thudm_weight(self) -> torch.Tensor:
         """`weight` in THUDM's layout (a converted copy while the CPU int4 layout is in place)."""
         if self._current_layout() == self.LAYOUT_CPU_INT4:
-            return pack_int4(_cpu_int4_unpack(self.weight))
+            head = self._blocked_rows()
+            return torch.cat((pack_int4(_cpu_int4_unpack(self.weight[:head])), self.weight[head:]))
         return self.weight
 
     def _apply(self, fn, recurse=True):
@@ -316,13 +323,18 @@ class QuantizedMatrix(nn.Module):
         Written straight into the float output (int8 * float promotes in one kernel), which matters on
         CPU where each pass over the matrix costs about as much as a small GEMM.
         """
+        blocked = self.bits == 4 and self._current_layout() == self.LAYOUT_CPU_INT4
+        if blocked and start < self._blocked_rows() < stop:
+            head = self._blocked_rows()
+            return torch.cat((self._dequant_rows(start, head, dtype), self._dequant_rows(head, stop, dtype)))
+        blocked = blocked and stop <= self._blocked_rows()
         block = self.weight[start:stop]  # [R, K * bits / 8]
         scale = self._scale(dtype)[start:stop]  # [R]
         R, K = block.shape[0], self.in_features
         if self.bits == 8:
             return torch.mul(block, scale[:, None])
         out = torch.empty(R, K, dtype=dtype, device=block.device)
-        if self._current_layout() == self.LAYOUT_CPU_INT4:
+        if blocked:
             B = int4_block_rows()
             bytes_ = block.view(torch.uint8).reshape(R // B, K, B // 2).transpose(1, 2).contiguous()  # [R/B, B/2, K]
             halves = out.view(R // B, 2, B // 2, K)  # rows j (low nibble), j + B/2 (high)
@@ -351,10 +363,14 @@ class QuantizedMatrix(nn.Module):
         """Rows `ids` [...] of W, dequantized: [..., K] (the embedding lookup)."""
         flat = ids.reshape(-1)
         if self.bits == 4 and self._current_layout() == self.LAYOUT_CPU_INT4:
-            B = int4_block_rows()
-            blocks = self.weight.view(self.out_features // B, -1)[flat // B]
-            q = _cpu_int4_unpack(blocks.view(-1, self.weight.shape[1]))  # [T * B, K]
-            q = q.view(flat.shape[0], B, -1)[torch.arange(flat.shape[0], device=flat.device), flat % B]
+            B, head = int4_block_rows(), self._blocked_rows()
+            q = torch.empty(flat.shape[0], self.in_features, dtype=torch.int8, device=flat.device)
+            in_head = flat < head
+            ids_head, ids_tail = flat[in_head], flat[~in_head]
+            blocks = self.weight[:head].view(head // B, -1)[ids_head // B]
+            unpacked = _cpu_int4_unpack(blocks.view(-1, self.weight.shape[1]))  # [T * B, K]
+            q[in_head] = unpacked.view(ids_head.shape[0], B, -1)[torch.arange(ids_head.shape[0]), ids_head % B]
+            q[~in_head] = unpack_int4(self.weight[ids_tail])
         else:
             q = self.weight[flat]
             if self.bits == 4:
@@ -405,11 +421,16 @@ class QuantizedMatrix(nn.Module):
 
     def _int4_cpu(self, x2: torch.Tensor) -> torch.Tensor:
         # bf16 [M, K] x int4 (q + 8, blocked) [N, K/2] -> bf16 [M, N], unit scales and zero points
-        K = self.in_features
+        K, head = self.in_features, self._blocked_rows()
         group = next(g for g in INT4_GROUP_SIZES if K % g == 0)
-        scales_zeros = _unit_scales("int4", (K // group, self.out_features, 2))
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(),
-                                                          self.weight.view(torch.uint8), group, scales_zeros)
+        scales_zeros = _unit_scales("int4", (K // group, head, 2))
+        x_bf16 = x2.to(torch.bfloat16).contiguous()
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x_bf16, self.weight[:head].view(torch.uint8), group,
+                                                         scales_zeros)
+        if head == self.out_features:
+            return out
+        tail = F.linear(x_bf16.float(), unpack_int4(self.weight[head:]).float())  # the rows past the last block
+        return torch.cat((out.float(), tail), dim=1)
 
     def _dequant_matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """Dequantize blocks of rows to x's dtype and multiply: [M, K] -> [M, N] (no bias)."""
