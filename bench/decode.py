@@ -1,13 +1,13 @@
 """Decode benchmark: fp32 / int8 / int4 (and -qe: embeddings quantized too) on the medium random model.
 
-    python bench/decode.py [--rounds 3] [--batches 4,16,64] [--variants fp32,fp32-mkl,int8,int4,int8-qe,int4-qe]
+    python bench/decode.py [--rounds 3] [--batches 4,16,64] [--variants fp32,fp32-reference,int8,int4,int8-qe,int4-qe]
                            [--agreement] [--model DIR]
 
 Medium config (as the issue specifies): hidden 1024, 16 heads, inner 4096, 8 layers, vocab 130528, tied
 embeddings, ~234 M parameters (0.94 GB in fp32), random weights from `glmpool.engine.tiny`, built once
-into .cache/. fp32-mkl is fp32 through plain torch (F.linear, MKL) instead of oneDNN's packed weights
-(`glmpool.engine.onednn`), for comparison. For every variant: prompt ms (one 32-token prompt), decode tokens/s of one sequence,
-aggregate tokens/s of batches through `engine.batcher` (greedy), next to this machine's memory read
+into .cache/. Every variant runs with `matmul="onednn"` (the pool's default) except fp32-reference: fp32
+with THUDM's own F.linear (`matmul="reference"`), for comparison. For every variant: prompt ms (one
+32-token prompt), decode tokens/s of one sequence, aggregate tokens/s of batches through `engine.batcher` (greedy), next to this machine's memory read
 bandwidth measured in the same run and the bound it implies (bandwidth / weight bytes read per token).
 
 The machine is shared and noisy: the variants run round-robin, several rounds, and the table shows
@@ -24,14 +24,12 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from glmpool.engine import SamplingParams, load  # noqa: E402
-from glmpool.engine import onednn  # noqa: E402
 from glmpool.engine import quantize as Q  # noqa: E402
 
 MEDIUM = dict(layers=8, hidden=1024, heads=16, inner=4096, vocab=130528, seed=0)
@@ -125,11 +123,11 @@ def build_variants(model_dir: Path, names: list[str]) -> dict:
     for name in names:
         if name in ("bf16", "fp16"):
             engine = load(model_dir, dtype={"bf16": "bfloat16", "fp16": "float16"}[name], progress=False)
-        elif name == "fp32-mkl":  # the plain torch path (F.linear, MKL) that onednn.py replaces, for comparison
-            with mock.patch.object(onednn, "usable", return_value=False):
-                engine = load(model_dir, progress=False)
+        elif name == "fp32-reference":
+            engine = load(model_dir, progress=False, matmul="reference")
         else:
-            engine = load(model_dir, quantize=None if name == "fp32" else name.removeprefix("int"), progress=False)
+            engine = load(model_dir, quantize=None if name == "fp32" else name.removeprefix("int"), progress=False,
+                          matmul="onednn")
         # Random weights may well predict <eop>; the bench wants every sequence decoding every step.
         engine.model.config = dataclasses.replace(engine.model.config, eos_token_id=-1)
         engines[name] = engine
@@ -156,7 +154,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: the medium random one)")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache")
-    parser.add_argument("--variants", default="fp32,fp32-mkl,int8,int4,int8-qe,int4-qe")
+    parser.add_argument("--variants", default="fp32,fp32-reference,int8,int4,int8-qe,int4-qe")
     parser.add_argument("--batches", default="4,16,64")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--decode-steps", type=int, default=16)

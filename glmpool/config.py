@@ -61,6 +61,9 @@ SETTINGS = [
                              "(default: every visible GPU, else one cpu worker)", "LIST"),
     Setting("quantize", _choice(4, 8, "4-qe", "8-qe"), None,
             "quantize weights at load to 4 or 8 bits; -qe: the embeddings (= output projection) too", "BITS"),
+    Setting("matmul", _choice("onednn", "reference"), "onednn",
+            "fp32 on CPU: 'onednn' (faster; batching never changes a sequence's numbers) or 'reference' "
+            "(THUDM's own F.linear: greedy output bit-identical to their code when run alone)", "KIND"),
     Setting("dtype", _choice("float16", "bfloat16", "float32"), None,
             "compute dtype (default float16 on GPUs, float32 on cpu)", "DTYPE"),
     Setting("dir", str, ".", "spool root; requests/ and flags/ are created in it", "DIR"),
@@ -94,6 +97,7 @@ class Config:
     model: str
     gpus: str
     quantize: int | str | None
+    matmul: str
     dtype: str | None
     dir: str
     cache_dir: str

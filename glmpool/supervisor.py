@@ -166,7 +166,7 @@ class Supervisor:
         if not threads and device == "cpu":  # cpu workers share the cores instead of fighting over them
             threads = max(1, len(os.sched_getaffinity(0)) // devices.count("cpu"))
         return WorkerSpec(wid, device, c.model, c.dtype, c.quantize, c.cache_dir, c.max_batch, c.kv_cache_gb,
-                          threads, c.partial_seconds, c.partial_tokens)
+                          threads, c.partial_seconds, c.partial_tokens, c.matmul)
 
     def manage(self) -> bool:
         """One round of the main loop; True when it is time to exit."""

@@ -42,6 +42,7 @@ class WorkerSpec:
     threads: int = 0  # torch intra-op threads (0: torch's default)
     progress_seconds: float = 0.25
     progress_tokens: int = 1
+    matmul: str = "reference"
 
     @property
     def label(self) -> str:
@@ -59,7 +60,8 @@ def main(spec: WorkerSpec, tasks, results) -> None:
         torch.set_num_threads(spec.threads)  # cpu workers share the cores instead of fighting over them
     try:
         engine = load(spec.model, device="cpu" if spec.device == "cpu" else "cuda", dtype=spec.dtype,
-                      cache_dir=spec.cache_dir, quantize=spec.quantize, progress=True)  # tqdm; silent off a tty
+                      cache_dir=spec.cache_dir, quantize=spec.quantize, progress=True,  # tqdm; silent off a tty
+                      matmul=spec.matmul)
     except EngineError as error:
         results.send(("fatal", spec.wid, str(error)))
         return

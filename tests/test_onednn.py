@@ -38,13 +38,49 @@ def test_pack_linears_swaps_every_linear_and_keeps_what_it_computes():
     assert torch.equal(clone(x), model(x))
 
 
-def test_loaded_fp32_model_is_packed_and_decodes_as_before(tiny_dir):
+def test_loaded_fp32_model_is_packed_on_request(tiny_dir):
     from glmpool.engine import load
 
-    engine = load(tiny_dir, progress=False)
+    assert not load(tiny_dir, progress=False).model.onednn_output  # "reference" is the engine's default
+    engine = load(tiny_dir, progress=False, matmul="onednn")
     assert engine.model.onednn_output
     kinds = {type(m).__name__ for m in engine.model.modules()}
     assert "PackedLinear" in kinds and "Linear" not in kinds
-    half = load(tiny_dir, dtype="bfloat16", progress=False)  # oneDNN is used for fp32 only
+    half = load(tiny_dir, dtype="bfloat16", progress=False, matmul="onednn")  # oneDNN: fp32 only
     assert not half.model.onednn_output
     assert "PackedLinear" not in {type(m).__name__ for m in half.model.modules()}
+
+
+@pytest.mark.parametrize("matmul", ["onednn", "reference"])
+def test_batching_keeps_every_logit_bit_for_bit_with_onednn(tiny_dir, matmul):
+    """With matmul="onednn" a sequence's logits are the same bits alone or batched, at every step;
+    with the reference's matmuls (F.linear alone, W @ x^T batched) they are not, only the greedy tokens."""
+    from glmpool.engine import SamplingParams, load
+
+    engine = load(tiny_dir, progress=False, matmul=matmul)
+    queries = ["你好", "hello there, how are you?", "橘子", "what is the time"]
+    greedy = SamplingParams(do_sample=False, max_new_tokens=6)
+
+    def logits_of(batch) -> dict:
+        seen = {}
+        advance = batch._advance
+        def recording(sequence, logits):
+            seen.setdefault(sequence.key, []).append(logits.clone())
+            return advance(sequence, logits)
+        batch._advance = recording
+        while len(batch):
+            batch.step()
+        return seen
+
+    alone = {}
+    for q in queries:
+        batch = engine.batcher(max_batch=1)
+        batch.add(q, q, None, greedy)
+        alone.update(logits_of(batch))
+    batch = engine.batcher(max_batch=8)
+    for q in queries:
+        batch.add(q, q, None, greedy)
+    together = logits_of(batch)
+    identical = all(len(together[q]) == len(alone[q]) and all(map(torch.equal, together[q], alone[q]))
+                    for q in queries)
+    assert identical == (matmul == "onednn")

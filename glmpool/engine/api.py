@@ -91,14 +91,24 @@ class Engine:
         return response, new_history
 
 
+MATMULS = ("reference", "onednn")
+
+
 def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         cache_dir: str | Path = ".cache", quantize: int | str | None = None, progress: bool = True) -> Engine:
+         cache_dir: str | Path = ".cache", quantize: int | str | None = None, progress: bool = True,
+         matmul: str = "reference") -> Engine:
     """Load a ChatGLM-6B checkpoint (directory, hub id, or "tiny-random") into an Engine.
 
     quantize: 4, 8, "4-qe", "8-qe" (see quantize.parse_quantize), or None to run the checkpoint as stored.
     A pre-quantized checkpoint keeps its bits; "-qe" on one stored without quantized embeddings
     quantizes them at load.
+    matmul (fp32 on the CPU; elsewhere it changes nothing): "reference" multiplies a single sequence with
+    F.linear exactly as THUDM's code does, so greedy output is bit-identical to theirs; "onednn" packs the
+    weights for oneDNN (see onednn.py): faster, and a sequence's numbers do not depend on what it is
+    batched with, but they are rounded differently from the reference's.
     """
+    if matmul not in MATMULS:
+        raise EngineError(f"unknown matmul {matmul!r}: use one of {', '.join(MATMULS)}")
     device = parse_device(device)
     dtype = parse_dtype(dtype, device)
     from .quantize import parse_quantize, prepare, quantize_model
@@ -132,7 +142,7 @@ def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | tor
         quantize_model(net, bits, layers=quantize_layers, embeddings=quantize_embeddings)
         net = net.to(device)
     prepare(net)
-    if onednn.usable(device, dtype):
+    if matmul == "onednn" and onednn.usable(device, dtype):
         onednn.pack_linears(net)
         net.onednn_output = True  # unless a quantized table projects itself
     net.eval().requires_grad_(False)
