@@ -1,14 +1,15 @@
 """Decode benchmark: fp32 / int8 / int4 (and -qe: embeddings quantized too) on the medium random model.
 
-    python bench/decode.py [--rounds 3] [--batches 4,16,64] [--variants fp32,fp32-reference,int8,int4,int8-qe,int4-qe]
-                           [--agreement] [--model DIR]
+    python bench/decode.py [--rounds 3] [--batches 4,16,64] [--agreement] [--model DIR]
+                           [--variants fp32,fp32-reference,int8,int4,int8-qe,int4-qe]
 
 Medium config (as the issue specifies): hidden 1024, 16 heads, inner 4096, 8 layers, vocab 130528, tied
 embeddings, ~234 M parameters (0.94 GB in fp32), random weights from `glmpool.engine.tiny`, built once
 into .cache/. Every variant runs with `matmul="onednn"` (the pool's default) except fp32-reference: fp32
 with THUDM's own F.linear (`matmul="reference"`), for comparison. For every variant: prompt ms (one
-32-token prompt), decode tokens/s of one sequence, aggregate tokens/s of batches through `engine.batcher` (greedy), next to this machine's memory read
-bandwidth measured in the same run and the bound it implies (bandwidth / weight bytes read per token).
+32-token prompt), decode tokens/s of one sequence, aggregate tokens/s of batches through
+`engine.batcher` (greedy), next to this machine's memory read bandwidth measured in the same run and the
+bound it implies (bandwidth / weight bytes read per token).
 
 The machine is shared and noisy: the variants run round-robin, several rounds, and the table shows
 medians plus ratios against fp32 measured in the same rounds. Not a test: no targets are asserted.

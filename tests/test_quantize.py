@@ -120,7 +120,7 @@ def test_dequant_path_in_chunks_and_without_bias(monkeypatch):
 
 
 def test_shapes_the_kernels_cannot_take_fall_back():
-    odd = QuantizedLinear.from_linear(torch.nn.Linear(40, 48), 4)  # K % 32, N % 32 (so any block) both off
+    odd = QuantizedLinear.from_linear(torch.nn.Linear(40, 48), 4)  # K % 32 off: no kernel takes it
     assert odd.kernel_path(1, torch.device("cpu")) == "dequant"
     x = torch.randn(2, 40)
     assert torch.allclose(odd(x), F.linear(x, odd.dequantize(), odd.bias), atol=1e-5)

@@ -133,8 +133,9 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, bits: int,
 
 
 # --------------------------------------------------------------------------------------------------
-# The CPU int4 kernel's layout: for every block of 32 output rows and every column k, 16 bytes; byte j
-# holds row j's nibble low and row j+16's nibble high, unsigned (q + 8). Same byte count as THUDM's.
+# The CPU int4 kernel's layout: for every block of B output rows (B = 64 with AVX-512, else 32; see
+# int4_block_rows) and every column k, B/2 bytes; byte j holds row j's nibble low and row j + B/2's
+# nibble high, unsigned (q + 8). Same byte count as THUDM's.
 # --------------------------------------------------------------------------------------------------
 
 def _cpu_int4_pack(q: torch.Tensor, block: int | None = None) -> torch.Tensor:
