@@ -83,6 +83,8 @@ SETTINGS = [
     Setting("lease_seconds", float, 60.0, "a claim not renewed for this long is taken over by another host", "S"),
     Setting("grace_seconds", float, 300.0, "on stop, how long in-flight generations may finish", "S"),
     Setting("heartbeat_timeout", float, 120.0, "a busy worker silent this long is killed and restarted", "S"),
+    Setting("load_timeout", float, 3600.0, "a worker still loading the model (download included) after this "
+            "long is killed and counted as a failed start (0: wait forever)", "S"),
     Setting("umask", _octal, 0o022, "umask for files created in the spool (octal)", "OCTAL"),
     Setting("log_level", _log_level, "INFO", "DEBUG, INFO, WARNING or ERROR", "LEVEL"),
     Setting("log_format", _choice("plain", "json"), "plain", "plain lines or JSON lines (journald)", "FORMAT"),
@@ -113,6 +115,7 @@ class Config:
     lease_seconds: float
     grace_seconds: float
     heartbeat_timeout: float
+    load_timeout: float
     umask: int
     log_level: str
     log_format: str

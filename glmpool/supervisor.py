@@ -343,13 +343,20 @@ class Supervisor:
         slot.jobs.clear()
 
     def murder(self) -> None:
-        """SIGKILL a worker that holds requests but has been silent past the heartbeat timeout."""
+        """SIGKILL a worker that holds requests but has been silent past the heartbeat timeout, or that
+        is still loading past the load timeout (a hung read of the model: reap() counts a failed start)."""
         now = time.monotonic()
         for slot in self.slots:
-            if slot.process is not None and slot.state == "RUNNING" and slot.jobs \
-                    and now - slot.last_seen > self.config.heartbeat_timeout:
-                log.error("worker %d silent for %.0fs with %d request(s): killing it", slot.spec.wid,
-                          now - slot.last_seen, len(slot.jobs))
+            if slot.process is None:
+                continue
+            silent = now - slot.last_seen
+            if slot.state == "RUNNING" and slot.jobs and silent > self.config.heartbeat_timeout:
+                log.error("worker %d silent for %.0fs with %d request(s): killing it", slot.spec.wid, silent,
+                          len(slot.jobs))
+                slot.process.kill()
+            elif slot.state == "STARTING" and self.config.load_timeout and silent > self.config.load_timeout:
+                slot.last_error = f"the model did not load within --load-timeout {self.config.load_timeout:g}s"
+                log.error("worker %d (%s): %s; killing it", slot.spec.wid, slot.spec.label, slot.last_error)
                 slot.process.kill()
 
     def respawn(self) -> None:

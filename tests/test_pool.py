@@ -6,6 +6,7 @@ tiny model answers (greedily) with exactly LONG_TOKENS tokens, a few seconds of 
 """
 import json
 import os
+import re
 import signal
 import sys
 
@@ -361,6 +362,21 @@ def test_model_that_cannot_load_is_fatal_not_a_crash_loop(tmp_path, cache_dir):
     out = p.output()
     assert out.count("cannot load the model") == 3 and "FATAL" in out
     assert "no worker could start" in out and "Running..." not in out
+
+
+def test_worker_hung_while_loading_is_killed_after_the_load_timeout(tmp_path, cache_dir):
+    # SIGSTOP the first worker while it loads (as a read hung on a dead NFS server would stop it).
+    p = Pool(tmp_path, cache_dir, "--gpus", "cpu", "--load-timeout", "10").start()
+    try:
+        first = re.compile(r"worker 0 \(cpu\) starting, pid (\d+)")
+        wait_for(lambda: first.search(p.output()), 30, "the first worker's pid")
+        os.kill(int(first.search(p.output()).group(1)), signal.SIGSTOP)
+        p.wait_running(120)  # killed after 10 s, restarted, and the new one loads
+        out = p.output()
+        assert "did not load within --load-timeout 10s; killing it" in out
+        assert out.count("starting, pid") == 2
+    finally:
+        p.kill()
 
 
 def test_pool_modules_do_not_import_torch():
