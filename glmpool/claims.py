@@ -71,12 +71,11 @@ class Claims:
     def check_dirs(self) -> None:
         """Refuse (NotADirectoryError) while a directory we write into is not a real one: clients can
         write in requests/, so one could swap .claims/ or failed/ for a symlink to have inputs renamed, or
-        records written, wherever it points. Nothing is claimed or moved until it is fixed."""
+        records written, wherever it points. Nothing is claimed or moved until it is fixed. A missing one
+        is refused too (FileNotFoundError; the next scan's ensure_dirs() recreates it): a symlink may be
+        about to take its place."""
         for d in (self.dir, self.locks, self.requests / "failed"):
-            try:
-                mode = os.lstat(d).st_mode
-            except FileNotFoundError:
-                continue  # rename/mkstemp into it fail plainly; ensure_dirs() recreates it
+            mode = os.lstat(d).st_mode
             if not stat.S_ISDIR(mode):
                 raise NotADirectoryError(errno.ENOTDIR, f"requests/{d.name} is not a directory (a symlink?); "
                                          "glmpool never writes through one: nothing is claimed until it is fixed")
@@ -246,9 +245,7 @@ class Claims:
     def orphans(self) -> list[Claim]:
         """Adopt claims whose owner is gone: this host's dead incarnations, or any host's expired lease."""
         self.check_dirs()
-        probe = self.dir / f".probe-{self.host}"
-        probe.touch()
-        now = probe.stat().st_mtime  # the shared filesystem's clock
+        now = spool.touch(self.dir, f".probe-{self.host}")  # the shared filesystem's clock
         self.sweep(now)
         adopted = []
         for record in self.dir.glob("*.claim"):

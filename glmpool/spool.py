@@ -272,6 +272,21 @@ def atomic_write(path: Path, data: str | bytes, exclusive: bool = False, sync: b
         raise
 
 
+def touch(directory: Path, name: str) -> float:
+    """Create or touch `directory/name`, never through a symlink (the directory's own name included, so
+    a directory swapped for a symlink between a check and this write is refused); return its new mtime."""
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, file_mode(), dir_fd=dir_fd)
+        try:
+            os.utime(fd)
+            return os.fstat(fd).st_mtime
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dir_fd)
+
+
 def error_text(sentence: str, detail: dict) -> str:
     return sentence.rstrip(".") + ".\n" + json.dumps(detail, ensure_ascii=False, indent=1) + "\n"
 

@@ -98,3 +98,17 @@ def test_names():
     assert spool.split_name("1.request") == ("1", ".request")
     assert spool.split_name("a.b.json") == ("a.b", ".json")
     assert spool.split_name(".1.back.x.tmp") is None and spool.split_name("noext") is None
+
+
+def test_touch_never_writes_through_a_symlink(tmp_path):
+    real, elsewhere = tmp_path / "real", tmp_path / "elsewhere"
+    real.mkdir()
+    elsewhere.mkdir()
+    assert abs(spool.touch(real, ".probe") - (real / ".probe").stat().st_mtime) < 1e-6
+    (tmp_path / "link").symlink_to(elsewhere)
+    with pytest.raises(OSError):  # the directory itself is a symlink
+        spool.touch(tmp_path / "link", ".probe")
+    (real / ".other").symlink_to(elsewhere / "target")
+    with pytest.raises(OSError):  # the name is a symlink
+        spool.touch(real, ".other")
+    assert list(elsewhere.iterdir()) == []
