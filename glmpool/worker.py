@@ -160,8 +160,9 @@ class Loop:
             self.finish(event, reason)
 
     def step(self) -> None:
-        now = time.monotonic()
-        for event in self.batch.step():
+        events = self.batch.step()
+        now = time.monotonic()  # after the step: a first token goes out as soon as it exists
+        for event in events:
             self.tokens += 1
             task = self.active.get(event.key)
             if event.finished:
