@@ -37,6 +37,25 @@ def test_batched_greedy_equals_alone(tiny_engine, alone):
         assert together[q][1].text == alone[q][1].text
 
 
+def test_prefill_groups_are_bounded_and_change_nothing(tiny_engine, alone, monkeypatch):
+    from glmpool.engine import generate
+
+    monkeypatch.setattr(generate, "PREFILL_TOKENS", 40)  # at most 40 padded prompt tokens per pass
+    passes = []
+    forward = tiny_engine.model.forward
+    monkeypatch.setattr(tiny_engine.model, "forward", lambda tokens, *a, **k: (passes.append(tokens.shape),
+                                                                                forward(tokens, *a, **k))[1])
+    batch = tiny_engine.batcher(max_batch=8)
+    for q in QUERIES:
+        batch.add(q, q, None, GREEDY)
+    together = run(batch)
+    prefills = [shape for shape in passes if shape[1] > 1]
+    assert len(prefills) > 1 and all(b * t <= 40 or b == 1 for b, t in prefills)
+    assert sum(b for b, _ in prefills) == len(QUERIES)
+    for q in QUERIES:
+        assert together[q][0] == alone[q][0]
+
+
 def test_sequences_join_midway_and_leave(tiny_engine, alone):
     batch = tiny_engine.batcher(max_batch=8)
     short = SamplingParams(do_sample=False, max_new_tokens=5)

@@ -1,9 +1,9 @@
 """Continuous-batching generation: sequences join and leave between steps.
 
-Each step prefills the sequences added since the last step (each on its own, prompts differ in length)
-and advances every running sequence by one token in a single batched forward pass: the weights are
-read once for the whole batch, which is what makes batching nearly free while decoding is bound by
-memory bandwidth. Each sequence keeps its own KV cache, sampling parameters and random generator,
+Each step prefills the sequences added since the last step (together, right-padded to the longest
+prompt, up to PREFILL_TOKENS padded tokens per forward pass) and advances every running sequence by one
+token in a single batched forward pass: the weights are read once for the whole batch, which is what
+makes batching nearly free while decoding is bound by memory bandwidth. Each sequence keeps its own KV cache, sampling parameters and random generator,
 and frees its cache the moment it finishes.
 
 Admission is bounded by `max_batch` sequences and `max_kv_tokens` cached tokens, counted at the worst
@@ -23,6 +23,7 @@ from .model import ChatGLM, KVCache, prefix_attention_mask, prompt_positions
 from .tokenizer import ChatGLMTokenizer, process_response
 
 INVALID_SCORE_TOKEN = 5  # where the reference puts all probability when logits are NaN/inf
+PREFILL_TOKENS = 2048  # padded prompt tokens one prefill pass may take: bounds its activations
 
 
 @dataclass(frozen=True)
@@ -198,20 +199,38 @@ class Batcher:
                                      device=self.model.device)
             logits = self.model(tokens, positions, [s.cache for s in decoding]).float()
             events += [self._advance(s, row) for s, row in zip(decoding, logits)]
-        while self.pending:  # in arrival order
-            events.append(self._prefill(self.pending.pop(next(iter(self.pending)))))
+        while self.pending:  # in arrival order, as many at once as PREFILL_TOKENS allows
+            group = [self.pending.pop(next(iter(self.pending)))]
+            longest = len(group[0].prompt)
+            while self.pending:
+                candidate = next(iter(self.pending.values()))
+                if (len(group) + 1) * max(longest, len(candidate.prompt)) > PREFILL_TOKENS:
+                    break
+                group.append(self.pending.pop(candidate.key))
+                longest = max(longest, len(candidate.prompt))
+            events += self._prefill(group)
         return events
 
-    def _prefill(self, sequence: Sequence) -> TokenEvent:
-        prompt = sequence.prompt
-        position, block, context_length, _ = prompt_positions(
-            prompt, self.tokenizer.bos_id, self.tokenizer.mask_id, self.tokenizer.gmask_id)
+    def _prefill(self, group: list[Sequence]) -> list[TokenEvent]:
+        """One forward pass over the prompts of `group`, right-padded to the longest."""
         device = self.model.device
-        sequence.cache = self.model.new_cache(min(sequence.stop_length, len(prompt) + 64))
-        logits = self.model(torch.tensor([prompt], device=device), torch.tensor([[position, block]], device=device),
-                            [sequence.cache], prefix_attention_mask(len(prompt), context_length, device))
-        self.running[sequence.key] = sequence
-        return self._advance(sequence, logits[0].float())
+        lengths = [len(s.prompt) for s in group]
+        tokens = torch.zeros(len(group), max(lengths), dtype=torch.long)
+        positions = torch.zeros(len(group), 2, max(lengths), dtype=torch.long)
+        masks = []
+        for i, sequence in enumerate(group):
+            position, block, context_length, _ = prompt_positions(
+                sequence.prompt, self.tokenizer.bos_id, self.tokenizer.mask_id, self.tokenizer.gmask_id)
+            tokens[i, :lengths[i]] = torch.tensor(sequence.prompt)
+            positions[i, :, :lengths[i]] = torch.tensor([position, block])
+            masks.append(prefix_attention_mask(lengths[i], context_length, device))
+            sequence.cache = self.model.new_cache(min(sequence.stop_length, lengths[i] + 64))
+        logits = self.model(tokens.to(device), positions.to(device), [s.cache for s in group], masks, lengths)
+        events = []
+        for sequence, row in zip(group, logits):
+            self.running[sequence.key] = sequence
+            events.append(self._advance(sequence, row.float()))
+        return events
 
     def _advance(self, sequence: Sequence, logits: torch.Tensor) -> TokenEvent:
         token = sample(logits, sequence.params, sequence.generator)

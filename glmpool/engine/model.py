@@ -122,7 +122,7 @@ class SelfAttention(nn.Module):
         return torch.cat((apply_rotary(x1, cos[:, 0], sin[:, 0]), apply_rotary(x2, cos[:, 1], sin[:, 1])), dim=-1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache],
-                prefix_mask: torch.Tensor | None) -> torch.Tensor:
+                prefix_masks: list[torch.Tensor | None], lengths: list[int]) -> torch.Tensor:
         B, T, H = x.shape
         qkv = project(self.query_key_value, x).view(B, T, self.n_heads, 3 * self.head_dim)
         q, k, v = qkv.split(self.head_dim, dim=-1)  # [B, T, n, d] each
@@ -131,16 +131,23 @@ class SelfAttention(nn.Module):
         q = q / (math.sqrt(self.head_dim) * scale)
         # Every sequence has its own cache length, so attention runs per sequence (cheap next to the
         # weight reads of the projections, which are batched).
-        context = []
-        for b, cache in enumerate(caches):
-            keys, values = cache.store(self.layer_id, k[b], v[b])  # [L, n, d]
-            scores = torch.bmm(q[b].transpose(0, 1), keys.transpose(0, 1).transpose(1, 2))  # [n, T, L]
-            if prefix_mask is not None:
-                scores.masked_fill_(prefix_mask, -10000.0)
+        # Sequences of a batched prefill are right-padded to T: sequence b has lengths[b] real tokens, and
+        # its padding gets a zero context (it is never read).
+        context = x.new_zeros(B, self.n_heads, T, self.head_dim) if min(lengths) < T else [None] * B
+        for b, (cache, t) in enumerate(zip(caches, lengths)):
+            keys, values = cache.store(self.layer_id, k[b, :t], v[b, :t])  # [L, n, d]
+            scores = torch.bmm(q[b, :t].transpose(0, 1), keys.transpose(0, 1).transpose(1, 2))  # [n, t, L]
+            if prefix_masks[b] is not None:
+                scores.masked_fill_(prefix_masks[b], -10000.0)
             dtype = scores.dtype
             probs = F.softmax(scores.float() * scale, dim=-1).type(dtype)
-            context.append(torch.bmm(probs, values.transpose(0, 1)))  # [n, T, d]
-        context = torch.stack(context).permute(0, 2, 1, 3).reshape(B, T, H)
+            if t < T:
+                context[b, :, :t] = torch.bmm(probs, values.transpose(0, 1))
+            else:
+                context[b] = torch.bmm(probs, values.transpose(0, 1))  # [n, T, d]
+        if isinstance(context, list):
+            context = torch.stack(context)
+        context = context.permute(0, 2, 1, 3).reshape(B, T, H)
         return project(self.dense, context)
 
 
@@ -166,9 +173,9 @@ class GLMBlock(nn.Module):
         self.mlp = MLP(config)
         self.alpha = (2 * ALPHA_LAYERS) ** 0.5
 
-    def forward(self, x, cos, sin, caches, prefix_mask):
+    def forward(self, x, cos, sin, caches, prefix_masks, lengths):
         attention_input = self.input_layernorm(x)
-        x = attention_input * self.alpha + self.attention(attention_input, cos, sin, caches, prefix_mask)
+        x = attention_input * self.alpha + self.attention(attention_input, cos, sin, caches, prefix_masks, lengths)
         mlp_input = self.post_attention_layernorm(x)
         return mlp_input * self.alpha + self.mlp(mlp_input)
 
@@ -211,24 +218,29 @@ class ChatGLM(nn.Module):
         return F.linear(hidden, self.word_embeddings.weight)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, caches: list[KVCache],
-                prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
+                prefix_mask: torch.Tensor | list | None = None, lengths: list[int] | None = None) -> torch.Tensor:
         """Run T new tokens of B sequences; return the logits of each sequence's last token [B, vocab].
 
         tokens [B, T]; positions [B, 2, T] (position id, block position id); caches: one per sequence,
-        extended in place; prefix_mask [T, L] bool, True = masked (prompt prefill only; None = attend all).
+        extended in place; prefix_mask [T, L] bool, True = masked (prompt prefill only; None = attend all),
+        or one such mask per sequence. lengths: real tokens per sequence when prompts of different lengths
+        are prefilled together, right-padded to T (the padding's positions and tokens are arbitrary).
         """
         B, T = tokens.shape
-        for cache in caches:
-            cache.reserve(T)
+        masks = prefix_mask if isinstance(prefix_mask, list) else [prefix_mask] * B
+        lengths = lengths or [T] * B
+        for cache, t in zip(caches, lengths):
+            cache.reserve(t)
         cos_table, sin_table = self.rotary(int(positions.max()) + 1)
         cos = F.embedding(positions, cos_table).unsqueeze(3)  # [B, 2, T, 1, d/2]
         sin = F.embedding(positions, sin_table).unsqueeze(3)
         x = self.word_embeddings(tokens)  # [B, T, H]
         for layer in self.layers:
-            x = layer(x, cos, sin, caches, prefix_mask)
-        for cache in caches:
-            cache.advance(T)
-        return self.output_logits(self.final_layernorm(x[:, -1]))
+            x = layer(x, cos, sin, caches, masks, lengths)
+        for cache, t in zip(caches, lengths):
+            cache.advance(t)
+        last = x[:, -1] if min(lengths) == T else x[torch.arange(B), torch.tensor(lengths) - 1]  # [B, H]
+        return self.output_logits(self.final_layernorm(last))
 
 
 def prompt_positions(ids: list[int], bos_id: int, mask_id: int, gmask_id: int) -> tuple[list[int], list[int], int, int]:
