@@ -3,8 +3,8 @@
 Each step prefills the sequences added since the last step (together, right-padded to the longest
 prompt, up to PREFILL_TOKENS padded tokens per forward pass) and advances every running sequence by one
 token in a single batched forward pass: the weights are read once for the whole batch, which is what
-makes batching nearly free while decoding is bound by memory bandwidth. Each sequence keeps its own KV cache, sampling parameters and random generator,
-and frees its cache the moment it finishes.
+makes batching nearly free while decoding is bound by memory bandwidth. Each sequence keeps its own KV
+cache, sampling parameters and random generator, and frees its cache the moment it finishes.
 
 Admission is bounded by `max_batch` sequences and `max_kv_tokens` cached tokens, counted at the worst
 case (prompt + longest possible answer), so a full batch can never run the device out of memory.
