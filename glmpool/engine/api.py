@@ -144,7 +144,9 @@ def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | tor
     prepare(net)
     if matmul == "onednn" and onednn.usable(device, dtype):
         onednn.pack_linears(net)
-        net.onednn_output = True  # unless a quantized table projects itself
+        if isinstance(net.word_embeddings, torch.nn.Embedding):  # a quantized table projects itself
+            net.onednn_output = True
+            net.output_pads_lone_row = onednn.pads_lone_row(net.word_embeddings.weight)
     net.eval().requires_grad_(False)
     quantized = f", int{bits}" + ("-qe" if embeddings or stored_embeddings else "") if bits else ""
     log.info("loaded %s (%d layers, hidden %d%s) on %s as %s", model, config.num_layers, config.hidden_size,

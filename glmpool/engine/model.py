@@ -133,7 +133,7 @@ class SelfAttention(nn.Module):
         # weight reads of the projections, which are batched).
         # Sequences of a batched prefill are right-padded to T: sequence b has lengths[b] real tokens, and
         # its padding gets a zero context (it is never read).
-        context = x.new_zeros(B, self.n_heads, T, self.head_dim) if min(lengths) < T else [None] * B
+        context = x.new_zeros(B, self.n_heads, T, self.head_dim)
         for b, (cache, t) in enumerate(zip(caches, lengths)):
             keys, values = cache.store(self.layer_id, k[b, :t], v[b, :t])  # [L, n, d]
             scores = torch.bmm(q[b, :t].transpose(0, 1), keys.transpose(0, 1).transpose(1, 2))  # [n, t, L]
@@ -141,12 +141,7 @@ class SelfAttention(nn.Module):
                 scores.masked_fill_(prefix_masks[b], -10000.0)
             dtype = scores.dtype
             probs = F.softmax(scores.float() * scale, dim=-1).type(dtype)
-            if t < T:
-                context[b, :, :t] = torch.bmm(probs, values.transpose(0, 1))
-            else:
-                context[b] = torch.bmm(probs, values.transpose(0, 1))  # [n, T, d]
-        if isinstance(context, list):
-            context = torch.stack(context)
+            context[b, :, :t] = torch.bmm(probs, values.transpose(0, 1))  # [n, t, d]
         context = context.permute(0, 2, 1, 3).reshape(B, T, H)
         return project(self.dense, context)
 
@@ -189,6 +184,7 @@ class ChatGLM(nn.Module):
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
         self.onednn_output = False  # the output projection through onednn.linear (see onednn.py)
+        self.output_pads_lone_row = False  # onednn.pads_lone_row(word_embeddings.weight), set with it
 
     @property
     def dtype(self) -> torch.dtype:
@@ -212,7 +208,7 @@ class ChatGLM(nn.Module):
         if hasattr(self.word_embeddings, "project"):  # a quantized table multiplies by itself
             return self.word_embeddings.project(hidden)
         if self.onednn_output:
-            return onednn.linear(hidden, self.word_embeddings.weight, None)
+            return onednn.linear(hidden, self.word_embeddings.weight, None, self.output_pads_lone_row)
         if hidden.shape[0] > 1:  # several sequences: see project()
             return (self.word_embeddings.weight @ hidden.t()).t()
         return F.linear(hidden, self.word_embeddings.weight)
@@ -239,7 +235,7 @@ class ChatGLM(nn.Module):
             x = layer(x, cos, sin, caches, masks, lengths)
         for cache, t in zip(caches, lengths):
             cache.advance(t)
-        last = x[:, -1] if min(lengths) == T else x[torch.arange(B), torch.tensor(lengths) - 1]  # [B, H]
+        last = x[torch.arange(B), torch.tensor(lengths) - 1]  # [B, H]: each sequence's last real token
         return self.output_logits(self.final_layernorm(last))
 
 

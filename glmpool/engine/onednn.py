@@ -9,19 +9,18 @@ would cost vocab x hidden floats); oneDNN on the plain matrix still beats MKL at
 Batching must not change results: a row's output must not depend on how many rows are multiplied with
 it. From 2 rows up oneDNN sums every row in the same order, but a lone row may take a GEMV kernel that
 sums in another, depending on the shape (seen for K = 4096, not for K = 1024). Each weight is probed
-once, on first use: where a lone row comes out different, it is computed as two (itself twice), which
-costs time, but only there.
+once, when it is set up (pads_lone_row): where a lone row comes out different, it is computed as two
+(itself twice), which costs time, but only there.
 """
 from __future__ import annotations
 
 import copy
 import functools
-import weakref
 
 import torch
 from torch import nn
 
-_lone_row_padded: dict[int, bool] = {}  # id(weight) -> pad a lone row? (forgotten with the weight)
+from .quantize import replace_module
 
 
 @functools.cache
@@ -44,20 +43,18 @@ def _matmul(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
 
 
-def _pads_lone_row(weight: torch.Tensor) -> bool:
-    padded = _lone_row_padded.get(id(weight))
-    if padded is None:
-        x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0))
-        padded = not torch.equal(_matmul(x[:1], weight, None), _matmul(x, weight, None)[:1])
-        _lone_row_padded[id(weight)] = padded
-        weakref.finalize(weight, _lone_row_padded.pop, id(weight), None)
-    return padded
+def pads_lone_row(weight: torch.Tensor) -> bool:
+    """Whether a lone row must be multiplied by `weight` as two to get the bits it gets among others."""
+    x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    return not torch.equal(_matmul(x[:1], weight, None), _matmul(x, weight, None)[:1])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., in] @ weight [out, in]^T + bias; `weight` plain or reordered by `_reorder_linear_weight`."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           pad_lone_row: bool = False) -> torch.Tensor:
+    """x [..., in] @ weight [out, in]^T + bias; `weight` plain or reordered by `_reorder_linear_weight`;
+    pad_lone_row: pads_lone_row(weight), see the module docstring."""
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] == 1 and _pads_lone_row(weight):  # see the module docstring
+    if rows.shape[0] == 1 and pad_lone_row:
         out = _matmul(rows.expand(2, -1).contiguous(), weight, bias)[:1]
     else:
         out = _matmul(rows, weight, bias)
@@ -73,6 +70,7 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight.detach()), persistent=False)
         self.bias = bias
+        self.pad_lone_row = pads_lone_row(self.packed)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -83,7 +81,7 @@ class PackedLinear(nn.Module):
         return PackedLinear(self.weight, copy.deepcopy(self.bias, memo))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.packed, self.bias)
+        return linear(x, self.packed, self.bias, self.pad_lone_row)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN layout"
@@ -98,8 +96,6 @@ def pack_linears(model: nn.Module) -> int:
     (see usable())."""
     names = [name for name, module in model.named_modules() if type(module) is nn.Linear]
     for name in names:  # one at a time, so memory holds at most one matrix twice
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        source = getattr(parent, child)
-        setattr(parent, child, PackedLinear(source.weight, source.bias))
+        source = model.get_submodule(name)
+        replace_module(model, name, PackedLinear(source.weight, source.bias))
     return len(names)

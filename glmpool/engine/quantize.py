@@ -324,11 +324,10 @@ class QuantizedMatrix(nn.Module):
         Written straight into the float output (int8 * float promotes in one kernel), which matters on
         CPU where each pass over the matrix costs about as much as a small GEMM.
         """
-        blocked = self.bits == 4 and self._current_layout() == self.LAYOUT_CPU_INT4
-        if blocked and start < self._blocked_rows() < stop:
-            head = self._blocked_rows()
+        head = self._blocked_rows() if self.bits == 4 and self._current_layout() == self.LAYOUT_CPU_INT4 else 0
+        if start < head < stop:
             return torch.cat((self._dequant_rows(start, head, dtype), self._dequant_rows(head, stop, dtype)))
-        blocked = blocked and stop <= self._blocked_rows()
+        blocked = stop <= head
         block = self.weight[start:stop]  # [R, K * bits / 8]
         scale = self._scale(dtype)[start:stop]  # [R]
         R, K = block.shape[0], self.in_features
@@ -437,7 +436,7 @@ class QuantizedMatrix(nn.Module):
         """Dequantize blocks of rows to x's dtype and multiply: [M, K] -> [M, N] (no bias)."""
         dtype, N, K = x2.dtype, self.out_features, self.in_features
         limit = CUDA_DEQUANT_CHUNK_BYTES if x2.device.type == "cuda" else DEQUANT_CHUNK_BYTES
-        align = 64  # a multiple of every int4 layout block
+        align = max(INT4_BLOCK_CANDIDATES)  # a multiple of every int4 layout block
         rows = max(align, limit // (K * x2.element_size()) // align * align)
         if rows >= N:
             return F.linear(x2, self._dequant_rows(0, N, dtype))
@@ -521,7 +520,8 @@ class QuantizedEmbedding(QuantizedMatrix):
 # Whole models and state dicts
 # --------------------------------------------------------------------------------------------------
 
-def _replace(parent: nn.Module, dotted: str, new: nn.Module) -> None:
+def replace_module(parent: nn.Module, dotted: str, new: nn.Module) -> None:
+    """Put `new` where `parent.<dotted>` is (e.g. "attention.dense")."""
     *path, name = dotted.split(".")
     for part in path:
         parent = getattr(parent, part)
@@ -545,7 +545,7 @@ def quantize_model(model: nn.Module, bits: int, embeddings: bool = False, empty:
             linear = layer.get_submodule(name)
             if isinstance(linear, QuantizedMatrix):
                 raise ValueError(f"{name} is already quantized")
-            _replace(layer, name, QuantizedLinear.from_linear(linear, bits, empty=empty))
+            replace_module(layer, name, QuantizedLinear.from_linear(linear, bits, empty=empty))
             del linear
     if embeddings:
         embedding = model.word_embeddings
