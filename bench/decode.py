@@ -86,7 +86,7 @@ def measure(engine, batch: int, decode_steps: int, rng: random.Random) -> dict[s
     for i in range(batch):
         batcher.add_prompt(i, make_prompt(engine.config, rng), params)
     start = time.perf_counter()
-    batcher.step()  # prefill (each prompt on its own) and each sequence's first token
+    batcher.step()  # prefill (the prompts together, one pass) and each sequence's first token
     prefill = time.perf_counter() - start
     tokens, start = 0, time.perf_counter()
     for _ in range(decode_steps):
