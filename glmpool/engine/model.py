@@ -24,7 +24,11 @@ from .config import ModelConfig
 
 
 class KVCache:
-    """One sequence's keys and values for every layer: [layers, 2, capacity, n, d], grown on demand."""
+    """One sequence's keys and values for every layer: [layers, 2, n, capacity, d], grown on demand.
+
+    Heads come before positions so that each head's keys and values are one contiguous [L, d] block:
+    attention then streams them (at long contexts reading the cache costs as much as the weights).
+    """
 
     def __init__(self, config: ModelConfig, capacity: int, dtype: torch.dtype, device: torch.device):
         self.shape = (config.num_layers, 2, config.num_attention_heads, config.head_dim)
@@ -33,26 +37,26 @@ class KVCache:
 
     def _full_shape(self, capacity: int) -> tuple:
         layers, kv, heads, head_dim = self.shape
-        return (layers, kv, capacity, heads, head_dim)
+        return (layers, kv, heads, capacity, head_dim)
 
     @property
     def capacity(self) -> int:
-        return self.data.shape[2]
+        return self.data.shape[3]
 
     def reserve(self, new_tokens: int) -> None:
         needed = self.length + new_tokens
         if needed > self.capacity:
             grown = torch.empty(self._full_shape(max(needed, 2 * self.capacity)), dtype=self.data.dtype,
                                 device=self.data.device)
-            grown[:, :, :self.length] = self.data[:, :, :self.length]
+            grown[..., :self.length, :] = self.data[..., :self.length, :]
             self.data = grown
 
     def store(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's key/value [T, n, d] after the cached ones; return all [L, n, d] of both."""
-        end = self.length + key.shape[0]
-        self.data[layer, 0, self.length:end] = key
-        self.data[layer, 1, self.length:end] = value
-        return self.data[layer, 0, :end], self.data[layer, 1, :end]
+        """Write this step's key/value [n, T, d] after the cached ones; return all [n, L, d] of both."""
+        end = self.length + key.shape[1]
+        self.data[layer, 0, :, self.length:end] = key
+        self.data[layer, 1, :, self.length:end] = value
+        return self.data[layer, 0, :, :end], self.data[layer, 1, :, :end]
 
     def advance(self, new_tokens: int) -> None:
         self.length += new_tokens
@@ -135,13 +139,13 @@ class SelfAttention(nn.Module):
         # its padding gets a zero context (it is never read).
         context = x.new_zeros(B, self.n_heads, T, self.head_dim)
         for b, (cache, t) in enumerate(zip(caches, lengths)):
-            keys, values = cache.store(self.layer_id, k[b, :t], v[b, :t])  # [L, n, d]
-            scores = torch.bmm(q[b, :t].transpose(0, 1), keys.transpose(0, 1).transpose(1, 2))  # [n, t, L]
+            keys, values = cache.store(self.layer_id, k[b, :t].transpose(0, 1), v[b, :t].transpose(0, 1))  # [n, L, d]
+            scores = torch.bmm(q[b, :t].transpose(0, 1), keys.transpose(1, 2))  # [n, t, L]
             if prefix_masks[b] is not None:
                 scores.masked_fill_(prefix_masks[b], -10000.0)
             dtype = scores.dtype
             probs = F.softmax(scores.float() * scale, dim=-1).type(dtype)
-            context[b, :, :t] = torch.bmm(probs, values.transpose(0, 1))  # [n, t, d]
+            context[b, :, :t] = torch.bmm(probs, values)  # [n, t, d]
         context = context.permute(0, 2, 1, 3).reshape(B, T, H)
         return project(self.dense, context)
 
