@@ -68,11 +68,11 @@ class InstantBatch:
         if key not in self.keys:
             return None
         self.keys.remove(key)
-        return TokenEvent(key, 0, "", True, "cancelled", 1, 0)
+        return TokenEvent(key, 0, lambda: "", True, "cancelled", 1, 0)
 
     def step(self) -> list:
         from glmpool.engine.generate import TokenEvent
-        events = [TokenEvent(key, 0, "ok", True, "stop", 1, 1) for key in self.keys]
+        events = [TokenEvent(key, 0, lambda: "ok", True, "stop", 1, 1) for key in self.keys]
         self.keys = []
         return events
 

@@ -9,7 +9,8 @@ The worker never touches the spool. It talks to the supervisor through a queue a
 A worker holds any number of requests at once (up to max_batch generate together, the rest wait in
 arrival order). The key is the claim's token, unique even when a client reuses a request id.
 "token" messages are sent at most every progress_seconds and every progress_tokens per request (0 tokens:
-never): enough for .partial files, without streaming the growing text through the pipe after every step.
+never), the first as soon as progress_tokens exist: enough for .partial files, without streaming the
+growing text through the pipe after every step.
 This module imports no torch at module level: the process is spawned, sets CUDA_VISIBLE_DEVICES,
 and only then imports the engine, so CUDA initialises on the right device.
 """
@@ -26,6 +27,10 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 
 BEAT_SECONDS = 1.0
+# An idle worker woken by a request waits this long for more (up to GATHER_MAX_SECONDS in all) before its
+# first step: a burst arrives one claim (~1 ms) apart, and prompts admitted together share one prefill.
+GATHER_SECONDS = 0.005
+GATHER_MAX_SECONDS = 0.05
 TEST_CRASH_ENV = "GLMPOOL_TEST_CRASH_ON"  # test-only: a worker exits abruptly on a query containing this
 
 
@@ -85,7 +90,7 @@ class Task:
     params: dict
     deadline: float | None  # wall clock
     received: float = field(default_factory=time.time)
-    reported: float = 0.0  # monotonic time of the last progress message
+    reported: float = float("-inf")  # monotonic time of the last progress message (the first goes at once)
     reported_tokens: int = 0  # generated tokens at the last progress message
 
 
@@ -102,7 +107,9 @@ class Loop:
     def run(self) -> None:
         while True:
             idle = not len(self.batch) and not self.waiting
-            if not self.receive(block=idle):
+            if not self.receive(BEAT_SECONDS if idle else 0.0):
+                return
+            if idle and self.waiting and not self.gather():
                 return
             self.admit()
             self.expire()
@@ -110,14 +117,24 @@ class Loop:
                 self.step()
             self.beat()
 
-    def receive(self, block: bool) -> bool:
-        """Take every pending message; False when told to stop."""
+    def gather(self) -> bool:
+        """Receive until no request came for GATHER_SECONDS (or GATHER_MAX_SECONDS passed); False on stop."""
+        deadline = time.monotonic() + GATHER_MAX_SECONDS
+        waiting = 0
+        while len(self.waiting) > waiting and time.monotonic() < deadline:
+            waiting = len(self.waiting)
+            if not self.receive(GATHER_SECONDS):
+                return False
+        return True
+
+    def receive(self, timeout: float) -> bool:
+        """Take every pending message, waiting up to `timeout` for the first; False when told to stop."""
         while True:
             try:
-                message = self.tasks.get(timeout=BEAT_SECONDS) if block else self.tasks.get_nowait()
+                message = self.tasks.get(timeout=timeout) if timeout else self.tasks.get_nowait()
             except queue.Empty:
                 return True
-            block = False
+            timeout = 0.0
             kind = message[0]
             if kind == "stop":
                 return False
@@ -139,7 +156,6 @@ class Loop:
             except (EngineError, ValueError, TypeError) as error:  # this request can never run
                 self.results.send(("error", self.spec.wid, task.key, str(error)))
             else:
-                task.reported = time.monotonic()
                 self.active[task.key] = task
             self.waiting.popleft()
 

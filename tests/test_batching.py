@@ -147,3 +147,31 @@ def test_sampling_filters_like_transformers():
         expected = set(order[~drop & torch.isfinite(ascending)].tolist())
         indices, probs = candidates(logits, params)
         assert set(indices[probs > 0].tolist()) == expected
+
+
+def test_streamed_text_never_shows_a_cut_character_and_stays_per_event(tiny_engine):
+    """Each event's text is its own step's answer, even when read after later steps; a character spelled
+    over several byte tokens shows only when complete (and the final text is the whole decode)."""
+    from glmpool.engine.tokenizer import process_response
+
+    tokenizer = tiny_engine.tokenizer
+    clef = tokenizer.encode("𝄞")[1:]  # four byte-fallback pieces, after the word-start piece
+    script = tokenizer.encode("ab") + clef + tokenizer.encode("c") + clef[:2]
+    batch = tiny_engine.batcher(max_batch=1)
+    batch.add_prompt("k", tokenizer.build_prompt("q", []), SamplingParams(do_sample=False, max_new_tokens=len(script)))
+    batch._next_tokens = lambda sequences, logits: [script[len(sequences[0].generated)]]
+    events = []
+    while len(batch):
+        events += batch.step()
+    assert [e.token_id for e in events] == script
+
+    expected, shown = [], ""
+    for n in range(1, len(script) + 1):  # what a client would have seen after each token
+        text = tokenizer.decode(script[:n])
+        if text and not text.endswith("\ufffd"):
+            shown = process_response(text)
+        expected.append(shown)
+    expected[-1] = process_response(tokenizer.decode(script))  # the answer itself: everything generated
+    assert [e.text for e in reversed(events)][::-1] == expected  # read newest first: snapshots, not the latest
+    assert "𝄞" in expected[len(script) - 3] and not any(t.endswith("\ufffd") for t in expected[:-1])
+    assert expected[-1].endswith("\ufffd")

@@ -64,11 +64,12 @@ def test_batching_keeps_every_logit_bit_for_bit_with_onednn(tiny_dir, matmul):
 
     def logits_of(batch) -> dict:
         seen = {}
-        advance = batch._advance
-        def recording(sequence, logits):
-            seen.setdefault(sequence.key, []).append(logits.clone())
-            return advance(sequence, logits)
-        batch._advance = recording
+        next_tokens = batch._next_tokens
+        def recording(sequences, logits):
+            for sequence, row in zip(sequences, logits):
+                seen.setdefault(sequence.key, []).append(row.clone())
+            return next_tokens(sequences, logits)
+        batch._next_tokens = recording
         while len(batch):
             batch.step()
         return seen

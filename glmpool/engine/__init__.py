@@ -21,8 +21,9 @@ batch.add(key, query, history, params)   # prefill happens in the next step(); r
                                          #   PromptTooLongError / ValueError (permanent: report as error)
 events = batch.step()    # advances every running sequence by one token (new ones are prefilled first);
                          # -> list[TokenEvent], one per sequence that produced a token this step:
-                         #   TokenEvent(key, token_id, text, finished, finish_reason, prompt_tokens, generated_tokens)
-                         #   text = post-processed response so far (as THUDM's stream_chat: never ends in a cut char)
+                         #   TokenEvent(key, token_id, render, finished, finish_reason, prompt_tokens, generated_tokens)
+                         #   .text = post-processed response so far (as THUDM's stream_chat: never ends in a cut
+                         #   char), decoded when first read
                          #   finish_reason in {None, "stop", "length", "cancelled"}
 batch.cancel(key) -> TokenEvent | None   # finished event with finish_reason "cancelled", cache freed at once
 len(batch); batch.keys(); batch.has_room(prompt_tokens, params) -> bool

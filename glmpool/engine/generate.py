@@ -11,10 +11,11 @@ case (prompt + longest possible answer), so a full batch can never run the devic
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Hashable
+from typing import Callable, Hashable
 
 import torch
 
@@ -59,11 +60,18 @@ class SamplingParams:
 class TokenEvent:
     key: Hashable
     token_id: int
-    text: str  # post-processed answer so far (never ends in a cut multi-byte character)
-    finished: bool
-    finish_reason: str | None  # None while running; "stop", "length" or "cancelled"
-    prompt_tokens: int
-    generated_tokens: int
+    render: Callable[[], str] = field(repr=False)  # makes `text`, only when someone asks for it
+    finished: bool = False
+    finish_reason: str | None = None  # None while running; "stop", "length" or "cancelled"
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+
+    @functools.cached_property
+    def text(self) -> str:
+        """The post-processed answer up to this event (while running: never ending in a cut character).
+        Decoding every sequence's answer after every step would cost a batch-16 step several percent; a
+        server reads it every few hundred milliseconds and at the end."""
+        return self.render()
 
 
 @dataclass
@@ -75,7 +83,7 @@ class Sequence:
     generator: torch.Generator | None
     cache: KVCache | None = None
     generated: list[int] = field(default_factory=list)
-    text: str = ""
+    shown: tuple[int, str] = (0, "")  # (generated tokens, text) of the latest text without a cut character
     mask_position: int = 0
     context_length: int = 0
 
@@ -198,7 +206,7 @@ class Batcher:
             positions = torch.tensor([[[p], [b]] for p, b in (s.next_position() for s in decoding)],
                                      device=self.model.device)
             logits = self.model(tokens, positions, [s.cache for s in decoding]).float()
-            events += [self._advance(s, row) for s, row in zip(decoding, logits)]
+            events += [self._advance(s, token) for s, token in zip(decoding, self._next_tokens(decoding, logits))]
         while self.pending:  # in arrival order, as many at once as PREFILL_TOKENS allows
             group = [self.pending.pop(next(iter(self.pending)))]
             longest = len(group[0].prompt)
@@ -226,29 +234,47 @@ class Batcher:
             masks.append(prefix_attention_mask(lengths[i], context_length, device))
             sequence.cache = self.model.new_cache(min(sequence.stop_length, lengths[i] + 64))
         logits = self.model(tokens.to(device), positions.to(device), [s.cache for s in group], masks, lengths)
-        events = []
-        for sequence, row in zip(group, logits):
+        for sequence in group:
             self.running[sequence.key] = sequence
-            events.append(self._advance(sequence, row.float()))
-        return events
+        return [self._advance(s, token) for s, token in zip(group, self._next_tokens(group, logits.float()))]
 
-    def _advance(self, sequence: Sequence, logits: torch.Tensor) -> TokenEvent:
-        token = sample(logits, sequence.params, sequence.generator)
+    @staticmethod
+    def _next_tokens(sequences: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """One token per sequence from logits [B, vocab] (float32); greedy ones from one batched argmax."""
+        greedy = [not s.params.do_sample for s in sequences]
+        if any(greedy):
+            finite = torch.isfinite(logits.sum(-1)).tolist()
+            best = logits.argmax(-1).tolist()
+        return [best[i] if greedy[i] and finite[i] else sample(row, s.params, s.generator)
+                for i, (s, row) in enumerate(zip(sequences, logits))]
+
+    def _advance(self, sequence: Sequence, token: int) -> TokenEvent:
         sequence.generated.append(token)
         reason = None
         if token == self.model.config.eos_token_id:
             reason = "stop"
         elif len(sequence.prompt) + len(sequence.generated) >= sequence.stop_length:
             reason = "length"
-        text = self.tokenizer.decode(sequence.generated)
-        if reason or (text and not text.endswith("\ufffd")):  # streamed text never shows a cut character
-            sequence.text = process_response(text)
         if reason:
             del self.running[sequence.key]
             sequence.cache = None
         return self._event(sequence, token, reason)
 
-    @staticmethod
-    def _event(sequence: Sequence, token: int, reason: str | None) -> TokenEvent:
-        return TokenEvent(sequence.key, token, sequence.text, reason is not None, reason,
-                          len(sequence.prompt), len(sequence.generated))
+    def _event(self, sequence: Sequence, token: int, reason: str | None) -> TokenEvent:
+        count = len(sequence.generated)
+        render = functools.partial(self._text, sequence, count, final=reason in ("stop", "length"))
+        return TokenEvent(sequence.key, token, render, reason is not None, reason, len(sequence.prompt), count)
+
+    def _text(self, sequence: Sequence, count: int, final: bool) -> str:
+        """The answer after `count` generated tokens. Unless final, a trailing cut multi-byte character
+        is left out by falling back to the longest prefix that decodes whole (THUDM's stream_chat shows
+        nothing new until the character is complete)."""
+        shown_count, shown = sequence.shown if count >= sequence.shown[0] else (0, "")
+        for n in range(count, shown_count, -1):
+            text = self.tokenizer.decode(sequence.generated[:n])
+            if final:
+                return process_response(text)
+            if text and not text.endswith("\ufffd"):
+                sequence.shown = (n, process_response(text))
+                return sequence.shown[1]
+        return shown

@@ -51,11 +51,10 @@ class KVCache:
             grown[..., :self.length, :] = self.data[..., :self.length, :]
             self.data = grown
 
-    def store(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's key/value [n, T, d] after the cached ones; return all [n, L, d] of both."""
-        end = self.length + key.shape[1]
-        self.data[layer, 0, :, self.length:end] = key
-        self.data[layer, 1, :, self.length:end] = value
+    def store(self, layer: int, key_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's keys and values [2, n, T, d] after the cached ones; return all of both [n, L, d]."""
+        end = self.length + key_value.shape[2]
+        self.data[layer, :, :, self.length:end] = key_value
         return self.data[layer, 0, :, :end], self.data[layer, 1, :, :end]
 
     def advance(self, new_tokens: int) -> None:
@@ -132,19 +131,19 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.split(self.head_dim, dim=-1)  # [B, T, n, d] each
         q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         scale = float(self.layer_id + 1)
-        q = q / (math.sqrt(self.head_dim) * scale)
+        q = (q / (math.sqrt(self.head_dim) * scale)).transpose(1, 2)  # [B, n, T, d]
+        key_value = torch.stack((k, v), dim=1).transpose(2, 3)  # [B, 2, n, T, d]
         # Every sequence has its own cache length, so attention runs per sequence (cheap next to the
-        # weight reads of the projections, which are batched).
+        # weight reads of the projections, which are batched); the loop body is kept to a few calls.
         # Sequences of a batched prefill are right-padded to T: sequence b has lengths[b] real tokens, and
         # its padding gets a zero context (it is never read).
         context = x.new_zeros(B, self.n_heads, T, self.head_dim)
         for b, (cache, t) in enumerate(zip(caches, lengths)):
-            keys, values = cache.store(self.layer_id, k[b, :t].transpose(0, 1), v[b, :t].transpose(0, 1))  # [n, L, d]
-            scores = torch.bmm(q[b, :t].transpose(0, 1), keys.transpose(1, 2))  # [n, t, L]
+            keys, values = cache.store(self.layer_id, key_value[b, :, :, :t])  # [n, L, d] each
+            scores = torch.bmm(q[b, :, :t], keys.transpose(1, 2))  # [n, t, L]
             if prefix_masks[b] is not None:
                 scores.masked_fill_(prefix_masks[b], -10000.0)
-            dtype = scores.dtype
-            probs = F.softmax(scores.float() * scale, dim=-1).type(dtype)
+            probs = F.softmax(scores.float() * scale, dim=-1).type(scores.dtype)
             context[b, :, :t] = torch.bmm(probs, values)  # [n, t, d]
         context = context.permute(0, 2, 1, 3).reshape(B, T, H)
         return project(self.dense, context)
