@@ -1,12 +1,15 @@
-"""Decode benchmark: fp32 / int8 / int4 (and -qe: embeddings quantized too) on the medium random model.
+"""Decode benchmark: fp32 / fp16 weights / int8 / int4 (and -qe: embeddings quantized too) on the medium
+random model.
 
     python bench/decode.py [--rounds 3] [--batches 4,16,64] [--agreement] [--model DIR]
-                           [--variants fp32,fp32-reference,int8,int4,int8-qe,int4-qe]
+                           [--variants fp32,fp32-reference,fp16w,int8,int4,int8-qe,int4-qe]
 
 Medium config (as the issue specifies): hidden 1024, 16 heads, inner 4096, 8 layers, vocab 130528, tied
 embeddings, ~234 M parameters (0.94 GB in fp32), random weights from `glmpool.engine.tiny`, built once
 into .cache/. Every variant runs with `matmul="onednn"` (the pool's default) except fp32-reference: fp32
-with THUDM's own F.linear (`matmul="reference"`), for comparison. For every variant: prompt ms (one
+with THUDM's own F.linear (`matmul="reference"`), for comparison, and fp16w: fp16 weights with fp32
+arithmetic (`matmul="fbgemm-fp16"`; the checkpoint is stored in fp16 as THUDM's are, so it loses
+nothing). For every variant: prompt ms (one
 32-token prompt), decode tokens/s of one sequence, aggregate tokens/s of batches through
 `engine.batcher` (greedy), next to this machine's memory read bandwidth measured in the same run and the
 bound it implies (bandwidth / weight bytes read per token).
@@ -31,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from glmpool.engine import SamplingParams, load  # noqa: E402
+from glmpool.engine import fbgemm  # noqa: E402
 from glmpool.engine import quantize as Q  # noqa: E402
 
 MEDIUM = dict(layers=8, hidden=1024, heads=16, inner=4096, vocab=130528, seed=0)
@@ -63,6 +67,11 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes of every parameter and buffer, each storage once (the tied matrix is read once, as the output
     projection; the embedding lookup reads one row). That is what one decode step streams from memory."""
     seen, total = set(), 0
+    for module in model.modules():  # FBGEMM's packed fp16 matrices are no tensors (the lookup table is not read)
+        if isinstance(module, fbgemm.HalfLinear):
+            total += 2 * module.out_features * module.in_features + 4 * module.out_features  # + fp32 bias
+        elif isinstance(module, fbgemm.HalfEmbedding):
+            total += 2 * module.num_embeddings * module.embedding_dim
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.layout == torch._mkldnn:  # oneDNN's opaque layout (onednn.PackedLinear): no storage to share
             total += tensor.numel() * tensor.element_size()
@@ -101,7 +110,7 @@ def prepare_chatglm_cpp(model_dir: Path, cache: Path) -> dict[str, Path]:
     import subprocess
 
     files = {}
-    for kind in ("f32", "q8_0", "q4_0"):
+    for kind in ("f32", "f16", "q8_0", "q4_0"):
         path = cache / f"{model_dir.name}-ggml-{kind}.bin"
         if not path.is_file():
             subprocess.run([sys.executable, str(ROOT / "bench" / "vs_chatglm_cpp.py"), "convert", str(model_dir),
@@ -126,6 +135,8 @@ def build_variants(model_dir: Path, names: list[str]) -> dict:
             engine = load(model_dir, dtype={"bf16": "bfloat16", "fp16": "float16"}[name], progress=False)
         elif name == "fp32-reference":
             engine = load(model_dir, progress=False, matmul="reference")
+        elif name == "fp16w":
+            engine = load(model_dir, progress=False, matmul="fbgemm-fp16")
         else:
             engine = load(model_dir, quantize=None if name == "fp32" else name.removeprefix("int"), progress=False,
                           matmul="onednn")
@@ -155,7 +166,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: the medium random one)")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache")
-    parser.add_argument("--variants", default="fp32,fp32-reference,int8,int4,int8-qe,int4-qe")
+    parser.add_argument("--variants", default="fp32,fp32-reference,fp16w,int8,int4,int8-qe,int4-qe")
     parser.add_argument("--batches", default="4,16,64")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--decode-steps", type=int, default=16)
@@ -164,7 +175,7 @@ def main() -> None:
     parser.add_argument("--agreement-prompts", type=int, default=8)
     parser.add_argument("--agreement-tokens", type=int, default=16)
     parser.add_argument("--chatglm-cpp", metavar="PYTHON", default=None,
-                        help="a python with chatglm-cpp installed (separate venv): also time its f32/q8_0/q4_0 "
+                        help="a python with chatglm-cpp installed (separate venv): also time its f32/f16/q8_0/q4_0 "
                              "decoding of the same checkpoint in the same rounds (see bench/vs_chatglm_cpp.py)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -237,7 +248,7 @@ def main() -> None:
               "decode in the same rounds:\n")
         print("| chatglm.cpp | tok/s | glmpool counterpart | glmpool tok/s | glmpool / chatglm.cpp (per round, median) |")
         print("|---|---|---|---|---|")
-        for kind, ours in (("f32", "fp32"), ("q8_0", "int8-qe"), ("q4_0", "int4-qe")):
+        for kind, ours in (("f32", "fp32"), ("f16", "fp16w"), ("q8_0", "int8-qe"), ("q4_0", "int4-qe")):
             if kind in cpp and ours in results:
                 per_round = statistics.median(a / b for a, b in zip(results[ours]["tokens_per_s"], cpp[kind]))
                 print(f"| {kind} | {statistics.median(cpp[kind]):.1f} | {ours} | {med[ours]['tokens_per_s']:.1f} | "

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glmpool.engine import onednn
+from glmpool.engine import fbgemm, onednn
 
 pytestmark = pytest.mark.skipif(not onednn.available(), reason="this torch has no usable oneDNN linear")
 
@@ -52,10 +52,12 @@ def test_loaded_fp32_model_is_packed_on_request(tiny_dir):
     assert "PackedLinear" not in {type(m).__name__ for m in half.model.modules()}
 
 
-@pytest.mark.parametrize("matmul", ["onednn", "reference"])
+@pytest.mark.parametrize("matmul", ["onednn", "reference", pytest.param("fbgemm-fp16", marks=pytest.mark.skipif(
+    not fbgemm.available(), reason="no FBGEMM fp16 linear"))])
 def test_batching_keeps_every_logit_bit_for_bit_with_onednn(tiny_dir, matmul):
-    """With matmul="onednn" a sequence's logits are the same bits alone or batched, at every step;
-    with the reference's matmuls (F.linear alone, W @ x^T batched) they are not, only the greedy tokens."""
+    """With matmul="onednn" (or "fbgemm-fp16") a sequence's logits are the same bits alone or batched, at
+    every step; with the reference's matmuls (F.linear alone, W @ x^T batched) they are not, only the
+    greedy tokens."""
     from glmpool.engine import SamplingParams, load
 
     engine = load(tiny_dir, progress=False, matmul=matmul)
@@ -85,4 +87,4 @@ def test_batching_keeps_every_logit_bit_for_bit_with_onednn(tiny_dir, matmul):
     together = logits_of(batch)
     identical = all(len(together[q]) == len(alone[q]) and all(map(torch.equal, together[q], alone[q]))
                     for q in queries)
-    assert identical == (matmul == "onednn")
+    assert identical == (matmul != "reference")
