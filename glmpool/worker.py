@@ -47,7 +47,7 @@ class WorkerSpec:
     threads: int = 0  # torch intra-op threads (0: torch's default)
     progress_seconds: float = 0.25
     progress_tokens: int = 1
-    matmul: str = "reference"
+    matmul: str = "fbgemm-fp16"  # the setting's default (config.py); the supervisor always passes it
 
     @property
     def label(self) -> str:

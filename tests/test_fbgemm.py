@@ -64,7 +64,16 @@ def test_loaded_model_keeps_fp16_weights_and_matches_fp32(tiny_dir, caplog):
         assert torch.allclose(logits(engine), logits(reference), rtol=1e-4, atol=1e-4)
     assert engine.chat("你好", do_sample=False, max_length=40)[0] == reference.chat("你好", do_sample=False, max_length=40)[0]
 
-    with caplog.at_level(logging.WARNING):
-        bf16 = load(tiny_dir, dtype="bfloat16", progress=False, matmul="fbgemm-fp16")  # fp32 only
+    bf16 = load(tiny_dir, dtype="bfloat16", progress=False, matmul="fbgemm-fp16")  # fp32 on the CPU only
     assert "HalfLinear" not in {type(m).__name__ for m in bf16.model.modules()}
-    assert "fbgemm-fp16 needs fp32" in caplog.text
+
+
+def test_without_fbgemm_the_cpu_falls_back_to_onednn(tiny_dir, caplog, monkeypatch):
+    from glmpool.engine import load, onednn
+
+    monkeypatch.setattr(fbgemm, "available", lambda: False)  # as on an ARM build of torch
+    with caplog.at_level(logging.WARNING):
+        engine = load(tiny_dir, progress=False, matmul="fbgemm-fp16")
+    kinds = {type(m).__name__ for m in engine.model.modules()}
+    assert "HalfLinear" not in kinds and ("PackedLinear" in kinds) == onednn.available()
+    assert "no FBGEMM" in caplog.text

@@ -133,8 +133,9 @@ def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | tor
     # Quantizing at load time works on the host, one matrix at a time, so a GPU never holds the fp copy.
     load_device = torch.device("cpu") if quantize_layers or quantize_embeddings else device
     half_weights = matmul == "fbgemm-fp16" and fbgemm.usable(device, dtype)
-    if matmul == "fbgemm-fp16" and not half_weights:
-        log.warning("matmul fbgemm-fp16 needs fp32 on a CPU whose torch has FBGEMM (x86): using the default")
+    if matmul == "fbgemm-fp16" and not half_weights and device.type == "cpu" and dtype == torch.float32:
+        log.warning("matmul fbgemm-fp16: this torch has no FBGEMM (not an x86 build?); using onednn")
+        matmul = "onednn"
     with torch.device("meta"):
         net = ChatGLM(config)
     # fp16 weights from an fp16 checkpoint: read them as fp16, never holding an fp32 copy of the model.
