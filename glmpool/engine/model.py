@@ -103,8 +103,14 @@ def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
-    # The tanh approximation, written exactly as the reference writes it (the float rounding matters).
-    return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * x * (1.0 + 0.044715 * x * x)))
+    """The reference's tanh approximation, 0.5 * x * (1 + tanh(0.7978845608028654 * x * (1 + 0.044715 * x * x))),
+    operation for operation (the float rounding matters), computed in place on two temporaries: a
+    prompt's [T, 4H] activations cost tens of MB per temporary to allocate and write."""
+    inner = x * 0.044715
+    inner.mul_(x).add_(1.0)
+    outer = x * 0.7978845608028654
+    outer.mul_(inner).tanh_().add_(1.0)
+    return inner.copy_(x).mul_(0.5).mul_(outer)
 
 
 class SelfAttention(nn.Module):
