@@ -2,7 +2,7 @@
 same kind of requests sent one at a time (what the original one-request-at-a-time server gives).
 
     python bench/pool.py [--rounds 3] [--concurrency 1,4,16,64] [--sequential 6] [--max-new-tokens 32]
-                         [--max-batch 16] [--sweep 8,16,32,64] [--workers 1]
+                         [--max-batch 16] [--sweep 8,16,32,64] [--workers 1] [--matmul KIND]
 
 Medium config (hidden 1024, 16 heads, 8 layers, vocab 130528; bench/decode.py builds it into .cache/).
 Random weights often predict <eop> early; like bench/decode.py the bench wants every request to do the
@@ -11,7 +11,8 @@ comes (weights and tokenizer are symlinks): every request generates exactly --ma
 greedily (do_sample false), from distinct prompts of about the same length.
 
 Per round, on one pool: the sequential baseline (--sequential requests, each written when the previous
-answer appeared), then for every N a burst of N requests written at once. Reported per N (medians of the
+answer appeared; half of them before the bursts and half after, so the host's drift within a round
+favours neither side), and for every N a burst of N requests written at once. Reported per N (medians of the
 rounds): aggregate generated tokens/s (all tokens / first arrival to last answer), time to first token
 (the request's first .partial seen by the bench, polling every 10 ms; the pool writes a first
 .partial as soon as the first token exists, then at its default pacing) and end-to-end latency
@@ -121,7 +122,7 @@ def burst(server: Server, count: int, tag: str, new_tokens: int) -> dict:
     return summary(r, sum(x["tokens"] for x in r) / elapsed)
 
 
-def sequential(server: Server, count: int, tag: str, new_tokens: int) -> dict:
+def one_at_a_time(server: Server, count: int, tag: str, new_tokens: int) -> list[dict]:
     requests = server.root / "requests"
     r = []
     for i in range(count):
@@ -130,9 +131,13 @@ def sequential(server: Server, count: int, tag: str, new_tokens: int) -> dict:
         write_request(requests, rid, body(i, new_tokens))
         watcher.run(timeout=600)
         r += results(requests, [rid], watcher)
+    return r
+
+
+def sequential(r: list[dict]) -> dict:
     busy = sum(x["latency"] for x in r)  # one at a time: the pool works only while a request is in it
     out = summary(r, sum(x["tokens"] for x in r) / busy)
-    out["mean_latency"] = busy / count
+    out["mean_latency"] = busy / len(r)
     return out
 
 
@@ -146,7 +151,8 @@ def summary(r: list[dict], tokens_per_s: float) -> dict:
 def pool_args(model: Path, args, max_batch: int) -> list[str]:
     return ["--model", str(model), "--gpus", ",".join(["cpu"] * args.workers), "--max-batch", str(max_batch),
             "--max-length", "2048", "--cache-dir", str(args.cache),
-            *(["--worker-threads", str(args.threads)] if args.threads else [])]
+            *(["--worker-threads", str(args.threads)] if args.threads else []),
+            *(["--matmul", args.matmul] if args.matmul else [])]
 
 
 def main() -> None:
@@ -159,6 +165,7 @@ def main() -> None:
     parser.add_argument("--sweep", default="", help="--max-batch values to compare at the largest N, e.g. 8,16,32,64")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="--worker-threads (0: the pool's default)")
+    parser.add_argument("--matmul", default=None, help="--matmul of the pool (default: the pool's default)")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache")
     parser.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: the medium view)")
     args = parser.parse_args()
@@ -182,15 +189,17 @@ def main() -> None:
             with Server(base / f"r{round_}", pool_args(model, args, args.max_batch), instant=False) as server:
                 server.wait_running()
                 burst(server, 2, f"warm{round_}", 4)
-                seq = sequential(server, args.sequential, f"s{round_}", new)
+                before = one_at_a_time(server, (args.sequential + 1) // 2, f"s{round_}a", new)
+                bursts = {n: burst(server, n, f"n{n}r{round_}", new) for n in counts}
+                seq = sequential(before + one_at_a_time(server, args.sequential // 2, f"s{round_}b", new))
                 record("sequential", seq)
                 for n in counts:
-                    record(n, burst(server, n, f"n{n}r{round_}", new), seq)
+                    record(n, bursts[n], seq)
             for batch in sweep:
                 with Server(base / f"r{round_}b{batch}", pool_args(model, args, batch), instant=False) as server:
                     server.wait_running()
                     burst(server, 2, f"warm{round_}", 4)
-                    seq = sequential(server, 2, f"s{round_}", new)
+                    seq = sequential(one_at_a_time(server, 2, f"s{round_}", new))
                     record(f"max-batch {batch}", burst(server, max(counts), f"b{batch}r{round_}", new), seq)
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -198,7 +207,7 @@ def main() -> None:
     med = {key: statistics.median(values) for key, values in runs.items()}
     import torch
     print(f"\nMachine: {machine()}; torch {torch.__version__}. Model {model.name}: 1 worker x "
-          f"{args.threads or 'default'} threads, --max-batch {args.max_batch}, {new} new tokens per request "
+          f"{args.threads or 'default'} threads, --matmul {args.matmul or 'default'}, --max-batch {args.max_batch}, {new} new tokens per request "
           f"(greedy), medians of {args.rounds} rounds.\n")
     print("| requests at once | aggregate tokens/s | x one at a time (same round) | TTFT p50 | TTFT p95 | "
           "latency p50 | latency p95 |")

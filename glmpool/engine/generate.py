@@ -61,10 +61,10 @@ class TokenEvent:
     key: Hashable
     token_id: int
     render: Callable[[], str] = field(repr=False)  # makes `text`, only when someone asks for it
-    finished: bool = False
-    finish_reason: str | None = None  # None while running; "stop", "length" or "cancelled"
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
+    finished: bool
+    finish_reason: str | None  # None while running; "stop", "length" or "cancelled"
+    prompt_tokens: int
+    generated_tokens: int
 
     @functools.cached_property
     def text(self) -> str:
