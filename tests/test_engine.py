@@ -170,7 +170,7 @@ def status(key):  # kB lines of /proc/self/status; VmHWM (unlike ru_maxrss) is n
 torch.ones(1)  # settle the allocator before the baseline
 open("/proc/self/clear_refs", "w").write("5")  # restart the high-water mark from here
 before = status("VmRSS")
-engine = load(sys.argv[1], progress=False)
+engine = load(sys.argv[1], progress=False, matmul=sys.argv[2] if len(sys.argv) > 2 else "reference")
 peak = status("VmHWM")
 weights = sum(t.numel() * t.element_size() for t in [*engine.model.parameters(), *engine.model.buffers()])
 print(before, peak, weights)
@@ -185,3 +185,19 @@ def test_peak_load_memory(tmp_path):
     before, peak, weights = map(int, out.stdout.split())
     assert weights > 400e6
     assert peak - before <= 1.3 * weights, f"load grew RSS by {(peak - before) / weights:.2f}x the weights"
+
+
+def test_peak_load_memory_with_fp16_weights(tmp_path):
+    """matmul="fbgemm-fp16" reads the fp16 checkpoint as fp16: loading never holds the model in fp32, so
+    the load's peak stays well under an fp32 load's (the same fixed overheads are in both)."""
+    from glmpool.engine import fbgemm
+    if not fbgemm.available():
+        pytest.skip("no FBGEMM fp16 linear in this torch")
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt", layers=8, hidden=1024, heads=16, vocab=8000, shards=3)
+    grown = {}
+    for matmul in ("reference", "fbgemm-fp16"):
+        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(ckpt), matmul], capture_output=True,
+                             text=True, timeout=300, check=True)
+        before, peak, _ = map(int, out.stdout.split())
+        grown[matmul] = peak - before
+    assert grown["fbgemm-fp16"] <= 0.8 * grown["reference"], grown

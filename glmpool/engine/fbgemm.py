@@ -13,6 +13,7 @@ projection (together the size of one fp32 copy).
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 
@@ -92,6 +93,23 @@ class HalfEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, fp16 (FBGEMM projection)"
 
 
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> None:
+    """Give freed heap pages back to the OS. glibc keeps them, and a packed copy (a few bytes larger than
+    its original) does not fit the hole the original leaves: without this, packing a model grows the
+    process by the model's size again."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def pack_model(model: nn.Module) -> int:
     """Replace every nn.Linear and nn.Embedding of a model by its fp16 FBGEMM form, one matrix at a time
     (memory holds at most one matrix twice), and make the layer norms fp32 (a model may be loaded in fp16
@@ -99,10 +117,16 @@ def pack_model(model: nn.Module) -> int:
     names = [name for name, module in model.named_modules() if type(module) in (nn.Linear, nn.Embedding)]
     for name in names:
         source = model.get_submodule(name)
-        if isinstance(source, nn.Embedding):
-            replace_module(model, name, HalfEmbedding(source.weight))
-        else:
-            replace_module(model, name, HalfLinear(source.weight, source.bias))
+        embedding = isinstance(source, nn.Embedding)
+        weight = source.weight.detach().float()
+        bias = None if embedding or source.bias is None else source.bias.detach().float()
+        # Drop the original before packing: the packed copy can then reuse its memory, so packing a model
+        # loaded in fp16 peaks at its fp16 size plus one fp32 matrix.
+        replace_module(model, name, nn.Identity())
+        del source
+        replace_module(model, name, HalfEmbedding(weight) if embedding else HalfLinear(weight, bias))
+        del weight, bias
+        release_free_memory()
     for module in model.modules():
         if isinstance(module, nn.LayerNorm):
             module.float()
