@@ -1,8 +1,8 @@
 """fp16 weights, fp32 arithmetic, on the CPU through FBGEMM (bundled with torch's x86 builds).
 
 Decoding one sequence reads every weight once per token, so bytes per weight set its speed. THUDM
-publishes ChatGLM-6B in fp16: held as fp16, the weights lose nothing, take half the memory of fp32 (12 GB
-instead of 25 GB for the 6B model), and FBGEMM's fp16 GEMM converts them to fp32 in registers as it
+publishes ChatGLM-6B in fp16: held as fp16, the weights lose nothing, take half the memory of fp32 (~13 GB
+instead of ~25 GB for the 6B model), and FBGEMM's fp16 GEMM converts them to fp32 in registers as it
 streams them: measured on this project's 2-core machine, 2.2-3.2x oneDNN's fp32 speed for one row,
 1.2-1.3x for 16 rows, even at 64 (activations, sums and everything outside the matmuls stay fp32).
 Like onednn.py it is batch-invariant: a row's result does not depend on the rows multiplied with it
@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .quantize import replace_module
-
-log = logging.getLogger(__name__)
-
 
 @functools.cache
 def available() -> bool:
@@ -102,9 +98,9 @@ def _malloc_trim():
 
 
 def release_free_memory() -> None:
-    """Give freed heap pages back to the OS. glibc keeps them, and a packed copy (a few bytes larger than
-    its original) does not fit the hole the original leaves: without this, packing a model grows the
-    process by the model's size again."""
+    """Give freed heap pages back to the OS. glibc keeps them, and a packed copy, a little larger than its
+    original, does not fit the hole the original leaves: without this, a packed model keeps its own size
+    again in free pages."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
@@ -120,8 +116,8 @@ def pack_model(model: nn.Module) -> int:
         embedding = isinstance(source, nn.Embedding)
         weight = source.weight.detach().float()
         bias = None if embedding or source.bias is None else source.bias.detach().float()
-        # Drop the original before packing: the packed copy can then reuse its memory, so packing a model
-        # loaded in fp16 peaks at its fp16 size plus one fp32 matrix.
+        # The original goes before its packed copy is made, and its pages back to the OS after: packing a
+        # model loaded in fp16 peaks near its fp16 size (tests/test_engine.py measures it).
         replace_module(model, name, nn.Identity())
         del source
         replace_module(model, name, HalfEmbedding(weight) if embedding else HalfLinear(weight, bias))
