@@ -79,7 +79,7 @@ SETTINGS = [
     Setting("kv_cache_gb", float, None, "KV-cache budget per worker in GiB (default: sized from free memory)", "GIB"),
     Setting("max_length", int, 2048, "default max_length (prompt + answer tokens) of a request", "N"),
     Setting("request_timeout", float, 0.0, "default per-request deadline in seconds (0: none)", "S"),
-    Setting("partial_seconds", float, 0.25, "rewrite a request's .partial at most this often (seconds)", "S"),
+    Setting("partial_seconds", float, 0.25, "rewrite a request's .partial at most this often (seconds; the first token is written at once)", "S"),
     Setting("partial_tokens", int, 1, "... and at most every N generated tokens (0: no .partial files)", "N"),
     Setting("poll_interval", float, 0.5, "seconds between directory scans (inotify wakes earlier locally)", "S"),
     Setting("lease_seconds", float, 60.0, "a claim not renewed for this long is taken over by another host", "S"),
