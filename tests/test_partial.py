@@ -1,4 +1,5 @@
-"""How often a worker reports progress (and the supervisor rewrites .partial): --partial-seconds / --partial-tokens."""
+"""The worker loop's timing: how often it reports progress (the supervisor rewrites .partial: --partial-seconds /
+--partial-tokens), and how an idle worker gathers a burst before its first step."""
 import argparse
 
 from glmpool import config
