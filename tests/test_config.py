@@ -45,3 +45,13 @@ def test_every_setting_has_a_flag_and_help():
     for setting in config.SETTINGS:
         assert "--" + setting.name.replace("_", "-") in text
         assert f"GLMPOOL_{setting.name.upper()}" in text
+
+
+def test_matmul_choices_are_the_engines():
+    """The setting and the engine name the same matmul kinds (config.py must not import the engine)."""
+    from glmpool.engine.api import MATMULS
+    parse = config.BY_NAME["matmul"].parse
+    assert [parse(kind) for kind in MATMULS] == list(MATMULS)
+    assert config.BY_NAME["matmul"].default in MATMULS
+    with pytest.raises(ValueError, match="use one of"):
+        parse("mkl")
