@@ -6,10 +6,11 @@ random model.
 
 Medium config (as the issue specifies): hidden 1024, 16 heads, inner 4096, 8 layers, vocab 130528, tied
 embeddings, ~234 M parameters (0.94 GB in fp32), random weights from `glmpool.engine.tiny`, built once
-into .cache/. Every variant runs with `matmul="onednn"` (the pool's default) except fp32-reference: fp32
-with THUDM's own F.linear (`matmul="reference"`), for comparison, and fp16w: fp16 weights with fp32
-arithmetic (`matmul="fbgemm-fp16"`; the checkpoint is stored in fp16 as THUDM's are, so it loses
-nothing). For every variant: prompt ms (one
+into .cache/. fp32 runs with `matmul="onednn"`; fp32-reference with THUDM's own F.linear
+(`matmul="reference"`), for comparison; fp16w is fp16 weights with fp32 arithmetic
+(`matmul="fbgemm-fp16"`, the pool's default; the checkpoint is stored in fp16 as THUDM's are, so it
+loses nothing), and the quantized variants run with that default too (for int8/int4 it holds the
+unquantized embeddings = output projection in fp16). For every variant: prompt ms (one
 32-token prompt), decode tokens/s of one sequence, aggregate tokens/s of batches through
 `engine.batcher` (greedy), next to this machine's memory read bandwidth measured in the same run and the
 bound it implies (bandwidth / weight bytes read per token).
@@ -137,9 +138,10 @@ def build_variants(model_dir: Path, names: list[str]) -> dict:
             engine = load(model_dir, progress=False, matmul="reference")
         elif name == "fp16w":
             engine = load(model_dir, progress=False, matmul="fbgemm-fp16")
-        else:
-            engine = load(model_dir, quantize=None if name == "fp32" else name.removeprefix("int"), progress=False,
-                          matmul="onednn")
+        elif name == "fp32":
+            engine = load(model_dir, progress=False, matmul="onednn")
+        else:  # quantized: what the pool runs (its default matmul; the -qe variants have no float matrix left)
+            engine = load(model_dir, quantize=name.removeprefix("int"), progress=False, matmul="fbgemm-fp16")
         # Random weights may well predict <eop>; the bench wants every sequence decoding every step.
         engine.model.config = dataclasses.replace(engine.model.config, eos_token_id=-1)
         engines[name] = engine
