@@ -14,7 +14,7 @@ Per round, on one pool: the sequential baseline (--sequential requests, each wri
 answer appeared; half of them before the bursts and half after, so the host's drift within a round
 favours neither side), and for every N a burst of N requests written at once. Reported per N (medians of the
 rounds): aggregate generated tokens/s (all tokens / first arrival to last answer), time to first token
-(the request's first .partial seen by the bench, polling every 10 ms; the pool writes a first
+(the request's first .partial seen by the bench, polling every 1% of the wait, 10-100 ms; the pool writes a first
 .partial as soon as the first token exists, then at its default pacing) and end-to-end latency
 (arrival -> answer published) p50/p95, and the speed-up over the sequential baseline of the same round.
 --sweep: one more pool per --max-batch value, each running the largest N once per round (the default
@@ -63,9 +63,10 @@ def prompt(i: int) -> str:
 
 
 class Watcher:
-    """Polls requests/: when each id's .partial and .back first appeared. Every 10 ms until every id has
-    shown its first token, then every 100 ms (the answers' times come from .meta; a client scanning the
-    directory 100 times a second takes CPU from the worker it measures)."""
+    """Polls requests/: when each id's .partial and .back first appeared. While first tokens are awaited,
+    every 1% of the time waited so far (10-100 ms: a first token is timed to ~1%), then every 100 ms (the
+    answers' times come from .meta; a client scanning the directory 100 times a second takes CPU from the
+    worker it measures)."""
 
     def __init__(self, requests: Path, ids: list[str]):
         self.requests, self.ids = requests, set(ids)
@@ -73,7 +74,8 @@ class Watcher:
         self.done: set[str] = set()
 
     def run(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = start + timeout
         while self.done != self.ids:
             now = time.time()
             for entry in os.scandir(self.requests):
@@ -88,7 +90,8 @@ class Watcher:
                     raise RuntimeError(f"{rid} failed: {(self.requests / entry.name).read_text()[:300]}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{len(self.ids - self.done)} answers missing after {timeout:.0f}s")
-            time.sleep(0.1 if len(self.first_partial.keys() | self.done) == len(self.ids) else 0.01)
+            waiting_first = len(self.first_partial.keys() | self.done) < len(self.ids)
+            time.sleep(min(0.1, max(0.01, (time.monotonic() - start) / 100)) if waiting_first else 0.1)
 
 
 def results(requests: Path, ids: list[str], watcher: Watcher) -> list[dict]:
