@@ -12,11 +12,12 @@ greedily (do_sample false), from distinct prompts of about the same length.
 
 Per round, on one pool: the sequential baseline (--sequential requests, each written when the previous
 answer appeared; half of them before the bursts and half after, so the host's drift within a round
-favours neither side), and for every N a burst of N requests written at once. Reported per N (medians of the
-rounds): aggregate generated tokens/s (all tokens / first arrival to last answer), time to first token
-(the request's first .partial seen by the bench, polling every 1% of the wait, 10-100 ms; the pool writes a first
-.partial as soon as the first token exists, then at its default pacing) and end-to-end latency
-(arrival -> answer published) p50/p95, and the speed-up over the sequential baseline of the same round.
+favours neither side), and for every N a burst of N requests written at once. Reported per N (medians
+of the rounds): aggregate generated tokens/s (all tokens / first arrival to last answer), time to first
+token (the request's first .partial seen by the bench, polling every 1% of the wait, 10-100 ms; the pool
+writes a first .partial as soon as the first token exists, then at its default pacing) and end-to-end
+latency (arrival -> answer published) p50/p95, and the speed-up over the sequential baseline of the
+same round.
 --sweep: one more pool per --max-batch value, each running the largest N once per round (the default
 --max-batch is chosen from this). The machine is shared and noisy: ratios are per round, then medians.
 """
