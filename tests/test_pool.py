@@ -14,7 +14,7 @@ import pytest
 
 from pooltools import ENV, Pool, glmpool, json_request, meta, outcome, seed_request, wait_for
 
-LONG_TOKENS = 600
+LONG_TOKENS = 1500  # ~1.5 s of generation here: long enough to catch mid-way on a faster machine
 CRASH_MARKER = "POISON-PILL"
 
 
@@ -231,10 +231,10 @@ def test_malformed_input_is_an_error(pool, name, make, message):
 
 
 def test_cli_ask_status_then_quit_during_generation(tmp_path, cache_dir, long_body):
-    # A KV budget of ~1000 tokens (tiny model, fp32: 1 KiB a token) fits one long request: the second
-    # one dispatched waits inside the worker until the first finishes.
+    # A KV budget of ~2000 tokens (tiny model, fp32: 1 KiB a token) fits one long request (~1520 tokens),
+    # not two: the second one dispatched waits inside the worker until the first finishes.
     p = Pool(tmp_path, cache_dir, "--gpus", "cpu", "--max-length", "64", "--max-batch", "2",
-             "--kv-cache-gb", "0.001").start()
+             "--kv-cache-gb", "0.002").start()
     try:
         p.wait_running()
         asked = glmpool("ask", "你好", "--dir", str(tmp_path), "--timeout", "60")
@@ -263,7 +263,7 @@ def test_cli_ask_status_then_quit_during_generation(tmp_path, cache_dir, long_bo
 
 
 def test_sigterm_during_generation_puts_cut_requests_back(tmp_path, cache_dir, long_body):
-    p = Pool(tmp_path, cache_dir, "--gpus", "cpu", "--max-batch", "2", "--grace-seconds", "0.5").start()
+    p = Pool(tmp_path, cache_dir, "--gpus", "cpu", "--max-batch", "2", "--grace-seconds", "0.05").start()
     bodies = {f"r{i}": {**long_body, "seed": i} for i in range(4)}  # distinct files, same greedy work
     try:
         p.wait_running()
