@@ -42,7 +42,7 @@ def test_pack_model_swaps_linears_and_embeddings_and_keeps_what_they_compute():
     assert model["embed"].table.dtype == torch.float16
 
 
-def test_loaded_model_keeps_fp16_weights_and_matches_fp32(tiny_dir, caplog):
+def test_loaded_model_keeps_fp16_weights_and_matches_fp32(tiny_dir):
     """The tiny checkpoint is stored in fp16 (as THUDM's): fp16 weights lose nothing, only the order of
     the fp32 sums differs from the reference's."""
     from glmpool.engine import load
@@ -62,7 +62,6 @@ def test_loaded_model_keeps_fp16_weights_and_matches_fp32(tiny_dir, caplog):
 
     with torch.inference_mode():
         assert torch.allclose(logits(engine), logits(reference), rtol=1e-4, atol=1e-4)
-    assert engine.chat("你好", do_sample=False, max_length=40)[0] == reference.chat("你好", do_sample=False, max_length=40)[0]
 
     bf16 = load(tiny_dir, dtype="bfloat16", progress=False, matmul="fbgemm-fp16")  # fp32 on the CPU only
     assert "HalfLinear" not in {type(m).__name__ for m in bf16.model.modules()}
