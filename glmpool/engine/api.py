@@ -152,10 +152,7 @@ def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | tor
     if half_weights:
         fbgemm.pack_model(net)
     elif matmul == "onednn" and onednn.usable(device, dtype):
-        onednn.pack_linears(net)
-        if isinstance(net.word_embeddings, torch.nn.Embedding):  # a quantized table projects itself
-            net.onednn_output = True
-            net.output_pads_lone_row = onednn.pads_lone_row(net.word_embeddings.weight)
+        onednn.pack_model(net)
     net.eval().requires_grad_(False)
     quantized = f", int{bits}" + ("-qe" if embeddings or stored_embeddings else "") if bits else ""
     log.info("loaded %s (%d layers, hidden %d%s) on %s as %s", model, config.num_layers, config.hidden_size,

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import onednn
 from .config import ModelConfig
 
 
@@ -192,8 +191,6 @@ class ChatGLM(nn.Module):
         self.layers = nn.ModuleList(GLMBlock(config, i) for i in range(config.num_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.onednn_output = False  # the output projection through onednn.linear (see onednn.py)
-        self.output_pads_lone_row = False  # onednn.pads_lone_row(word_embeddings.weight), set with it
 
     @property
     def dtype(self) -> torch.dtype:
@@ -214,10 +211,8 @@ class ChatGLM(nn.Module):
 
     def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The tied output projection: [B, H] -> [B, vocab]."""
-        if hasattr(self.word_embeddings, "project"):  # a quantized table multiplies by itself
+        if hasattr(self.word_embeddings, "project"):  # a quantized, fp16 or oneDNN table multiplies by itself
             return self.word_embeddings.project(hidden)
-        if self.onednn_output:
-            return onednn.linear(hidden, self.word_embeddings.weight, None, self.output_pads_lone_row)
         if hidden.shape[0] > 1:  # several sequences: see project()
             return (self.word_embeddings.weight @ hidden.t()).t()
         return F.linear(hidden, self.word_embeddings.weight)

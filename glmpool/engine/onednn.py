@@ -87,6 +87,21 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN layout"
 
 
+class TiedEmbedding(nn.Embedding):
+    """The word embeddings, looked up as usual, whose output projection `project` [B, H] -> [B, vocab] goes
+    through oneDNN on the plain table (the lookup needs that layout, see the module docstring)."""
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding) -> TiedEmbedding:
+        tied = cls(embedding.num_embeddings, embedding.embedding_dim, device="meta")
+        tied.weight = embedding.weight  # shared, not copied
+        tied.pad_lone_row = pads_lone_row(tied.weight)
+        return tied
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return linear(hidden, self.weight, None, self.pad_lone_row)
+
+
 def usable(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.float32 and available()
 
@@ -99,3 +114,10 @@ def pack_linears(model: nn.Module) -> int:
         source = model.get_submodule(name)
         replace_module(model, name, PackedLinear(source.weight, source.bias))
     return len(names)
+
+
+def pack_model(model: nn.Module) -> None:
+    """pack_linears, and the tied output projection through oneDNN (a quantized table projects itself)."""
+    pack_linears(model)
+    if type(model.word_embeddings) is nn.Embedding:
+        model.word_embeddings = TiedEmbedding.from_embedding(model.word_embeddings)
