@@ -24,6 +24,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from .config import BY_NAME
+
 log = logging.getLogger(__name__)
 
 BEAT_SECONDS = 1.0
@@ -45,9 +47,9 @@ class WorkerSpec:
     max_batch: int
     kv_cache_gb: float | None
     threads: int = 0  # torch intra-op threads (0: torch's default)
-    progress_seconds: float = 0.25
-    progress_tokens: int = 1
-    matmul: str = "fbgemm-fp16"  # the setting's default (config.py); the supervisor always passes it
+    progress_seconds: float = BY_NAME["partial_seconds"].default
+    progress_tokens: int = BY_NAME["partial_tokens"].default
+    matmul: str = BY_NAME["matmul"].default
 
     @property
     def label(self) -> str:

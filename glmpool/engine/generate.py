@@ -262,7 +262,8 @@ class Batcher:
 
     def _event(self, sequence: Sequence, token: int, reason: str | None) -> TokenEvent:
         count = len(sequence.generated)
-        render = functools.partial(self._text, sequence, count, final=reason in ("stop", "length"))
+        # Cut at the length limit, the answer may end inside a character: that stays out, as while streaming.
+        render = functools.partial(self._text, sequence, count, final=reason == "stop")
         return TokenEvent(sequence.key, token, render, reason is not None, reason, len(sequence.prompt), count)
 
     def _text(self, sequence: Sequence, count: int, final: bool) -> str:
