@@ -85,36 +85,66 @@ class Claims:
 
     def claim(self, request_id: str, main: str, extras: tuple[str, ...] = ()) -> Claim | None:
         """Take `requests/<id><main>` (and the `extras` suffixes if present); None if someone else has it."""
+        return self.claim_many([(request_id, main, extras)])[0]
+
+    def claim_many(self, wanted: list[tuple[str, str, tuple[str, ...]]]) -> list[Claim | None]:
+        """claim() for several (id, main, extras) at once, in that order: their records are made durable
+        in one group of fsyncs, then each main input is renamed (the claim itself), all under the locks."""
         self.check_dirs()
-        lock = self._lock(request_id)
+        locks: dict[str, FileLock] = {}  # lock file -> held (ids of one stripe share it)
+        staged: list[tuple[int, Claim, str, tuple, spool.Staged]] = []
+        claimed: list[Claim | None] = [None] * len(wanted)
         try:
-            lock.acquire()
-        except Timeout:
-            return None
-        try:
-            source = self.requests / f"{request_id}{main}"
-            if not os.path.lexists(source):
-                return None
-            claim = Claim(uuid.uuid4().hex[:16], request_id)
-            self.update(claim)  # the record exists before the rename, so a claimed input is never unowned
-            target = self.dir / f"{claim.token}{main}"
-            if not self._rename(source, target):
-                spool.remove(self.record_path(claim.token))
-                return None
-            claim.inputs[main] = target
-            for suffix in extras:
-                extra = self.requests / f"{request_id}{suffix}"
-                if os.path.lexists(extra) and self._rename(extra, self.dir / f"{claim.token}{suffix}"):
-                    claim.inputs[suffix] = self.dir / f"{claim.token}{suffix}"
-            for suffix in spool.OUTPUT_SUFFIXES:  # a new request under a used id replaces old answers
-                try:
-                    spool.remove(self.requests / f"{request_id}{suffix}")
-                except OSError as error:  # e.g. a directory that is not empty: finish() fails the request
-                    log.error("cannot remove %s%s: %s", request_id, suffix, error.strerror)
-            self.mine[claim.token] = claim
-            return claim
+            for index, (request_id, main, extras) in enumerate(wanted):
+                lock = self._lock(request_id)
+                if lock.lock_file not in locks:
+                    try:
+                        lock.acquire()
+                    except Timeout:
+                        continue
+                    locks[lock.lock_file] = lock
+                if not os.path.lexists(self.requests / f"{request_id}{main}"):
+                    continue
+                claim = Claim(uuid.uuid4().hex[:16], request_id)
+                staged.append((index, claim, main, extras, spool.stage(self.record_path(claim.token),
+                                                                       claim.to_record(self.host))))
+            spool.sync_all([record for *_, record in staged])
+            while staged:
+                index, claim, main, extras, record = staged.pop(0)
+                claimed[index] = self._take(claim, main, extras, record)
         finally:
-            lock.release()
+            for *_, record in staged:
+                record.discard()
+            for lock in locks.values():
+                lock.release()
+        return claimed
+
+    def _take(self, claim: Claim, main: str, extras: tuple[str, ...], record: spool.Staged) -> Claim | None:
+        """The rest of a claim once its record is durable, under the request's lock."""
+        try:
+            record.place()  # the record exists before the rename, so a claimed input is never unowned
+        except OSError as error:
+            log.warning("cannot claim %s: %s", claim.id, error.strerror)
+            return None
+        target = self.dir / f"{claim.token}{main}"
+        if not self._rename(self.requests / f"{claim.id}{main}", target):
+            try:
+                spool.remove(self.record_path(claim.token))
+            except OSError as error:  # a record without inputs: orphans() removes it later
+                log.warning("cannot remove claim record %s: %s", claim.token, error.strerror)
+            return None
+        claim.inputs[main] = target
+        for suffix in extras:
+            extra = self.requests / f"{claim.id}{suffix}"
+            if os.path.lexists(extra) and self._rename(extra, self.dir / f"{claim.token}{suffix}"):
+                claim.inputs[suffix] = self.dir / f"{claim.token}{suffix}"
+        for suffix in spool.OUTPUT_SUFFIXES:  # a new request under a used id replaces old answers
+            try:
+                spool.remove(self.requests / f"{claim.id}{suffix}")
+            except OSError as error:  # e.g. a directory that is not empty: finish() fails the request
+                log.error("cannot remove %s%s: %s", claim.id, suffix, error.strerror)
+        self.mine[claim.token] = claim
+        return claim
 
     def _lock(self, request_id: str) -> FileLock:
         stripe = zlib.crc32(request_id.encode("utf-8", "surrogateescape")) % LOCK_STRIPES
@@ -141,7 +171,55 @@ class Claims:
             all(os.path.lexists(p) for p in claim.inputs.values())
 
     def finish(self, claim: Claim, back: str, meta: dict) -> bool:
-        """Publish the answer once: .meta, then .back (exclusive); then drop the claimed inputs."""
+        """Publish the answer once: .meta, then .back (exclusive); then drop the claimed inputs. False if
+        it was not ours to publish (taken over, or answered already)."""
+        outcome = self.finish_many([(claim, back, meta)])[0]
+        if isinstance(outcome, OSError):
+            raise outcome
+        return outcome
+
+    def finish_many(self, answers: list[tuple[Claim, str, dict]]) -> list[bool | OSError]:
+        """finish() for several answers at once, their files made durable in one group of fsyncs. Each
+        outcome is finish()'s, or the OSError that kept that answer from being published (nothing of it
+        was: publishing it again later is safe)."""
+        outcomes: list[bool | OSError] = [False] * len(answers)
+        staged: list[tuple[int, Claim, spool.Staged, spool.Staged]] = []
+        try:
+            for index, (claim, back, meta) in enumerate(answers):
+                try:
+                    if self._publishable(claim):
+                        staged.append((index, claim, *self._stage_answer(claim, back, meta)))
+                except OSError as error:
+                    outcomes[index] = error
+            try:
+                spool.sync_all([f for *_, meta_file, back_file in staged for f in (meta_file, back_file)])
+            except OSError as error:
+                for index, *_ in staged:
+                    outcomes[index] = error
+                return outcomes
+            while staged:
+                index, claim, meta_file, back_file = staged.pop(0)
+                try:
+                    meta_file.place()
+                    outcomes[index] = self._publish(claim, back_file)
+                except OSError as error:
+                    back_file.discard()
+                    outcomes[index] = error
+            return outcomes
+        finally:
+            for _, _, meta_file, back_file in staged:
+                meta_file.discard()
+                back_file.discard()
+
+    def _stage_answer(self, claim: Claim, back: str, meta: dict) -> tuple[spool.Staged, spool.Staged]:
+        meta_file = spool.stage(self.requests / f"{claim.id}.meta", json.dumps(meta, ensure_ascii=False, indent=1))
+        try:
+            return meta_file, spool.stage(self.requests / f"{claim.id}.back", back)
+        except BaseException:
+            meta_file.discard()
+            raise
+
+    def _publishable(self, claim: Claim) -> bool:
         if not self.holds(claim):
             log.warning("claim %s of %s was taken over; dropping this late answer", claim.token, claim.id)
             self.mine.pop(claim.token, None)
@@ -153,10 +231,11 @@ class Claims:
             self.fail(claim, f"{claim.id}.back cannot be written: a directory is in its place",
                       {"id": claim.id, "reason": "output blocked"})
             return False
-        if self.answered(claim):
-            return False
-        spool.atomic_write(self.requests / f"{claim.id}.meta", json.dumps(meta, ensure_ascii=False, indent=1))
-        written = spool.atomic_write(self.requests / f"{claim.id}.back", back, exclusive=True)
+        return not self.answered(claim)
+
+    def _publish(self, claim: Claim, back_file: spool.Staged) -> bool:
+        """After the .meta: the .back (exclusive), then the claim is dropped."""
+        written = back_file.place(exclusive=True)
         if not written:
             log.warning("%s.back already exists; not replacing it with a duplicate answer", claim.id)
         spool.remove(self.requests / f"{claim.id}.partial")

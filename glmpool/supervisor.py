@@ -128,6 +128,7 @@ class Supervisor:
         self.tick_hooks: list = []  # callables(status dict, event=...): "ready", "tick" (every second), "stopping"
         self.watch: DirWatch | None = None
         self.unpublished: list = []  # [due, delay, claim, what, action]: results the spool refused, retried
+        self.answers: list = []  # (what, slot, job, text, meta, action) read from a worker, to publish together
 
     # --- life cycle ------------------------------------------------------------------------------
 
@@ -387,6 +388,7 @@ class Supervisor:
         except (EOFError, OSError, ValueError):  # possibly mid-message
             slot.inbox.close()
             slot.inbox = None
+        self.publish_answers()
 
     def on_message(self, message: tuple) -> None:
         kind, wid = message[0], message[1]
@@ -448,16 +450,18 @@ class Supervisor:
             # that scanning takes at most a fifth of the time, so a claim costs the same at any depth.
             self.timers["scan"] = max(self.timers["scan"], now + 4 * (time.monotonic() - now))
         while self.backlog:
-            slot = self.pick_slot(alone=False)
-            if slot is None:
+            room = sum(self.config.max_batch - len(s.jobs) for s in self.usable_slots())
+            if room <= 0:
                 return
-            job = self.take(*self.backlog.popleft())
-            if job is not None:
-                self.assign(job, slot)
+            for job in self.take([self.backlog.popleft() for _ in range(min(room, len(self.backlog)))]):
+                self.assign(job, self.pick_slot(alone=False))
+
+    def usable_slots(self) -> list[Slot]:
+        return [s for s in self.slots if s.state == "RUNNING" and s.process is not None and not s.isolating]
 
     def pick_slot(self, alone: bool) -> Slot | None:
         """The least busy running worker with room; alone=True: only an idle one (for a requeued job)."""
-        usable = [s for s in self.slots if s.state == "RUNNING" and s.process is not None and not s.isolating]
+        usable = self.usable_slots()
         if alone:
             return next((s for s in usable if not s.jobs), None)
         usable = [s for s in usable if len(s.jobs) < self.config.max_batch]
@@ -509,29 +513,33 @@ class Supervisor:
         except OSError as error:  # e.g. flags/ deleted: polling still works
             log.warning("cannot watch the spool: %s", error)
 
-    def take(self, request_id: str, names: dict) -> Job | None:
-        """Check a request in place (complete? valid?), claim it, then read what was claimed: that is
-        what gets answered, even if the client rewrote the file in between. Bad requests are failed."""
-        main = ".json" if ".json" in names else ".request"
-        try:
-            request = spool.read_request(request_id, self.requests / f"{request_id}{main}",
-                                         self.requests / f"{request_id}.history", time.time())
-        except (spool.NotReady, FileNotFoundError):  # still being written, or another supervisor took it
-            return None
-        except spool.RequestError as error:
-            claim = self.claims.claim(request_id, main, (".history",))
-            if claim is not None:
-                self.publish_error(claim, str(error), {"reason": "invalid request"})
-            return None
-        if request is None:
-            return None
-        claim = self.claims.claim(request_id, main, (".history",))
-        if claim is None:
-            return None
-        if ".cancel" in names:
-            self.publish_error(claim, "the request was cancelled", {"reason": "cancelled", "partial": ""})
-            return None
-        return self.job_from_claim(claim)
+    def take(self, candidates: list[tuple[str, dict]]) -> list[Job]:
+        """Check requests in place (complete? valid?), claim them (together: one group of fsyncs), then
+        read what was claimed: that is what gets answered, even if a client rewrote a file in between.
+        Bad requests are failed."""
+        wanted = []  # (id, main, names, the sentence of a RequestError or None)
+        for request_id, names in candidates:
+            main = ".json" if ".json" in names else ".request"
+            try:
+                if spool.read_request(request_id, self.requests / f"{request_id}{main}",
+                                      self.requests / f"{request_id}.history", time.time()) is not None:
+                    wanted.append((request_id, main, names, None))
+            except (spool.NotReady, FileNotFoundError):  # still being written, or another supervisor took it
+                pass
+            except spool.RequestError as error:
+                wanted.append((request_id, main, names, str(error)))
+        claims = self.claims.claim_many([(request_id, main, (".history",)) for request_id, main, _, _ in wanted])
+        jobs = []
+        for (_, _, names, invalid), claim in zip(wanted, claims):
+            if claim is None:
+                continue
+            if invalid:
+                self.publish_error(claim, invalid, {"reason": "invalid request"})
+            elif ".cancel" in names:
+                self.publish_error(claim, "the request was cancelled", {"reason": "cancelled", "partial": ""})
+            else:
+                jobs.append(self.job_from_claim(claim))
+        return [job for job in jobs if job is not None]
 
     def job_from_claim(self, claim: Claim, settled: bool = False) -> Job | None:
         """A job from a claim's own files; settled: inputs are old (adopted), complete whatever they end in."""
@@ -591,13 +599,34 @@ class Supervisor:
                 "timings": {"arrived": job.request.arrived, "claimed": job.claimed, "dispatched": job.started,
                             "received": received, "finished": finished}}
 
-        def publish() -> None:
-            # The old .cancel goes before the answer appears: a client may reuse the id at once.
+        def publish() -> None:  # alone, when publishing it with the others failed
             spool.remove(self.requests / f"{job.request.id}.cancel")
             if self.claims.finish(job.claim, text, meta):
-                slot.served += 1
-                self.served += 1
-        self.publish(f"the answer of {job.request.id}", job.claim, publish)
+                self.count_served(slot)
+        self.answers.append((f"the answer of {job.request.id}", slot, job, text, meta, publish))
+
+    def publish_answers(self) -> None:
+        """Publish the answers just read from a worker together (their files made durable in one group of
+        fsyncs); one the spool refuses is retried alone, as publish() does."""
+        answers, self.answers = self.answers, []
+        ready = []
+        for answer in answers:
+            what, _, job, _, _, action = answer
+            try:  # the old .cancel goes before the answer appears: a client may reuse the id at once
+                spool.remove(self.requests / f"{job.request.id}.cancel")
+                ready.append(answer)
+            except OSError as error:
+                self.defer(what, job.claim, action, PUBLISH_RETRY_FIRST, error)
+        outcomes = self.claims.finish_many([(job.claim, text, meta) for _, _, job, text, meta, _ in ready])
+        for (what, slot, job, _, _, action), outcome in zip(ready, outcomes):
+            if isinstance(outcome, OSError):
+                self.defer(what, job.claim, action, PUBLISH_RETRY_FIRST, outcome)
+            elif outcome:
+                self.count_served(slot)
+
+    def count_served(self, slot: Slot) -> None:
+        slot.served += 1
+        self.served += 1
 
     def fail(self, job: Job, sentence: str, detail: dict) -> None:
         self.publish_error(job.claim, sentence, {"id": job.request.id, **detail})
@@ -618,8 +647,11 @@ class Supervisor:
         try:
             action()
         except OSError as error:
-            log.error("cannot publish %s, retrying in %.1fs: %s", what, delay, error)
-            self.unpublished.append([time.monotonic() + delay, min(PUBLISH_RETRY_CAP, 2 * delay), claim, what, action])
+            self.defer(what, claim, action, delay, error)
+
+    def defer(self, what: str, claim: Claim, action, delay: float, error: OSError) -> None:
+        log.error("cannot publish %s, retrying in %.1fs: %s", what, delay, error)
+        self.unpublished.append([time.monotonic() + delay, min(PUBLISH_RETRY_CAP, 2 * delay), claim, what, action])
 
     def retry_publish(self) -> None:
         now = time.monotonic()
