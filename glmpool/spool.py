@@ -296,8 +296,9 @@ def stage(path: Path, data: str | bytes) -> Staged:
 
 
 def sync_all(files: list[Staged]) -> None:
-    """fsync the staged files, all at once when there are several: the filesystem then commits them
-    together (one journal commit on ext4, pipelined COMMITs on NFS) instead of one round each."""
+    """fsync the staged files, all at once when there are several: the filesystem can then commit them
+    together (ext4 lets concurrent fsyncs share journal commits, NFS pipelines its COMMITs) instead of
+    one round each."""
     if len(files) == 1:
         os.fsync(files[0].fd)
     elif files:
@@ -305,15 +306,15 @@ def sync_all(files: list[Staged]) -> None:
             pass
 
 
-_pool = None
+_pool = None  # (pid, executor): a forked child must not use its parent's threads, which it lacks
 
 
 def _sync_pool():
     global _pool
-    if _pool is None:
+    if _pool is None or _pool[0] != os.getpid():
         from concurrent.futures import ThreadPoolExecutor
-        _pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fsync")
-    return _pool
+        _pool = (os.getpid(), ThreadPoolExecutor(max_workers=16, thread_name_prefix="fsync"))
+    return _pool[1]
 
 
 def atomic_write(path: Path, data: str | bytes, exclusive: bool = False, sync: bool = True) -> bool:

@@ -236,3 +236,41 @@ def test_an_error_published_by_a_killed_owner_is_its_outcome(tmp_path):
     assert (successor.requests / "1.error").read_text().startswith("it is bad.\n")
     assert (successor.requests / "failed" / "1.request").read_text() == "bad\n"
     assert leftovers(successor.requests) == []
+
+
+def test_claim_many_takes_each_request_once_even_two_of_one_lock_stripe(tmp_path):
+    import zlib
+    c, other = new_claims(tmp_path), new_claims(tmp_path, "hostB")
+    stripe = [zlib.crc32(str(n).encode()) % claims_module.LOCK_STRIPES for n in range(200)]
+    twin = next(n for n in range(1, 200) if stripe[n] == stripe[0])  # shares request 0's lock file
+    ids = ["0", str(twin), "x", "gone"]
+    for rid in ids[:3]:
+        write_request(c.requests, rid)
+    claimed = c.claim_many([(rid, ".request", (".history",)) for rid in ids])
+    assert [cl.id if cl else None for cl in claimed] == ["0", str(twin), "x", None]
+    assert all(set(cl.inputs) == {".request", ".history"} for cl in claimed[:3])
+    assert all(json.loads(c.record_path(cl.token).read_text())["id"] == cl.id for cl in claimed[:3])
+    assert other.claim_many([(rid, ".request", ()) for rid in ids]) == [None] * 4
+    assert not list(c.requests.glob(".*.tmp")) and not list((c.requests / ".claims").glob(".*.tmp"))
+
+
+def test_finish_many_publishes_the_others_when_one_cannot_be_written(tmp_path, monkeypatch):
+    c = new_claims(tmp_path)
+    for rid in "abc":
+        write_request(c.requests, rid)
+    claimed = [c.claim(rid, ".request", (".history",)) for rid in "abc"]
+    stage = claims_module.spool.stage
+
+    def full_for_b(path, data):
+        if path.name == "b.back":
+            raise OSError(28, "No space left on device")
+        return stage(path, data)
+    monkeypatch.setattr(claims_module.spool, "stage", full_for_b)
+    outcomes = c.finish_many([(cl, f"answer {cl.id}", {"id": cl.id}) for cl in claimed])
+    assert outcomes[0] is True and outcomes[2] is True and isinstance(outcomes[1], OSError)
+    assert (c.requests / "a.back").read_text() == "answer a" and (c.requests / "c.back").read_text() == "answer c"
+    assert not (c.requests / "b.back").exists() and not (c.requests / "b.meta").exists()
+    assert not list(c.requests.glob(".*.tmp")) and c.holds(claimed[1])  # nothing of b was published
+    monkeypatch.setattr(claims_module.spool, "stage", stage)
+    assert c.finish(claimed[1], "answer b", {"id": "b"})  # the retry
+    assert (c.requests / "b.back").read_text() == "answer b" and leftovers(c.requests) == []

@@ -112,3 +112,17 @@ def test_touch_never_writes_through_a_symlink(tmp_path):
     with pytest.raises(OSError):  # the name is a symlink
         spool.touch(real, ".other")
     assert list(elsewhere.iterdir()) == []
+
+
+def test_sync_all_syncs_every_staged_file_and_place_publishes_it(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")))
+    files = [spool.stage(tmp_path / f"{n}.back", f"answer {n}") for n in range(20)]
+    assert not list(tmp_path.glob("*.back"))  # staged: under temp names only
+    spool.sync_all(files)
+    assert sorted(synced) == sorted(f.temp for f in files)
+    assert [f.place(exclusive=True) for f in files] == [True] * 20
+    assert (tmp_path / "7.back").read_text() == "answer 7" and not list(tmp_path.glob(".*.tmp"))
+    again = spool.stage(tmp_path / "7.back", "a duplicate")
+    assert not again.place(exclusive=True) and (tmp_path / "7.back").read_text() == "answer 7"
+    assert not list(tmp_path.glob(".*.tmp"))
