@@ -14,6 +14,10 @@ and `.back` is created exclusively (hard link), so a late duplicate never replac
 a new request under a reused id (its own fresh claim removes the old outputs) does. Leases: the owner
 touches its records; another host adopts a record whose mtime is older than the lease, judged against a
 probe file it has just touched on the same filesystem (the server's clock, never two hosts' clocks).
+
+Claims and answers go in groups (claim_many, finish_many): the files of a group are written under temp
+names and fsynced together, then each takes effect in the order above, so a disk pays one round of
+commits per group instead of one per file.
 """
 from __future__ import annotations
 
