@@ -38,7 +38,9 @@ from . import spool
 
 log = logging.getLogger(__name__)
 
-LOCK_STRIPES = 64
+# A dispatch round holds the stripes of all the requests it claims while their records are fsynced; with
+# 256, another supervisor's candidate rarely shares one of them (it would skip that request until its next scan).
+LOCK_STRIPES = 256
 
 
 @dataclass

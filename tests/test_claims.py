@@ -241,8 +241,8 @@ def test_an_error_published_by_a_killed_owner_is_its_outcome(tmp_path):
 def test_claim_many_takes_each_request_once_even_two_of_one_lock_stripe(tmp_path):
     import zlib
     c, other = new_claims(tmp_path), new_claims(tmp_path, "hostB")
-    stripe = [zlib.crc32(str(n).encode()) % claims_module.LOCK_STRIPES for n in range(200)]
-    twin = next(n for n in range(1, 200) if stripe[n] == stripe[0])  # shares request 0's lock file
+    stripe = [zlib.crc32(str(n).encode()) % claims_module.LOCK_STRIPES for n in range(10000)]
+    twin = next(n for n in range(1, 10000) if stripe[n] == stripe[0])  # shares request 0's lock file
     ids = ["0", str(twin), "x", "gone"]
     for rid in ids[:3]:
         write_request(c.requests, rid)
