@@ -244,7 +244,7 @@ class Staged:
     """A file written under a temporary name beside its final one, not yet in place."""
     path: Path
     temp: str
-    fd: int | None  # open until synced
+    fd: int | None  # open until placed or discarded
 
     def place(self, exclusive: bool = False) -> bool:
         """Put it in place atomically; exclusive=True never replaces an existing file (False then)."""
