@@ -6,7 +6,7 @@ Claiming a request takes three steps, each safe on its own:
    coherent from even trying the same request at once;
 2. a record `.claims/<token>.claim` (host, pid, time, id) names the claim; the token is fresh per claim;
 3. the atomic rename of the request's main input into `.claims/<token>.<suffix>` is the claim itself:
-   exactly one rename of a file can succeed, whatever the locks did. A rename that reports ENOENT is
+   exactly one rename of a file can succeed, whatever the locks did. A rename that reports an error is
    confirmed by stat of the destination (an NFS retransmit can report a rename that succeeded as failed).
 
 The claim's identity is its token: the answer is written only while `.claims/<token>.*` still exists,
@@ -165,10 +165,11 @@ class Claims:
         try:
             os.rename(source, target)
             return True
-        except FileNotFoundError:
-            return os.path.lexists(target)  # NFS: the first try may have succeeded
         except OSError as error:
-            log.warning("cannot claim %s: %s", source.name, error.strerror)
+            if os.path.lexists(target):  # NFS: a retransmitted rename reports the first one's success as an error
+                return True
+            if not isinstance(error, FileNotFoundError):
+                log.warning("cannot claim %s: %s", source.name, error.strerror)
             return False
 
     def holds(self, claim: Claim) -> bool:

@@ -274,3 +274,28 @@ def test_finish_many_publishes_the_others_when_one_cannot_be_written(tmp_path, m
     monkeypatch.setattr(claims_module.spool, "stage", stage)
     assert c.finish(claimed[1], "answer b", {"id": "b"})  # the retry
     assert (c.requests / "b.back").read_text() == "answer b" and leftovers(c.requests) == []
+
+
+def test_a_rename_reported_failed_but_done_is_a_claim(tmp_path, monkeypatch):
+    """NFS: a retransmitted rename can report the first one's success as ENOENT (or another error)."""
+    import errno
+    c = new_claims(tmp_path)
+    real_rename = os.rename
+
+    def rename_then_fail(error):
+        def rename(source, target):
+            real_rename(source, target)
+            raise OSError(error, os.strerror(error))
+        return rename
+    for n, error in enumerate((errno.ENOENT, errno.EIO)):
+        write_request(c.requests, f"r{n}")
+        monkeypatch.setattr(claims_module.os, "rename", rename_then_fail(error))
+        claim = c.claim(f"r{n}", ".request", (".history",))
+        assert claim is not None and set(claim.inputs) == {".request", ".history"} and c.holds(claim)
+
+    def fail(source, target):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(claims_module.os, "rename", fail)
+    write_request(c.requests, "r2")
+    assert c.claim("r2", ".request", (".history",)) is None
+    assert (c.requests / "r2.request").exists() and len(leftovers(c.requests)) == 2 * 3  # r0 and r1's only
