@@ -65,3 +65,29 @@ def test_requeued_jobs_run_alone(tmp_path):
     s.slots[1].state = "BACKOFF"
     s.slots[1].jobs = {}
     assert s.pick_slot(alone=True) is None  # only running workers take work
+
+
+def test_dispatch_claims_a_round_together_and_answers_are_published_together(tmp_path, monkeypatch):
+    """One group of fsyncs per dispatch round (the claim records) and per worker read (.meta + .back)."""
+    from glmpool import spool
+    from glmpool.watch import DirWatch
+    s = supervisor(tmp_path, max_batch="4")
+    s.claims.ensure_dirs()
+    s.flags.mkdir()
+    s.watch = DirWatch(s.requests, s.flags, suffixes=spool.INPUT_SUFFIXES)
+    for n in range(6):
+        spool.atomic_write(s.requests / f"r{n}.json", '{"query": "q"}\n')
+    groups = []
+    sync_all = spool.sync_all
+    monkeypatch.setattr(spool, "sync_all", lambda files: (groups.append(len(files)), sync_all(files)))
+    tasks = []
+    spec = WorkerSpec(0, "cpu", "m", None, None, "", 4, None)
+    s.slots = [Slot(spec, state="RUNNING", process=object(), tasks=type("Q", (), {"put": tasks.append})())]
+    s.dispatch()
+    assert groups == [4] and len(tasks) == 4  # room for 4: four claimed, in one group
+    for key in list(s.slots[0].jobs):
+        s.on_message(("done", 0, key, f"answer {s.slots[0].jobs[key].request.id}", {"finish_reason": "stop"}))
+    s.publish_answers()
+    assert groups == [4, 8] and sorted(p.name for p in s.requests.glob("*.back")) == [f"r{n}.back" for n in range(4)]
+    assert (s.requests / "r2.back").read_text() == "answer r2" and s.served == 4
+    s.watch.close()
