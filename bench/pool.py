@@ -211,8 +211,8 @@ def main() -> None:
     med = {key: statistics.median(values) for key, values in runs.items()}
     import torch
     print(f"\nMachine: {machine()}; torch {torch.__version__}. Model {model.name}: 1 worker x "
-          f"{args.threads or 'default'} threads, --matmul {args.matmul or 'default'}, --max-batch {args.max_batch}, {new} new tokens per request "
-          f"(greedy), medians of {args.rounds} rounds.\n")
+          f"{args.threads or 'default'} threads, --matmul {args.matmul or 'default'}, --max-batch {args.max_batch}, "
+          f"{new} new tokens per request (greedy), medians of {args.rounds} rounds.\n")
     print("| requests at once | aggregate tokens/s | x one at a time (same round) | TTFT p50 | TTFT p95 | "
           "latency p50 | latency p95 |")
     print("|---|---|---|---|---|---|---|")

@@ -22,6 +22,7 @@ from torch import nn
 
 from .quantize import replace_module
 
+
 @functools.cache
 def available() -> bool:
     """FBGEMM's fp16 linear is present (x86 builds) and computes a known product right."""

@@ -270,11 +270,11 @@ class Batcher:
         """The answer after `count` generated tokens. Unless final, a trailing cut multi-byte character
         is left out by falling back to the longest prefix that decodes whole (THUDM's stream_chat shows
         nothing new until the character is complete)."""
+        if final:
+            return process_response(self.tokenizer.decode(sequence.generated[:count]))
         shown_count, shown = sequence.shown if count >= sequence.shown[0] else (0, "")
         for n in range(count, shown_count, -1):
             text = self.tokenizer.decode(sequence.generated[:n])
-            if final:
-                return process_response(text)
             if text and not text.endswith("\ufffd"):
                 sequence.shown = (n, process_response(text))
                 return sequence.shown[1]
