@@ -67,6 +67,7 @@ class Claims:
         self.host = host_id
         self.lease = lease_seconds
         self.mine: dict[str, Claim] = {}  # token -> claim held by this supervisor
+        self.stripes: dict[int, FileLock] = {}  # made once each: a FileLock costs more to build than to take
         self.refused: set[str] = set()  # tokens of claim records not fit to adopt (logged once)
 
     def ensure_dirs(self) -> None:
@@ -154,7 +155,9 @@ class Claims:
 
     def _lock(self, request_id: str) -> FileLock:
         stripe = zlib.crc32(request_id.encode("utf-8", "surrogateescape")) % LOCK_STRIPES
-        return FileLock(str(self.locks / f"{stripe}.lock"), timeout=0)
+        if stripe not in self.stripes:
+            self.stripes[stripe] = FileLock(str(self.locks / f"{stripe}.lock"), timeout=0)
+        return self.stripes[stripe]
 
     def update(self, claim: Claim) -> None:
         """(Re)write the claim's record: owner, time, attempts so far (an adopter continues the count)."""

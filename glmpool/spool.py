@@ -22,7 +22,6 @@ import json
 import math
 import os
 import stat
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,26 +218,6 @@ def parse_json_request(request_id: str, text: str) -> Request:
 
 # --- writing: always a temp file in the same directory, then rename, so readers never see a part ---
 
-_umask: int | None = None
-
-
-def set_umask(mask: int) -> None:
-    """Set the process umask; atomic_write() gives its files the matching mode."""
-    global _umask
-    os.umask(mask)
-    _umask = mask
-
-
-def file_mode() -> int:
-    """0666 minus the umask: what open() would give. mkstemp() always creates 0600, which would make
-    results unreadable to clients running as another user whatever the configured umask."""
-    global _umask
-    if _umask is None:
-        _umask = os.umask(0o022)  # the only way to read it; set straight back
-        os.umask(_umask)
-    return 0o666 & ~_umask
-
-
 @dataclass
 class Staged:
     """A file written under a temporary name beside its final one, not yet in place."""
@@ -281,18 +260,28 @@ def stage(path: Path, data: str | bytes) -> Staged:
     """Write `data` under a temp name beside `path` (no fsync yet). Text is encoded with surrogateescape:
     an id from an undecodable file name goes back as its own bytes."""
     payload = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data
-    # The temp name carries only the start of the final name: a 255-byte final name must not make it too long.
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
-    staged = Staged(path, temp, fd)
+    staged = Staged(path, *_create_temp(path))
     try:
-        os.fchmod(fd, file_mode())
         view = memoryview(payload)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(staged.fd, view):]
         return staged
     except BaseException:
         staged.discard()
         raise
+
+
+def _create_temp(path: Path) -> tuple[str, int]:
+    """A new file `.<start of path's name>.<random>.tmp` beside `path` (what sweep() removes if we die),
+    with the mode open() gives (0666 minus the umask); (its path, an fd open for writing)."""
+    # Only the start of the final name: a 255-byte final name must not make the temp name too long.
+    prefix = os.path.join(path.parent, f".{path.name[:40]}.")
+    while True:
+        temp = f"{prefix}{os.urandom(6).hex()}.tmp"
+        try:
+            return temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        except FileExistsError:  # 48 random bits: practically never
+            continue
 
 
 def sync_all(files: list[Staged]) -> None:
@@ -336,7 +325,7 @@ def touch(directory: Path, name: str) -> float:
     a directory swapped for a symlink between a check and this write is refused); return its new mtime."""
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, file_mode(), dir_fd=dir_fd)
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666, dir_fd=dir_fd)
         try:
             os.utime(fd)
             return os.fstat(fd).st_mtime

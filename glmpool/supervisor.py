@@ -134,7 +134,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until asked to stop; the exit code (0, or 1 when no worker could start)."""
-        spool.set_umask(self.config.umask)
+        os.umask(self.config.umask)
         devices = worker_devices(self.config.gpus)
         try:
             self.claims.ensure_dirs()

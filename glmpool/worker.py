@@ -120,10 +120,11 @@ class Loop:
             self.beat()
 
     def gather(self) -> bool:
-        """Receive until no request came for GATHER_SECONDS (or GATHER_MAX_SECONDS passed); False on stop."""
+        """Receive until no request came for GATHER_SECONDS, GATHER_MAX_SECONDS passed or a full batch is
+        waiting; False on stop."""
         deadline = time.monotonic() + GATHER_MAX_SECONDS
         waiting = 0
-        while len(self.waiting) > waiting and time.monotonic() < deadline:
+        while waiting < len(self.waiting) < self.spec.max_batch and time.monotonic() < deadline:
             waiting = len(self.waiting)
             if not self.receive(GATHER_SECONDS):
                 return False
