@@ -17,7 +17,9 @@ received = the worker took the task off its queue; finished = the supervisor had
     latency (received - arrived), median and p95;
   - claim cost: N requests (100, 1000, 10000) written while no pool runs, then a pool of 1 worker
     started: how fast it drains them (requests/s from the first claim to the last answer), plus, in this
-    process, one directory scan's cost and the cost of one claim (`Supervisor.take`) at that depth.
+    process, one directory scan's cost and the cost of one claim (`Supervisor.take`) at that depth;
+  - beside them, the spool's filesystem and what one file create costs in requests/ just before each
+    burst: every request creates several files, and on some filesystems that cost swings widely.
 
 The machine is shared and noisy: each figure is the median of --rounds rounds. Not a test: targets are
 reported (median dispatch latency < 20 ms, >= 500 requests/s, flat claim cost), never asserted.
@@ -273,6 +275,35 @@ def bar_chart(bars: list[tuple[str, float]], number: str) -> None:
         print(f"    {label:<{width}} {'#' * max(1, round(40 * value / top)):<40} {number.format(value)}")
 
 
+def filesystem(path: Path) -> str:
+    """The filesystem type under `path`, and for ext4 whether it has a journal: without one, ext4 skips
+    recently deleted inodes when it allocates a new one, so in a spool that deletes thousands of files a
+    create can cost 20x more (seen on this project's VMs, whose root is ext4 without a journal)."""
+    path = path.resolve()
+    mounts = [line.split() for line in open("/proc/mounts")]
+    device, mount_point, kind = max(((m[0], m[1], m[2]) for m in mounts if path.is_relative_to(m[1])),
+                                    key=lambda m: len(m[1]))
+    if kind != "ext4":
+        return kind
+    journals = os.listdir("/proc/fs/jbd2") if os.path.isdir("/proc/fs/jbd2") else []
+    name = os.path.basename(os.path.realpath(device))
+    return "ext4 (journal)" if any(j.rsplit("-", 1)[0] == name for j in journals) else "ext4 (no journal)"
+
+
+def create_cost(directory: Path, files: int = 300) -> float:
+    """µs to create (and write 50 bytes to) a file in `directory`, the median of `files` creates."""
+    probe = directory / "create-probe"
+    probe.mkdir()
+    costs = []
+    for i in range(files):
+        start = time.perf_counter()
+        with open(probe / f"f{i}", "xb") as f:
+            f.write(b"x" * 50)
+        costs.append(time.perf_counter() - start)
+    shutil.rmtree(probe)
+    return statistics.median(costs) * 1e6
+
+
 def machine() -> str:
     import platform
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
@@ -309,6 +340,7 @@ def main() -> None:
                             env=env) as server:
                     server.wait_running()
                     burst(server, 50, f"warm{round_}")
+                    results.setdefault((count, "create_us"), []).append(create_cost(server.root / "requests"))
                     for key, value in {**burst(server, args.requests, f"b{round_}"),
                                        **paced(server, args.paced, f"p{round_}")}.items():
                         results.setdefault((count, key), []).append(value)
@@ -323,14 +355,15 @@ def main() -> None:
     finally:
         shutil.rmtree(base, ignore_errors=True)
     med = {key: statistics.median(values) for key, values in results.items()}
-    print(f"\nMachine: {machine()}. Medians of {args.rounds} rounds.\n")
+    print(f"\nMachine: {machine()}. Spool on {filesystem(base)}. Medians of {args.rounds} rounds.\n")
     print(f"| workers | burst of {args.requests}: requests/s | burst: dispatch latency p50 (queueing included) | "
-          f"paced: dispatch latency p50 | paced p95 | paced: close to answer published p50 |")
-    print("|---|---|---|---|---|---|")
+          f"paced: dispatch latency p50 | paced p95 | paced: close to answer published p50 | one file create |")
+    print("|---|---|---|---|---|---|---|")
     for count in workers:
         m = lambda key: med[(count, key)]  # noqa: E731
         print(f"| {count} | {m('requests_per_s'):.0f} | {1e3 * m('latency_p50'):.0f} ms | "
-              f"{m('dispatch_ms_p50'):.1f} ms | {m('dispatch_ms_p95'):.1f} ms | {m('roundtrip_ms_p50'):.1f} ms |")
+              f"{m('dispatch_ms_p50'):.1f} ms | {m('dispatch_ms_p95'):.1f} ms | {m('roundtrip_ms_p50'):.1f} ms | "
+              f"{m('create_us'):.0f} µs |")
     print("\n| pending files | drain (1 worker), requests/s | one scan | scan per file | one claim (take) |")
     print("|---|---|---|---|---|")
     for depth in depths:
