@@ -101,3 +101,30 @@ def test_idle_worker_gathers_a_burst_into_one_first_step(monkeypatch):
     producer.join(5)
     assert batch.steps == [4]
     assert sorted(m[2] for m in results if m[0] == "done") == ["k0", "k1", "k2", "k3"]
+
+
+def test_idle_worker_stops_gathering_once_a_full_batch_waits(monkeypatch):
+    """A burst of max_batch requests starts at once: waiting for a quiet moment could add nothing to it."""
+    import queue
+    import threading
+    import time
+
+    from glmpool import worker
+    monkeypatch.setattr(worker, "GATHER_SECONDS", 60.0)  # past the producer's patience: only a full batch ends it
+    monkeypatch.setattr(worker, "GATHER_MAX_SECONDS", 120.0)
+    spec = WorkerSpec(0, "cpu", "m", None, None, "", 4, None)
+    tasks, results, batch = queue.Queue(), Pipe(), Recorder()
+    for i in range(4):
+        tasks.put(("run", f"k{i}", "q", [], {}, None))
+
+    def stop_when_answered():
+        deadline = time.monotonic() + 20
+        while sum(m[0] == "done" for m in list(results)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        tasks.put(("stop",))  # during a gather, this ends the loop before any step
+
+    stopper = threading.Thread(target=stop_when_answered, daemon=True)
+    stopper.start()
+    Loop(spec, None, batch, tasks, results).run()
+    stopper.join(5)
+    assert batch.steps == [4]
