@@ -39,6 +39,21 @@ def test_pack_linears_swaps_every_linear_and_keeps_what_it_computes():
     assert torch.equal(clone(x), model(x))
 
 
+def test_tied_embedding_looks_up_the_plain_table_and_projects_through_a_packed_copy():
+    torch.manual_seed(2)
+    embedding = torch.nn.Embedding(300, 64)
+    tied = onednn.TiedEmbedding.from_embedding(embedding)
+    ids, hidden = torch.tensor([[0, 7, 299]]), torch.randn(5, 64)
+    assert tied.weight is embedding.weight and torch.equal(tied(ids), embedding(ids))
+    projected = tied.project(hidden)
+    assert torch.allclose(projected, hidden @ embedding.weight.detach().T, rtol=1e-4, atol=1e-4)
+    for rows in (1, 2, 3):
+        assert torch.equal(tied.project(hidden[:rows]), projected[:rows]), rows
+    assert list(tied.state_dict()) == ["weight"]
+    clone = copy.deepcopy(tied)
+    assert clone.weight is not tied.weight and torch.equal(clone.project(hidden), projected)
+
+
 def test_loaded_fp32_model_is_packed_on_request(tiny_dir):
     from glmpool.engine import load
 
