@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from glmpool.engine import SamplingParams, load  # noqa: E402
-from glmpool.engine import fbgemm  # noqa: E402
+from glmpool.engine import fbgemm, onednn  # noqa: E402
 from glmpool.engine import quantize as Q  # noqa: E402
 
 MEDIUM = dict(layers=8, hidden=1024, heads=16, inner=4096, vocab=130528, seed=0)
@@ -73,6 +73,8 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
             total += 2 * module.out_features * module.in_features + 4 * module.out_features  # + fp32 bias
         elif isinstance(module, fbgemm.HalfEmbedding):
             total += 2 * module.num_embeddings * module.embedding_dim
+        elif isinstance(module, onednn.TiedEmbedding):  # projected through its packed copy (counted below)
+            seen.add(module.weight.untyped_storage().data_ptr())
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.layout == torch._mkldnn:  # oneDNN's opaque layout (onednn.PackedLinear): no storage to share
             total += tensor.numel() * tensor.element_size()
