@@ -279,7 +279,7 @@ def _create_temp(path: Path) -> tuple[str, int]:
     while True:
         temp = f"{prefix}{os.urandom(6).hex()}.tmp"
         try:
-            return temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+            return temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)  # EXCL: never via a symlink
         except FileExistsError:  # 48 random bits: practically never
             continue
 

@@ -110,7 +110,7 @@ def test_idle_worker_stops_gathering_once_a_full_batch_waits(monkeypatch):
     import time
 
     from glmpool import worker
-    monkeypatch.setattr(worker, "GATHER_SECONDS", 60.0)  # past the producer's patience: only a full batch ends it
+    monkeypatch.setattr(worker, "GATHER_SECONDS", 60.0)  # longer than the stopper waits: only a full batch ends it
     monkeypatch.setattr(worker, "GATHER_MAX_SECONDS", 120.0)
     spec = WorkerSpec(0, "cpu", "m", None, None, "", 4, None)
     tasks, results, batch = queue.Queue(), Pipe(), Recorder()
