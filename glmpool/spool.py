@@ -278,8 +278,8 @@ def _create_temp(path: Path) -> tuple[str, int]:
     prefix = os.path.join(path.parent, f".{path.name[:40]}.")
     while True:
         temp = f"{prefix}{os.urandom(6).hex()}.tmp"
-        try:
-            return temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)  # EXCL: never via a symlink
+        try:  # O_EXCL: never through a symlink either
+            return temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         except FileExistsError:  # 48 random bits: practically never
             continue
 
