@@ -8,6 +8,7 @@ failing to start (the other workers keep serving). The supervisor never imports 
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -128,7 +129,7 @@ class Supervisor:
         self.tick_hooks: list = []  # callables(status dict, event=...): "ready", "tick" (every second), "stopping"
         self.watch: DirWatch | None = None
         self.unpublished: list = []  # [due, delay, claim, what, action]: results the spool refused, retried
-        self.answers: list = []  # (what, slot, job, text, meta, action) read from a worker, to publish together
+        self.answers: list = []  # (slot, job, text, meta) read from a worker, to publish together
 
     # --- life cycle ------------------------------------------------------------------------------
 
@@ -598,35 +599,39 @@ class Supervisor:
                 "seconds": round(finished - received, 3),
                 "timings": {"arrived": job.request.arrived, "claimed": job.claimed, "dispatched": job.started,
                             "received": received, "finished": finished}}
-
-        def publish() -> None:  # alone, when publishing it with the others failed
-            spool.remove(self.requests / f"{job.request.id}.cancel")
-            if self.claims.finish(job.claim, text, meta):
-                self.count_served(slot)
-        self.answers.append((f"the answer of {job.request.id}", slot, job, text, meta, publish))
+        self.answers.append((slot, job, text, meta))
 
     def publish_answers(self) -> None:
         """Publish the answers just read from a worker together (their files made durable in one group of
-        fsyncs); one the spool refuses is retried alone, as publish() does."""
+        fsyncs); one the spool refuses is retried alone later, with backoff (see publish())."""
         answers, self.answers = self.answers, []
-        ready = []
+        for answer, error in self.publish_together(answers):
+            job = answer[1]
+            self.defer(f"the answer of {job.request.id}", job.claim,
+                       functools.partial(self.publish_alone, answer), PUBLISH_RETRY_FIRST, error)
+
+    def publish_alone(self, answer: tuple) -> None:
+        """A retry of one answer: raises the OSError the spool raised, as publish() expects."""
+        for _, error in self.publish_together([answer]):
+            raise error
+
+    def publish_together(self, answers: list[tuple]) -> list[tuple[tuple, OSError]]:
+        """(slot, job, text, meta) answers published in one group; returns those the spool refused."""
+        refused, ready = [], []
         for answer in answers:
-            what, _, job, _, _, action = answer
             try:  # the old .cancel goes before the answer appears: a client may reuse the id at once
-                spool.remove(self.requests / f"{job.request.id}.cancel")
+                spool.remove(self.requests / f"{answer[1].request.id}.cancel")
                 ready.append(answer)
             except OSError as error:
-                self.defer(what, job.claim, action, PUBLISH_RETRY_FIRST, error)
-        outcomes = self.claims.finish_many([(job.claim, text, meta) for _, _, job, text, meta, _ in ready])
-        for (what, slot, job, _, _, action), outcome in zip(ready, outcomes):
+                refused.append((answer, error))
+        outcomes = self.claims.finish_many([(job.claim, text, meta) for _, job, text, meta in ready])
+        for answer, outcome in zip(ready, outcomes):
             if isinstance(outcome, OSError):
-                self.defer(what, job.claim, action, PUBLISH_RETRY_FIRST, outcome)
+                refused.append((answer, outcome))
             elif outcome:
-                self.count_served(slot)
-
-    def count_served(self, slot: Slot) -> None:
-        slot.served += 1
-        self.served += 1
+                answer[0].served += 1
+                self.served += 1
+        return refused
 
     def fail(self, job: Job, sentence: str, detail: dict) -> None:
         self.publish_error(job.claim, sentence, {"id": job.request.id, **detail})

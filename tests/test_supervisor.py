@@ -91,3 +91,46 @@ def test_dispatch_claims_a_round_together_and_answers_are_published_together(tmp
     assert groups == [4, 8] and sorted(p.name for p in s.requests.glob("*.back")) == [f"r{n}.back" for n in range(4)]
     assert (s.requests / "r2.back").read_text() == "answer r2" and s.served == 4
     s.watch.close()
+
+
+def test_an_answer_the_spool_refuses_is_kept_and_published_alone_later(tmp_path, monkeypatch):
+    """Of three answers read together, the one whose files the disk refuses is retried alone with backoff;
+    the others are published at once, and nothing is run again."""
+    import errno
+    import time
+
+    from glmpool import spool
+    from glmpool.supervisor import PUBLISH_RETRY_CAP, PUBLISH_RETRY_FIRST
+    from glmpool.watch import DirWatch
+    s = supervisor(tmp_path, max_batch="4")
+    s.claims.ensure_dirs()
+    s.flags.mkdir()
+    s.watch = DirWatch(s.requests, s.flags, suffixes=spool.INPUT_SUFFIXES)
+    for n in range(3):
+        spool.atomic_write(s.requests / f"r{n}.json", '{"query": "q"}\n')
+    spec = WorkerSpec(0, "cpu", "m", None, None, "", 4, None)
+    s.slots = [Slot(spec, state="RUNNING", process=object(), tasks=type("Q", (), {"put": lambda self, t: None})())]
+    s.dispatch()
+    stage, full = spool.stage, [True]
+
+    def refusing(path, data):
+        if full[0] and path.name == "r1.back":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return stage(path, data)
+    monkeypatch.setattr(spool, "stage", refusing)
+    for key in list(s.slots[0].jobs):
+        s.on_message(("done", 0, key, f"answer {s.slots[0].jobs[key].request.id}", {"finish_reason": "stop"}))
+    s.publish_answers()
+    assert sorted(p.name for p in s.requests.glob("*.back")) == ["r0.back", "r2.back"] and s.served == 2
+    assert len(s.unpublished) == 1 and s.claims.holds(s.unpublished[0][2])  # still claimed, kept for later
+    s.retry_publish()  # not due yet
+    assert len(s.unpublished) == 1
+    s.unpublished[0][0] = time.monotonic()  # due now, but the disk is still full: backoff doubles
+    s.retry_publish()
+    assert len(s.unpublished) == 1 and s.unpublished[0][1] == min(PUBLISH_RETRY_CAP, 4 * PUBLISH_RETRY_FIRST)
+    full[0] = False
+    s.unpublished[0][0] = time.monotonic()
+    s.retry_publish()
+    assert not s.unpublished and (s.requests / "r1.back").read_text() == "answer r1" and s.served == 3
+    assert not list(s.requests.glob(".*.tmp"))
+    s.watch.close()
