@@ -67,22 +67,30 @@ def test_requeued_jobs_run_alone(tmp_path):
     assert s.pick_slot(alone=True) is None  # only running workers take work
 
 
-def test_dispatch_claims_a_round_together_and_answers_are_published_together(tmp_path, monkeypatch):
-    """One group of fsyncs per dispatch round (the claim records) and per worker read (.meta + .back)."""
+def one_worker_pool(tmp_path, requests: int, tasks: list) -> Supervisor:
+    """A supervisor with `requests` JSON requests waiting and one running worker (max_batch 4) whose
+    task queue is `tasks`; no processes."""
     from glmpool import spool
     from glmpool.watch import DirWatch
     s = supervisor(tmp_path, max_batch="4")
     s.claims.ensure_dirs()
     s.flags.mkdir()
     s.watch = DirWatch(s.requests, s.flags, suffixes=spool.INPUT_SUFFIXES)
-    for n in range(6):
+    for n in range(requests):
         spool.atomic_write(s.requests / f"r{n}.json", '{"query": "q"}\n')
+    spec = WorkerSpec(0, "cpu", "m", None, None, "", 4, None)
+    s.slots = [Slot(spec, state="RUNNING", process=object(), tasks=type("Q", (), {"put": tasks.append})())]
+    return s
+
+
+def test_dispatch_claims_a_round_together_and_answers_are_published_together(tmp_path, monkeypatch):
+    """One group of fsyncs per dispatch round (the claim records) and per worker read (.meta + .back)."""
+    from glmpool import spool
     groups = []
     sync_all = spool.sync_all
     monkeypatch.setattr(spool, "sync_all", lambda files: (groups.append(len(files)), sync_all(files)))
     tasks = []
-    spec = WorkerSpec(0, "cpu", "m", None, None, "", 4, None)
-    s.slots = [Slot(spec, state="RUNNING", process=object(), tasks=type("Q", (), {"put": tasks.append})())]
+    s = one_worker_pool(tmp_path, requests=6, tasks=tasks)
     s.dispatch()
     assert groups == [4] and len(tasks) == 4  # room for 4: four claimed, in one group
     for key in list(s.slots[0].jobs):
@@ -101,15 +109,7 @@ def test_an_answer_the_spool_refuses_is_kept_and_published_alone_later(tmp_path,
 
     from glmpool import spool
     from glmpool.supervisor import PUBLISH_RETRY_CAP, PUBLISH_RETRY_FIRST
-    from glmpool.watch import DirWatch
-    s = supervisor(tmp_path, max_batch="4")
-    s.claims.ensure_dirs()
-    s.flags.mkdir()
-    s.watch = DirWatch(s.requests, s.flags, suffixes=spool.INPUT_SUFFIXES)
-    for n in range(3):
-        spool.atomic_write(s.requests / f"r{n}.json", '{"query": "q"}\n')
-    spec = WorkerSpec(0, "cpu", "m", None, None, "", 4, None)
-    s.slots = [Slot(spec, state="RUNNING", process=object(), tasks=type("Q", (), {"put": lambda self, t: None})())]
+    s = one_worker_pool(tmp_path, requests=3, tasks=[])
     s.dispatch()
     stage, full = spool.stage, [True]
 
