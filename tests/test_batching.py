@@ -88,6 +88,24 @@ def test_each_sequence_keeps_its_own_sampling(tiny_engine, alone):
     assert out["s1"][0] != out["greedy"][0]
 
 
+def test_a_sampled_sequence_draws_the_same_tokens_alone_and_among_others(tiny_dir):
+    """Sampled rows sharing a top_k are filtered together, but each with its own temperature, top_p and
+    generator: next to greedy and differently sampled neighbours, a sequence draws what it draws alone."""
+    from glmpool.engine import load
+    engine = load(tiny_dir, progress=False, matmul="onednn")  # its logits are batch-invariant bit for bit
+    mine = SamplingParams(seed=5, max_new_tokens=24, temperature=2.0, top_p=0.9, top_k=20)
+    batch = engine.batcher(max_batch=1)
+    batch.add("me", QUERIES[1], None, mine)
+    alone = run(batch)["me"][0]
+    batch = engine.batcher(max_batch=4)
+    batch.add("greedy", QUERIES[0], None, GREEDY)
+    batch.add("hot", QUERIES[2], None, SamplingParams(seed=6, max_new_tokens=30, temperature=5.0, top_p=1.0,
+                                                      top_k=20))
+    batch.add("me", QUERIES[1], None, mine)
+    batch.add("whole vocabulary", QUERIES[3], None, SamplingParams(seed=7, max_new_tokens=10, top_k=0))
+    assert run(batch)["me"][0] == alone
+
+
 def test_admission_is_bounded(tiny_engine):
     batch = tiny_engine.batcher(max_batch=2, max_kv_tokens=100)
     params = SamplingParams(do_sample=False, max_new_tokens=30)
@@ -145,14 +163,15 @@ def test_sampling_filters_like_transformers():
         drop = ascending.softmax(-1).cumsum(-1) <= 1 - params.top_p
         drop[-1] = False
         expected = set(order[~drop & torch.isfinite(ascending)].tolist())
-        indices, probs = candidates(logits, params)
+        indices, probs = candidates(logits[None], [params])
         assert set(indices[probs > 0].tolist()) == expected
 
 
-def test_streamed_text_never_shows_a_cut_character_and_stays_per_event(tiny_engine):
+def test_streamed_text_never_shows_a_cut_character_and_stays_per_event(tiny_engine, monkeypatch):
     """Each event's text is its own step's answer, even when read after later steps; a character spelled
     over several byte tokens shows only when complete; an answer cut by the length limit inside a character
     ends before it."""
+    from glmpool.engine import generate
     from glmpool.engine.tokenizer import process_response
 
     tokenizer = tiny_engine.tokenizer
@@ -160,7 +179,8 @@ def test_streamed_text_never_shows_a_cut_character_and_stays_per_event(tiny_engi
     script = tokenizer.encode("ab") + clef + tokenizer.encode("c") + clef[:2]
     batch = tiny_engine.batcher(max_batch=1)
     batch.add_prompt("k", tokenizer.build_prompt("q", []), SamplingParams(do_sample=False, max_new_tokens=len(script)))
-    batch._next_tokens = lambda sequences, logits: [script[len(sequences[0].generated)]]
+    monkeypatch.setattr(generate, "next_tokens",
+                        lambda logits, params, generators: [script[len(batch.running["k"].generated)]])
     events = []
     while len(batch):
         events += batch.step()

@@ -93,32 +93,55 @@ class Sequence:
         return self.mask_position, index - self.context_length + 1
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token from logits [vocab] (float32): greedy, or temperature -> top-k -> top-p -> draw.
+def next_tokens(logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator | None]) -> list[int]:
+    """One token per row of logits [B, vocab] (float32), each row with its own parameters and generator.
+
+    Greedy rows come from one argmax; sampled rows go temperature -> top-k -> top-p -> draw, all rows
+    sharing a top_k filtered together (one top-k over [rows, vocab] costs half as much as a top-k per
+    row) and each drawn with its own generator, so a row's token does not depend on its neighbours.
+    A row with NaN/inf anywhere puts all its probability on INVALID_SCORE_TOKEN, as the reference does.
+    """
+    finite = torch.isfinite(logits.sum(-1))  # one reduction per row
+    if not bool(finite.all()):
+        logits = logits.clone()
+        logits[~finite] = 0.0
+        logits[~finite, INVALID_SCORE_TOKEN] = 5e4
+    tokens = logits.argmax(-1).tolist() if not all(p.do_sample for p in params) else [0] * len(params)
+    by_top_k: dict[int, list[int]] = {}
+    for row, p in enumerate(params):
+        if p.do_sample:
+            by_top_k.setdefault(_effective_top_k(p, logits.shape[-1]), []).append(row)
+    for rows in by_top_k.values():
+        indices, probs = candidates(logits[rows], [params[row] for row in rows])  # [R, k] each
+        draws = torch.cat([torch.multinomial(probs[i], 1, generator=generators[row]) for i, row in enumerate(rows)])
+        for row, token in zip(rows, indices.gather(1, draws[:, None]).view(-1).tolist()):
+            tokens[row] = token
+    return tokens
+
+
+def _effective_top_k(params: SamplingParams, vocab: int) -> int:
+    return params.top_k if 0 < params.top_k < vocab else vocab
+
+
+def candidates(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [R, k] and their (unnormalised) probabilities [R, k] after temperature, top-k and top-p,
+    for logits [R, vocab] whose rows share one top_k.
 
     Top-p is applied within the top-k candidates only, which is the same distribution as filtering
     the whole vocabulary (everything outside the top k already has probability zero) without
     sorting 130k logits per token.
     """
-    if not bool(torch.isfinite(logits.sum())):  # one reduction; NaN/inf anywhere makes it non-finite
-        logits = torch.zeros_like(logits)
-        logits[INVALID_SCORE_TOKEN] = 5e4
-    if not params.do_sample:
-        return int(torch.argmax(logits))
-    indices, probs = candidates(logits, params)
-    return int(indices[torch.multinomial(probs, 1, generator=generator)])
-
-
-def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and their (unnormalised) probabilities after temperature, top-k and top-p."""
-    vocab = logits.shape[-1]
-    top_k = params.top_k if 0 < params.top_k < vocab else vocab
-    values, indices = torch.topk(logits / params.temperature, top_k)  # descending
+    vocab, device = logits.shape[-1], logits.device
+    top_k = _effective_top_k(params[0], vocab)
+    temperature = torch.tensor([[p.temperature] for p in params], dtype=logits.dtype, device=device)
+    values, indices = torch.topk(logits / temperature, top_k)  # descending
     probs = values.softmax(-1)
-    if params.top_p < 1.0:
-        mass_before = probs.cumsum(-1) - probs  # probability of the more likely candidates
-        probs = probs.masked_fill(mass_before >= params.top_p, 0.0)  # the most likely always stays
-    return indices, probs
+    # top_p 1 keeps everything (a cumulative sum in fp32 may reach 1 before the last candidate)
+    top_p = torch.tensor([[p.top_p if p.top_p < 1.0 else math.inf] for p in params], dtype=probs.dtype,
+                         device=device)
+    mass_before = probs.cumsum(-1) - probs  # probability of the more likely candidates
+    return indices, probs.masked_fill(mass_before >= top_p, 0.0)  # the most likely always stays
 
 
 class Batcher:
@@ -205,8 +228,7 @@ class Batcher:
             tokens = torch.tensor([[s.generated[-1]] for s in decoding], device=self.model.device)
             positions = torch.tensor([[[p], [b]] for p, b in (s.next_position() for s in decoding)],
                                      device=self.model.device)
-            logits = self.model(tokens, positions, [s.cache for s in decoding]).float()
-            events += [self._advance(s, token) for s, token in zip(decoding, self._next_tokens(decoding, logits))]
+            events += self._advance_all(decoding, self.model(tokens, positions, [s.cache for s in decoding]))
         while self.pending:  # in arrival order, as many at once as PREFILL_TOKENS allows
             group = [self.pending.pop(next(iter(self.pending)))]
             longest = len(group[0].prompt)
@@ -236,17 +258,11 @@ class Batcher:
         logits = self.model(tokens.to(device), positions.to(device), [s.cache for s in group], masks, lengths)
         for sequence in group:
             self.running[sequence.key] = sequence
-        return [self._advance(s, token) for s, token in zip(group, self._next_tokens(group, logits.float()))]
+        return self._advance_all(group, logits)
 
-    @staticmethod
-    def _next_tokens(sequences: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """One token per sequence from logits [B, vocab] (float32); greedy ones from one batched argmax."""
-        greedy = [not s.params.do_sample for s in sequences]
-        if any(greedy):
-            finite = torch.isfinite(logits.sum(-1)).tolist()
-            best = logits.argmax(-1).tolist()
-        return [best[i] if greedy[i] and finite[i] else sample(row, s.params, s.generator)
-                for i, (s, row) in enumerate(zip(sequences, logits))]
+    def _advance_all(self, sequences: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
+        tokens = next_tokens(logits.float(), [s.params for s in sequences], [s.generator for s in sequences])
+        return [self._advance(s, token) for s, token in zip(sequences, tokens)]
 
     def _advance(self, sequence: Sequence, token: int) -> TokenEvent:
         sequence.generated.append(token)
