@@ -107,7 +107,9 @@ def next_tokens(logits: torch.Tensor, params: list[SamplingParams],
         logits = logits.clone()
         logits[~finite] = 0.0
         logits[~finite, INVALID_SCORE_TOKEN] = 5e4
-    tokens = logits.argmax(-1).tolist() if not all(p.do_sample for p in params) else [0] * len(params)
+    tokens = [0] * len(params)
+    if not all(p.do_sample for p in params):
+        tokens = logits.argmax(-1).tolist()
     by_top_k: dict[int, list[int]] = {}
     for row, p in enumerate(params):
         if p.do_sample:
