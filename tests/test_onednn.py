@@ -82,12 +82,12 @@ def test_batching_keeps_every_logit_bit_for_bit_with_onednn(tiny_dir, matmul):
 
     def logits_of(batch) -> dict:
         seen = {}
-        next_tokens = batch._next_tokens
+        advance_all = batch._advance_all
         def recording(sequences, logits):
             for sequence, row in zip(sequences, logits):
                 seen.setdefault(sequence.key, []).append(row.clone())
-            return next_tokens(sequences, logits)
-        batch._next_tokens = recording
+            return advance_all(sequences, logits)
+        batch._advance_all = recording
         while len(batch):
             batch.step()
         return seen
