@@ -34,6 +34,36 @@ def test_positions_as_thudm_builds_them():
     assert (context, mask, position, block) == (0, 2, [2, 2, 2, 2], [1, 2, 3, 4])
 
 
+
+@pytest.mark.parametrize("position_encoding_2d", [True, False])
+def test_rotation_is_the_references_rotate_half_bit_for_bit(position_encoding_2d):
+    """rotate() does all rotary parts of q and k in one pass with a pre-signed sin table; the reference
+    rotates each part apart as x * cos + cat(-x2, x1) * sin. Same bits, with 2D positions and without."""
+    import torch.nn.functional as F
+    from glmpool.engine.config import ModelConfig
+    from glmpool.engine.model import rotary_tables, rotate
+
+    config = ModelConfig(vocab_size=100, hidden_size=64, num_layers=1, num_attention_heads=2, inner_hidden_size=256,
+                         position_encoding_2d=position_encoding_2d)
+    parts, d = (2 if position_encoding_2d else 1), config.head_dim
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 2, d, generator=g)  # [B, T, n, d]
+    positions = torch.randint(0, 60, (3, parts, 5), generator=g)  # [B, parts, T]
+    cos_table, signed_sin_table = rotary_tables(config, 60, torch.float32, "cpu")
+    cos, sin = (F.embedding(positions, t).transpose(1, 2).reshape(3, 5, 1, -1) for t in (cos_table, signed_sin_table))
+
+    rotary = d // parts
+    sin_table = signed_sin_table.clone()
+    sin_table[:, :rotary // 2].neg_()  # the plain sin
+    expected = []
+    for part in range(parts):
+        xp = x[..., part * rotary:(part + 1) * rotary]
+        c, s = (F.embedding(positions[:, part], t).unsqueeze(2) for t in (cos_table, sin_table))  # [B, T, 1, r]
+        half = rotary // 2
+        expected.append(xp * c + torch.cat((-xp[..., half:], xp[..., :half]), dim=-1) * s)
+    assert torch.equal(rotate(x, cos, sin, parts), torch.cat(expected, dim=-1))
+
+
 def test_prefix_mask():
     mask = prefix_attention_mask(4, 3)
     assert mask.tolist() == [[False, False, False, True]] * 3 + [[False] * 4]

@@ -61,10 +61,12 @@ class KVCache:
 
 
 def rotary_tables(config: ModelConfig, length: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [length, d/2] for positions 0..length-1.
+    """cos and signed sin [length, r] for positions 0..length-1, r the rotary dim (d/2 when 2D, else d).
 
     The reference builds its inverse frequencies in fp32, stores them as fp16, and multiplies in the
     model's dtype; bfloat16 is computed in fp32 instead (bf16 cannot even count past 256 exactly).
+    The sin table's first half is negated: rotate_half(x) * sin == swap_halves(x) * signed_sin bit for
+    bit (negation is exact), which lets `rotate` skip the negation and the concatenation.
     """
     rotary_dim = config.head_dim // 2 if config.position_encoding_2d else config.head_dim
     inv_freq = (1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))).half()
@@ -73,16 +75,19 @@ def rotary_tables(config: ModelConfig, length: int, dtype: torch.dtype, device) 
     t = torch.arange(length, device=device, dtype=compute_dtype)
     freqs = torch.outer(t, inv_freq)
     angles = torch.cat((freqs, freqs), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    sin = angles.sin()
+    sin[:, :rotary_dim // 2].neg_()
+    return angles.cos().to(dtype), sin.to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, parts: int) -> torch.Tensor:
+    """The reference's x * cos + rotate_half(x) * sin on each of the `parts` rotary parts of the last dim (two
+    with 2D positions: position, then block position), all parts in one pass, bit for bit the same.
+    x [..., d]; cos and signed_sin [..., d] (see rotary_tables) broadcast to it."""
+    swapped = x.unflatten(-1, (parts, 2, -1)).flip(-2).flatten(-3)  # each part's halves swapped
+    out = x * cos
+    out += swapped * signed_sin
+    return out
 
 
 def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -122,19 +127,12 @@ class SelfAttention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x [B, T, n, d]; cos/sin [B, 2, T, 1, d/2] (position, block position) when 2D
-        if not self.position_encoding_2d:
-            return apply_rotary(x, cos[:, 0], sin[:, 0])
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((apply_rotary(x1, cos[:, 0], sin[:, 0]), apply_rotary(x2, cos[:, 1], sin[:, 1])), dim=-1)
-
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache],
                 prefix_masks: list[torch.Tensor | None], lengths: list[int]) -> torch.Tensor:
         B, T, H = x.shape
-        qkv = project(self.query_key_value, x).view(B, T, self.n_heads, 3 * self.head_dim)
-        q, k, v = qkv.split(self.head_dim, dim=-1)  # [B, T, n, d] each
-        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        qkv = project(self.query_key_value, x).view(B, T, self.n_heads, 3, self.head_dim)
+        q, k = rotate(qkv[:, :, :, :2], cos, sin, 2 if self.position_encoding_2d else 1).unbind(3)  # [B, T, n, d]
+        v = qkv[:, :, :, 2]
         scale = float(self.layer_id + 1)
         q = (q / (math.sqrt(self.head_dim) * scale)).transpose(1, 2)  # [B, n, T, d]
         key_value = torch.stack((k, v), dim=1).transpose(2, 3)  # [B, 2, n, T, d]
@@ -232,8 +230,9 @@ class ChatGLM(nn.Module):
         for cache, t in zip(caches, lengths):
             cache.reserve(t)
         cos_table, sin_table = self.rotary(int(positions.max()) + 1)
-        cos = F.embedding(positions, cos_table).unsqueeze(3)  # [B, 2, T, 1, d/2]
-        sin = F.embedding(positions, sin_table).unsqueeze(3)
+        # [B, T, 1, 1, d]: the angles of the position, then of the block position when 2D, for q and k of every head
+        ids = positions if self.config.position_encoding_2d else positions[:, :1]
+        cos, sin = (F.embedding(ids, table).transpose(1, 2).reshape(B, T, 1, 1, -1) for table in (cos_table, sin_table))
         x = self.word_embeddings(tokens)  # [B, T, H]
         for layer in self.layers:
             x = layer(x, cos, sin, caches, masks, lengths)
