@@ -2,13 +2,14 @@
 same kind of requests sent one at a time (what the original one-request-at-a-time server gives).
 
     python bench/pool.py [--rounds 3] [--concurrency 1,4,16,64] [--sequential 6] [--max-new-tokens 32]
-                         [--max-batch 16] [--sweep 8,16,32,64] [--workers 1] [--matmul KIND]
+                         [--max-batch 16] [--sweep 8,16,32,64] [--workers 1] [--matmul KIND] [--sample]
 
 Medium config (hidden 1024, 16 heads, 8 layers, vocab 130528; bench/decode.py builds it into .cache/).
 Random weights often predict <eop> early; like bench/decode.py the bench wants every request to do the
 same work, so the pool loads a view of that checkpoint whose config.json names an end token that never
 comes (weights and tokenizer are symlinks): every request generates exactly --max-new-tokens tokens,
-greedily (do_sample false), from distinct prompts of about the same length.
+greedily (do_sample false; --sample: THUDM's default sampling, seeded per request), from distinct prompts
+of about the same length.
 
 Per round, on one pool: the sequential baseline (--sequential requests, each written when the previous
 answer appeared; half of them before the bursts and half after, so the host's drift within a round
@@ -109,8 +110,12 @@ def results(requests: Path, ids: list[str], watcher: Watcher) -> list[dict]:
     return out
 
 
+SAMPLE = False  # --sample
+
+
 def body(i: int, new_tokens: int) -> dict:
-    return {"query": prompt(i), "do_sample": False, "max_new_tokens": new_tokens, "max_length": 2048}
+    how = {"seed": i} if SAMPLE else {"do_sample": False}  # sampled: the server's defaults (top_p 0.7, ...)
+    return {"query": prompt(i), **how, "max_new_tokens": new_tokens, "max_length": 2048}
 
 
 def burst(server: Server, count: int, tag: str, new_tokens: int) -> dict:
@@ -170,9 +175,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="--worker-threads (0: the pool's default)")
     parser.add_argument("--matmul", default=None, help="--matmul of the pool (default: the pool's default)")
+    parser.add_argument("--sample", action="store_true", help="requests sample (server defaults) instead of greedy")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache")
     parser.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: the medium view)")
+    global SAMPLE
     args = parser.parse_args()
+    SAMPLE = args.sample
     model = args.model or medium_view(args.cache)
     counts = [int(n) for n in args.concurrency.split(",") if n]
     sweep = [int(b) for b in args.sweep.split(",") if b]
@@ -212,7 +220,7 @@ def main() -> None:
     import torch
     print(f"\nMachine: {machine()}; torch {torch.__version__}. Model {model.name}: 1 worker x "
           f"{args.threads or 'default'} threads, --matmul {args.matmul or 'default'}, --max-batch {args.max_batch}, "
-          f"{new} new tokens per request (greedy), medians of {args.rounds} rounds.\n")
+          f"{new} new tokens per request ({'sampled' if SAMPLE else 'greedy'}), medians of {args.rounds} rounds.\n")
     print("| requests at once | aggregate tokens/s | x one at a time (same round) | TTFT p50 | TTFT p95 | "
           "latency p50 | latency p95 |")
     print("|---|---|---|---|---|---|---|")

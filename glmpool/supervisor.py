@@ -307,13 +307,18 @@ class Supervisor:
             slot.process = None
             slot.tokens += slot.stats.pop("tokens", 0)  # lifetime counters survive restarts
             slot.stats.pop("beat_at", None)
-            self.requeue(slot, f"worker {slot.spec.wid} exited with {exit_text(code)}")
+            died = exit_text(code)
+            self.requeue(slot, f"worker {slot.spec.wid} exited with {died}")
             if slot.state == "STARTING":
                 slot.start_failures += 1
+                died += " while loading the model"
+                if not slot.last_error:  # killed without a word from it or from murder(): the OOM killer?
+                    died += " (out of memory?)" if code == -signal.SIGKILL else ""
+                    slot.last_error = f"exited with {died}"
                 if slot.start_failures >= MAX_START_FAILURES:
                     slot.state = "FATAL"
-                    log.error("worker %d (%s) failed to start %d times: FATAL; other workers keep serving",
-                              slot.spec.wid, slot.spec.label, slot.start_failures)
+                    log.error("worker %d (%s) failed to start %d times: FATAL (%s); other workers keep serving",
+                              slot.spec.wid, slot.spec.label, slot.start_failures, slot.last_error)
                     continue
             if self.status == "stopping":
                 slot.state = "EXITED"
@@ -323,7 +328,7 @@ class Supervisor:
             delay = min(BACKOFF_CAP, 0.5 * 2.0 ** min(slot.deaths_in_a_row - 1, 10))
             slot.state, slot.retry_at = "BACKOFF", time.monotonic() + delay
             log.warning("worker %d (%s) exited with %s; restart in %.1fs", slot.spec.wid, slot.spec.label,
-                        exit_text(code), delay)
+                        died, delay)
 
     def requeue(self, slot: Slot, reason: str) -> None:
         """The in-flight requests of a dead worker: back to the queue, to be run alone (one of them may

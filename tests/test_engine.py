@@ -231,3 +231,37 @@ def test_peak_load_memory_with_fp16_weights(tmp_path):
         before, peak, _ = map(int, out.stdout.split())
         grown[matmul] = peak - before
     assert grown["fbgemm-fp16"] <= 0.8 * grown["reference"], grown
+
+
+def test_cgroup_room_reads_v2_and_v1_limits(tmp_path):
+    from glmpool.engine.api import cgroup_room
+
+    proc = tmp_path / "cgroup"
+    v2 = tmp_path / "sys" / "system.slice" / "glmpool.service"
+    v2.mkdir(parents=True)
+    (v2 / "memory.max").write_text("8589934592\n")  # MemoryMax=8G
+    (v2 / "memory.stat").write_text("anon 1073741824\nfile 5368709120\n")  # page cache does not count
+    proc.write_text("0::/system.slice/glmpool.service\n")
+    assert cgroup_room(proc, tmp_path / "sys") == 7 << 30
+    (v2 / "memory.max").write_text("max\n")
+    assert cgroup_room(proc, tmp_path / "sys") is None
+
+    v1 = tmp_path / "sys" / "memory" / "docker" / "abc"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(str(4 << 30))
+    (v1 / "memory.stat").write_text("cache 100\ntotal_rss 1073741824\n")
+    proc.write_text("12:pids:/docker/abc\n4:memory:/docker/abc\n0::/\n")
+    assert cgroup_room(proc, tmp_path / "sys") == 3 << 30
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712")  # v1's "no limit"
+    assert cgroup_room(proc, tmp_path / "sys") is None
+    assert cgroup_room(tmp_path / "missing", tmp_path / "sys") is None
+
+
+def test_a_model_that_cannot_fit_is_refused_before_loading(tiny_dir, monkeypatch):
+    from glmpool.engine import EngineError, api
+
+    monkeypatch.setattr(api, "free_memory", lambda device: 0)  # the tiny model is smaller than 1 MiB
+    with pytest.raises(EngineError, match=r"needs \d+\.\d GiB and the host has 0\.0 GiB free.*load it quantized"):
+        load(tiny_dir, progress=False)
+    with pytest.raises(EngineError, match="quantizing at load time.*stored quantized"):
+        load(tiny_dir, progress=False, quantize=4)

@@ -379,6 +379,21 @@ def test_worker_hung_while_loading_is_killed_after_the_load_timeout(tmp_path, ca
         p.kill()
 
 
+def test_worker_killed_while_loading_is_restarted_and_the_log_says_out_of_memory(tmp_path, cache_dir):
+    # The kernel's OOM killer sends SIGKILL without a word: the pool says what it most likely was.
+    p = Pool(tmp_path, cache_dir, "--gpus", "cpu").start()
+    try:
+        first = re.compile(r"worker 0 \(cpu\) starting, pid (\d+)")
+        wait_for(lambda: first.search(p.output()), 30, "the first worker's pid")
+        pid = int(first.search(p.output()).group(1))
+        os.kill(pid, signal.SIGSTOP)  # still loading, surely, when the SIGKILL comes
+        os.kill(pid, signal.SIGKILL)
+        p.wait_running(120)
+        assert "exited with signal SIGKILL while loading the model (out of memory?); restart in" in p.output()
+    finally:
+        p.kill()
+
+
 def test_pool_modules_do_not_import_torch():
     code = ("import sys; import glmpool.cli, glmpool.supervisor, glmpool.claims, glmpool.spool, glmpool.status, "
             "glmpool.client, glmpool.config, glmpool.watch, glmpool.worker; "

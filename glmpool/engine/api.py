@@ -39,6 +39,56 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
         raise EngineError(f"unknown dtype {dtype!r}: use one of float32, float16, bfloat16") from None
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes this process may still allocate on `device`: the GPU's free memory, or the host's available
+    memory capped by its cgroup's limit (a systemd MemoryMax=, a container's limit)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+    available = psutil.virtual_memory().available
+    room = cgroup_room()
+    return available if room is None else min(available, room)
+
+
+def cgroup_room(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The memory limit of this process's cgroup minus its processes' anonymous memory (page cache can
+    be reclaimed), or None when there is no limit or none can be read. cgroup v2, or v1's controller."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base, limit_name, used_name = root / path.lstrip("/"), "memory.max", "anon"
+        elif "memory" in controllers.split(","):
+            base, limit_name, used_name = root / "memory" / path.lstrip("/"), "memory.limit_in_bytes", "total_rss"
+        else:
+            continue
+        try:
+            limit = (base / limit_name).read_text().strip()
+            stat = dict(line.split() for line in (base / "memory.stat").read_text().splitlines())
+            if limit != "max" and int(limit) < 1 << 60:  # v1 says "no limit" with a huge number
+                return max(0, int(limit) - int(stat.get(used_name, 0)))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def check_memory(net: torch.nn.Module, device: torch.device, quantizing: bool) -> None:
+    """Refuse a model that cannot fit before allocating it: a host out of memory kills the process without
+    a word (the kernel's OOM killer), where this says what is missing. `net` is still on the meta device."""
+    needed = sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()))
+    free = free_memory(device)
+    if needed > free:
+        advice = ("quantizing at load time holds the whole model unquantized first: load a checkpoint stored "
+                  "quantized (THUDM/chatglm-6b-int4) instead" if quantizing else
+                  "load it quantized (int8 takes about half the memory of fp16, int4 a quarter)")
+        raise EngineError(f"the model needs {needed / (1 << 30):.1f} GiB and "
+                          f"{'the host' if device.type == 'cpu' else device} has {free / (1 << 30):.1f} GiB free: "
+                          f"free some memory, or {advice}")
+
+
 class Engine:
     def __init__(self, model: ChatGLM, tokenizer: ChatGLMTokenizer, name: str = ""):
         self.model = model
@@ -59,12 +109,7 @@ class Engine:
 
     def default_kv_tokens(self, fraction: float = 0.8) -> int:
         """How many KV-cache tokens fit in what the device has free now (a fraction of it)."""
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-        else:
-            import psutil
-            free = psutil.virtual_memory().available
-        return max(1, int(free * fraction) // self.kv_bytes_per_token())
+        return max(1, int(free_memory(self.device) * fraction) // self.kv_bytes_per_token())
 
     def batcher(self, max_batch: int = 16, max_kv_tokens: int | None = None) -> Batcher:
         return Batcher(self.model, self.tokenizer, max_batch, max_kv_tokens)
@@ -142,6 +187,7 @@ def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | tor
     net = net.to(torch.float16 if half_weights and not bits else dtype)
     if stored_bits:
         quantize_model(net, stored_bits, embeddings=stored_embeddings, empty=True)
+    check_memory(net, load_device, quantizing=quantize_layers or quantize_embeddings)
     net = net.to_empty(device=load_device)
     net._rotary = None
     checkpoint.load_weights(net, model_dir, progress)
