@@ -233,6 +233,21 @@ def test_peak_load_memory_with_fp16_weights(tmp_path):
     assert grown["fbgemm-fp16"] <= 0.8 * grown["reference"], grown
 
 
+def test_quantizing_at_load_never_holds_the_model_in_fp32(tiny_dir, tiny_engine, monkeypatch):
+    """An fp16 checkpoint quantized at load keeps its matrices in fp16 until each is quantized, so the load
+    needs about the checkpoint's size, not twice as much (widened to fp32 first). Seen through the memory
+    check, which counts what load() allocates: with room for 3/4 of the fp32 model, an fp32 load is refused
+    and a quantizing one is not."""
+    from glmpool.engine import EngineError, api
+
+    fp32_bytes = sum(t.numel() * 4 for t in tiny_engine.model.parameters())
+    monkeypatch.setattr(api, "free_memory", lambda device: fp32_bytes * 3 // 4)
+    with pytest.raises(EngineError, match="needs"):
+        load(tiny_dir, progress=False)
+    load(tiny_dir, progress=False, quantize=8)
+    load(tiny_dir, progress=False, quantize="4-qe")
+
+
 def test_cgroup_room_reads_v2_and_v1_limits(tmp_path):
     from glmpool.engine.api import cgroup_room
 

@@ -294,6 +294,9 @@ def test_prequantized_checkpoint_loads_and_matches_quantize_at_load(tiny_dir, tm
     for engine in (stored, at_load):
         assert isinstance(engine.model.word_embeddings, QuantizedEmbedding) == embeddings
         assert all(isinstance(layer.mlp.dense_h_to_4h, QuantizedLinear) for layer in engine.model.layers)
+        linear = engine.model.layers[0].mlp.dense_h_to_4h  # the format's fp16 scales, the rest in the model's dtype
+        assert (linear.weight_scale.dtype, linear.bias.dtype, engine.model.final_layernorm.weight.dtype) == \
+            (torch.float16, torch.float32, torch.float32)
     prompt = stored.tokenizer.build_prompt("hello", [])
     assert torch.equal(last_logits(stored.model, prompt), last_logits(at_load.model, prompt))
     assert stored.chat("hello", do_sample=False, max_length=40) == at_load.chat("hello", do_sample=False, max_length=40)

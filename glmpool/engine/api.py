@@ -183,8 +183,10 @@ def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | tor
         matmul = "onednn"
     with torch.device("meta"):
         net = ChatGLM(config)
-    # fp16 weights from an fp16 checkpoint: read them as fp16, never holding an fp32 copy of the model.
-    net = net.to(torch.float16 if half_weights and not bits else dtype)
+    # fp16 weights from an fp16 checkpoint: read them as fp16, never holding an fp32 copy of the model; and
+    # matrices about to be quantized stay as stored until then (the values are the same, the peak half).
+    stored_half = config.torch_dtype == "float16"
+    net = net.to(torch.float16 if (half_weights and not bits) or (quantize_layers and stored_half) else dtype)
     if stored_bits:
         quantize_model(net, stored_bits, embeddings=stored_embeddings, empty=True)
     check_memory(net, load_device, quantizing=quantize_layers or quantize_embeddings)
@@ -193,7 +195,7 @@ def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | tor
     checkpoint.load_weights(net, model_dir, progress)
     if quantize_layers or quantize_embeddings:
         quantize_model(net, bits, layers=quantize_layers, embeddings=quantize_embeddings)
-        net = net.to(device)
+        net = net.to(device, dtype)  # what was not quantized (norms, biases, embeddings) in the model's dtype
     prepare(net)
     if half_weights:
         fbgemm.pack_model(net)

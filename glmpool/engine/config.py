@@ -23,6 +23,7 @@ class ModelConfig:
     pad_token_id: int = 3
     quantization_bit: int = 0
     quantization_embeddings: bool = False
+    torch_dtype: str | None = None  # how the checkpoint stores its floats ("float16" for THUDM's)
 
     @property
     def head_dim(self) -> int:
@@ -46,7 +47,6 @@ class ModelConfig:
         raw.update(
             architectures=["ChatGLMModel"],
             model_type="chatglm",
-            torch_dtype="float16",
             use_cache=True,
             pre_seq_len=None,
             prefix_projection=False,

@@ -311,10 +311,15 @@ class QuantizedMatrix(nn.Module):
         return self.weight
 
     def _apply(self, fn, recurse=True):
-        # Moving or casting: hand over THUDM's layout, which every device understands.
+        # Moving or casting: hand over THUDM's layout, which every device understands. A cast of the model
+        # (.float(), .to(dtype)) leaves the scales in fp16, as the format stores them (bf16 would round them).
         self._to_thudm_layout_()
         self._scale_cache = None
-        return super()._apply(fn, recurse)
+        scale = self.weight_scale
+        result = super()._apply(fn, recurse)
+        if self.weight_scale.dtype != scale.dtype:
+            self.weight_scale = scale.to(self.weight_scale.device)
+        return result
 
     # --- dequantization ----------------------------------------------------------------------------
 

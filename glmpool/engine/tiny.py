@@ -245,7 +245,7 @@ def write_tiny_checkpoint(path: str | Path, layers: int = 2, hidden: int = 64, h
                          inner_hidden_size=inner or 4 * hidden, max_sequence_length=max_sequence_length,
                          mask_token_id=base, gmask_token_id=base + 1, bos_token_id=base + 4, eos_token_id=base + 5,
                          pad_token_id=3, quantization_bit=bits or 0,
-                         quantization_embeddings=embeddings)
+                         quantization_embeddings=embeddings, torch_dtype=str(dtype).removeprefix("torch."))
     raw_config = config.to_dict()
     sd = {k: v.to(dtype) if v.is_floating_point() and not k.endswith("inv_freq") else v
           for k, v in random_state_dict(config, seed).items()}
