@@ -146,6 +146,17 @@ def test_bad_sampling_parameters_are_rejected():
             SamplingParams(**bad)
 
 
+def test_argmax_is_torchs_first_maximum_ties_included():
+    import torch
+    from glmpool.engine.generate import argmax
+    g = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        rows, vocab = 1 + trial % 5, [3, 1023, 1024, 1025, 4097, 130528][trial % 6]
+        high = 3 if trial % 2 else 10 ** 6  # few distinct values: many ties, across and inside chunks
+        logits = torch.randint(-3, high, (rows, vocab), generator=g).float()
+        assert torch.equal(argmax(logits), logits.argmax(-1)), (rows, vocab, high)
+
+
 def test_sampling_filters_like_transformers():
     """temperature -> top-k -> top-p as transformers' warpers define them (sorted ascending, drop the
     tokens whose cumulative probability is <= 1 - top_p)."""

@@ -230,9 +230,10 @@ class ChatGLM(nn.Module):
         for cache, t in zip(caches, lengths):
             cache.reserve(t)
         cos_table, sin_table = self.rotary(int(positions.max()) + 1)
-        # [B, T, 1, 1, d]: the angles of the position, then of the block position when 2D, for q and k of every head
+        # [B, T, 1, 1, d]: the angles of the position, then of the block position when 2D (for q and k, all heads)
         ids = positions if self.config.position_encoding_2d else positions[:, :1]
-        cos, sin = (F.embedding(ids, table).transpose(1, 2).reshape(B, T, 1, 1, -1) for table in (cos_table, sin_table))
+        cos, sin = (F.embedding(ids, table).transpose(1, 2).reshape(B, T, 1, 1, -1)
+                    for table in (cos_table, sin_table))
         x = self.word_embeddings(tokens)  # [B, T, H]
         for layer in self.layers:
             x = layer(x, cos, sin, caches, masks, lengths)
