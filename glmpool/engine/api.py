@@ -67,7 +67,7 @@ def cgroup_room(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path
             continue
         try:
             limit = (base / limit_name).read_text().strip()
-            stat = dict(line.split() for line in (base / "memory.stat").read_text().splitlines())
+            stat = dict(row.split() for row in (base / "memory.stat").read_text().splitlines())
             if limit != "max" and int(limit) < 1 << 60:  # v1 says "no limit" with a huge number
                 return max(0, int(limit) - int(stat.get(used_name, 0)))
         except (OSError, ValueError):
