@@ -2,7 +2,7 @@
 
 Self-contained: it knows nothing of files of the spool or of processes.
 
-## Engine API contract (glmpool/engine, owned by the lead; being written now)
+## API
 ```python
 from glmpool.engine import load, SamplingParams, EngineError, PromptTooLongError, AdmissionError
 engine = load(model, device="cpu", dtype=None, cache_dir=".cache", quantize=None)
