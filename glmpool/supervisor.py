@@ -121,6 +121,7 @@ class Supervisor:
         self.backlog: deque = deque()  # (id, names) from the last scan, in dispatch order, not yet looked at
         self.priorities: dict[str, tuple] = {}  # id -> (mtime_ns, size, priority) of .json inputs seen by scan
         self.dirty = True  # something may have arrived since the last scan
+        self.cancels_due = True  # a .cancel may have appeared since watch_cancels() last looked
         self.slots: list[Slot] = []
         self.context = None
         self.stop_deadline: float | None = None
@@ -173,7 +174,9 @@ class Supervisor:
     def manage(self) -> bool:
         """One round of the main loop; True when it is time to exit."""
         self.collect(timeout=LOOP_SECONDS)
-        self.dirty |= self.watch.changed()
+        changed = self.watch.changed()
+        self.dirty |= changed
+        self.cancels_due |= changed
         self.handle_signals()
         self.reap()
         self.murder()
@@ -194,9 +197,10 @@ class Supervisor:
             return True
         return self.status == "stopping" and self.drained()
 
-    def every(self, name: str, seconds: float, action) -> None:
+    def every(self, name: str, seconds: float, action, due: bool = False) -> None:
+        """Run `action` (guarded) once `seconds` have passed since it last ran, or now if `due`."""
         now = time.monotonic()
-        if now >= self.timers.get(name, 0.0):
+        if due or now >= self.timers.get(name, 0.0):
             self.timers[name] = now + seconds
             self.guarded(action)
 
@@ -437,7 +441,7 @@ class Supervisor:
         """Give workers what they have room for, claiming new requests only then (the rest stays for
         other supervisors). Claimed jobs waiting for a worker go first; a new scan happens when the
         spool changed and the last scan's backlog is used up, and every poll_interval regardless."""
-        self.watch_cancels()
+        self.every("cancels", self.config.poll_interval, self.watch_cancels, due=self.cancels_due)
         while self.pending:
             job = self.pending[0]
             slot = self.pick_slot(alone=job.claim.attempts > 0)
@@ -583,6 +587,10 @@ class Supervisor:
         slot.tasks.put(("run", job.claim.token, job.request.query, job.request.history, params, job.deadline))
 
     def watch_cancels(self) -> None:
+        """Pass new .cancel files on to the workers. One lexists per request in flight, each possibly a round
+        trip on NFS: dispatch() looks when the spool's watch saw a change, and every poll_interval anyway
+        (a cancel written on another host makes no inotify event here), not on every loop."""
+        self.cancels_due = False
         for slot in self.slots:
             for job in slot.jobs.values():
                 if not job.cancelling and os.path.lexists(self.requests / f"{job.request.id}.cancel"):

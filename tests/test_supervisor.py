@@ -134,3 +134,25 @@ def test_an_answer_the_spool_refuses_is_kept_and_published_alone_later(tmp_path,
     assert not s.unpublished and (s.requests / "r1.back").read_text() == "answer r1" and s.served == 3
     assert not list(s.requests.glob(".*.tmp"))
     s.watch.close()
+
+
+def test_cancels_are_looked_for_on_a_change_and_every_poll_interval(tmp_path):
+    """A .cancel is passed on at once when the spool's watch saw a change; one the watch cannot see (written
+    on another NFS host) within poll_interval. In between, dispatch rounds do not stat every request."""
+    import time
+
+    tasks = []
+    s = one_worker_pool(tmp_path, requests=2, tasks=tasks)  # its watch ignores .cancel names, like a remote write
+    s.dispatch()
+    assert [t[0] for t in tasks] == ["run", "run"]
+    (s.requests / "r0.cancel").touch()
+    s.dispatch()
+    assert [t[0] for t in tasks] == ["run", "run"]  # not looked for: no change seen, poll_interval not over
+    s.timers["cancels"] = time.monotonic()
+    s.dispatch()
+    assert tasks[2:] == [("cancel", next(k for k, j in s.slots[0].jobs.items() if j.request.id == "r0"))]
+    (s.requests / "r1.cancel").touch()
+    s.cancels_due = True  # what manage() sets when the watch reports a change
+    s.dispatch()
+    assert len(tasks) == 4 and tasks[3][0] == "cancel"
+    s.watch.close()
