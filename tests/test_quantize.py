@@ -374,3 +374,31 @@ def test_greedy_agreement_on_the_tiny_model(tiny_engine):
     int8 = quantize_model(copy.deepcopy(reference), 8)
     scores = Q.greedy_agreement(reference, int8, *args)
     assert scores["teacher_forced"] >= 0.5, scores  # measured ~0.85 on this model; README has the figures
+
+
+def test_cuda_int4_input_is_unsigned_nibbles_even_column_high():
+    """torch's CUDA int4 packer takes q + 8 in each nibble, the even column in the high one; THUDM's bytes
+    hold signed q the same way round, so XOR 0x88 converts them."""
+    q = torch.randint(-8, 8, (16, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    unsigned = (q + 8).to(torch.uint8)
+    expected = (unsigned[:, 0::2] << 4) | unsigned[:, 1::2]
+    assert torch.equal(Q.cuda_int4_input(Q.pack_int4(q)), expected)
+
+
+def test_a_matrix_in_the_cuda_int4_layout_refuses_what_it_cannot_do():
+    """The CUDA int4 layout (made in place at load on a GPU) has no way back: the kernel is its only reader,
+    and saving or moving the model is a clear error, not THUDM-named garbage. Simulated on the CPU by marking
+    a matrix as laid out so; the CPU itself never lays one out."""
+    from glmpool.engine import EngineError
+    linear = QuantizedLinear.from_linear(torch.nn.Linear(128, 64), 4)
+    assert not linear.to_cuda_int4_layout()  # not on a GPU
+    Q.prepare(torch.nn.Sequential(linear))
+    assert linear._current_layout() == linear.LAYOUT_CPU_INT4  # what a CPU lays out instead
+    linear._layout, linear._layout_key = linear.LAYOUT_CUDA_INT4, Q._tensor_key(linear.weight)
+    assert linear.kernel_path(1, torch.device("cpu")) == linear.kernel_path(500, torch.device("cpu")) == "int4-cuda"
+    for action in (linear.state_dict, linear.float, linear.cpu, linear.dequantize):
+        with pytest.raises(EngineError, match="cannot be saved or moved"):
+            action()
+    with torch.no_grad():
+        linear.weight.copy_(Q.pack_int4(torch.zeros(64, 128, dtype=torch.int8)))  # a checkpoint copied in
+    assert linear.kernel_path(1, torch.device("cpu")) == "int4-cpu" and "weight" in linear.state_dict()

@@ -24,10 +24,18 @@ same number of bits, and the output projection (lm_head) is that same quantized 
   afterwards, so the scales lose nothing.
 - CPU, many rows (prefill): dequantize blocks of rows to the model's dtype and use the BLAS GEMM, whose
   cost is then amortized over the rows (the weight-only kernels are slower than fp32 there).
-- CUDA: dequantize to the activation dtype with a few torch element-wise kernels and multiply with
-  cuBLAS -- the same scheme as THUDM's CUDA path (their fused extraction kernels are compiled into their
-  `quantization.py` and are not part of the `cpm_kernels` package, which only loads them). Saves GPU
-  memory, not time. Not run on this project's CPU-only test machines.
+- CUDA, 4 bits, the layers: torch's own int4 kernel (`aten._weight_int4pack_mm`, "tinygemm", Ampere or
+  newer), which reads the 4-bit weights as they are: a decode step then reads a quarter of fp16's bytes.
+  Its layout is made at load (`prepare`) **in place** from THUDM's bytes (unsigned nibbles q + 8, the even
+  column still in the high nibble: THUDM's byte XOR 0x88), after checking on the device that the kernel
+  multiplies like the dequantized matrix; a GPU where it does not (older than Ampere, another torch)
+  keeps THUDM's layout and the path below, with a warning. A matrix in that layout cannot be turned back:
+  saving or moving the model then is an error (load the checkpoint again instead).
+- CUDA otherwise (8 bits, the -qe embeddings, a GPU without the int4 kernel): dequantize to the activation
+  dtype with a few torch element-wise kernels and multiply with cuBLAS -- THUDM's scheme (their fused
+  extraction kernels are compiled into their `quantization.py` and are not part of the `cpm_kernels`
+  package, which only loads them). Saves GPU memory, not time.
+The CUDA paths do not run on this project's CPU-only test machines.
 """
 from __future__ import annotations
 
@@ -51,6 +59,7 @@ CPU_KERNEL_MAX_ROWS = {8: 64, 4: 64}
 INT4_BLOCK_CANDIDATES = (64, 32)  # output rows per block of the CPU int4 layout: 64 with AVX-512, else 32
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # allowed by the CPU int4 kernel (all groups share the row scale)
 KERNEL_K_MULTIPLE = 32  # the CPU kernels misbehave (garbage, crashes) unless K is a multiple of 8; be safe
+CUDA_INT4_INNER_K_TILES = 8  # the CUDA int4 layout's k-tiles per load (its widest): K % (8 * 16) == 0
 DEQUANT_CHUNK_BYTES = 8 << 20  # dequantized block size on CPU (fits in L2/L3 next to its GEMM)
 CUDA_DEQUANT_CHUNK_BYTES = 256 << 20  # bounds the temporary fp16 copy of a huge matrix (the -qe lm_head)
 
@@ -210,12 +219,12 @@ def _cpu_int8_kernel_ok() -> bool:
 _constants: dict[tuple, torch.Tensor] = {}
 
 
-def _unit_scales(kind: str, shape: tuple[int, ...]) -> torch.Tensor:
+def _unit_scales(kind: str, shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
     """Shared read-only bf16 tensors: ones [N] (int8 kernel), or (scale 1, zero 0) pairs [G, N, 2] (int4)."""
-    key = (kind, shape)
+    key = (kind, shape, str(device))
     tensor = _constants.get(key)
     if tensor is None:
-        tensor = torch.ones(shape, dtype=torch.bfloat16)
+        tensor = torch.ones(shape, dtype=torch.bfloat16, device=device)
         if kind == "int4":
             tensor[..., 1] = 0
         _constants[key] = tensor
@@ -232,7 +241,7 @@ class QuantizedMatrix(nn.Module):
     Buffers (the state_dict, THUDM's names): `weight` int8 [N, K * bits / 8], `weight_scale` fp16 [N].
     """
 
-    LAYOUT_THUDM, LAYOUT_CPU_INT4 = "thudm", "cpu-int4"
+    LAYOUT_THUDM, LAYOUT_CPU_INT4, LAYOUT_CUDA_INT4 = "thudm", "cpu-int4", "cuda-int4"
 
     def __init__(self, out_features: int, in_features: int, bits: int, device=None):
         super().__init__()
@@ -247,6 +256,7 @@ class QuantizedMatrix(nn.Module):
         self._layout = self.LAYOUT_THUDM
         self._layout_key: tuple | None = None
         self._scale_cache: tuple | None = None  # (weight_scale version key, dtype, scale in dtype)
+        self._cuda_shape: torch.Size | None = None  # of `weight` seen as int32 in the CUDA int4 layout
         self._register_state_dict_hook(_thudm_layout_state_dict_hook)
 
     def extra_repr(self) -> str:
@@ -261,7 +271,7 @@ class QuantizedMatrix(nn.Module):
     # --- layouts ---------------------------------------------------------------------------------
 
     def _current_layout(self) -> str:
-        if self._layout == self.LAYOUT_CPU_INT4 and self._layout_key != _tensor_key(self.weight):
+        if self._layout != self.LAYOUT_THUDM and self._layout_key != _tensor_key(self.weight):
             # overwritten in place since (a checkpoint copied in): the content is THUDM's again
             self._layout, self._layout_key = self.LAYOUT_THUDM, None
         return self._layout
@@ -281,7 +291,30 @@ class QuantizedMatrix(nn.Module):
         self._layout, self._layout_key = self.LAYOUT_CPU_INT4, _tensor_key(w)
         return True
 
+    def to_cuda_int4_layout(self) -> bool:
+        """Lay `weight` out in place for torch's CUDA int4 kernel, once its results on this device have been
+        checked against the dequantized matrix; False (THUDM's layout kept) where it cannot be used."""
+        if self._current_layout() == self.LAYOUT_CUDA_INT4:
+            return True
+        N, K, w = self.out_features, self.in_features, self.weight
+        if self.bits != 4 or w.device.type != "cuda" or N % 8 or K % (CUDA_INT4_INNER_K_TILES * 16):
+            return False
+        with torch.no_grad():
+            packed = torch.ops.aten._convert_weight_to_int4pack(cuda_int4_input(w), CUDA_INT4_INNER_K_TILES)
+            x = torch.randn(2, K, generator=torch.Generator().manual_seed(0)).to(w.device, torch.bfloat16)
+            got = self._int4_cuda(x, packed).float()  # [2, N] = x @ q^T
+            columns = torch.cat((torch.arange(0, N, max(1, N // 256)), torch.tensor([N - 1]))).to(w.device)
+            want = x.float() @ unpack_int4(w[columns]).float().t()
+            if not torch.allclose(got[:, columns], want, rtol=1e-2, atol=1e-2 * float(want.abs().max())):
+                raise RuntimeError("its results differ from the dequantized matrix's")
+            w.view(torch.int32).view(packed.shape).copy_(packed)
+        self._layout, self._layout_key, self._cuda_shape = self.LAYOUT_CUDA_INT4, _tensor_key(w), packed.shape
+        return True
+
     def _to_thudm_layout_(self) -> None:
+        if self._current_layout() == self.LAYOUT_CUDA_INT4:
+            raise EngineError("int4 weights laid out for the CUDA kernel cannot be saved or moved: load the "
+                              "checkpoint again instead")
         if self._current_layout() != self.LAYOUT_CPU_INT4:
             return
         w = self.weight
@@ -305,6 +338,8 @@ class QuantizedMatrix(nn.Module):
 
     def thudm_weight(self) -> torch.Tensor:
         """`weight` in THUDM's layout (a converted copy while the CPU int4 layout is in place)."""
+        if self._current_layout() == self.LAYOUT_CUDA_INT4:
+            self._to_thudm_layout_()  # raises: there is no way back
         if self._current_layout() == self.LAYOUT_CPU_INT4:
             head = self._blocked_rows()
             return torch.cat((pack_int4(_cpu_int4_unpack(self.weight[:head])), self.weight[head:]))
@@ -329,6 +364,8 @@ class QuantizedMatrix(nn.Module):
         Written straight into the float output (int8 * float promotes in one kernel), which matters on
         CPU where each pass over the matrix costs about as much as a small GEMM.
         """
+        if self._current_layout() == self.LAYOUT_CUDA_INT4:
+            self._to_thudm_layout_()  # raises: only the kernel reads that layout
         head = self._blocked_rows() if self.bits == 4 and self._current_layout() == self.LAYOUT_CPU_INT4 else 0
         if start < head < stop:
             return torch.cat((self._dequant_rows(start, head, dtype), self._dequant_rows(head, stop, dtype)))
@@ -386,7 +423,10 @@ class QuantizedMatrix(nn.Module):
     # --- matmul ---------------------------------------------------------------------------------
 
     def kernel_path(self, rows: int, device: torch.device) -> str:
-        """Which implementation `matmul` uses for `rows` input rows: "int8-cpu", "int4-cpu", "dequant"."""
+        """Which implementation `matmul` uses for `rows` input rows: "int8-cpu", "int4-cpu", "int4-cuda",
+        "dequant"."""
+        if self._current_layout() == self.LAYOUT_CUDA_INT4:
+            return "int4-cuda"  # every size of input: the matrix is in no other layout
         if device.type != "cpu" or rows > CPU_KERNEL_MAX_ROWS[self.bits] or self.in_features % KERNEL_K_MULTIPLE:
             return "dequant"
         if self.bits == 8:
@@ -406,6 +446,8 @@ class QuantizedMatrix(nn.Module):
             if not self._cpu_int4_ready():
                 raise RuntimeError("the CPU int4 kernel cannot be used for this matrix")
             out = self._int4_cpu(x2)
+        elif path == "int4-cuda":
+            out = self._int4_cuda(x2.to(torch.bfloat16).contiguous())
         elif path == "dequant":
             out = self._dequant_matmul(x2)
         else:
@@ -437,6 +479,14 @@ class QuantizedMatrix(nn.Module):
         tail = F.linear(x_bf16.float(), unpack_int4(self.weight[head:]).float())  # the rows past the last block
         return torch.cat((out.float(), tail), dim=1)
 
+    def _int4_cuda(self, x_bf16: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
+        # bf16 [M, K] x int4 (CUDA layout) -> bf16 [M, N], unit scales and zero points
+        K = self.in_features
+        group = next(g for g in INT4_GROUP_SIZES if K % g == 0)
+        ones = _unit_scales("int4", (K // group, self.out_features, 2), x_bf16.device)
+        packed = packed if packed is not None else self.weight.view(torch.int32).view(self._cuda_shape)
+        return torch.ops.aten._weight_int4pack_mm(x_bf16, packed, group, ones)
+
     def _dequant_matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """Dequantize blocks of rows to x's dtype and multiply: [M, K] -> [M, N] (no bias)."""
         dtype, N, K = x2.dtype, self.out_features, self.in_features
@@ -452,13 +502,20 @@ class QuantizedMatrix(nn.Module):
         return out
 
 
+def cuda_int4_input(qweight: torch.Tensor) -> torch.Tensor:
+    """THUDM's int4 bytes [N, K/2] (signed nibbles, even column high) -> what torch's CUDA int4 packer
+    takes: uint8 [N, K/2] of unsigned nibbles q + 8, even column high. Adding 8 to a 4-bit two's
+    complement value flips its top bit, so that is each byte XOR 0x88."""
+    return (qweight.view(torch.uint8) ^ 0x88).contiguous()
+
+
 def _tensor_key(t: torch.Tensor) -> tuple:
     return (id(t), t.data_ptr(), t._version)
 
 
 def _thudm_layout_state_dict_hook(module: QuantizedMatrix, state_dict: dict, prefix: str, local_metadata) -> None:
-    if module._current_layout() == QuantizedMatrix.LAYOUT_CPU_INT4:
-        state_dict[prefix + "weight"] = module.thudm_weight()
+    if module._current_layout() != QuantizedMatrix.LAYOUT_THUDM:
+        state_dict[prefix + "weight"] = module.thudm_weight()  # raises for the CUDA int4 layout
 
 
 class QuantizedLinear(QuantizedMatrix):
@@ -602,10 +659,22 @@ def quantized_modules(model: nn.Module) -> Iterable[tuple[str, QuantizedMatrix]]
 
 
 def prepare(model: nn.Module) -> nn.Module:
-    """Build the kernel layouts now instead of on the first forward (e.g. right after loading)."""
-    for _, module in quantized_modules(model):
-        if module.weight.device.type == "cpu" and module.bits == 4:
+    """Build the kernel layouts now (right after loading): CPU int4 on the first forward otherwise; CUDA int4
+    (the layers' matrices: a lookup table must stay in THUDM's layout) only here."""
+    broken = None
+    for name, module in quantized_modules(model):
+        if module.bits != 4:
+            continue
+        if module.weight.device.type == "cpu":
             module._cpu_int4_ready()
+        elif module.weight.device.type == "cuda" and isinstance(module, QuantizedLinear) and broken is None:
+            try:
+                module.to_cuda_int4_layout()  # False for a shape it does not take: that matrix is dequantized
+            except RuntimeError as error:  # no such kernel in this build, a GPU older than Ampere, wrong results
+                broken = f"{name}: {error}"
+    if broken:
+        log.warning("torch's CUDA int4 kernel cannot be used (%s); int4 matrices are dequantized for every "
+                    "product instead, which is slower than fp16", broken)
     return model
 
 
