@@ -34,7 +34,6 @@ def test_positions_as_thudm_builds_them():
     assert (context, mask, position, block) == (0, 2, [2, 2, 2, 2], [1, 2, 3, 4])
 
 
-
 @pytest.mark.parametrize("position_encoding_2d", [True, False])
 def test_rotation_is_the_references_rotate_half_bit_for_bit(position_encoding_2d):
     """rotate() does all rotary parts of q and k in one pass with a pre-signed sin table; the reference
