@@ -146,6 +146,7 @@ def test_int4_rows_past_the_last_layout_block_are_multiplied_apart():
     assert torch.equal(embedding.weight[-8:], original[-8:])  # the tail kept THUDM's layout
     ids = torch.tensor([[0, block - 1, 2 * block + 7], [2 * block, 5, 2 * block + 3]])
     assert torch.equal(embedding(ids), table[ids])
+    assert torch.equal(embedding(torch.arange(2 * block + 8)), table)  # every row, both nibbles of a byte
     assert torch.equal(embedding.dequantize(), table)
     assert torch.equal(embedding.state_dict()["weight"], original)
     many = torch.randn(80, 128)  # the dequantize path across the boundary

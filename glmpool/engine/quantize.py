@@ -405,14 +405,16 @@ class QuantizedMatrix(nn.Module):
         """Rows `ids` [...] of W, dequantized: [..., K] (the embedding lookup)."""
         flat = ids.reshape(-1)
         if self.bits == 4 and self._current_layout() == self.LAYOUT_CPU_INT4:
+            # row j of a block: the low nibbles of its byte column j, or the high ones of column j - B/2
             B, head = int4_block_rows(), self._blocked_rows()
-            q = torch.empty(flat.shape[0], self.in_features, dtype=torch.int8, device=flat.device)
-            in_head = flat < head
-            ids_head, ids_tail = flat[in_head], flat[~in_head]
-            blocks = self.weight[:head].view(head // B, -1)[ids_head // B]
-            unpacked = _cpu_int4_unpack(blocks.view(-1, self.weight.shape[1]))  # [T * B, K]
-            q[in_head] = unpacked.view(ids_head.shape[0], B, -1)[torch.arange(ids_head.shape[0]), ids_head % B]
-            q[~in_head] = unpack_int4(self.weight[ids_tail])
+            blocks = self.weight[:head].view(torch.uint8).view(head // B, self.in_features, B // 2)
+            inside = flat.clamp(max=head - 1)  # the rows past the last block are read apart below
+            bytes_ = blocks[inside // B, :, inside % (B // 2)]  # [T, K]
+            high = (inside % B >= B // 2)[:, None]
+            q = torch.where(high, bytes_ >> 4, bytes_ & 0x0F).view(torch.int8) - 8
+            past = flat >= head
+            if bool(past.any()):
+                q[past] = unpack_int4(self.weight[flat[past]])
         else:
             q = self.weight[flat]
             if self.bits == 4:
