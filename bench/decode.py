@@ -1,7 +1,7 @@
 """Decode benchmark: fp32 / fp16 weights / int8 / int4 (and -qe: embeddings quantized too) on the medium
 random model.
 
-    python bench/decode.py [--rounds 3] [--batches 4,16,64] [--agreement] [--model DIR]
+    python bench/decode.py [--rounds 3] [--batches 4,16,64] [--agreement] [--model DIR] [--device cuda]
                            [--variants fp32,fp32-reference,fp16w,int8,int4,int8-qe,int4-qe]
 
 Medium config (as the issue specifies): hidden 1024, 16 heads, inner 4096, 8 layers, vocab 130528, tied
@@ -52,14 +52,14 @@ def medium_checkpoint(cache: Path) -> Path:
     return target
 
 
-def read_bandwidth(rounds: int = 7, megabytes: int = 1024) -> float:
-    """GB/s of a large fp32 tensor sum on torch's threads (median of rounds)."""
-    data = torch.ones(megabytes * (1 << 20) // 4)
-    data.sum()
+def read_bandwidth(device: str = "cpu", rounds: int = 7, megabytes: int = 1024) -> float:
+    """GB/s of a large fp32 tensor sum on `device` (on the CPU: torch's threads), median of rounds."""
+    data = torch.ones(megabytes * (1 << 20) // 4, device=device)
+    float(data.sum())
     speeds = []
     for _ in range(rounds):
         start = time.perf_counter()
-        data.sum()
+        float(data.sum())  # waits for the device
         speeds.append(data.numel() * 4 / (time.perf_counter() - start) / 1e9)
     return statistics.median(speeds)
 
@@ -131,19 +131,22 @@ def run_chatglm_cpp(python: str, path: Path, tokens: int) -> float:
     return json.loads(out.strip().splitlines()[-1])["tokens_per_s"]
 
 
-def build_variants(model_dir: Path, names: list[str]) -> dict:
+def build_variants(model_dir: Path, names: list[str], device: str = "cpu") -> dict:
+    """The engines to compare. On a GPU `matmul` changes nothing: fp32 is fp32, the others run in the
+    device's default dtype (fp16), the int4 layers through torch's CUDA int4 kernel where it works."""
     engines = {}
     for name in names:
+        on = dict(device=device, progress=False)
         if name in ("bf16", "fp16"):
-            engine = load(model_dir, dtype={"bf16": "bfloat16", "fp16": "float16"}[name], progress=False)
+            engine = load(model_dir, dtype={"bf16": "bfloat16", "fp16": "float16"}[name], **on)
         elif name == "fp32-reference":
-            engine = load(model_dir, progress=False, matmul="reference")
+            engine = load(model_dir, dtype="float32", matmul="reference", **on)
         elif name == "fp16w":
-            engine = load(model_dir, progress=False, matmul="fbgemm-fp16")
+            engine = load(model_dir, matmul="fbgemm-fp16", **on)
         elif name == "fp32":
-            engine = load(model_dir, progress=False, matmul="onednn")
+            engine = load(model_dir, dtype="float32", matmul="onednn", **on)
         else:  # quantized: what the pool runs (its default matmul; the -qe variants have no float matrix left)
-            engine = load(model_dir, quantize=name.removeprefix("int"), progress=False, matmul="fbgemm-fp16")
+            engine = load(model_dir, quantize=name.removeprefix("int"), matmul="fbgemm-fp16", **on)
         # Random weights may well predict <eop>; the bench wants every sequence decoding every step.
         engine.model.config = dataclasses.replace(engine.model.config, eos_token_id=-1)
         engines[name] = engine
@@ -175,6 +178,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU (then leave out --chatglm-cpp)")
     parser.add_argument("--agreement", action="store_true", help="also greedy token agreement against fp32")
     parser.add_argument("--agreement-prompts", type=int, default=8)
     parser.add_argument("--agreement-tokens", type=int, default=16)
@@ -190,12 +194,12 @@ def main() -> None:
     if "fp32" not in names:
         names.insert(0, "fp32")
     batches = [int(b) for b in args.batches.split(",") if b]
-    engines = build_variants(model_dir, names)
+    engines = build_variants(model_dir, names, args.device)
     config = engines["fp32"].config
     params = sum(t.numel() for t in [*engines["fp32"].model.parameters(), *engines["fp32"].model.buffers()])
     print(f"model {model_dir.name}: {params / 1e6:.0f} M parameters, hidden {config.hidden_size}, "
           f"{config.num_layers} layers, vocab {config.vocab_size}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads", file=sys.stderr)
+          f"{torch.get_num_threads()} threads, device {args.device}", file=sys.stderr)
 
     cpp_files = prepare_chatglm_cpp(model_dir, args.cache) if args.chatglm_cpp else {}
     cpp = {kind: [] for kind in cpp_files}
@@ -203,7 +207,7 @@ def main() -> None:
     bandwidths = []
     results = {name: {"prompt_ms": [], "tokens_per_s": [], **{f"b{b}": [] for b in batches}} for name in names}
     for round_ in range(args.rounds):
-        bandwidths.append(read_bandwidth())
+        bandwidths.append(read_bandwidth(args.device))
         for name, engine in engines.items():
             one = measure(engine, 1, args.decode_steps, rng)
             results[name]["prompt_ms"].append(one["prompt_ms"])
@@ -217,14 +221,15 @@ def main() -> None:
             cpp[kind].append(run_chatglm_cpp(args.chatglm_cpp, path, args.decode_steps * 2))
             print(f"round {round_ + 1}/{args.rounds} chatglm.cpp {kind}: {cpp[kind][-1]:.1f} tok/s",
                   file=sys.stderr, flush=True)
-        bandwidths.append(read_bandwidth())
+        bandwidths.append(read_bandwidth(args.device))
 
     bandwidth = statistics.median(bandwidths)
     med = {name: {k: statistics.median(v) for k, v in r.items()} for name, r in results.items()}
     # ratios per round against fp32 of the same round, then the median
     ratio = {name: {k: statistics.median(a / b for a, b in zip(v, results["fp32"][k])) for k, v in r.items()}
              for name, r in results.items()}
-    print(f"\nMemory read bandwidth (fp32 sum of 1 GiB, {torch.get_num_threads()} threads, median of "
+    where = f"{torch.get_num_threads()} threads" if args.device == "cpu" else args.device
+    print(f"\nMemory read bandwidth (fp32 sum of 1 GiB, {where}, median of "
           f"{len(bandwidths)}): **{bandwidth:.1f} GB/s** (min {min(bandwidths):.1f}, max {max(bandwidths):.1f}).\n")
     header = ("| variant | weight bytes/token | bound tok/s | prompt ms (32 tok) | decode tok/s (batch 1) | "
               "% of bound | " + " | ".join(f"batch {b} tok/s" for b in batches) + " |")
