@@ -281,8 +281,8 @@ def filesystem(path: Path) -> str:
     create can cost 20x more (seen on this project's VMs, whose root is ext4 without a journal)."""
     path = path.resolve()
     mounts = [line.split() for line in open("/proc/mounts")]
-    device, mount_point, kind = max(((m[0], m[1], m[2]) for m in mounts if path.is_relative_to(m[1])),
-                                    key=lambda m: len(m[1]))
+    device, _, kind = max(((m[0], m[1], m[2]) for m in mounts if path.is_relative_to(m[1])),
+                          key=lambda m: len(m[1]))
     if kind != "ext4":
         return kind
     journals = os.listdir("/proc/fs/jbd2") if os.path.isdir("/proc/fs/jbd2") else []

@@ -57,7 +57,7 @@ LINEAR_NAMES = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_
 # Rows M of the input up to which the CPU weight-only kernels beat dequantize + BLAS (bench/kernels).
 CPU_KERNEL_MAX_ROWS = {8: 64, 4: 64}
 INT4_BLOCK_CANDIDATES = (64, 32)  # output rows per block of the CPU int4 layout: 64 with AVX-512, else 32
-INT4_GROUP_SIZES = (256, 128, 64, 32)  # allowed by the CPU int4 kernel (all groups share the row scale)
+INT4_GROUP_SIZES = (256, 128, 64, 32)  # allowed by the int4 kernels, CPU and CUDA (all groups share the row scale)
 KERNEL_K_MULTIPLE = 32  # the CPU kernels misbehave (garbage, crashes) unless K is a multiple of 8; be safe
 CUDA_INT4_INNER_K_TILES = 8  # the CUDA int4 layout's k-tiles per load (its widest): K % (8 * 16) == 0
 DEQUANT_CHUNK_BYTES = 8 << 20  # dequantized block size on CPU (fits in L2/L3 next to its GEMM)
@@ -470,9 +470,8 @@ class QuantizedMatrix(nn.Module):
 
     def _int4_cpu(self, x2: torch.Tensor) -> torch.Tensor:
         # bf16 [M, K] x int4 (q + 8, blocked) [N, K/2] -> bf16 [M, N], unit scales and zero points
-        K, head = self.in_features, self._blocked_rows()
-        group = next(g for g in INT4_GROUP_SIZES if K % g == 0)
-        scales_zeros = _unit_scales("int4", (K // group, head, 2))
+        head = self._blocked_rows()
+        group, scales_zeros = self._int4_unit_groups(head, x2.device)
         x_bf16 = x2.to(torch.bfloat16).contiguous()
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x_bf16, self.weight[:head].view(torch.uint8), group,
                                                          scales_zeros)
@@ -483,11 +482,15 @@ class QuantizedMatrix(nn.Module):
 
     def _int4_cuda(self, x_bf16: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
         # bf16 [M, K] x int4 (CUDA layout) -> bf16 [M, N], unit scales and zero points
-        K = self.in_features
-        group = next(g for g in INT4_GROUP_SIZES if K % g == 0)
-        ones = _unit_scales("int4", (K // group, self.out_features, 2), x_bf16.device)
+        group, scales_zeros = self._int4_unit_groups(self.out_features, x_bf16.device)
         packed = packed if packed is not None else self.weight.view(torch.int32).view(self._cuda_shape)
-        return torch.ops.aten._weight_int4pack_mm(x_bf16, packed, group, ones)
+        return torch.ops.aten._weight_int4pack_mm(x_bf16, packed, group, scales_zeros)
+
+    def _int4_unit_groups(self, rows: int, device: torch.device) -> tuple[int, torch.Tensor]:
+        """The int4 kernels' group size along K (the largest they take: all groups share the row scale) and
+        unit (scale 1, zero 0) pairs [K / group, rows, 2]; the row scales are applied after the product."""
+        group = next(g for g in INT4_GROUP_SIZES if self.in_features % g == 0)
+        return group, _unit_scales("int4", (self.in_features // group, rows, 2), device)
 
     def _dequant_matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """Dequantize blocks of rows to x's dtype and multiply: [M, K] -> [M, N] (no bias)."""
