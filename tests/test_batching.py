@@ -206,3 +206,74 @@ def test_streamed_text_never_shows_a_cut_character_and_stays_per_event(tiny_engi
     assert [e.text for e in reversed(events)][::-1] == expected  # read newest first: snapshots, not the latest
     assert "𝄞" in expected[len(script) - 3] and not any(t.endswith("\ufffd") for t in expected)
     assert events[-1].finish_reason == "length" and events[-1].text == process_response(tokenizer.decode(script[:-2]))
+
+
+def test_a_shared_cache_decodes_like_separate_caches(tiny_engine, alone):
+    """The GPU's layout (one KV slab for the batch, decode attention padded to the longest sequence),
+    forced on the CPU: sequences join after every step and leave early (the last slot's sequence then
+    moves into the freed one), and every answer is what the sequence produces alone."""
+    from glmpool.engine import model
+    batch = tiny_engine.batcher(max_batch=8, shared_cache=True)
+    padded_steps = []
+    attend = model.PaddedDecode.attend
+    model_attend = lambda self, *a: (padded_steps.append(len(self.rows)), attend(self, *a))[1]
+    tokens = {}
+    joined = iter(QUERIES[1:])
+    batch.add("short", QUERIES[0], None, SamplingParams(do_sample=False, max_new_tokens=3))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model.PaddedDecode, "attend", model_attend)
+        while len(batch):
+            for event in batch.step():
+                tokens.setdefault(event.key, []).append(event.token_id)
+            q = next(joined, None)
+            if q is not None:
+                batch.add(q, q, None, GREEDY)
+    assert max(padded_steps) == len(QUERIES) - 1  # the padded path ran, for the whole batch at once
+    assert tokens["short"] == alone[QUERIES[0]][0][:3]
+    for q in QUERIES[1:]:
+        assert tokens[q] == alone[q][0], q
+    assert batch.slab.occupants == []
+
+
+def test_a_shared_cache_slot_reused_after_nan_holds_no_stale_values(tiny_engine, alone):
+    """Padding gets probability 0, and 0 x NaN is NaN: a slot must not hand its former occupant's values
+    (here poisoned) to the next."""
+    import torch
+    batch = tiny_engine.batcher(max_batch=2, shared_cache=True)
+    for q in QUERIES[4:6]:  # prompts longer than the next two, answers as long
+        batch.add(q, q, None, SamplingParams(do_sample=False, max_new_tokens=40))
+    run(batch)
+    capacity = batch.slab.capacity
+    with torch.inference_mode():
+        for layer in batch.slab.layers:
+            layer.fill_(float("nan"))
+    for q in QUERIES[1:3]:  # of different lengths: the shorter one's attention is padded
+        batch.add(q, q, None, GREEDY)
+    out = run(batch)
+    assert [out[q][0] for q in QUERIES[1:3]] == [alone[q][0] for q in QUERIES[1:3]]
+    assert batch.slab.capacity == capacity  # the same slot, not a fresh slab
+
+
+def test_a_shared_cache_stays_within_the_kv_budget(tiny_engine):
+    """A slab holds slots x the longest worst case; admission counts it so, and the slab never outgrows
+    the budget while sequences of different lengths come and go."""
+    import random
+    long, short = SamplingParams(do_sample=False, max_new_tokens=120), SamplingParams(do_sample=False, max_new_tokens=8)
+    prompt = len(tiny_engine.tokenizer.build_prompt("hi", []))
+    budget = 2 * (prompt + 120) + 10  # a slab of two slots, one long: doubling its capacity would not fit
+    batch = tiny_engine.batcher(max_batch=6, max_kv_tokens=budget, shared_cache=True)
+    batch.add("long", "hi", None, long)
+    assert batch.has_room(prompt, short)
+    batch.add("s0", "hi", None, short)
+    assert not batch.has_room(prompt, short)
+    rng = random.Random(0)
+    largest, added = 0, 1
+    while len(batch):
+        batch.step()
+        if batch.slab.layers:
+            largest = max(largest, batch.slab.slots * batch.slab.capacity)
+        params = rng.choice([short, short, long])
+        if added < 30 and batch.has_room(prompt, params):
+            added += 1
+            batch.add(f"r{added}", "hi", None, params)
+    assert added == 30 and 0 < largest <= budget

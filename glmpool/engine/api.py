@@ -113,8 +113,9 @@ class Engine:
         """How many KV-cache tokens fit in what the device has free now (a fraction of it)."""
         return max(1, int(free_memory(self.device) * fraction) // self.kv_bytes_per_token())
 
-    def batcher(self, max_batch: int = 16, max_kv_tokens: int | None = None) -> Batcher:
-        return Batcher(self.model, self.tokenizer, max_batch, max_kv_tokens)
+    def batcher(self, max_batch: int = 16, max_kv_tokens: int | None = None,
+                shared_cache: bool | None = None) -> Batcher:
+        return Batcher(self.model, self.tokenizer, max_batch, max_kv_tokens, shared_cache)
 
     def stream_chat(self, query: str, history: list | None = None, max_length: int = 2048,
                     do_sample: bool = True, top_p: float = 0.7, temperature: float = 0.95,

@@ -3,11 +3,14 @@
 Each step prefills the sequences added since the last step (together, right-padded to the longest
 prompt, up to PREFILL_TOKENS padded tokens per forward pass) and advances every running sequence by one
 token in a single batched forward pass: the weights are read once for the whole batch, which is what
-makes batching nearly free while decoding is bound by memory bandwidth. Each sequence keeps its own KV
-cache, sampling parameters and random generator, and frees its cache the moment it finishes.
+makes batching nearly free while decoding is bound by memory bandwidth. Each sequence keeps its own
+sampling parameters and random generator, and its KV cache, freed the moment it finishes: on the CPU a
+cache of its own, elsewhere a slot of one slab shared by the batch (model.KVSlab), whose decode attention
+then runs for all sequences at once.
 
 Admission is bounded by `max_batch` sequences and `max_kv_tokens` cached tokens, counted at the worst
-case (prompt + longest possible answer), so a full batch can never run the device out of memory.
+case (prompt + longest possible answer; in a slab, every slot at the longest), so a full batch can never
+run the device out of memory.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from typing import Callable, Hashable
 import torch
 
 from .errors import AdmissionError, PromptTooLongError
-from .model import ChatGLM, KVCache, prefix_attention_mask, prompt_positions
+from .model import ChatGLM, KVCache, SlotCache, prefix_attention_mask, prompt_positions
 from .tokenizer import ChatGLMTokenizer, process_response
 
 INVALID_SCORE_TOKEN = 5  # where the reference puts all probability when logits are NaN/inf
@@ -81,7 +84,7 @@ class Sequence:
     params: SamplingParams
     stop_length: int  # total length (prompt + answer) at which it ends
     generator: torch.Generator | None
-    cache: KVCache | None = None
+    cache: KVCache | SlotCache | None = None
     generated: list[int] = field(default_factory=list)
     shown: tuple[int, str] = (0, "")  # (generated tokens, text) of the latest text without a cut character
     mask_position: int = 0
@@ -172,13 +175,19 @@ class Batcher:
     """Runs many sequences together; see the module docstring. Not thread-safe: one per worker."""
 
     def __init__(self, model: ChatGLM, tokenizer: ChatGLMTokenizer, max_batch: int = 16,
-                 max_kv_tokens: int | None = None):
+                 max_kv_tokens: int | None = None, shared_cache: bool | None = None):
+        """shared_cache: keep the batch's KV caches in one slab and attend for all sequences at once while
+        decoding (model.KVSlab); None = only off the CPU, where it saves thousands of kernel launches a step
+        and batching was never bit-exact anyway."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_kv_tokens = max_kv_tokens
+        if shared_cache is None:
+            shared_cache = model.device.type != "cpu"
+        self.slab = model.new_slab() if shared_cache else None
         self.pending: dict[Hashable, Sequence] = {}  # added, not yet prefilled
         self.running: dict[Hashable, Sequence] = {}
 
@@ -190,7 +199,14 @@ class Batcher:
 
     @property
     def reserved_tokens(self) -> int:
-        return sum(s.stop_length for s in (*self.pending.values(), *self.running.values()))
+        return self._footprint([s.stop_length for s in (*self.pending.values(), *self.running.values())])
+
+    def _footprint(self, stop_lengths: list[int]) -> int:
+        """KV tokens the batch may come to hold: each sequence its own worst case, or, in a shared slab
+        whose slots all have one length, every slot the longest worst case."""
+        if self.slab is None:
+            return sum(stop_lengths)
+        return len(stop_lengths) * max(stop_lengths, default=0)
 
     def stop_length(self, prompt_tokens: int, params: SamplingParams) -> int:
         """Validate a prompt's length against the window and `max_length`; return its final length bound."""
@@ -212,7 +228,8 @@ class Batcher:
         if len(self) >= self.max_batch:
             return False
         stop = self.stop_length(prompt_tokens, params)
-        return self.max_kv_tokens is None or self.reserved_tokens + stop <= self.max_kv_tokens
+        stops = [s.stop_length for s in (*self.pending.values(), *self.running.values())]
+        return self.max_kv_tokens is None or self._footprint([*stops, stop]) <= self.max_kv_tokens
 
     def add(self, key: Hashable, query: str, history: list | None = None,
             params: SamplingParams | None = None) -> int:
@@ -239,7 +256,7 @@ class Batcher:
         sequence = self.pending.pop(key, None) or self.running.pop(key, None)
         if sequence is None:
             return None
-        sequence.cache = None
+        self._free(sequence)
         last = sequence.generated[-1] if sequence.generated else -1
         return self._event(sequence, last, "cancelled")
 
@@ -248,6 +265,10 @@ class Batcher:
         """Prefill what was added, advance everything running by one token; one event per sequence."""
         events = []
         decoding = list(self.running.values())
+        if decoding and self.slab is not None:  # in slot order, and room for one more token each
+            decoding.sort(key=lambda s: s.cache.slot)
+            self.slab.fit(len(decoding), max(s.cache.length for s in decoding) + 1,
+                          max(s.stop_length for s in decoding))
         if decoding:
             tokens = torch.tensor([[s.generated[-1]] for s in decoding], device=self.model.device)
             positions = torch.tensor([[[p], [b]] for p, b in (s.next_position() for s in decoding)],
@@ -278,7 +299,13 @@ class Batcher:
             tokens[i, :lengths[i]] = torch.tensor(sequence.prompt)
             positions[i, :, :lengths[i]] = torch.tensor([position, block])
             masks.append(prefix_attention_mask(lengths[i], context_length, device))
-            sequence.cache = self.model.new_cache(min(sequence.stop_length, lengths[i] + 64))
+            if self.slab is None:
+                sequence.cache = self.model.new_cache(min(sequence.stop_length, lengths[i] + 64))
+        if self.slab is not None:
+            members = [*self.running.values(), *group]
+            self.slab.fit(len(members), max(lengths), max(s.stop_length for s in members))
+            for sequence in group:
+                sequence.cache = self.slab.attach()
         logits = self.model(tokens.to(device), positions.to(device), [s.cache for s in group], masks, lengths)
         for sequence in group:
             self.running[sequence.key] = sequence
@@ -297,8 +324,13 @@ class Batcher:
             reason = "length"
         if reason:
             del self.running[sequence.key]
-            sequence.cache = None
+            self._free(sequence)
         return self._event(sequence, token, reason)
+
+    def _free(self, sequence: Sequence) -> None:
+        if self.slab is not None and sequence.cache is not None:
+            self.slab.detach(sequence.cache)
+        sequence.cache = None
 
     def _event(self, sequence: Sequence, token: int, reason: str | None) -> TokenEvent:
         count = len(sequence.generated)
