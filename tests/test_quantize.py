@@ -403,3 +403,27 @@ def test_a_matrix_in_the_cuda_int4_layout_refuses_what_it_cannot_do():
     with torch.no_grad():
         linear.weight.copy_(Q.pack_int4(torch.zeros(64, 128, dtype=torch.int8)))  # a checkpoint copied in
     assert linear.kernel_path(1, torch.device("cpu")) == "int4-cpu" and "weight" in linear.state_dict()
+
+
+def test_a_kernel_is_chosen_only_where_it_is_right_and_faster(monkeypatch):
+    """How CUDA decides between torch's int8 kernel and dequantize + cuBLAS (`kernel_rows`), run here with
+    the CPU int8 kernel and a clock made to favour one side: the kernel is taken up to the largest trial
+    size where it wins, and refused outright when its products are wrong."""
+    import time
+    module = QuantizedLinear.from_linear(torch.nn.Linear(128, 192), 8)
+    matmul = module.matmul
+
+    def slowed(*slow):  # (path, rows) pairs made 2 ms slower
+        def run(x, bias=None, path=None):
+            if (path, x.shape[0]) in slow:
+                time.sleep(0.002)
+            return matmul(x, bias, path)
+        return run
+
+    for slow, rows in (([("int8-cpu", 1), ("int8-cpu", 16)], 0), ([("dequant", 1), ("dequant", 16)], 16),
+                       ([("dequant", 1), ("int8-cpu", 16)], 1), ([("int8-cpu", 1), ("dequant", 16)], 0)):
+        monkeypatch.setattr(module, "matmul", slowed(*slow))
+        assert Q.kernel_rows(module, "int8-cpu", torch.float32, repeats=3) == rows, slow
+    monkeypatch.setattr(module, "_int8_cpu", lambda x2: torch.zeros(x2.shape[0], 192, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="differ"):
+        Q.kernel_rows(module, "int8-cpu", torch.float32)

@@ -31,10 +31,14 @@ same number of bits, and the output projection (lm_head) is that same quantized 
   multiplies like the dequantized matrix; a GPU where it does not (older than Ampere, another torch)
   keeps THUDM's layout and the path below, with a warning. A matrix in that layout cannot be turned back:
   saving or moving the model then is an error (load the checkpoint again instead).
-- CUDA otherwise (8 bits, the -qe embeddings, a GPU without the int4 kernel): dequantize to the activation
-  dtype with a few torch element-wise kernels and multiply with cuBLAS -- THUDM's scheme (their fused
-  extraction kernels are compiled into their `quantization.py` and are not part of the `cpm_kernels`
-  package, which only loads them). Saves GPU memory, not time.
+- CUDA, 8 bits, few rows: torch's own int8 kernel (`aten._weight_int8pack_mm`) on the stored matrix, where
+  it is faster. Its speed differs between torch versions (some run one thread per output, which cuBLAS
+  beats by far), so at load it is timed against the path below on one layer matrix, at 1 and 16 rows,
+  after checking its results, and used up to the largest of those where it won (`cuda_int8_rows`).
+- CUDA otherwise (int8 where its kernel lost, the int4 -qe embeddings, a GPU without the int4 kernel):
+  dequantize to the activation dtype with a few torch element-wise kernels and multiply with cuBLAS --
+  THUDM's scheme (their fused extraction kernels are compiled into their `quantization.py` and are not
+  part of the `cpm_kernels` package, which only loads them). Saves GPU memory, not time.
 The CUDA paths do not run on this project's CPU-only test machines.
 """
 from __future__ import annotations
@@ -219,12 +223,13 @@ def _cpu_int8_kernel_ok() -> bool:
 _constants: dict[tuple, torch.Tensor] = {}
 
 
-def _unit_scales(kind: str, shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
-    """Shared read-only bf16 tensors: ones [N] (int8 kernel), or (scale 1, zero 0) pairs [G, N, 2] (int4)."""
-    key = (kind, shape, str(device))
+def _unit_scales(kind: str, shape: tuple[int, ...], device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Shared read-only tensors: ones [N] (int8 kernel), or (scale 1, zero 0) pairs [G, N, 2] (int4)."""
+    key = (kind, shape, str(device), dtype)
     tensor = _constants.get(key)
     if tensor is None:
-        tensor = torch.ones(shape, dtype=torch.bfloat16, device=device)
+        tensor = torch.ones(shape, dtype=dtype, device=device)
         if kind == "int4":
             tensor[..., 1] = 0
         _constants[key] = tensor
@@ -257,6 +262,7 @@ class QuantizedMatrix(nn.Module):
         self._layout_key: tuple | None = None
         self._scale_cache: tuple | None = None  # (weight_scale version key, dtype, scale in dtype)
         self._cuda_shape: torch.Size | None = None  # of `weight` seen as int32 in the CUDA int4 layout
+        self.cuda_int8_rows = 0  # input rows up to which torch's CUDA int8 kernel is used (see prepare)
         self._register_state_dict_hook(_thudm_layout_state_dict_hook)
 
     def extra_repr(self) -> str:
@@ -425,10 +431,12 @@ class QuantizedMatrix(nn.Module):
     # --- matmul ---------------------------------------------------------------------------------
 
     def kernel_path(self, rows: int, device: torch.device) -> str:
-        """Which implementation `matmul` uses for `rows` input rows: "int8-cpu", "int4-cpu", "int4-cuda",
-        "dequant"."""
+        """Which implementation `matmul` uses for `rows` input rows: "int8-cpu", "int4-cpu", "int8-cuda",
+        "int4-cuda", "dequant"."""
         if self._current_layout() == self.LAYOUT_CUDA_INT4:
             return "int4-cuda"  # every size of input: the matrix is in no other layout
+        if device.type == "cuda" and self.bits == 8 and rows <= self.cuda_int8_rows:
+            return "int8-cuda"
         if device.type != "cpu" or rows > CPU_KERNEL_MAX_ROWS[self.bits] or self.in_features % KERNEL_K_MULTIPLE:
             return "dequant"
         if self.bits == 8:
@@ -450,6 +458,9 @@ class QuantizedMatrix(nn.Module):
             out = self._int4_cpu(x2)
         elif path == "int4-cuda":
             out = self._int4_cuda(x2.to(torch.bfloat16).contiguous())
+        elif path == "int8-cuda":  # x's dtype [M, K] x int8 [N, K]^T -> [M, N], unit scales
+            ones = _unit_scales("int8", (self.out_features,), x2.device, x2.dtype)
+            out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, ones)
         elif path == "dequant":
             out = self._dequant_matmul(x2)
         else:
@@ -665,7 +676,14 @@ def quantized_modules(model: nn.Module) -> Iterable[tuple[str, QuantizedMatrix]]
 
 def prepare(model: nn.Module) -> nn.Module:
     """Build the kernel layouts now (right after loading): CPU int4 on the first forward otherwise; CUDA int4
-    (the layers' matrices: a lookup table must stay in THUDM's layout) only here."""
+    (the layers' matrices: a lookup table must stay in THUDM's layout) only here. On CUDA, also decide
+    where torch's int8 kernel is used."""
+    int8_cuda = [m for _, m in quantized_modules(model) if m.bits == 8 and m.weight.device.type == "cuda"]
+    if int8_cuda:
+        judged = next((m for m in int8_cuda if isinstance(m, QuantizedLinear)), int8_cuda[0])
+        rows = cuda_int8_rows(judged, getattr(model, "dtype", torch.float16))
+        for module in int8_cuda:
+            module.cuda_int8_rows = rows
     broken = None
     for name, module in quantized_modules(model):
         if module.bits != 4:
@@ -681,6 +699,59 @@ def prepare(model: nn.Module) -> nn.Module:
         log.warning("torch's CUDA int4 kernel cannot be used (%s); int4 matrices are dequantized for every "
                     "product instead, which is slower than fp16", broken)
     return model
+
+
+KERNEL_TRIAL_ROWS = (1, 16)  # input rows (a lone sequence, a batch) at which a kernel is timed against dequantizing
+
+
+def cuda_int8_rows(module: QuantizedMatrix, dtype: torch.dtype) -> int:
+    """Up to how many input rows torch's CUDA int8 kernel (`aten._weight_int8pack_mm`) should replace
+    dequantize + cuBLAS, judged on this matrix and GPU: the kernel must give the dequantized product's
+    results and take less time. Its speed is not known in advance: some torch versions run one thread per
+    output, reading each weight row on its own, far slower than cuBLAS. 0 where it loses or fails.
+    dtype: the activations'."""
+    try:
+        rows = kernel_rows(module, "int8-cuda", dtype, torch.cuda.synchronize)
+    except (RuntimeError, AttributeError) as error:  # no such kernel in this build, wrong results
+        log.warning("torch's CUDA int8 kernel cannot be used (%s); int8 matrices are dequantized for every "
+                    "product instead", error)
+        return 0
+    log.info("int8 on CUDA: torch's int8 kernel for up to %d rows, dequantize + cuBLAS %s", rows,
+             "above" if rows else "always (the kernel was slower)")
+    return rows
+
+
+def kernel_rows(module: QuantizedMatrix, path: str, dtype: torch.dtype,
+                synchronize: Callable[[], None] = lambda: None, repeats: int = 5) -> int:
+    """The largest of KERNEL_TRIAL_ROWS (all smaller ones included) at which matmul `path` beats "dequant"
+    on `module` (medians of `repeats` timings of 4 calls each); RuntimeError if it computes anything else."""
+    import statistics
+    import time
+
+    def seconds(x: torch.Tensor, how: str) -> float:
+        times = []
+        for _ in range(repeats):
+            synchronize()
+            start = time.perf_counter()
+            for _ in range(4):
+                module.matmul(x, path=how)
+            synchronize()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    weight = module.weight
+    generator = torch.Generator().manual_seed(0)
+    best = 0
+    with torch.no_grad():
+        for rows in KERNEL_TRIAL_ROWS:
+            x = torch.randn(rows, module.in_features, generator=generator).to(weight.device, dtype)
+            got, want = module.matmul(x, path=path).float(), module.matmul(x, path="dequant").float()
+            if not torch.allclose(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max())):
+                raise RuntimeError(f"{path}: its results differ from the dequantized matrix's")
+            if seconds(x, path) >= seconds(x, "dequant"):
+                break
+            best = rows
+    return best
 
 
 # --------------------------------------------------------------------------------------------------
