@@ -693,7 +693,7 @@ def prepare(model: nn.Module) -> nn.Module:
         elif module.weight.device.type == "cuda" and isinstance(module, QuantizedLinear) and broken is None:
             try:
                 module.to_cuda_int4_layout()  # False for a shape it does not take: that matrix is dequantized
-            except RuntimeError as error:  # no such kernel in this build, a GPU older than Ampere, wrong results
+            except (RuntimeError, NotImplementedError) as error:  # no such kernel, a GPU before Ampere, wrong results
                 broken = f"{name}: {error}"
     if broken:
         log.warning("torch's CUDA int4 kernel cannot be used (%s); int4 matrices are dequantized for every "
@@ -712,7 +712,7 @@ def cuda_int8_rows(module: QuantizedMatrix, dtype: torch.dtype) -> int:
     dtype: the activations'."""
     try:
         rows = kernel_rows(module, "int8-cuda", dtype, torch.cuda.synchronize)
-    except (RuntimeError, AttributeError) as error:  # no such kernel in this build, wrong results
+    except (RuntimeError, AttributeError, NotImplementedError) as error:  # no such kernel here, wrong results
         log.warning("torch's CUDA int8 kernel cannot be used (%s); int8 matrices are dequantized for every "
                     "product instead", error)
         return 0
