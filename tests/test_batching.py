@@ -126,16 +126,17 @@ def test_admission_is_bounded(tiny_engine):
         budget.add("y", "hi", None, params)  # two worst cases do not fit the token budget
 
 
-def test_cancel_stops_and_frees(tiny_engine):
-    batch = tiny_engine.batcher(max_batch=2)
+@pytest.mark.parametrize("shared_cache", [False, True])
+def test_cancel_stops_and_frees(tiny_engine, alone, shared_cache):
+    batch = tiny_engine.batcher(max_batch=2, shared_cache=shared_cache)
     batch.add("a", "hello", None, GREEDY)
-    batch.add("b", "橘子", None, GREEDY)
+    batch.add("b", QUERIES[1], None, GREEDY)
     batch.step()
     batch.step()
-    event = batch.cancel("a")
+    event = batch.cancel("a")  # in a shared cache, b moves into a's slot
     assert event.finished and event.finish_reason == "cancelled" and event.generated_tokens == 2
     assert batch.keys() == ["b"]
-    assert {e.key for e in batch.step()} == {"b"}
+    assert run(batch)["b"][0] == alone[QUERIES[1]][0][2:]
     assert batch.cancel("missing") is None
 
 

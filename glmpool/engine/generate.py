@@ -252,6 +252,7 @@ class Batcher:
                                      mask_position=mask_position, context_length=context_length)
         return len(prompt)
 
+    @torch.inference_mode()  # a shared cache moves another sequence into the freed slot
     def cancel(self, key: Hashable) -> TokenEvent | None:
         sequence = self.pending.pop(key, None) or self.running.pop(key, None)
         if sequence is None:
