@@ -56,7 +56,9 @@ class Job:
 class Slot:
     """One worker's place: its spec, current process and pipes, state and lifetime counters."""
     spec: WorkerSpec
-    state: str = "STARTING"  # STARTING -> RUNNING; BACKOFF after a death; FATAL; EXITED while stopping
+    # STARTING (without a process: waiting its turn to load) -> RUNNING; BACKOFF after a death; FATAL;
+    # EXITED while stopping
+    state: str = "STARTING"
     process: object = None
     tasks: object = None  # queue to the worker
     inbox: object = None  # the read end of the worker's own pipe
@@ -152,10 +154,11 @@ class Supervisor:
             signal.signal(sig, lambda signum, frame: self.signals.append(signum))
         self.watch = DirWatch(self.requests, self.flags, suffixes=spool.INPUT_SUFFIXES + (".cancel", ".flag"))
         self.queue_pending(self.claims_to_jobs(self.claims.orphans()))
-        for slot in self.slots:
-            self.spawn(slot)
+        self.respawn()  # STARTING without a process: each starts when it may load (see respawn)
         log.info("supervisor %d on %s: %d worker(s) on %s, spool %s", os.getpid(), self.config.host_id,
                  len(self.slots), ",".join(s.spec.label for s in self.slots), self.root)
+        if sum(s.spec.loads_on_host for s in self.slots) > 1:
+            log.info("workers whose model passes through host memory (cpu, or quantized at load) load one at a time")
         try:
             while not self.manage():
                 pass
@@ -371,12 +374,17 @@ class Supervisor:
                 slot.process.kill()
 
     def respawn(self) -> None:
+        """Start the workers due to (re)start. Those loading through host memory go one at a time."""
         if self.status == "stopping":
             return
         now = time.monotonic()
         for slot in self.slots:
-            if slot.state == "BACKOFF" and now >= slot.retry_at:
+            due = slot.state == "BACKOFF" and now >= slot.retry_at or slot.state == "STARTING" and slot.process is None
+            if due and not (slot.spec.loads_on_host and self.host_loading()):
                 self.spawn(slot)
+
+    def host_loading(self) -> bool:
+        return any(s.state == "STARTING" and s.process is not None and s.spec.loads_on_host for s in self.slots)
 
     def collect(self, timeout: float) -> None:
         """Handle every message the workers sent, waiting up to `timeout` for one (or for the spool to change)."""

@@ -55,6 +55,13 @@ class WorkerSpec:
     def label(self) -> str:
         return "cpu" if self.device == "cpu" else f"cuda:{self.device}"
 
+    @property
+    def loads_on_host(self) -> bool:
+        """Its model passes through host memory while loading: a cpu worker's stays there, and quantizing
+        at load holds the unquantized matrices on the host. Such workers load one at a time, so that each
+        one's memory check (engine.api.check_memory) sees what the others took."""
+        return self.device == "cpu" or bool(self.quantize)
+
 
 def main(spec: WorkerSpec, tasks, results) -> None:
     """Entry point of the spawned process."""

@@ -399,3 +399,11 @@ def test_pool_modules_do_not_import_torch():
             "glmpool.client, glmpool.config, glmpool.watch, glmpool.worker; "
             "sys.exit('torch' in sys.modules)")
     assert os.spawnve(os.P_WAIT, sys.executable, [sys.executable, "-c", code], ENV) == 0
+
+
+def test_cpu_workers_load_one_at_a_time(pool):
+    """Both load into the host's memory: the second starts once the first is ready, so that its memory
+    check sees what the first took."""
+    out = pool.output()
+    first = min((0, 1), key=lambda w: out.index(f"worker {w} (cpu) starting"))
+    assert out.index(f"worker {first} (cpu) ready") < out.index(f"worker {1 - first} (cpu) starting")
