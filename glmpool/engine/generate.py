@@ -199,7 +199,10 @@ class Batcher:
 
     @property
     def reserved_tokens(self) -> int:
-        return self._footprint([s.stop_length for s in (*self.pending.values(), *self.running.values())])
+        return self._footprint(self._stop_lengths())
+
+    def _stop_lengths(self) -> list[int]:
+        return [s.stop_length for s in (*self.pending.values(), *self.running.values())]
 
     def _footprint(self, stop_lengths: list[int]) -> int:
         """KV tokens the batch may come to hold: each sequence its own worst case, or, in a shared slab
@@ -228,8 +231,7 @@ class Batcher:
         if len(self) >= self.max_batch:
             return False
         stop = self.stop_length(prompt_tokens, params)
-        stops = [s.stop_length for s in (*self.pending.values(), *self.running.values())]
-        return self.max_kv_tokens is None or self._footprint([*stops, stop]) <= self.max_kv_tokens
+        return self.max_kv_tokens is None or self._footprint([*self._stop_lengths(), stop]) <= self.max_kv_tokens
 
     def add(self, key: Hashable, query: str, history: list | None = None,
             params: SamplingParams | None = None) -> int:
