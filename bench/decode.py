@@ -231,8 +231,8 @@ def main() -> None:
     where = f"{torch.get_num_threads()} threads" if args.device == "cpu" else args.device
     print(f"\nMemory read bandwidth (fp32 sum of 1 GiB, {where}, median of "
           f"{len(bandwidths)}): **{bandwidth:.1f} GB/s** (min {min(bandwidths):.1f}, max {max(bandwidths):.1f}).\n")
-    header = ("| variant | weight bytes/token | bound tok/s | prompt ms (32 tok) | decode tok/s (batch 1) | "
-              "% of bound | " + " | ".join(f"batch {b} tok/s" for b in batches) + " |")
+    header = "| variant | weight bytes/token | bound tok/s | prompt ms (32 tok) | decode tok/s (batch 1) | % of bound |"
+    header += "".join(f" batch {b} tok/s |" for b in batches)
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for name, engine in engines.items():
