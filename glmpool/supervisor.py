@@ -379,7 +379,8 @@ class Supervisor:
             return
         now = time.monotonic()
         for slot in self.slots:
-            due = slot.state == "BACKOFF" and now >= slot.retry_at or slot.state == "STARTING" and slot.process is None
+            waiting = slot.state == "STARTING" and slot.process is None
+            due = waiting or (slot.state == "BACKOFF" and now >= slot.retry_at)
             if due and not (slot.spec.loads_on_host and self.host_loading()):
                 self.spawn(slot)
 
