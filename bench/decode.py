@@ -2,6 +2,7 @@
 random model.
 
     python bench/decode.py [--rounds 3] [--batches 4,16,64] [--agreement] [--model DIR] [--device cuda]
+                           [--shared-cache auto|on|off]
                            [--variants fp32,fp32-reference,fp16w,int8,int4,int8-qe,int4-qe]
 
 Medium config (as the issue specifies): hidden 1024, 16 heads, inner 4096, 8 layers, vocab 130528, tied
@@ -91,10 +92,11 @@ def make_prompt(config, rng: random.Random) -> list[int]:
         + [config.gmask_token_id, config.bos_token_id]
 
 
-def measure(engine, batch: int, decode_steps: int, rng: random.Random) -> dict[str, float]:
+def measure(engine, batch: int, decode_steps: int, rng: random.Random,
+            shared_cache: bool | None = None) -> dict[str, float]:
     """One measurement of a variant: (prompt ms and decode tok/s) at batch 1, or aggregate tok/s at `batch`."""
     params = SamplingParams(do_sample=False, max_new_tokens=decode_steps + 8, max_length=4096)
-    batcher = engine.batcher(max_batch=batch)
+    batcher = engine.batcher(max_batch=batch, shared_cache=shared_cache)
     for i in range(batch):
         batcher.add_prompt(i, make_prompt(engine.config, rng), params)
     start = time.perf_counter()
@@ -179,6 +181,8 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU (then leave out --chatglm-cpp)")
+    parser.add_argument("--shared-cache", choices=("auto", "on", "off"), default="auto",
+                        help="KV caches in one slab with batched decode attention (auto: off the CPU only)")
     parser.add_argument("--agreement", action="store_true", help="also greedy token agreement against fp32")
     parser.add_argument("--agreement-prompts", type=int, default=8)
     parser.add_argument("--agreement-tokens", type=int, default=16)
@@ -204,17 +208,18 @@ def main() -> None:
     cpp_files = prepare_chatglm_cpp(model_dir, args.cache) if args.chatglm_cpp else {}
     cpp = {kind: [] for kind in cpp_files}
     rng = random.Random(0)
+    shared_cache = {"auto": None, "on": True, "off": False}[args.shared_cache]
     bandwidths = []
     results = {name: {"prompt_ms": [], "tokens_per_s": [], **{f"b{b}": [] for b in batches}} for name in names}
     for round_ in range(args.rounds):
         bandwidths.append(read_bandwidth(args.device))
         for name, engine in engines.items():
-            one = measure(engine, 1, args.decode_steps, rng)
+            one = measure(engine, 1, args.decode_steps, rng, shared_cache)
             results[name]["prompt_ms"].append(one["prompt_ms"])
             results[name]["tokens_per_s"].append(one["tokens_per_s"])
             for b in batches:
                 steps = max(4, args.decode_steps // max(1, b // 8))
-                results[name][f"b{b}"].append(measure(engine, b, steps, rng)["tokens_per_s"])
+                results[name][f"b{b}"].append(measure(engine, b, steps, rng, shared_cache)["tokens_per_s"])
             print(f"round {round_ + 1}/{args.rounds} {name}: " + ", ".join(
                 f"{k} {v[-1]:.1f}" for k, v in results[name].items()), file=sys.stderr, flush=True)
         for kind, path in cpp_files.items():
