@@ -278,3 +278,16 @@ def test_a_shared_cache_stays_within_the_kv_budget(tiny_engine):
             added += 1
             batch.add(f"r{added}", "hi", None, params)
     assert added == 30 and 0 < largest <= budget
+
+
+def test_the_padding_probe_refuses_attention_that_changes_with_neighbours(monkeypatch):
+    """padded_attention_exact compares a sequence's attention alone and among longer neighbours: a
+    difference in the last bit of any output makes it refuse (then each sequence keeps its own cache)."""
+    import torch
+    from glmpool.engine import model
+    from glmpool.engine.config import ModelConfig
+    config = ModelConfig(vocab_size=1000, hidden_size=128, num_layers=2, num_attention_heads=2, inner_hidden_size=512)
+    attend = model.PaddedDecode.attend
+    nudged = lambda self, *a: (lambda out: out if len(self.rows) == 1 else out * (1 + 2 ** -20))(attend(self, *a))
+    monkeypatch.setattr(model.PaddedDecode, "attend", nudged)
+    assert not model.padded_attention_exact(config, torch.float32, torch.device("cpu"))

@@ -11,7 +11,7 @@ from . import checkpoint, fbgemm, onednn
 from .config import ModelConfig
 from .errors import CheckpointError, EngineError
 from .generate import Batcher, SamplingParams
-from .model import ChatGLM
+from .model import ChatGLM, padded_attention_exact
 from .tokenizer import ChatGLMTokenizer
 
 log = logging.getLogger(__name__)
@@ -205,6 +205,10 @@ def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | tor
     elif matmul == "onednn" and onednn.usable(device, dtype):
         onednn.pack_model(net)
     net.eval().requires_grad_(False)
+    if device.type == "cpu" and matmul != "reference":  # batch-invariant: so must be the decode attention
+        net.padding_is_exact = padded_attention_exact(config, net.dtype, device)
+        log.info("decode attention: %s", "one KV slab for the batch (padding checked exact)" if net.padding_is_exact
+                 else "per sequence (padding would change results here)")
     quantized = f", int{bits}" + ("-qe" if embeddings or stored_embeddings else "") if bits else ""
     log.info("loaded %s (%d layers, hidden %d%s) on %s as %s", model, config.num_layers, config.hidden_size,
              quantized, device, str(dtype).removeprefix("torch."))

@@ -4,13 +4,13 @@ Each step prefills the sequences added since the last step (together, right-padd
 prompt, up to PREFILL_TOKENS padded tokens per forward pass) and advances every running sequence by one
 token in a single batched forward pass: the weights are read once for the whole batch, which is what
 makes batching nearly free while decoding is bound by memory bandwidth. Each sequence keeps its own
-sampling parameters and random generator, and its KV cache, freed the moment it finishes: on the CPU a
-cache of its own, elsewhere a slot of one slab shared by the batch (model.KVSlab), whose decode attention
-then runs for all sequences at once.
+sampling parameters and random generator, and its KV cache, freed the moment it finishes: a slot of one
+slab shared by the batch (model.KVSlab), whose decode attention then runs for all sequences at once, or,
+where that would change a sequence's results (see Batcher), a cache of its own.
 
 Admission is bounded by `max_batch` sequences and `max_kv_tokens` cached tokens, counted at the worst
-case (prompt + longest possible answer; in a slab, every slot at the longest), so a full batch can never
-run the device out of memory.
+case (prompt + longest possible answer; in a slab, every slot at the longest, rounded up to a multiple of
+model.SPAN_BLOCK), so a full batch can never run the device out of memory.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import Callable, Hashable
 import torch
 
 from .errors import AdmissionError, PromptTooLongError
-from .model import ChatGLM, KVCache, SlotCache, prefix_attention_mask, prompt_positions
+from .model import ChatGLM, KVCache, SlotCache, prefix_attention_mask, prompt_positions, round_up
 from .tokenizer import ChatGLMTokenizer, process_response
 
 INVALID_SCORE_TOKEN = 5  # where the reference puts all probability when logits are NaN/inf
@@ -177,8 +177,9 @@ class Batcher:
     def __init__(self, model: ChatGLM, tokenizer: ChatGLMTokenizer, max_batch: int = 16,
                  max_kv_tokens: int | None = None, shared_cache: bool | None = None):
         """shared_cache: keep the batch's KV caches in one slab and attend for all sequences at once while
-        decoding (model.KVSlab); None = only off the CPU, where it saves thousands of kernel launches a step
-        and batching was never bit-exact anyway."""
+        decoding (model.KVSlab); None = off the CPU (thousands of kernel launches a step fewer; batching
+        was never bit-exact there), and on the CPU where the model's padding is exact (see
+        model.padded_attention_exact): there batching must not change a sequence's results."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.model = model
@@ -186,7 +187,7 @@ class Batcher:
         self.max_batch = max_batch
         self.max_kv_tokens = max_kv_tokens
         if shared_cache is None:
-            shared_cache = model.device.type != "cpu"
+            shared_cache = model.device.type != "cpu" or model.padding_is_exact
         self.slab = model.new_slab() if shared_cache else None
         self.pending: dict[Hashable, Sequence] = {}  # added, not yet prefilled
         self.running: dict[Hashable, Sequence] = {}
@@ -209,7 +210,7 @@ class Batcher:
         whose slots all have one length, every slot the longest worst case."""
         if self.slab is None:
             return sum(stop_lengths)
-        return len(stop_lengths) * max(stop_lengths, default=0)
+        return len(stop_lengths) * round_up(max(stop_lengths, default=0))
 
     def stop_length(self, prompt_tokens: int, params: SamplingParams) -> int:
         """Validate a prompt's length against the window and `max_length`; return its final length bound."""
