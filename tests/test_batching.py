@@ -259,9 +259,10 @@ def test_a_shared_cache_stays_within_the_kv_budget(tiny_engine):
     """A slab holds slots x the longest worst case; admission counts it so, and the slab never outgrows
     the budget while sequences of different lengths come and go."""
     import random
+    from glmpool.engine.model import round_up
     long, short = SamplingParams(do_sample=False, max_new_tokens=120), SamplingParams(do_sample=False, max_new_tokens=8)
     prompt = len(tiny_engine.tokenizer.build_prompt("hi", []))
-    budget = 2 * (prompt + 120) + 10  # a slab of two slots, one long: doubling its capacity would not fit
+    budget = 2 * round_up(prompt + 120) + 10  # a slab of two slots, one long: doubling its capacity would not fit
     batch = tiny_engine.batcher(max_batch=6, max_kv_tokens=budget, shared_cache=True)
     batch.add("long", "hi", None, long)
     assert batch.has_room(prompt, short)
