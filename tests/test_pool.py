@@ -407,3 +407,30 @@ def test_cpu_workers_load_one_at_a_time(pool):
     out = pool.output()
     first = min((0, 1), key=lambda w: out.index(f"worker {w} (cpu) starting"))
     assert out.index(f"worker {first} (cpu) ready") < out.index(f"worker {1 - first} (cpu) starting")
+
+
+def test_a_burst_through_a_shared_kv_slab_answers_as_one_at_a_time(tmp_path, cache_dir):
+    """Heads of 64 dims with `--matmul onednn`: the worker decodes a burst through one KV slab (its padding
+    checked exact at load), the requests leaving at different steps; each answer is the one the same
+    request gets alone."""
+    from glmpool.engine import load
+    from glmpool.engine.tiny import write_tiny_checkpoint
+    model = write_tiny_checkpoint(tmp_path / "wide", hidden=128, heads=2, seed=2)
+    if not load(model, progress=False, matmul="onednn").model.padding_is_exact:
+        pytest.skip("padded decode attention is not exact on this machine: no slab on the CPU")
+    pool = Pool(tmp_path / "spool", cache_dir, "--gpus", "cpu", "--model", str(model), "--matmul", "onednn",
+                "--max-batch", "8").start()
+    try:
+        pool.wait_running()
+        bodies = [{"query": q, "do_sample": False, "max_new_tokens": n}
+                  for q, n in (("你好", 4), ("hello there, how are you?", 9), ("橘子", 14), ("what is the time", 20))]
+        alone = []
+        for i, body in enumerate(bodies):
+            json_request(pool.root, f"alone{i}", body)
+            alone.append(outcome(pool.root, f"alone{i}"))
+        for i, body in enumerate(bodies):
+            json_request(pool.root, f"burst{i}", body)
+        assert [outcome(pool.root, f"burst{i}") for i in range(len(bodies))] == alone
+        assert {meta(pool.root, f"burst{i}")["generated_tokens"] for i in range(len(bodies))} != {4}
+    finally:
+        pool.kill()

@@ -73,7 +73,8 @@ class KVSlab:
     sequences in slots 0..B-1 (see SlotCache). One decode step's attention is then 8 calls per layer for
     the whole batch, padded to the longest sequence and masked (`PaddedDecode`), instead of 8 per sequence
     and layer: on a GPU each call is a kernel launch, ~3600 a step for ChatGLM-6B at batch 16 against 224;
-    on the CPU, 5-7% of a batch-16 step. Capacities are multiples of SPAN_BLOCK.
+    on the CPU, used only where the padding is exact (padded_attention_exact), a few percent of a
+    batch-16 step. Capacities are multiples of SPAN_BLOCK.
 
     A position past its sequence's length holds zero: padding gets probability exactly 0, and 0 x a stale
     NaN would still be NaN. Grown one layer at a time, so growing briefly needs one layer's worth more.
@@ -181,10 +182,12 @@ class PaddedDecode:
         """q [B, n, 1, d] (already divided by sqrt(d) * scale), key_value [B, 2, n, 1, d] -> context [B, n, 1, d]."""
         data = self.slab.layers[layer]  # [2, slots, n, capacity, d]
         data[:, self.rows, :, self.positions] = key_value[:, :, :, 0]  # indexed dims first: [B, 2, n, d]
-        keys, values = data[:, :len(self.rows), :, :self.padding.shape[-1]]  # [B, n, span, d] each
-        scores = (q @ keys.transpose(2, 3)).float() * scale  # [B, n, 1, span]
-        scores.masked_fill_(self.padding, -math.inf)
-        return F.softmax(scores, dim=-1).type(q.dtype) @ values
+        B, n, _, d = q.shape
+        span = self.padding.shape[-1]
+        keys, values = data[:, :B, :, :span].flatten(1, 2)  # [B * n, span, d] each, views of the slab
+        scores = torch.bmm(q.reshape(B * n, 1, d), keys.transpose(1, 2)).float() * scale  # [B * n, 1, span]
+        scores.view(B, n, 1, span).masked_fill_(self.padding, -math.inf)
+        return torch.bmm(F.softmax(scores, dim=-1).type(q.dtype), values).view(B, n, 1, d)
 
 
 @torch.inference_mode()
@@ -298,8 +301,8 @@ class SelfAttention(nn.Module):
         key_value = torch.stack((k, v), dim=1).transpose(2, 3)  # [B, 2, n, T, d]
         if padded is not None:
             return project(self.dense, padded.attend(self.layer_id, q, key_value, scale).view(B, T, H))
-        # Every sequence has its own cache length, so attention runs per sequence (cheap next to the
-        # weight reads of the projections, which are batched); the loop body is kept to a few calls.
+        # Prompts, and decode steps without a shared slab: attention per sequence, each over its own
+        # cache length (the loop body is kept to a few calls).
         # Sequences of a batched prefill are right-padded to T: sequence b has lengths[b] real tokens, and
         # its padding gets a zero context (it is never read).
         context = x.new_zeros(B, self.n_heads, T, self.head_dim)
