@@ -82,8 +82,8 @@ def test_batching_keeps_every_logit_bit_for_bit_with_onednn(tiny_dir, wide_head_
     """With matmul="onednn" (or "fbgemm-fp16") a sequence's logits are the same bits alone or batched, at
     every step, with one KV cache per sequence (the tiny model's 16-dim heads) or, where padding was found
     exact at load (64-dim heads, on the machines this was written on), one slab for the batch with decode
-    attention padded to the longest sequence; one sequence leaves early, and the last slot's moves into
-    its place. With the reference's matmuls (F.linear alone, W @ x^T batched) they are not, only the
+    attention padded to the longest sequence (or, beside a much longer prompt, sequence by sequence over
+    each one's own span); sequences leave early, and the last slot's moves into the freed one. With the reference's matmuls (F.linear alone, W @ x^T batched) they are not, only the
     greedy tokens."""
     from glmpool.engine import SamplingParams, load
 
@@ -92,8 +92,13 @@ def test_batching_keeps_every_logit_bit_for_bit_with_onednn(tiny_dir, wide_head_
     assert not padded if head == "tiny" or matmul == "reference" else True
     if head == "wide" and matmul != "reference" and not padded:
         pytest.skip("padded decode attention is not exact on this machine: one cache per sequence, as for tiny")
-    queries = ["你好", "hello there, how are you?", "橘子", "what is the time"]
-    params = {q: SamplingParams(do_sample=False, max_new_tokens=3 if q == "你好" else 8) for q in queries}
+    long = "please tell me everything about the model server and its many requests " * 10
+    queries = ["你好", "hello there, how are you?", "橘子", "what is the time", long]
+    params = {q: SamplingParams(do_sample=False, max_new_tokens={"你好": 3, long: 4}.get(q, 8)) for q in queries}
+    from glmpool.engine import model
+    groups = []  # per decode step through the slab: 1 (all at once) or one group per sequence
+    init = model.PaddedDecode.__init__
+    record = lambda self, *a: (init(self, *a), groups.append(len(self.groups)))[0]
 
     def logits_of(batch) -> dict:
         seen = {}
@@ -116,7 +121,11 @@ def test_batching_keeps_every_logit_bit_for_bit_with_onednn(tiny_dir, wide_head_
     assert (batch.slab is not None) == padded
     for q in queries:
         batch.add(q, q, None, params[q])
-    together = logits_of(batch)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model.PaddedDecode, "__init__", record)
+        together = logits_of(batch)
+    if padded:  # the long prompt: sequence by sequence (padding would read 3x the cache); once it left, at once
+        assert groups[0] == len(queries) and groups[-1] == 1
     identical = all(len(together[q]) == len(alone[q]) and all(map(torch.equal, together[q], alone[q]))
                     for q in queries)
     assert identical == (matmul != "reference")

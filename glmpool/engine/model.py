@@ -137,15 +137,11 @@ class KVSlab:
         cache.slab = None
 
     def decode_step(self, caches: list) -> PaddedDecode | None:
-        """The batched decode attention of one new token for each of `caches`, if they are this slab's
-        occupants in slot order (as the Batcher passes them); otherwise None."""
+        """The decode attention of one new token for each of `caches`, if they are this slab's occupants in
+        slot order (as the Batcher passes them); otherwise None."""
         if len(caches) != len(self.occupants) or any(c is not o for c, o in zip(caches, self.occupants)):
             return None
-        lengths = torch.tensor([c.length + 1 for c in caches], device=self.device)  # after this token
-        span = round_up(max(c.length for c in caches) + 1)
-        padding = torch.arange(span, device=self.device) >= lengths[:, None]  # [B, span]
-        return PaddedDecode(self, torch.arange(len(caches), device=self.device), lengths - 1,
-                            padding[:, None, None, :])
+        return PaddedDecode(self, [c.length + 1 for c in caches])
 
 
 class SlotCache:
@@ -169,25 +165,49 @@ class SlotCache:
         self.length += new_tokens
 
 
+PADDING_WASTE = 2.0  # attend sequence by sequence where padding would read more than this many times the cache
+
+
 class PaddedDecode:
     """One decode step's attention for slots 0..B-1 of a slab: each sequence's new key and value written
-    at its own position, then the whole batch attends at once over the longest length, the rest masked."""
+    at its own position, then the whole batch attends at once over the longest span, the rest masked.
 
-    def __init__(self, slab: KVSlab, rows: torch.Tensor, positions: torch.Tensor, padding: torch.Tensor):
+    Where the lengths differ so much that padding would read more than PADDING_WASTE times what the
+    sequences hold (one long conversation among short ones), each sequence attends alone over its own
+    span instead: more calls, no wasted reads. Either way a sequence gets the same bits where the padding
+    is exact (padded_attention_exact compares exactly these two)."""
+
+    def __init__(self, slab: KVSlab, lengths: list[int], padding_waste: float = PADDING_WASTE):
+        device = slab.device
         self.slab = slab
-        self.rows, self.positions = rows, positions  # [B] each: slot and position of the new token
-        self.padding = padding  # [B, 1, 1, span] bool, True past a sequence's length
+        self.rows = torch.arange(len(lengths), device=device)  # [B] slot of each sequence
+        self.positions = torch.tensor(lengths, device=device) - 1  # [B] where its new key and value go
+        spans = [round_up(length) for length in lengths]
+        if len(lengths) * max(spans) <= padding_waste * sum(spans):
+            self.groups = [(0, len(lengths), max(spans))]  # (first slot, end, span)
+        else:
+            self.groups = [(i, i + 1, span) for i, span in enumerate(spans)]
+        # per group [rows, 1, 1, span] bool, True past a sequence's length
+        self.paddings = [torch.arange(span, device=device) >= self.positions[start:end, None, None, None] + 1
+                         for start, end, span in self.groups]
 
     def attend(self, layer: int, q: torch.Tensor, key_value: torch.Tensor, scale: float) -> torch.Tensor:
         """q [B, n, 1, d] (already divided by sqrt(d) * scale), key_value [B, 2, n, 1, d] -> context [B, n, 1, d]."""
         data = self.slab.layers[layer]  # [2, slots, n, capacity, d]
         data[:, self.rows, :, self.positions] = key_value[:, :, :, 0]  # indexed dims first: [B, 2, n, d]
-        B, n, _, d = q.shape
-        span = self.padding.shape[-1]
-        keys, values = data[:, :B, :, :span].flatten(1, 2)  # [B * n, span, d] each, views of the slab
-        scores = torch.bmm(q.reshape(B * n, 1, d), keys.transpose(1, 2)).float() * scale  # [B * n, 1, span]
-        scores.view(B, n, 1, span).masked_fill_(self.padding, -math.inf)
-        return torch.bmm(F.softmax(scores, dim=-1).type(q.dtype), values).view(B, n, 1, d)
+        contexts = [self._attend(data[:, start:end, :, :span], q[start:end], padding, scale)
+                    for (start, end, span), padding in zip(self.groups, self.paddings)]
+        return contexts[0] if len(contexts) == 1 else torch.cat(contexts)
+
+    @staticmethod
+    def _attend(data: torch.Tensor, q: torch.Tensor, padding: torch.Tensor, scale: float) -> torch.Tensor:
+        """data [2, R, n, span, d], q [R, n, 1, d], padding [R, 1, 1, span] -> context [R, n, 1, d]."""
+        R, n, _, d = q.shape
+        span = data.shape[3]
+        keys, values = data.flatten(1, 2)  # [R * n, span, d] each, views of the slab
+        scores = torch.bmm(q.reshape(R * n, 1, d), keys.transpose(1, 2)).float() * scale  # [R * n, 1, span]
+        scores.view(R, n, 1, span).masked_fill_(padding, -math.inf)
+        return torch.bmm(F.softmax(scores, dim=-1).type(q.dtype), values).view(R, n, 1, d)
 
 
 @torch.inference_mode()
@@ -216,8 +236,8 @@ def padded_attention_exact(config: ModelConfig, dtype: torch.dtype, device: torc
                 cache.length = cache_length
                 slab.layers[0][:, cache.slot, :, :cache_length] = random(2, n, cache_length, d)
             slab.layers[0][:, 0, :, :length] = keys_values
-            rows = len(lengths)
-            results.append(slab.decode_step(slab.occupants).attend(0, q[:rows], new_key_value[:rows], 3.0)[0])
+            rows, step = len(lengths), PaddedDecode(slab, [c.length + 1 for c in slab.occupants], math.inf)
+            results.append(step.attend(0, q[:rows], new_key_value[:rows], 3.0)[0])  # all at once: padded
         if not torch.equal(*results):
             return False
     return True
