@@ -16,7 +16,8 @@ engine.stream_chat(...)  # yields (partial_response, history)
 params = SamplingParams(do_sample=True, top_p=0.7, temperature=0.95, top_k=50,
                         max_length=2048, max_new_tokens=None, seed=None)   # validated in __post_init__ (ValueError)
 batch = engine.batcher(max_batch=16, max_kv_tokens=None, shared_cache=None)   # continuous batching; one per
-                         # worker; shared_cache: one KV slab, batched decode attention (default: off the CPU)
+                         # worker; shared_cache: one KV slab, batched decode attention (default: off the
+                         # CPU, and on it where load() found the padding exact)
 batch.add(key, query, history, params)   # prefill happens in the next step(); raises
                                          #   AdmissionError (no room now: retry later, nothing changed),
                                          #   PromptTooLongError / ValueError (permanent: report as error)
