@@ -83,13 +83,14 @@ def test_batching_keeps_every_logit_bit_for_bit_with_onednn(tiny_dir, wide_head_
     every step, with one KV cache per sequence (the tiny model's 16-dim heads) or, where padding was found
     exact at load (64-dim heads, on the machines this was written on), one slab for the batch with decode
     attention padded to the longest sequence (or, beside a much longer prompt, sequence by sequence over
-    each one's own span); sequences leave early, and the last slot's moves into the freed one. With the reference's matmuls (F.linear alone, W @ x^T batched) they are not, only the
-    greedy tokens."""
+    each one's own span); sequences leave early, and the last slot's moves into the freed one. With the
+    reference's matmuls (F.linear alone, W @ x^T batched) they are not, only the greedy tokens."""
     from glmpool.engine import SamplingParams, load
 
     engine = load(tiny_dir if head == "tiny" else wide_head_dir, progress=False, matmul=matmul)
     padded = engine.model.padding_is_exact
-    assert not padded if head == "tiny" or matmul == "reference" else True
+    if head == "tiny" or matmul == "reference":
+        assert not padded
     if head == "wide" and matmul != "reference" and not padded:
         pytest.skip("padded decode attention is not exact on this machine: one cache per sequence, as for tiny")
     long = "please tell me everything about the model server and its many requests " * 10
