@@ -182,7 +182,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU (then leave out --chatglm-cpp)")
     parser.add_argument("--shared-cache", choices=("auto", "on", "off"), default="auto",
-                        help="KV caches in one slab with batched decode attention (auto: off the CPU only)")
+                        help="KV caches in one slab with batched decode attention (auto: on a GPU, and "
+                             "on the CPU where load() found the padding exact)")
     parser.add_argument("--agreement", action="store_true", help="also greedy token agreement against fp32")
     parser.add_argument("--agreement-prompts", type=int, default=8)
     parser.add_argument("--agreement-tokens", type=int, default=16)

@@ -234,8 +234,8 @@ def padded_attention_exact(config: ModelConfig, dtype: torch.dtype, device: torc
             for cache_length in lengths:
                 cache = slab.attach()
                 cache.length = cache_length
-                slab.layers[0][:, cache.slot, :, :cache_length] = random(2, n, cache_length, d)
-            slab.layers[0][:, 0, :, :length] = keys_values
+                slab.layers[0][:, cache.slot, :, :cache_length] = (random(2, n, cache_length, d) if cache.slot
+                                                                   else keys_values)
             rows, step = len(lengths), PaddedDecode(slab, [c.length + 1 for c in slab.occupants], math.inf)
             results.append(step.attend(0, q[:rows], new_key_value[:rows], 3.0)[0])  # all at once: padded
         if not torch.equal(*results):

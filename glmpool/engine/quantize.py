@@ -310,9 +310,7 @@ class QuantizedMatrix(nn.Module):
             x = torch.randn(2, K, generator=torch.Generator().manual_seed(0)).to(w.device, torch.bfloat16)
             got = self._int4_cuda(x, packed).float()  # [2, N] = x @ q^T
             columns = torch.cat((torch.arange(0, N, max(1, N // 256)), torch.tensor([N - 1]))).to(w.device)
-            want = x.float() @ unpack_int4(w[columns]).float().t()
-            if not torch.allclose(got[:, columns], want, rtol=1e-2, atol=1e-2 * float(want.abs().max())):
-                raise RuntimeError("its results differ from the dequantized matrix's")
+            _check_like_dequantized(got[:, columns], x.float() @ unpack_int4(w[columns]).float().t())
             w.view(torch.int32).view(packed.shape).copy_(packed)
         self._layout, self._layout_key, self._cuda_shape = self.LAYOUT_CUDA_INT4, _tensor_key(w), packed.shape
         return True
@@ -701,6 +699,13 @@ def prepare(model: nn.Module) -> nn.Module:
     return model
 
 
+def _check_like_dequantized(got: torch.Tensor, want: torch.Tensor) -> None:
+    """A kernel on trial (on the device, at load) must match the dequantized product within 1%."""
+    got, want = got.float(), want.float()
+    if not torch.allclose(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max())):
+        raise RuntimeError("its results differ from the dequantized matrix's")
+
+
 KERNEL_TRIAL_ROWS = (1, 16)  # input rows (a lone sequence, a batch) at which a kernel is timed against dequantizing
 
 
@@ -745,9 +750,7 @@ def kernel_rows(module: QuantizedMatrix, path: str, dtype: torch.dtype,
     with torch.no_grad():
         for rows in KERNEL_TRIAL_ROWS:
             x = torch.randn(rows, module.in_features, generator=generator).to(weight.device, dtype)
-            got, want = module.matmul(x, path=path).float(), module.matmul(x, path="dequant").float()
-            if not torch.allclose(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max())):
-                raise RuntimeError(f"{path}: its results differ from the dequantized matrix's")
+            _check_like_dequantized(module.matmul(x, path=path), module.matmul(x, path="dequant"))
             if seconds(x, path) >= seconds(x, "dequant"):
                 break
             best = rows
