@@ -3,11 +3,12 @@ random model.
 
     python bench/decode.py [--rounds 3] [--batches 4,16,64] [--agreement] [--model DIR] [--device cuda]
                            [--shared-cache auto|on|off]
-                           [--variants fp32,fp32-reference,fp16w,int8,int4,int8-qe,int4-qe]
+                           [--variants fp32,fp32-no-row-kernel,fp32-4k-pages,fp32-reference,fp16w,int8,...]
 
 Medium config (as the issue specifies): hidden 1024, 16 heads, inner 4096, 8 layers, vocab 130528, tied
 embeddings, ~234 M parameters (0.94 GB in fp32), random weights from `glmpool.engine.tiny`, built once
-into .cache/. fp32 runs with `matmul="onednn"`; fp32-reference with THUDM's own F.linear
+into .cache/. fp32 runs with `matmul="onednn"` (a lone row through glmpool's row kernel where it is built;
+fp32-no-row-kernel: through oneDNN; fp32-4k-pages: weights left off huge pages); fp32-reference with THUDM's own F.linear
 (`matmul="reference"`), for comparison; fp16w is fp16 weights with fp32 arithmetic
 (`matmul="fbgemm-fp16"`, the pool's default; the checkpoint is stored in fp16 as THUDM's are, so it
 loses nothing), and the quantized variants run with that default too (for int8/int4 it holds the
@@ -30,13 +31,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from glmpool.engine import SamplingParams, load  # noqa: E402
-from glmpool.engine import fbgemm, onednn  # noqa: E402
+from glmpool.engine import fbgemm, hugepages, onednn, row_kernel  # noqa: E402
 from glmpool.engine import quantize as Q  # noqa: E402
 
 MEDIUM = dict(layers=8, hidden=1024, heads=16, inner=4096, vocab=130528, seed=0)
@@ -147,6 +149,12 @@ def build_variants(model_dir: Path, names: list[str], device: str = "cpu") -> di
             engine = load(model_dir, matmul="fbgemm-fp16", **on)
         elif name == "fp32":
             engine = load(model_dir, dtype="float32", matmul="onednn", **on)
+        elif name == "fp32-no-row-kernel":  # as fp32, lone rows through oneDNN (as before row_kernel.c)
+            with mock.patch.object(row_kernel, "probe", lambda *args: None):
+                engine = load(model_dir, dtype="float32", matmul="onednn", **on)
+        elif name == "fp32-4k-pages":  # as fp32, the weights left on 4 KB pages (as before hugepages.py)
+            with mock.patch.object(hugepages, "weights_on_huge_pages", lambda net: 0):
+                engine = load(model_dir, dtype="float32", matmul="onednn", **on)
         else:  # quantized: what the pool runs (its default matmul; the -qe variants have no float matrix left)
             engine = load(model_dir, quantize=name.removeprefix("int"), matmul="fbgemm-fp16", **on)
         # Random weights may well predict <eop>; the bench wants every sequence decoding every step.

@@ -67,6 +67,9 @@ def main(spec: WorkerSpec, tasks, results) -> None:
     """Entry point of the spawned process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
     os.environ["CUDA_VISIBLE_DEVICES"] = "" if spec.device == "cpu" else spec.device
+    # torch then allocates tensors of 2 MB and more on huge pages, so the weights load straight onto them
+    # instead of being moved there afterwards (engine/hugepages.py); read once, before torch allocates.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     logging.basicConfig(level=logging.WARNING, format=f"[%(levelname)s worker {spec.wid}]: %(message)s")
     from .engine import EngineError, load
     if spec.threads:

@@ -1,28 +1,70 @@
 """oneDNN fp32 matmuls (glmpool.engine.onednn): the same numbers for a row however many rows go with it."""
 import copy
+import platform
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from glmpool.engine import fbgemm, onednn
+from glmpool.engine import fbgemm, onednn, row_kernel
 
 pytestmark = pytest.mark.skipif(not onednn.available(), reason="this torch has no usable oneDNN linear")
 
 
-@pytest.mark.parametrize("shape", [(4096, 1024), (1024, 4096), (192, 64)])  # medium model's MLP; tiny's qkv
+@pytest.mark.parametrize("shape", [(4096, 1024), (1024, 4096), (192, 64), (100, 48)])  # medium MLP; tiny qkv
 @pytest.mark.parametrize("packed", [True, False])
 def test_a_row_gives_the_same_bits_alone_and_in_any_batch(shape, packed):
     torch.manual_seed(0)
     weight, bias = torch.randn(shape), torch.randn(shape[0])
     operand = torch.ops.mkldnn._reorder_linear_weight(weight) if packed else weight
     x = torch.randn(33, shape[1])
-    pad = onednn.pads_lone_row(operand)
-    together = onednn.linear(x, operand, bias, pad)
+    lone_row = onednn.lone_row_route(operand, bias)
+    assert bool(lone_row.chunk) == (packed and row_kernel.available())  # the kernel reads packed weights only
+    together = onednn.linear(x, operand, bias, lone_row)
     for rows in (1, 2, 3, 16, 17):
-        assert torch.equal(onednn.linear(x[:rows], operand, bias, pad), together[:rows]), rows
+        assert torch.equal(onednn.linear(x[:rows], operand, bias, lone_row), together[:rows]), rows
     assert torch.equal(onednn.linear(x.view(3, 11, -1), operand, bias), together.view(3, 11, -1))
     assert torch.allclose(together, F.linear(x, weight, bias), rtol=1e-4, atol=1e-3)
+
+
+needs_row_kernel = pytest.mark.skipif(not row_kernel.available(),
+                                      reason="glmpool's row kernel is not built or this CPU lacks AVX-512")
+
+
+def test_row_kernel_is_built_where_a_c_compiler_is():
+    if platform.machine() != "x86_64" or not shutil.which("cc"):
+        pytest.skip("no C compiler on an x86-64 machine: glmpool installs without its kernel")
+    assert row_kernel.library_path() is not None, "setup.py did not build glmpool/engine/row_kernel.c"
+
+
+@needs_row_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_row_kernel_sums_as_onednn_does_among_other_rows_and_only_with_its_chunk(threads):
+    torch.manual_seed(3)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for out, inner in [(4096, 1024), (1000, 4096), (130, 2048)]:  # outputs not a multiple of 64 too
+            weight, bias = torch.randn(out, inner), torch.randn(out)
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+            x = torch.randn(17, inner)
+            among_others = onednn.linear(x, packed, bias)
+            chunk = onednn.lone_row_route(packed, bias).chunk
+            for row in (0, 16):
+                assert torch.equal(row_kernel.row_times_packed(x[row], packed, bias, out, chunk), among_others[row])
+            others = [c for c in (inner, inner // 2, inner // 4) if c != chunk]
+            assert not torch.equal(row_kernel.row_times_packed(x[0], packed, bias, out, others[0]), among_others[0])
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_row_kernel
+def test_row_kernel_refuses_what_it_cannot_read():
+    weight = torch.randn(128, 40)  # 40 inputs: not in 16-input sub-blocks
+    assert not row_kernel.fits(torch.ops.mkldnn._reorder_linear_weight(weight), 128, 40)
+    assert not row_kernel.fits(torch.randn(128, 64), 128, 64)  # a plain tensor
+    assert onednn.lone_row_route(torch.ops.mkldnn._reorder_linear_weight(weight), None).chunk is None
 
 
 def test_pack_linears_swaps_every_linear_and_keeps_what_it_computes():

@@ -7,7 +7,7 @@ from typing import Iterator
 
 import torch
 
-from . import checkpoint, fbgemm, onednn
+from . import checkpoint, fbgemm, hugepages, onednn
 from .config import ModelConfig
 from .errors import CheckpointError, EngineError
 from .generate import Batcher, SamplingParams
@@ -205,6 +205,8 @@ def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | tor
     elif matmul == "onednn" and onednn.usable(device, dtype):
         onednn.pack_model(net)
     net.eval().requires_grad_(False)
+    if device.type == "cpu":
+        hugepages.weights_on_huge_pages(net)
     if device.type == "cpu" and matmul != "reference":  # batch-invariant: so must be the decode attention
         net.padding_is_exact = padded_attention_exact(config, net.dtype, device)
         log.info("decode attention: %s", "one KV slab for the batch (padding checked exact)" if net.padding_is_exact

@@ -10,19 +10,23 @@ rows, and 20 ms instead of 25 ms for one row, since a lone row on the plain tabl
 two (below).
 
 Batching must not change results: a row's output must not depend on how many rows are multiplied with
-it. From 2 rows up oneDNN sums every row in the same order, but a lone row may take a GEMV kernel that
-sums in another, depending on the shape (seen for K = 4096, not for K = 1024). Each weight is probed
-once, when it is set up (pads_lone_row): where a lone row comes out different, it is computed as two
-(itself twice), which costs time, but only there.
+it. From 2 rows up oneDNN sums every row in the same order, but a lone row takes a GEMV kernel that sums
+in another, and streams the weight slower (~21-24 GB/s here). So a lone row goes, per weight, by the
+first of these that gives it the bits it gets among others (lone_row_route, probed once at setup):
+glmpool's own row kernel (row_kernel.py: oneDNN's multi-row order, ~27-33 GB/s), oneDNN's GEMV where it
+happens to agree (seen for K = 1024, not for K = 4096), or oneDNN with the row computed as two (itself
+twice), which costs time, but only there.
 """
 from __future__ import annotations
 
 import copy
 import functools
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from . import row_kernel
 from .quantize import replace_module
 
 
@@ -46,22 +50,35 @@ def _matmul(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
 
 
-def pads_lone_row(weight: torch.Tensor) -> bool:
-    """Whether a lone row must be multiplied by `weight` as two to get the bits it gets among others."""
-    x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0))
-    return not torch.equal(_matmul(x[:1], weight, None), _matmul(x, weight, None)[:1])
+class LoneRow(NamedTuple):
+    """How a lone row is multiplied by a weight to get the bits it gets among other rows."""
+    chunk: int | None = None  # by the row kernel, with this chunk length (row_kernel.c)
+    pad: bool = False  # else by oneDNN as two rows (itself twice), where alone it would sum differently
+
+
+def lone_row_route(weight: torch.Tensor, bias: torch.Tensor | None) -> LoneRow:
+    """Probe how a lone row must be multiplied by `weight` (plain or reordered) to keep its bits."""
+    out_features, in_features = weight.shape
+    x = torch.randn(3, in_features, generator=torch.Generator().manual_seed(0))
+    among_others = _matmul(x, weight, bias)[0]
+    chunk = row_kernel.probe(weight, bias, out_features, in_features, x[0], among_others)
+    if chunk is not None:
+        return LoneRow(chunk=chunk)
+    return LoneRow(pad=not torch.equal(_matmul(x[:1], weight, bias)[0], among_others))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           pad_lone_row: bool = False) -> torch.Tensor:
+           lone_row: LoneRow = LoneRow()) -> torch.Tensor:
     """x [..., in] @ weight [out, in]^T + bias; `weight` plain or reordered by `_reorder_linear_weight`;
-    pad_lone_row: pads_lone_row(weight), see the module docstring."""
+    lone_row: lone_row_route(weight, bias), see the module docstring."""
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] == 1 and pad_lone_row:
+    if rows.shape[0] == 1 and lone_row.chunk:
+        out = row_kernel.row_times_packed(rows[0], weight, bias, weight.shape[0], lone_row.chunk)
+    elif rows.shape[0] == 1 and lone_row.pad:
         out = _matmul(rows.expand(2, -1).contiguous(), weight, bias)[:1]
     else:
         out = _matmul(rows, weight, bias)
-    return out.view(*x.shape[:-1], out.shape[-1])
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 class PackedLinear(nn.Module):
@@ -73,7 +90,7 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight.detach()), persistent=False)
         self.bias = bias
-        self.pad_lone_row = pads_lone_row(self.packed)
+        self.lone_row = lone_row_route(self.packed, bias)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -84,7 +101,7 @@ class PackedLinear(nn.Module):
         return PackedLinear(self.weight, copy.deepcopy(self.bias, memo))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.packed, self.bias, self.pad_lone_row)
+        return linear(x, self.packed, self.bias, self.lone_row)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN layout"
@@ -100,7 +117,7 @@ class TiedEmbedding(nn.Embedding):
         tied.weight = embedding.weight  # shared, not copied
         tied.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(tied.weight.detach()),
                              persistent=False)
-        tied.pad_lone_row = pads_lone_row(tied.packed)
+        tied.lone_row = lone_row_route(tied.packed, None)
         return tied
 
     def __deepcopy__(self, memo: dict) -> TiedEmbedding:  # an opaque tensor has no storage to copy
@@ -109,7 +126,7 @@ class TiedEmbedding(nn.Embedding):
         return TiedEmbedding.from_embedding(plain)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.packed, None, self.pad_lone_row)
+        return linear(hidden, self.packed, None, self.lone_row)
 
 
 def usable(device: torch.device, dtype: torch.dtype) -> bool:

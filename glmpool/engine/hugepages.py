@@ -1,0 +1,73 @@
+"""A CPU model's weights moved onto 2 MB pages (Linux transparent huge pages).
+
+Decoding streams every weight once per token. On 4 KB pages that is a TLB miss every 4 KB of it, and
+the page walks cost the stream: measured on this project's 2-core machines, a lone fp32 row times a
+oneDNN-packed weight streamed 18-25% faster once the weight sat on 2 MB pages, and the medium model
+decoded fp32 1.13x faster (the medians of 6 alternating rounds). Linux backs memory with 2 MB pages only
+where a program asks when THP is set to "madvise" (a common default): madvise(MADV_HUGEPAGE) asks, and
+madvise(MADV_COLLAPSE) (Linux 6.1+) moves memory that is already filled, as loaded weights are. Where
+either is refused (an older kernel, THP off, no memory to spare in 2 MB pieces) the weights stay where
+they are; nothing else changes.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import sys
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE = 14
+MADV_COLLAPSE = 25
+
+
+@functools.cache
+def _madvise():
+    if sys.platform != "linux":
+        return None
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
+
+
+def advise(address: int, nbytes: int) -> int:
+    """Move the whole 2 MB pages within [address, address + nbytes) onto huge pages; returns the bytes
+    moved (0 where the kernel refused, or where the span holds no whole huge page)."""
+    madvise = _madvise()
+    start = -(-address // HUGE_PAGE) * HUGE_PAGE
+    length = (address + nbytes) // HUGE_PAGE * HUGE_PAGE - start
+    if madvise is None or length <= 0:
+        return 0
+    if madvise(start, length, MADV_HUGEPAGE) != 0 or madvise(start, length, MADV_COLLAPSE) != 0:
+        return 0
+    return length
+
+
+def _spans(model: nn.Module):
+    """(address, bytes) of each tensor the model holds on the CPU, oneDNN's opaque packed ones included."""
+    for module in model.modules():
+        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+            if tensor.device.type != "cpu":
+                continue
+            if tensor.is_mkldnn:
+                yield torch.ops.mkldnn.data_ptr(tensor), torch.ops.mkldnn._nbytes(tensor)
+            else:
+                storage = tensor.untyped_storage()
+                yield storage.data_ptr(), storage.nbytes()
+
+
+def weights_on_huge_pages(model: nn.Module) -> int:
+    """advise() every CPU tensor of `model` large enough to hold a huge page; returns the bytes moved.
+    (FBGEMM's packed fp16 weights are opaque objects without an address: they stay as they are.)"""
+    seen, moved = set(), 0
+    for address, nbytes in _spans(model):
+        if nbytes >= HUGE_PAGE and address not in seen:
+            seen.add(address)
+            moved += advise(address, nbytes)
+    log.debug("weights on huge pages: %.0f MB", moved / 1e6)
+    return moved

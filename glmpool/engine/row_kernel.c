@@ -1,0 +1,77 @@
+/* One row times an fp32 weight that oneDNN has reordered for its matmul, read in place.
+ *
+ * Why: at batch 1 torch's fp32 products (oneDNN's GEMV, MKL's) stream weights at ~21-24 GB/s on the
+ * project's 2-core machines, where a plain AVX-512 loop streams them at ~27-33. Decoding one sequence
+ * reads every weight once per token, so that is its speed.
+ *
+ * Batching must not change a sequence's results, so this kernel sums in exactly the order oneDNN's
+ * multi-row matmul (brgemm, weights in layout AB16b64a) does: for each output, the inputs are split into
+ * consecutive chunks of `chunk`; within a chunk the products are accumulated by fused multiply-adds in
+ * input order starting from zero, and the chunks' partial sums are then added in order. The chunk length
+ * is oneDNN's choice (512 for 1024 inputs, 1024 for 4096 on the machines measured): the Python side
+ * probes it per weight and uses this kernel only where the bits agree (glmpool/engine/row_kernel.py, onednn.py).
+ *
+ * Layout AB16b64a of an [out, in] weight: blocks of 64 outputs, each block a run of in x 64 floats,
+ * input-major (the 16-input sub-blocks are consecutive, so a block reads as [in][64]); out is padded to a
+ * multiple of 64. The threads are the process's OpenMP threads (torch's own runtime, shared by soname).
+ *
+ * Compiled at install time (setup.py, optional); without it glmpool runs on torch's kernels alone.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+#define BLOCK 64
+
+int glmpool_avx512_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f");
+}
+
+__attribute__((target("avx512f,fma")))
+static void block_times_row(const float *block, const float *x, float *out, int64_t in, int64_t chunk) {
+    __m512 total[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t start = 0; start < in; start += chunk) {
+        int64_t stop = start + chunk < in ? start + chunk : in;
+        __m512 part[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        const float *w = block + start * BLOCK;
+        for (int64_t k = start; k < stop; k++, w += BLOCK) {
+            __m512 xk = _mm512_set1_ps(x[k]);
+            for (int i = 0; i < 4; i++)
+                part[i] = _mm512_fmadd_ps(xk, _mm512_loadu_ps(w + 16 * i), part[i]);
+        }
+        for (int i = 0; i < 4; i++)
+            total[i] = start == 0 ? part[i] : _mm512_add_ps(total[i], part[i]);
+    }
+    for (int i = 0; i < 4; i++)
+        _mm512_storeu_ps(out + 16 * i, total[i]);
+}
+
+/* y[out] = packed[out, in] @ x[in] (+ bias[out] if bias is not NULL, added last as oneDNN does). */
+__attribute__((target("avx512f,fma")))
+void glmpool_row_times_packed(const float *packed, const float *x, const float *bias, float *y,
+                              int64_t out, int64_t in, int64_t chunk) {
+    int64_t blocks = (out + BLOCK - 1) / BLOCK;
+    #pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        float result[BLOCK];
+        block_times_row(packed + b * in * BLOCK, x, result, in, chunk);
+        int64_t first = b * BLOCK, count = out - first < BLOCK ? out - first : BLOCK;
+        if (bias)
+            for (int64_t i = 0; i < count; i++) result[i] += bias[first + i];
+        memcpy(y + first, result, count * sizeof(float));
+    }
+}
+
+#else
+
+int glmpool_avx512_supported(void) { return 0; }
+
+void glmpool_row_times_packed(const float *packed, const float *x, const float *bias, float *y,
+                              int64_t out, int64_t in, int64_t chunk) {
+    (void)packed; (void)x; (void)bias; (void)y; (void)out; (void)in; (void)chunk;
+}
+
+#endif

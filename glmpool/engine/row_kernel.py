@@ -1,0 +1,88 @@
+"""One row times an fp32 weight in oneDNN's layout, by glmpool's own kernel (row_kernel.c).
+
+Decoding one sequence multiplies one row by every weight; torch's kernels stream fp32 weights at
+~21-24 GB/s there on this project's 2-core machines, the kernel at ~27-33 GB/s. It reads the buffer oneDNN
+reordered the weight into (no second copy) and sums in the order oneDNN's multi-row matmul does, so a
+row gets the same bits alone as among others; onednn.py checks that per weight before using it.
+
+The kernel is compiled when glmpool is installed (setup.py; an optional extension needing a C compiler
+with OpenMP and an x86-64 CPU with AVX-512 to run). Where it is missing, available() says so, and
+onednn.py multiplies lone rows with oneDNN as before.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.machinery
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BLOCK = 64  # outputs per block of oneDNN's AB16b64a layout, which the kernel reads
+C_NAME = "_row_kernel"
+
+
+def library_path() -> Path | None:
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        if (here / (C_NAME + suffix)).is_file():
+            return here / (C_NAME + suffix)
+    return None
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    path = library_path()
+    if path is None:
+        log.info("glmpool's CPU row kernel is not built (no C compiler at install?): lone rows go through oneDNN")
+        return None
+    library = ctypes.CDLL(str(path))  # after torch: it shares torch's OpenMP runtime (same soname)
+    if not library.glmpool_avx512_supported():
+        log.info("this CPU has no AVX-512: lone rows go through oneDNN")
+        return None
+    library.glmpool_row_times_packed.restype = None
+    library.glmpool_row_times_packed.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    return library
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def fits(packed: torch.Tensor, out_features: int, in_features: int) -> bool:
+    """Whether `packed` is an fp32 oneDNN tensor laid out as the kernel reads it (AB16b64a): checked by
+    size, so the kernel never reads past its end; probe() then checks the bits."""
+    return (packed.is_mkldnn and packed.dtype == torch.float32 and in_features % 16 == 0
+            and torch.ops.mkldnn._nbytes(packed) == -(-out_features // BLOCK) * BLOCK * in_features * 4)
+
+
+def row_times_packed(row: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                     out_features: int, chunk: int) -> torch.Tensor:
+    """row [in] (fp32) @ weight^T + bias -> [out]; `packed` must pass fits(); chunk: see row_kernel.c."""
+    row = row.contiguous()
+    bias = None if bias is None else bias.detach().contiguous()
+    out = torch.empty(out_features, dtype=torch.float32)
+    _library().glmpool_row_times_packed(
+        torch.ops.mkldnn.data_ptr(packed), row.data_ptr(), None if bias is None else bias.data_ptr(),
+        out.data_ptr(), out_features, row.numel(), chunk)
+    return out
+
+
+_last_chunk: dict[int, int] = {}  # in_features -> the chunk that matched last: try it first
+
+
+def probe(packed: torch.Tensor, bias: torch.Tensor | None, out_features: int, in_features: int,
+          row: torch.Tensor, among_others: torch.Tensor) -> int | None:
+    """The chunk length with which the kernel gives `row` exactly `among_others` (oneDNN's result for
+    that row in a multi-row product), or None where none does or the kernel cannot run."""
+    if not available() or not fits(packed, out_features, in_features):
+        return None
+    candidates = dict.fromkeys([_last_chunk.get(in_features), in_features, 1024, 512, 256, 2048, 4096])
+    for chunk in (c for c in candidates if c and c <= in_features):
+        if torch.equal(row_times_packed(row, packed, bias, out_features, chunk), among_others):
+            _last_chunk[in_features] = chunk
+            return chunk
+    return None
