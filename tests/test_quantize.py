@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from glmpool.engine import quantize as Q
+from glmpool.engine import row_kernel
 from glmpool.engine.config import ModelConfig
 from glmpool.engine.model import ChatGLM, prefix_attention_mask, prompt_positions
 from glmpool.engine.quantize import (QuantizedEmbedding, QuantizedLinear, dequantize_weight, pack_int4,
@@ -105,6 +106,21 @@ def test_quantized_linear_paths_equal_dequantize_then_linear(bits, rows):
     assert module(x.view(1, rows, 128)).shape == (1, rows, 192)  # any leading shape
     expected_path = KERNEL[bits] if rows <= Q.CPU_KERNEL_MAX_ROWS[bits] else "dequant"
     assert module.kernel_path(rows, x.device) == expected_path
+
+
+@pytest.mark.skipif(not row_kernel.available(), reason="glmpool's row kernel is not built or this CPU lacks AVX-512")
+@pytest.mark.parametrize("shape", [(4099, 1024), (50, 4096)])
+def test_a_lone_int8_row_goes_through_glmpools_kernel_with_the_bits_it_gets_in_a_batch(shape, monkeypatch):
+    torch.manual_seed(4)
+    module = QuantizedLinear.from_linear(torch.nn.Linear(shape[1], shape[0]), 8)
+    x = torch.randn(17, shape[1])
+    together = module.matmul(x, module.bias)
+    assert row_kernel.int8_matches_torch()
+    calls, kernel = [], row_kernel.row_times_int8
+    monkeypatch.setattr(row_kernel, "row_times_int8", lambda *a: calls.append(1) or kernel(*a))
+    for row in (0, 7, 16):
+        assert torch.equal(module.matmul(x[row:row + 1], module.bias), together[row:row + 1]), row
+    assert len(calls) == 3
 
 
 def test_dequant_path_in_chunks_and_without_bias(monkeypatch):

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import row_kernel
 from .errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -474,8 +475,11 @@ class QuantizedMatrix(nn.Module):
 
     def _int8_cpu(self, x2: torch.Tensor) -> torch.Tensor:
         # bf16 [M, K] x int8 [N, K]^T -> bf16 [M, N], unit scales
+        x_bf16 = x2.to(torch.bfloat16).contiguous()
+        if x2.shape[0] == 1 and row_kernel.int8_matches_torch():  # the same bits, ~2x faster on short rows
+            return row_kernel.row_times_int8(x_bf16[0], self.weight).view(1, -1)
         ones = _unit_scales("int8", (self.out_features,))
-        return torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight, ones)
+        return torch.ops.aten._weight_int8pack_mm(x_bf16, self.weight, ones)
 
     def _int4_cpu(self, x2: torch.Tensor) -> torch.Tensor:
         # bf16 [M, K] x int4 (q + 8, blocked) [N, K/2] -> bf16 [M, N], unit scales and zero points

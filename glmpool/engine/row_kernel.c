@@ -65,9 +65,50 @@ void glmpool_row_times_packed(const float *packed, const float *x, const float *
     }
 }
 
+/* y[out] = int8 weight[out, in] (THUDM's row-major bytes, unit scales) @ x[in], summed as torch's
+ * weight-only int8 matmul (_weight_int8pack_mm, AVX-512, bf16 input) sums one output: 16 lanes, lane j
+ * accumulating inputs j, j + 16, ... by fused multiply-adds, then the lanes reduced by
+ * _mm512_reduce_add_ps. x holds bf16 values widened to fp32; the caller rounds y to bf16 as torch does.
+ * ROWS outputs at a time give that many independent chains; in must be a multiple of 16. */
+#define ROWS 8
+
+__attribute__((target("avx512f,fma")))
+static void rows_times_x_int8(const int8_t *w, const float *x, float *y, int64_t rows, int64_t in) {
+    __m512 acc[ROWS];
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
+    /* Each step reads 16 bytes of each of ROWS rows, 128 bytes in all; the rows are short (1 KB in the
+     * medium model), too short for the hardware prefetcher to follow ROWS streams, so each step also
+     * fetches the next 128 bytes of the next block: 2x the speed for 1024-byte rows, the same for 4096. */
+    const char *next_block = (const char *)(w + ROWS * in);
+    for (int64_t k = 0; k < in; k += 16) {
+        __m512 xk = _mm512_loadu_ps(x + k);
+        _mm_prefetch(next_block + k * ROWS, _MM_HINT_T0);
+        _mm_prefetch(next_block + k * ROWS + 64, _MM_HINT_T0);
+        for (int r = 0; r < ROWS; r++) if (r < rows) {
+            __m128i bytes = _mm_loadu_si128((const __m128i *)(w + r * in + k));
+            acc[r] = _mm512_fmadd_ps(xk, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), acc[r]);
+        }
+    }
+    for (int r = 0; r < rows; r++) y[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+__attribute__((target("avx512f,fma")))
+void glmpool_row_times_int8(const int8_t *weight, const float *x, float *y, int64_t out, int64_t in) {
+    int64_t blocks = (out + ROWS - 1) / ROWS;
+    #pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t first = b * ROWS, rows = out - first < ROWS ? out - first : ROWS;
+        rows_times_x_int8(weight + first * in, x, y + first, rows, in);
+    }
+}
+
 #else
 
 int glmpool_avx512_supported(void) { return 0; }
+
+void glmpool_row_times_int8(const int8_t *weight, const float *x, float *y, int64_t out, int64_t in) {
+    (void)weight; (void)x; (void)y; (void)out; (void)in;
+}
 
 void glmpool_row_times_packed(const float *packed, const float *x, const float *bias, float *y,
                               int64_t out, int64_t in, int64_t chunk) {

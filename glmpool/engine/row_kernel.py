@@ -1,9 +1,14 @@
-"""One row times an fp32 weight in oneDNN's layout, by glmpool's own kernel (row_kernel.c).
+"""One row times a weight, by glmpool's own kernels (row_kernel.c), where torch's are slow.
 
-Decoding one sequence multiplies one row by every weight; torch's kernels stream fp32 weights at
-~21-24 GB/s there on this project's 2-core machines, the kernel at ~27-33 GB/s. It reads the buffer oneDNN
-reordered the weight into (no second copy) and sums in the order oneDNN's multi-row matmul does, so a
-row gets the same bits alone as among others; onednn.py checks that per weight before using it.
+Decoding one sequence multiplies one row by every weight, and streaming the weights is its speed. On this
+project's 2-core machines:
+- fp32: torch's kernels stream ~21-24 GB/s, row_times_packed ~27-33. It reads the buffer oneDNN
+  reordered the weight into (no second copy) and sums in the order oneDNN's multi-row matmul does;
+  onednn.py checks that per weight before using it.
+- int8 (THUDM's row-major bytes): torch's weight-only kernel streams ~14 GB/s of 1024-byte rows, ~20 of
+  4096-byte ones; row_times_int8 ~27-30 and ~21. It sums as torch's kernel does, which
+  int8_matches_torch() checks once per process.
+Either way a row gets the same bits alone as among others, so batching still changes no result.
 
 The kernel is compiled when glmpool is installed (setup.py; an optional extension needing a C compiler
 with OpenMP and an x86-64 CPU with AVX-512 to run). Where it is missing, available() says so, and
@@ -45,6 +50,8 @@ def _library() -> ctypes.CDLL | None:
         return None
     library.glmpool_row_times_packed.restype = None
     library.glmpool_row_times_packed.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    library.glmpool_row_times_int8.restype = None
+    library.glmpool_row_times_int8.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
     return library
 
 
@@ -86,3 +93,31 @@ def probe(packed: torch.Tensor, bias: torch.Tensor | None, out_features: int, in
             _last_chunk[in_features] = chunk
             return chunk
     return None
+
+
+def row_times_int8(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """row [in] (bf16) @ weight [out, in]^T (int8, unit scales) -> [out] in bf16, as
+    torch.ops.aten._weight_int8pack_mm computes it; in % 16 == 0."""
+    assert weight.dtype == torch.int8 and weight.is_contiguous() and weight.shape[1] % 16 == 0
+    row = row.float().contiguous()  # bf16 values, exact in fp32
+    out = torch.empty(weight.shape[0], dtype=torch.float32)
+    _library().glmpool_row_times_int8(weight.data_ptr(), row.data_ptr(), out.data_ptr(), *weight.shape)
+    return out.to(torch.bfloat16)
+
+
+@functools.cache
+def int8_matches_torch() -> bool:
+    """Whether row_times_int8 gives the bits of torch's int8 kernel here, on rows alone and in a batch
+    (checked once: both sum each output in an order that does not depend on its shape)."""
+    if not available():
+        return False
+    generator = torch.Generator().manual_seed(0)
+    for out_features, in_features in ((100, 64), (37, 1024), (8, 4096)):
+        weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
+        x = torch.randn(5, in_features, generator=generator).to(torch.bfloat16)
+        ones = torch.ones(out_features, dtype=torch.bfloat16)
+        among_others = torch.ops.aten._weight_int8pack_mm(x, weight, ones)
+        if not all(torch.equal(row_times_int8(x[i], weight), among_others[i]) for i in range(len(x))):
+            log.info("glmpool's int8 row kernel does not sum as this torch's int8 kernel: not used")
+            return False
+    return True
