@@ -105,18 +105,28 @@ def row_times_int8(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.to(torch.bfloat16)
 
 
+def _cancelling_probe(out_features: int, in_features: int, generator: torch.Generator):
+    """int8 weight and 5 bf16 rows whose products include pairs of huge terms that cancel exactly: the
+    small terms' low bits then depend on where in the sum they ran, so a different order of summation
+    changes the bf16 results (most of them) instead of hiding under their rounding."""
+    weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
+    x = torch.randn(5, in_features, generator=generator)
+    pairs = torch.randperm(in_features, generator=generator)[:16].view(8, 2)
+    x[:, pairs[:, 0]], x[:, pairs[:, 1]] = 2.0 ** 24, -2.0 ** 24
+    weight[:, pairs.flatten()] = 1
+    return weight, x.to(torch.bfloat16)
+
+
 @functools.cache
 def int8_matches_torch() -> bool:
-    """Whether row_times_int8 gives the bits of torch's int8 kernel here, on rows alone and in a batch
-    (checked once: both sum each output in an order that does not depend on its shape)."""
+    """Whether row_times_int8 gives the bits of torch's int8 kernel here, row by row (checked once: both
+    sum each output in an order that does not depend on the matrix's shape)."""
     if not available():
         return False
     generator = torch.Generator().manual_seed(0)
     for out_features, in_features in ((100, 64), (37, 1024), (8, 4096)):
-        weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
-        x = torch.randn(5, in_features, generator=generator).to(torch.bfloat16)
-        ones = torch.ones(out_features, dtype=torch.bfloat16)
-        among_others = torch.ops.aten._weight_int8pack_mm(x, weight, ones)
+        weight, x = _cancelling_probe(out_features, in_features, generator)
+        among_others = torch.ops.aten._weight_int8pack_mm(x, weight, torch.ones(out_features, dtype=torch.bfloat16))
         if not all(torch.equal(row_times_int8(x[i], weight), among_others[i]) for i in range(len(x))):
             log.info("glmpool's int8 row kernel does not sum as this torch's int8 kernel: not used")
             return False
