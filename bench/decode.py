@@ -3,12 +3,11 @@ random model.
 
     python bench/decode.py [--rounds 3] [--batches 4,16,64] [--agreement] [--model DIR] [--device cuda]
                            [--shared-cache auto|on|off]
-                           [--variants fp32,fp32-no-row-kernel,fp32-4k-pages,fp32-reference,fp16w,int8,...]
+                           [--variants fp32,fp32-reference,fp16w,int8,int4,int8-qe,int4-qe]
 
 Medium config (as the issue specifies): hidden 1024, 16 heads, inner 4096, 8 layers, vocab 130528, tied
 embeddings, ~234 M parameters (0.94 GB in fp32), random weights from `glmpool.engine.tiny`, built once
-into .cache/. fp32 runs with `matmul="onednn"` (a lone row through glmpool's row kernel where it is built;
-fp32-no-row-kernel: through oneDNN; fp32-4k-pages: weights left off huge pages); fp32-reference with THUDM's own F.linear
+into .cache/. fp32 runs with `matmul="onednn"`; fp32-reference with THUDM's own F.linear
 (`matmul="reference"`), for comparison; fp16w is fp16 weights with fp32 arithmetic
 (`matmul="fbgemm-fp16"`, the pool's default; the checkpoint is stored in fp16 as THUDM's are, so it
 loses nothing), and the quantized variants run with that default too (for int8/int4 it holds the
@@ -19,10 +18,13 @@ bound it implies (bandwidth / weight bytes read per token).
 
 The machine is shared and noisy: the variants run round-robin, several rounds, and the table shows
 medians plus ratios against fp32 measured in the same rounds. Not a test: no targets are asserted.
+Any variant's name + "-no-row-kernel" runs it with lone rows through torch's kernels instead of glmpool's
+(glmpool/engine/row_kernel.py); + "-4k-pages" with its weights left on 4 KB pages (hugepages.py).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -137,31 +139,37 @@ def run_chatglm_cpp(python: str, path: Path, tokens: int) -> float:
 
 def build_variants(model_dir: Path, names: list[str], device: str = "cpu") -> dict:
     """The engines to compare. On a GPU `matmul` changes nothing: fp32 is fp32, the others run in the
-    device's default dtype (fp16), the int4 layers through torch's CUDA int4 kernel where it works."""
+    device's default dtype (fp16), the int4 layers through torch's CUDA int4 kernel where it works.
+    A name may end in -no-row-kernel or -4k-pages: that variant without glmpool's row kernels or huge pages."""
     engines = {}
     for name in names:
         on = dict(device=device, progress=False)
-        if name in ("bf16", "fp16"):
-            engine = load(model_dir, dtype={"bf16": "bfloat16", "fp16": "float16"}[name], **on)
-        elif name == "fp32-reference":
-            engine = load(model_dir, dtype="float32", matmul="reference", **on)
-        elif name == "fp16w":
-            engine = load(model_dir, matmul="fbgemm-fp16", **on)
-        elif name == "fp32":
-            engine = load(model_dir, dtype="float32", matmul="onednn", **on)
-        elif name == "fp32-no-row-kernel":  # as fp32, lone rows through oneDNN (as before row_kernel.c)
-            with mock.patch.object(row_kernel, "probe", lambda *args: None):
-                engine = load(model_dir, dtype="float32", matmul="onednn", **on)
-        elif name == "fp32-4k-pages":  # as fp32, the weights left on 4 KB pages (as before hugepages.py)
-            with mock.patch.object(hugepages, "weights_on_huge_pages", lambda net: 0):
-                engine = load(model_dir, dtype="float32", matmul="onednn", **on)
-        else:  # quantized: what the pool runs (its default matmul; the -qe variants have no float matrix left)
-            engine = load(model_dir, quantize=name.removeprefix("int"), matmul="fbgemm-fp16", **on)
-        # Random weights may well predict <eop>; the bench wants every sequence decoding every step.
-        engine.model.config = dataclasses.replace(engine.model.config, eos_token_id=-1)
-        engines[name] = engine
+        name, variant = name.removesuffix("-no-row-kernel").removesuffix("-4k-pages"), name
+        with contextlib.ExitStack() as patches:
+            if variant.endswith("-no-row-kernel"):  # lone rows through torch's kernels, as before row_kernel.c
+                patches.enter_context(mock.patch.object(row_kernel, "probe", lambda *args: None))
+                patches.enter_context(mock.patch.object(row_kernel, "int8_matches_torch", lambda: False))
+            if variant.endswith("-4k-pages"):  # the weights left on 4 KB pages, as before hugepages.py
+                patches.enter_context(mock.patch.object(hugepages, "weights_on_huge_pages", lambda net: 0))
+            engines[variant] = build_variant(model_dir, name, on)
         gc.collect()
     return engines
+
+
+def build_variant(model_dir: Path, name: str, on: dict):
+    if name in ("bf16", "fp16"):
+        engine = load(model_dir, dtype={"bf16": "bfloat16", "fp16": "float16"}[name], **on)
+    elif name == "fp32-reference":
+        engine = load(model_dir, dtype="float32", matmul="reference", **on)
+    elif name == "fp16w":
+        engine = load(model_dir, matmul="fbgemm-fp16", **on)
+    elif name == "fp32":
+        engine = load(model_dir, dtype="float32", matmul="onednn", **on)
+    else:  # quantized: what the pool runs (its default matmul; the -qe variants have no float matrix left)
+        engine = load(model_dir, quantize=name.removeprefix("int"), matmul="fbgemm-fp16", **on)
+    # Random weights may well predict <eop>; the bench wants every sequence decoding every step.
+    engine.model.config = dataclasses.replace(engine.model.config, eos_token_id=-1)
+    return engine
 
 
 def agreement_table(engines: dict, reference: str, prompts: int, new_tokens: int, rng: random.Random) -> list[str]:

@@ -21,7 +21,9 @@ same number of bits, and the output projection (lm_head) is that same quantized 
   Both kernels are fast only with bfloat16 activations on CPUs without native fp16/bf16 math, so the
   input is rounded to bfloat16 (8-bit mantissa: 0.4% per element, less than the int8 weights' own
   rounding); they run with unit scales and the fp16 row scales are applied in the model's dtype
-  afterwards, so the scales lose nothing.
+  afterwards, so the scales lose nothing. A lone int8 row (one sequence decoding) goes through glmpool's
+  own kernel instead where it is built (row_kernel.py): the same bits as torch's, about twice as fast on
+  the 1024-byte rows of the medium model.
 - CPU, many rows (prefill): dequantize blocks of rows to the model's dtype and use the BLAS GEMM, whose
   cost is then amortized over the rows (the weight-only kernels are slower than fp32 there).
 - CUDA, 4 bits, the layers: torch's own int4 kernel (`aten._weight_int4pack_mm`, "tinygemm", Ampere or
@@ -264,6 +266,7 @@ class QuantizedMatrix(nn.Module):
         self._scale_cache: tuple | None = None  # (weight_scale version key, dtype, scale in dtype)
         self._cuda_shape: torch.Size | None = None  # of `weight` seen as int32 in the CUDA int4 layout
         self.cuda_int8_rows = 0  # input rows up to which torch's CUDA int8 kernel is used (see prepare)
+        self.int8_row_kernel = False  # a lone row on the CPU through glmpool's int8 kernel (see prepare)
         self._register_state_dict_hook(_thudm_layout_state_dict_hook)
 
     def extra_repr(self) -> str:
@@ -476,7 +479,7 @@ class QuantizedMatrix(nn.Module):
     def _int8_cpu(self, x2: torch.Tensor) -> torch.Tensor:
         # bf16 [M, K] x int8 [N, K]^T -> bf16 [M, N], unit scales
         x_bf16 = x2.to(torch.bfloat16).contiguous()
-        if x2.shape[0] == 1 and row_kernel.int8_matches_torch():  # the same bits, ~2x faster on short rows
+        if x2.shape[0] == 1 and self.int8_row_kernel:  # the same bits, ~2x faster on short rows
             return row_kernel.row_times_int8(x_bf16[0], self.weight).view(1, -1)
         ones = _unit_scales("int8", (self.out_features,))
         return torch.ops.aten._weight_int8pack_mm(x_bf16, self.weight, ones)
@@ -679,13 +682,16 @@ def quantized_modules(model: nn.Module) -> Iterable[tuple[str, QuantizedMatrix]]
 def prepare(model: nn.Module) -> nn.Module:
     """Build the kernel layouts now (right after loading): CPU int4 on the first forward otherwise; CUDA int4
     (the layers' matrices: a lookup table must stay in THUDM's layout) only here. On CUDA, also decide
-    where torch's int8 kernel is used."""
+    where torch's int8 kernel is used; on the CPU, whether a lone int8 row goes through glmpool's."""
     int8_cuda = [m for _, m in quantized_modules(model) if m.bits == 8 and m.weight.device.type == "cuda"]
     if int8_cuda:
         judged = next((m for m in int8_cuda if isinstance(m, QuantizedLinear)), int8_cuda[0])
         rows = cuda_int8_rows(judged, getattr(model, "dtype", torch.float16))
         for module in int8_cuda:
             module.cuda_int8_rows = rows
+    for _, module in quantized_modules(model):
+        if module.bits == 8 and module.weight.device.type == "cpu":
+            module.int8_row_kernel = row_kernel.int8_matches_torch()
     broken = None
     for name, module in quantized_modules(model):
         if module.bits != 4:
