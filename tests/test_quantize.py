@@ -109,16 +109,17 @@ def test_quantized_linear_paths_equal_dequantize_then_linear(bits, rows):
 
 
 @pytest.mark.skipif(not row_kernel.available(), reason="glmpool's row kernel is not built or this CPU lacks AVX-512")
-@pytest.mark.parametrize("shape", [(4099, 1024), (50, 4096)])
-def test_a_lone_int8_row_goes_through_glmpools_kernel_with_the_bits_it_gets_in_a_batch(shape, monkeypatch):
+@pytest.mark.parametrize("bits,shape", [(8, (4099, 1024)), (8, (50, 4096)), (4, (4160, 1024)), (4, (130, 4096))])
+def test_a_lone_row_goes_through_glmpools_kernel_with_the_bits_it_gets_in_a_batch(bits, shape, monkeypatch):
     torch.manual_seed(4)
-    module = QuantizedLinear.from_linear(torch.nn.Linear(shape[1], shape[0]), 8)
+    module = QuantizedLinear.from_linear(torch.nn.Linear(shape[1], shape[0]), bits)
     Q.prepare(module)  # as load() does: it decides
-    assert module.int8_row_kernel
+    assert module.lone_row_kernel
     x = torch.randn(17, shape[1])
     together = module.matmul(x, module.bias)
-    calls, kernel = [], row_kernel.row_times_int8
-    monkeypatch.setattr(row_kernel, "row_times_int8", lambda *a: calls.append(1) or kernel(*a))
+    name = f"row_times_int{bits}"
+    calls, kernel = [], getattr(row_kernel, name)
+    monkeypatch.setattr(row_kernel, name, lambda *a: calls.append(1) or kernel(*a))
     for row in (0, 7, 16):
         assert torch.equal(module.matmul(x[row:row + 1], module.bias), together[row:row + 1]), row
     assert len(calls) == 3

@@ -102,9 +102,41 @@ void glmpool_row_times_int8(const int8_t *weight, const float *x, float *y, int6
     }
 }
 
+/* y[out] = int4 weight @ x[in], the weight in torch's CPU int4 layout for 64-row blocks (out a multiple
+ * of 64): per block, for each input k, 32 bytes; byte d holds rows d (low nibble) and d + 32 (high),
+ * byte 16 + d rows d + 16 and d + 48; a nibble is q + 8. Summed as torch's weight-only int4 kernel
+ * (_weight_int4pack_mm_for_cpu, AVX-512, unit scales and zeros) sums: each output by fused multiply-adds
+ * in input order from zero. x holds bf16 values widened to fp32; the caller rounds y to bf16. */
+__attribute__((target("avx512f,fma")))
+void glmpool_row_times_int4(const uint8_t *packed, const float *x, float *y, int64_t out, int64_t in) {
+    const __m512 values = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    int64_t blocks = out / 64;
+    #pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *p = packed + b * in * 32;
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t k = 0; k < in; k++, p += 32) {
+            __m512 xk = _mm512_set1_ps(x[k]);
+            /* permutexvar reads the low 4 bits of each index: a byte's low nibble, then its high one */
+            __m512i first = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+            __m512i second = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 16)));
+            acc[0] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(first, values), acc[0]);
+            acc[1] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(second, values), acc[1]);
+            acc[2] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(_mm512_srli_epi32(first, 4), values), acc[2]);
+            acc[3] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(_mm512_srli_epi32(second, 4), values), acc[3]);
+        }
+        for (int i = 0; i < 4; i++)
+            _mm512_storeu_ps(y + b * 64 + 16 * i, acc[i]);
+    }
+}
+
 #else
 
 int glmpool_avx512_supported(void) { return 0; }
+
+void glmpool_row_times_int4(const uint8_t *packed, const float *x, float *y, int64_t out, int64_t in) {
+    (void)packed; (void)x; (void)y; (void)out; (void)in;
+}
 
 void glmpool_row_times_int8(const int8_t *weight, const float *x, float *y, int64_t out, int64_t in) {
     (void)weight; (void)x; (void)y; (void)out; (void)in;

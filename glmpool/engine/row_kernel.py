@@ -6,8 +6,11 @@ project's 2-core machines:
   reordered the weight into (no second copy) and sums in the order oneDNN's multi-row matmul does;
   onednn.py checks that per weight before using it.
 - int8 (THUDM's row-major bytes): torch's weight-only kernel streams ~14 GB/s of 1024-byte rows, ~20 of
-  4096-byte ones; row_times_int8 ~27-30 and ~21. It sums as torch's kernel does, which
-  int8_matches_torch() checks once per process.
+  4096-byte ones; row_times_int8 ~27-30 and ~21.
+- int4 (torch's CPU layout, 64-row blocks): torch's kernel ~17.5 GB/s of packed bytes, row_times_int4
+  ~22-24 (it leaves out the scale-and-zero multiply-add, which unit scales make exact anyway).
+  Both sum as torch's kernels do, which int8_matches_torch() and int4_matches_torch() check once per
+  process on inputs built to expose any other order.
 Either way a row gets the same bits alone as among others, so batching still changes no result.
 
 The kernel is compiled when glmpool is installed (setup.py; an optional extension needing a C compiler
@@ -27,6 +30,7 @@ import torch
 log = logging.getLogger(__name__)
 
 BLOCK = 64  # outputs per block of oneDNN's AB16b64a layout, which the kernel reads
+INT4_BLOCK = 64  # outputs per block of torch's CPU int4 layout that row_times_int4 reads (AVX-512's)
 C_NAME = "_row_kernel"
 
 
@@ -50,8 +54,9 @@ def _library() -> ctypes.CDLL | None:
         return None
     library.glmpool_row_times_packed.restype = None
     library.glmpool_row_times_packed.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
-    library.glmpool_row_times_int8.restype = None
-    library.glmpool_row_times_int8.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
+    for name in ("glmpool_row_times_int8", "glmpool_row_times_int4"):
+        getattr(library, name).restype = None
+        getattr(library, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
     return library
 
 
@@ -105,11 +110,23 @@ def row_times_int8(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.to(torch.bfloat16)
 
 
-def _cancelling_probe(out_features: int, in_features: int, generator: torch.Generator):
-    """int8 weight and 5 bf16 rows whose products include pairs of huge terms that cancel exactly: the
-    small terms' low bits then depend on where in the sum they ran, so a different order of summation
-    changes the bf16 results (most of them) instead of hiding under their rounding."""
-    weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
+def row_times_int4(row: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """row [in] (bf16) @ weight^T -> [out] in bf16, as torch.ops.aten._weight_int4pack_mm_for_cpu computes
+    it with unit scales and zeros; `packed`: torch's CPU int4 layout of 64-row blocks, out % 64 == 0."""
+    in_features = row.numel()
+    assert out_features % INT4_BLOCK == 0 and packed.numel() * packed.element_size() >= out_features * in_features // 2
+    row = row.float().contiguous()
+    out = torch.empty(out_features, dtype=torch.float32)
+    _library().glmpool_row_times_int4(packed.data_ptr(), row.data_ptr(), out.data_ptr(), out_features, in_features)
+    return out.to(torch.bfloat16)
+
+
+def _cancelling_probe(out_features: int, in_features: int, generator: torch.Generator, low: int = -127,
+                      high: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights q in [low, high] and 5 bf16 rows whose products include pairs of huge terms that cancel
+    exactly: the small terms' low bits then depend on where in the sum they ran, so a different order of
+    summation changes the bf16 results (most of them) instead of hiding under their rounding."""
+    weight = torch.randint(low, high + 1, (out_features, in_features), dtype=torch.int8, generator=generator)
     x = torch.randn(5, in_features, generator=generator)
     pairs = torch.randperm(in_features, generator=generator)[:16].view(8, 2)
     x[:, pairs[:, 0]], x[:, pairs[:, 1]] = 2.0 ** 24, -2.0 ** 24
@@ -130,4 +147,26 @@ def int8_matches_torch() -> bool:
         if not all(torch.equal(row_times_int8(x[i], weight), among_others[i]) for i in range(len(x))):
             log.info("glmpool's int8 row kernel does not sum as this torch's int8 kernel: not used")
             return False
+    return True
+
+
+@functools.cache
+def int4_matches_torch() -> bool:
+    """Whether row_times_int4 gives the bits of torch's int4 kernel here (checked once, as int8's)."""
+    if not available():
+        return False
+    generator = torch.Generator().manual_seed(0)
+    try:
+        for out_features, in_features in ((128, 64), (64, 1024), (64, 4096)):
+            q, x = _cancelling_probe(out_features, in_features, generator, -8, 7)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((q + 8).to(torch.int32), 1)
+            group = min(in_features, 256)
+            unit = torch.zeros(in_features // group, out_features, 2, dtype=torch.bfloat16)
+            unit[..., 0] = 1
+            among_others = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, unit)
+            if not all(torch.equal(row_times_int4(x[i], packed, out_features), among_others[i]) for i in range(len(x))):
+                log.info("glmpool's int4 row kernel does not sum as this torch's int4 kernel: not used")
+                return False
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
     return True
