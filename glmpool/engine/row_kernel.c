@@ -78,12 +78,13 @@ static void rows_times_x_int8(const int8_t *w, const float *x, float *y, int64_t
     for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
     /* Each step reads 16 bytes of each of ROWS rows, 128 bytes in all; the rows are short (1 KB in the
      * medium model), too short for the hardware prefetcher to follow ROWS streams, so each step also
-     * fetches the next 128 bytes of the next block: 2x the speed for 1024-byte rows, the same for 4096. */
+     * fetches the next 128 bytes of the next block, into L2 (a block of 4096-byte rows is 32 KB, all of
+     * L1): 1.9x torch's speed for 1024-byte rows, 1.3x for 4096, 1.1x for 16384. */
     const char *next_block = (const char *)(w + ROWS * in);
     for (int64_t k = 0; k < in; k += 16) {
         __m512 xk = _mm512_loadu_ps(x + k);
-        _mm_prefetch(next_block + k * ROWS, _MM_HINT_T0);
-        _mm_prefetch(next_block + k * ROWS + 64, _MM_HINT_T0);
+        _mm_prefetch(next_block + k * ROWS, _MM_HINT_T1);
+        _mm_prefetch(next_block + k * ROWS + 64, _MM_HINT_T1);
         for (int r = 0; r < ROWS; r++) if (r < rows) {
             __m128i bytes = _mm_loadu_si128((const __m128i *)(w + r * in + k));
             acc[r] = _mm512_fmadd_ps(xk, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), acc[r]);
