@@ -5,8 +5,8 @@ project's 2-core machines:
 - fp32: torch's kernels stream ~21-24 GB/s, row_times_packed ~27-33. It reads the buffer oneDNN
   reordered the weight into (no second copy) and sums in the order oneDNN's multi-row matmul does;
   onednn.py checks that per weight before using it.
-- int8 (THUDM's row-major bytes): torch's weight-only kernel streams ~14 GB/s of 1024-byte rows, ~20 of
-  4096-byte ones; row_times_int8 ~27-30 and ~21.
+- int8 (THUDM's row-major bytes): torch's weight-only kernel streams ~14 GB/s of 1024-byte rows, ~23 of
+  4096-byte and ~26 of 16384-byte ones; row_times_int8 ~26, ~30 and ~29.
 - int4 (torch's CPU layout, 64-row blocks): torch's kernel ~17.5 GB/s of packed bytes, row_times_int4
   ~22-24 (it leaves out the scale-and-zero multiply-add, which unit scales make exact anyway).
   Both sum as torch's kernels do, which int8_matches_torch() and int4_matches_torch() check once per
