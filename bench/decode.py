@@ -19,7 +19,8 @@ bound it implies (bandwidth / weight bytes read per token).
 The machine is shared and noisy: the variants run round-robin, several rounds, and the table shows
 medians plus ratios against fp32 measured in the same rounds. Not a test: no targets are asserted.
 Any variant's name + "-no-row-kernel" runs it with lone rows through torch's kernels instead of glmpool's
-(glmpool/engine/row_kernel.py); + "-4k-pages" with its weights left on 4 KB pages (hugepages.py).
+(glmpool/engine/row_kernel.py); + "-4k-pages" with its weights left on 4 KB pages (hugepages.py): list
+those first, since memory that held weights moved onto huge pages stays advised when it is reused.
 """
 from __future__ import annotations
 

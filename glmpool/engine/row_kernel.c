@@ -1,21 +1,16 @@
-/* One row times an fp32 weight that oneDNN has reordered for its matmul, read in place.
+/* One row times a weight, for decoding on the CPU: fp32 in oneDNN's reordered layout, int8 in THUDM's,
+ * int4 in torch's CPU layout, each read where torch keeps it.
  *
- * Why: at batch 1 torch's fp32 products (oneDNN's GEMV, MKL's) stream weights at ~21-24 GB/s on the
- * project's 2-core machines, where a plain AVX-512 loop streams them at ~27-33. Decoding one sequence
- * reads every weight once per token, so that is its speed.
+ * Why: decoding one sequence reads every weight once per token, so the speed at which the weights stream
+ * is its speed, and torch's kernels stream them slower than these plain AVX-512 loops (figures in
+ * row_kernel.py).
  *
- * Batching must not change a sequence's results, so this kernel sums in exactly the order oneDNN's
- * multi-row matmul (brgemm, weights in layout AB16b64a) does: for each output, the inputs are split into
- * consecutive chunks of `chunk`; within a chunk the products are accumulated by fused multiply-adds in
- * input order starting from zero, and the chunks' partial sums are then added in order. The chunk length
- * is oneDNN's choice (512 for 1024 inputs, 1024 for 4096 on the machines measured): the Python side
- * probes it per weight and uses this kernel only where the bits agree (glmpool/engine/row_kernel.py, onednn.py).
+ * Batching must not change a sequence's results, and rows in a batch go through torch's kernels, so
+ * each kernel here sums in exactly the order torch's multi-row kernel for that format does (described
+ * at each). The Python side (row_kernel.py) checks the bits against torch's kernels before using them.
  *
- * Layout AB16b64a of an [out, in] weight: blocks of 64 outputs, each block a run of in x 64 floats,
- * input-major (the 16-input sub-blocks are consecutive, so a block reads as [in][64]); out is padded to a
- * multiple of 64. The threads are the process's OpenMP threads (torch's own runtime, shared by soname).
- *
- * Compiled at install time (setup.py, optional); without it glmpool runs on torch's kernels alone.
+ * The threads are the process's OpenMP threads (torch's own runtime, shared by soname). Compiled at
+ * install time (setup.py, optional); without it glmpool runs on torch's kernels alone.
  */
 #include <stdint.h>
 #include <string.h>
@@ -49,7 +44,15 @@ static void block_times_row(const float *block, const float *x, float *out, int6
         _mm512_storeu_ps(out + 16 * i, total[i]);
 }
 
-/* y[out] = packed[out, in] @ x[in] (+ bias[out] if bias is not NULL, added last as oneDNN does). */
+/* fp32: y[out] = packed[out, in] @ x[in] (+ bias[out] if bias is not NULL, added last as oneDNN does).
+ *
+ * The weight in oneDNN's layout AB16b64a: blocks of 64 outputs, each a run of in x 64 floats,
+ * input-major (the 16-input sub-blocks are consecutive, so a block reads as [in][64]); out is padded to
+ * a multiple of 64. Summed as oneDNN's multi-row matmul (brgemm) sums: for each output, the inputs are
+ * split into consecutive chunks of `chunk`; within a chunk the products are accumulated by fused
+ * multiply-adds in input order from zero, and the chunks' sums are then added in order. The chunk is
+ * oneDNN's choice (512 for 1024 inputs, 1024 for 4096 and 16384 on the machines measured): probed per
+ * weight (row_kernel.probe). */
 __attribute__((target("avx512f,fma")))
 void glmpool_row_times_packed(const float *packed, const float *x, const float *bias, float *y,
                               int64_t out, int64_t in, int64_t chunk) {
