@@ -55,7 +55,11 @@ def _spans(model: nn.Module):
             if tensor.device.type != "cpu":
                 continue
             if tensor.is_mkldnn:
-                yield torch.ops.mkldnn.data_ptr(tensor), torch.ops.mkldnn._nbytes(tensor)
+                try:
+                    span = torch.ops.mkldnn.data_ptr(tensor), torch.ops.mkldnn._nbytes(tensor)
+                except (AttributeError, RuntimeError):  # a torch without these accessors
+                    continue
+                yield span
             else:
                 storage = tensor.untyped_storage()
                 yield storage.data_ptr(), storage.nbytes()

@@ -67,8 +67,14 @@ def available() -> bool:
 def fits(packed: torch.Tensor, out_features: int, in_features: int) -> bool:
     """Whether `packed` is an fp32 oneDNN tensor laid out as the kernel reads it (AB16b64a): checked by
     size, so the kernel never reads past its end; probe() then checks the bits."""
-    return (packed.is_mkldnn and packed.dtype == torch.float32 and in_features % 16 == 0
-            and torch.ops.mkldnn._nbytes(packed) == -(-out_features // BLOCK) * BLOCK * in_features * 4)
+    if not (packed.is_mkldnn and packed.dtype == torch.float32 and in_features % 16 == 0):
+        return False
+    try:  # torch's accessors of an opaque oneDNN tensor: a torch without them keeps its own kernels
+        size = torch.ops.mkldnn._nbytes(packed)
+        torch.ops.mkldnn.data_ptr(packed)
+    except (AttributeError, RuntimeError):
+        return False
+    return size == -(-out_features // BLOCK) * BLOCK * in_features * 4
 
 
 def row_times_packed(row: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
