@@ -703,7 +703,7 @@ def prepare(model: nn.Module) -> nn.Module:
         if module.bits != 4:
             continue
         if module.weight.device.type == "cpu":
-            module.lone_row_kernel = (module._cpu_int4_ready() and int4_block_rows() == row_kernel.INT4_BLOCK
+            module.lone_row_kernel = (module._cpu_int4_ready() and int4_block_rows() == row_kernel.int4_block()
                                       and row_kernel.int4_matches_torch())
         elif module.weight.device.type == "cuda" and isinstance(module, QuantizedLinear) and broken is None:
             try:

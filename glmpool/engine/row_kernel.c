@@ -2,8 +2,8 @@
  * int4 in torch's CPU layout, each read where torch keeps it.
  *
  * Why: decoding one sequence reads every weight once per token, so the speed at which the weights stream
- * is its speed, and torch's kernels stream them slower than these plain AVX-512 loops (figures in
- * row_kernel.py).
+ * is its speed, and torch's kernels stream them slower than these plain AVX-512 or AVX2 loops (figures
+ * in row_kernel.py).
  *
  * Batching must not change a sequence's results, and rows in a batch go through torch's kernels, so
  * each kernel here sums in exactly the order torch's multi-row kernel for that format does (described
@@ -20,9 +20,12 @@
 
 #define BLOCK 64
 
-int glmpool_avx512_supported(void) {
+/* 512 with AVX-512, 256 with AVX2 and FMA, 0 otherwise: which of the variants below this CPU runs. */
+int glmpool_isa(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f");
+    if (__builtin_cpu_supports("avx512f"))
+        return 512;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 256 : 0;
 }
 
 __attribute__((target("avx512f,fma")))
@@ -44,6 +47,25 @@ static void block_times_row(const float *block, const float *x, float *out, int6
         _mm512_storeu_ps(out + 16 * i, total[i]);
 }
 
+/* The same with 256-bit vectors (AVX2), for CPUs without AVX-512: each output gets the same fused
+ * multiply-adds in the same order, so the same bits; the totals wait in memory (16 registers). */
+__attribute__((target("avx2,fma")))
+static void block_times_row_avx2(const float *block, const float *x, float *out, int64_t in, int64_t chunk) {
+    for (int64_t start = 0; start < in; start += chunk) {
+        int64_t stop = start + chunk < in ? start + chunk : in;
+        __m256 part[8];
+        for (int i = 0; i < 8; i++) part[i] = _mm256_setzero_ps();
+        const float *w = block + start * BLOCK;
+        for (int64_t k = start; k < stop; k++, w += BLOCK) {
+            __m256 xk = _mm256_set1_ps(x[k]);
+            for (int i = 0; i < 8; i++)
+                part[i] = _mm256_fmadd_ps(xk, _mm256_loadu_ps(w + 8 * i), part[i]);
+        }
+        for (int i = 0; i < 8; i++)
+            _mm256_storeu_ps(out + 8 * i, start == 0 ? part[i] : _mm256_add_ps(_mm256_loadu_ps(out + 8 * i), part[i]));
+    }
+}
+
 /* fp32: y[out] = packed[out, in] @ x[in] (+ bias[out] if bias is not NULL, added last as oneDNN does).
  *
  * The weight in oneDNN's layout AB16b64a: blocks of 64 outputs, each a run of in x 64 floats,
@@ -53,14 +75,16 @@ static void block_times_row(const float *block, const float *x, float *out, int6
  * multiply-adds in input order from zero, and the chunks' sums are then added in order. The chunk is
  * oneDNN's choice (512 for 1024 inputs, 1024 for 4096 and 16384 on the machines measured): probed per
  * weight (row_kernel.probe). */
-__attribute__((target("avx512f,fma")))
 void glmpool_row_times_packed(const float *packed, const float *x, const float *bias, float *y,
-                              int64_t out, int64_t in, int64_t chunk) {
+                              int64_t out, int64_t in, int64_t chunk, int isa) {
     int64_t blocks = (out + BLOCK - 1) / BLOCK;
     #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         float result[BLOCK];
-        block_times_row(packed + b * in * BLOCK, x, result, in, chunk);
+        if (isa == 512)
+            block_times_row(packed + b * in * BLOCK, x, result, in, chunk);
+        else
+            block_times_row_avx2(packed + b * in * BLOCK, x, result, in, chunk);
         int64_t first = b * BLOCK, count = out - first < BLOCK ? out - first : BLOCK;
         if (bias)
             for (int64_t i = 0; i < count; i++) result[i] += bias[first + i];
@@ -96,13 +120,42 @@ static void rows_times_x_int8(const int8_t *w, const float *x, float *y, int64_t
     for (int r = 0; r < rows; r++) y[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-__attribute__((target("avx512f,fma")))
-void glmpool_row_times_int8(const int8_t *weight, const float *x, float *y, int64_t out, int64_t in) {
+/* torch's AVX2 int8 kernel sums 8 lanes (inputs j, j + 8, ...) and reduces them thus: the two halves
+ * added, then lanes 2 apart, then neighbours. */
+__attribute__((target("avx2,fma")))
+static float reduce_8_lanes(__m256 v) {
+    v = _mm256_add_ps(v, _mm256_permute2f128_ps(v, v, 0x1));
+    v = _mm256_add_ps(v, _mm256_shuffle_ps(v, v, 0x4E));
+    v = _mm256_add_ps(v, _mm256_shuffle_ps(v, v, 0xB1));
+    return _mm256_cvtss_f32(v);
+}
+
+__attribute__((target("avx2,fma")))
+static void rows_times_x_int8_avx2(const int8_t *w, const float *x, float *y, int64_t rows, int64_t in) {
+    __m256 acc[ROWS];
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
+    const char *next_block = (const char *)(w + ROWS * in);  /* as above: 64 bytes a step */
+    for (int64_t k = 0; k < in; k += 8) {
+        __m256 xk = _mm256_loadu_ps(x + k);
+        _mm_prefetch(next_block + k * ROWS, _MM_HINT_T1);
+        for (int r = 0; r < ROWS; r++) if (r < rows) {
+            __m128i bytes = _mm_loadl_epi64((const __m128i *)(w + r * in + k));
+            acc[r] = _mm256_fmadd_ps(xk, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), acc[r]);
+        }
+    }
+    for (int r = 0; r < rows; r++) y[r] = reduce_8_lanes(acc[r]);
+}
+
+/* lanes: 16 (torch's AVX-512 kernel, in % 16 == 0) or 8 (its AVX2 one, in % 8 == 0). */
+void glmpool_row_times_int8(const int8_t *weight, const float *x, float *y, int64_t out, int64_t in, int lanes) {
     int64_t blocks = (out + ROWS - 1) / ROWS;
     #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         int64_t first = b * ROWS, rows = out - first < ROWS ? out - first : ROWS;
-        rows_times_x_int8(weight + first * in, x, y + first, rows, in);
+        if (lanes == 16)
+            rows_times_x_int8(weight + first * in, x, y + first, rows, in);
+        else
+            rows_times_x_int8_avx2(weight + first * in, x, y + first, rows, in);
     }
 }
 
@@ -112,43 +165,69 @@ void glmpool_row_times_int8(const int8_t *weight, const float *x, float *y, int6
  * (_weight_int4pack_mm_for_cpu, AVX-512, unit scales and zeros) sums: each output by fused multiply-adds
  * in input order from zero. x holds bf16 values widened to fp32; the caller rounds y to bf16. */
 __attribute__((target("avx512f,fma")))
-void glmpool_row_times_int4(const uint8_t *packed, const float *x, float *y, int64_t out, int64_t in) {
+static void block64_times_row_int4(const uint8_t *p, const float *x, float *y, int64_t in) {
     const __m512 values = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-    int64_t blocks = out / 64;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t k = 0; k < in; k++, p += 32) {
+        __m512 xk = _mm512_set1_ps(x[k]);
+        /* permutexvar reads the low 4 bits of each index: a byte's low nibble, then its high one */
+        __m512i first = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+        __m512i second = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 16)));
+        acc[0] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(first, values), acc[0]);
+        acc[1] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(second, values), acc[1]);
+        acc[2] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(_mm512_srli_epi32(first, 4), values), acc[2]);
+        acc[3] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(_mm512_srli_epi32(second, 4), values), acc[3]);
+    }
+    for (int i = 0; i < 4; i++)
+        _mm512_storeu_ps(y + 16 * i, acc[i]);
+}
+
+/* torch's AVX2 layout, 32-row blocks: for each input k, 16 bytes; byte d holds rows d (low nibble) and
+ * d + 16 (high). Same sums: one chain of fused multiply-adds per output. */
+__attribute__((target("avx2,fma")))
+static void block32_times_row_int4(const uint8_t *p, const float *x, float *y, int64_t in) {
+    const __m256i low = _mm256_set1_epi32(0xF), eight = _mm256_set1_epi32(8);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t k = 0; k < in; k++, p += 16) {
+        __m256 xk = _mm256_set1_ps(x[k]);
+        __m256i first = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+        __m256i second = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
+        __m256i nibbles[4] = {_mm256_and_si256(first, low), _mm256_and_si256(second, low),
+                              _mm256_srli_epi32(first, 4), _mm256_srli_epi32(second, 4)};
+        for (int i = 0; i < 4; i++)
+            acc[i] = _mm256_fmadd_ps(xk, _mm256_cvtepi32_ps(_mm256_sub_epi32(nibbles[i], eight)), acc[i]);
+    }
+    for (int i = 0; i < 4; i++)
+        _mm256_storeu_ps(y + 8 * i, acc[i]);
+}
+
+/* block: 64 (torch's AVX-512 layout) or 32 (its AVX2 one); out a multiple of it. */
+void glmpool_row_times_int4(const uint8_t *packed, const float *x, float *y, int64_t out, int64_t in, int block) {
+    int64_t blocks = out / block;
     #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
-        const uint8_t *p = packed + b * in * 32;
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        for (int64_t k = 0; k < in; k++, p += 32) {
-            __m512 xk = _mm512_set1_ps(x[k]);
-            /* permutexvar reads the low 4 bits of each index: a byte's low nibble, then its high one */
-            __m512i first = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
-            __m512i second = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 16)));
-            acc[0] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(first, values), acc[0]);
-            acc[1] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(second, values), acc[1]);
-            acc[2] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(_mm512_srli_epi32(first, 4), values), acc[2]);
-            acc[3] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(_mm512_srli_epi32(second, 4), values), acc[3]);
-        }
-        for (int i = 0; i < 4; i++)
-            _mm512_storeu_ps(y + b * 64 + 16 * i, acc[i]);
+        if (block == 64)
+            block64_times_row_int4(packed + b * in * 32, x, y + b * 64, in);
+        else
+            block32_times_row_int4(packed + b * in * 16, x, y + b * 32, in);
     }
 }
 
 #else
 
-int glmpool_avx512_supported(void) { return 0; }
-
-void glmpool_row_times_int4(const uint8_t *packed, const float *x, float *y, int64_t out, int64_t in) {
-    (void)packed; (void)x; (void)y; (void)out; (void)in;
-}
-
-void glmpool_row_times_int8(const int8_t *weight, const float *x, float *y, int64_t out, int64_t in) {
-    (void)weight; (void)x; (void)y; (void)out; (void)in;
-}
+int glmpool_isa(void) { return 0; }
 
 void glmpool_row_times_packed(const float *packed, const float *x, const float *bias, float *y,
-                              int64_t out, int64_t in, int64_t chunk) {
-    (void)packed; (void)x; (void)bias; (void)y; (void)out; (void)in; (void)chunk;
+                              int64_t out, int64_t in, int64_t chunk, int isa) {
+    (void)packed; (void)x; (void)bias; (void)y; (void)out; (void)in; (void)chunk; (void)isa;
+}
+
+void glmpool_row_times_int8(const int8_t *weight, const float *x, float *y, int64_t out, int64_t in, int lanes) {
+    (void)weight; (void)x; (void)y; (void)out; (void)in; (void)lanes;
+}
+
+void glmpool_row_times_int4(const uint8_t *packed, const float *x, float *y, int64_t out, int64_t in, int block) {
+    (void)packed; (void)x; (void)y; (void)out; (void)in; (void)block;
 }
 
 #endif
