@@ -28,6 +28,16 @@ int glmpool_isa(void) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 256 : 0;
 }
 
+/* fp32: y[out] = packed[out, in] @ x[in] (+ bias[out] if bias is not NULL, added last as oneDNN does).
+ *
+ * The weight in oneDNN's layout AB16b64a: blocks of 64 outputs, each a run of in x 64 floats,
+ * input-major (the 16-input sub-blocks are consecutive, so a block reads as [in][64]); out is padded to
+ * a multiple of 64. Summed as oneDNN's multi-row matmul (brgemm) sums: for each output, the inputs are
+ * split into consecutive chunks of `chunk`; within a chunk the products are accumulated by fused
+ * multiply-adds in input order from zero, and the chunks' sums are then added in order. The chunk is
+ * oneDNN's choice (here 512 for 1024 inputs and 1024 for 4096 and 16384; 1024 for all three with its
+ * AVX2 kernels): probed per
+ * weight (row_kernel.probe). */
 __attribute__((target("avx512f,fma")))
 static void block_times_row(const float *block, const float *x, float *out, int64_t in, int64_t chunk) {
     __m512 total[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
@@ -66,15 +76,7 @@ static void block_times_row_avx2(const float *block, const float *x, float *out,
     }
 }
 
-/* fp32: y[out] = packed[out, in] @ x[in] (+ bias[out] if bias is not NULL, added last as oneDNN does).
- *
- * The weight in oneDNN's layout AB16b64a: blocks of 64 outputs, each a run of in x 64 floats,
- * input-major (the 16-input sub-blocks are consecutive, so a block reads as [in][64]); out is padded to
- * a multiple of 64. Summed as oneDNN's multi-row matmul (brgemm) sums: for each output, the inputs are
- * split into consecutive chunks of `chunk`; within a chunk the products are accumulated by fused
- * multiply-adds in input order from zero, and the chunks' sums are then added in order. The chunk is
- * oneDNN's choice (512 for 1024 inputs, 1024 for 4096 and 16384 on the machines measured): probed per
- * weight (row_kernel.probe). */
+/* fp32: the two variants' blocks of 64 outputs, spread over the threads. */
 void glmpool_row_times_packed(const float *packed, const float *x, const float *bias, float *y,
                               int64_t out, int64_t in, int64_t chunk, int isa) {
     int64_t blocks = (out + BLOCK - 1) / BLOCK;
