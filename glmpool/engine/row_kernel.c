@@ -36,8 +36,7 @@ int glmpool_isa(void) {
  * split into consecutive chunks of `chunk`; within a chunk the products are accumulated by fused
  * multiply-adds in input order from zero, and the chunks' sums are then added in order. The chunk is
  * oneDNN's choice (here 512 for 1024 inputs and 1024 for 4096 and 16384; 1024 for all three with its
- * AVX2 kernels): probed per
- * weight (row_kernel.probe). */
+ * AVX2 kernels): probed per weight (row_kernel.probe). */
 __attribute__((target("avx512f,fma")))
 static void block_times_row(const float *block, const float *x, float *out, int64_t in, int64_t chunk) {
     __m512 total[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
