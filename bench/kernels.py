@@ -4,7 +4,9 @@
 
 The variants run interleaved (round-robin, several rounds) so a noisy neighbour slows them alike;
 the table gives each variant's speed relative to fp32 in the same run (min over rounds, and median),
-which is what sets `CPU_KERNEL_MAX_ROWS` in glmpool/engine/quantize.py.
+which is how the kernels compare with dequantize + GEMM as rows grow (glmpool/engine/quantize.py uses the
+kernels for one row per sequence at any count and dequantize + GEMM for prompts, so that batching does
+not change results).
 """
 from __future__ import annotations
 

@@ -124,17 +124,21 @@ def wide_head_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("head", ["tiny", "wide"])
 @pytest.mark.parametrize("matmul", ["onednn", "reference", pytest.param("fbgemm-fp16", marks=pytest.mark.skipif(
-    not fbgemm.available(), reason="no FBGEMM fp16 linear"))])
+    not fbgemm.available(), reason="no FBGEMM fp16 linear")), "int8-qe", "int4-qe"])
 def test_batching_keeps_every_logit_bit_for_bit_with_onednn(tiny_dir, wide_head_dir, matmul, head):
     """With matmul="onednn" (or "fbgemm-fp16") a sequence's logits are the same bits alone or batched, at
     every step, with one KV cache per sequence (the tiny model's 16-dim heads) or, where padding was found
     exact at load (64-dim heads, on the machines this was written on), one slab for the batch with decode
     attention padded to the longest sequence (or, beside a much longer prompt, sequence by sequence over
     each one's own span); sequences leave early, and the last slot's moves into the freed one. With the
-    reference's matmuls (F.linear alone, W @ x^T batched) they are not, only the greedy tokens."""
+    reference's matmuls (F.linear alone, W @ x^T batched) they are not, only the greedy tokens. int8-qe,
+    int4-qe: every matrix quantized (prompts through dequantized matrices, decode steps through the
+    weight-only kernels, a lone row through glmpool's where built), the rest as with onednn."""
     from glmpool.engine import SamplingParams, load
 
-    engine = load(tiny_dir if head == "tiny" else wide_head_dir, progress=False, matmul=matmul)
+    quantize = matmul.removeprefix("int") if matmul.endswith("-qe") else None
+    engine = load(tiny_dir if head == "tiny" else wide_head_dir, progress=False,
+                  matmul="onednn" if quantize else matmul, quantize=quantize)
     padded = engine.model.padding_is_exact
     if head == "tiny" or matmul == "reference":
         assert not padded

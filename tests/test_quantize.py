@@ -104,8 +104,9 @@ def test_quantized_linear_paths_equal_dequantize_then_linear(bits, rows):
         tolerance = 1e-2 * float(expected.abs().max()) if path != "dequant" else 1e-5
         assert float((out - expected).abs().max()) <= tolerance, path
     assert module(x.view(1, rows, 128)).shape == (1, rows, 192)  # any leading shape
-    expected_path = KERNEL[bits] if rows <= Q.CPU_KERNEL_MAX_ROWS[bits] else "dequant"
-    assert module.kernel_path(rows, x.device) == expected_path
+    assert module.kernel_path(rows, x.device) == KERNEL[bits]  # decode rows: the kernel, at any count
+    assert module.kernel_path(rows, x.device, tokens=Q.PROMPT_KERNEL_MAX_TOKENS) == KERNEL[bits]
+    assert module.kernel_path(rows, x.device, tokens=Q.PROMPT_KERNEL_MAX_TOKENS + 1) == "dequant"
 
 
 @pytest.mark.skipif(not row_kernel.available(), reason="glmpool's row kernel is not built or this CPU lacks AVX-512")
@@ -167,8 +168,8 @@ def test_int4_rows_past_the_last_layout_block_are_multiplied_apart():
     assert torch.equal(embedding(torch.arange(2 * block + 8)), table)  # every row, both nibbles of a byte
     assert torch.equal(embedding.dequantize(), table)
     assert torch.equal(embedding.state_dict()["weight"], original)
-    many = torch.randn(80, 128)  # the dequantize path across the boundary
-    assert torch.allclose(embedding.project(many), F.linear(many, table), atol=1e-4)
+    many = torch.randn(1, 80, 128)  # a long prompt's rows: the dequantize path across the boundary
+    assert torch.allclose(embedding.matmul(many), F.linear(many, table), atol=1e-4)
 
 
 def test_int4_kernel_layout_in_place_keeps_state_dict_and_reloads():
@@ -221,8 +222,8 @@ def test_quantized_embedding_lookup_and_projection(bits):
     hidden = torch.randn(3, 64)
     assert torch.allclose(module.project(hidden), F.linear(hidden.bfloat16().float(), table), rtol=1e-2, atol=1e-2)
     assert torch.equal(module(ids), table[ids])  # also in the kernel layout (int4)
-    many = torch.randn(80, 64)  # more rows than CPU_KERNEL_MAX_ROWS: the dequant path
-    assert torch.allclose(module.project(many), F.linear(many, table), atol=1e-5)
+    many = torch.randn(1, 80, 64)  # a long prompt's rows: the dequant path
+    assert torch.allclose(module.matmul(many), F.linear(many, table), atol=1e-5)
     assert (module.num_embeddings, module.embedding_dim) == (192, 64)
 
 
@@ -265,7 +266,7 @@ def test_quantize_model_matches_dequantized_weights(bits, embeddings):
         reference.word_embeddings.weight.data = model.word_embeddings.dequantize()
     prompt = [7, 8, 9, 10, 11, 501, 504]
     expected = last_logits(reference, prompt)
-    got = last_logits(model, prompt)  # prompt rows <= CPU_KERNEL_MAX_ROWS: the bf16-activation kernels
+    got = last_logits(model, prompt)  # a short prompt: the bf16-activation kernels
     assert float((got - expected).abs().max()) <= 0.05 * float(expected.abs().max())
     with pytest.raises(ValueError):
         quantize_model(model, bits)

@@ -1,7 +1,8 @@
 """Continuous-batching generation: sequences join and leave between steps.
 
 Each step prefills the sequences added since the last step (together, right-padded to the longest
-prompt, up to PREFILL_TOKENS padded tokens per forward pass) and advances every running sequence by one
+prompt, up to PREFILL_TOKENS padded tokens per forward pass; prompts of up to and of over
+quantize.PROMPT_KERNEL_MAX_TOKENS tokens apart, since a quantized model multiplies them differently) and advances every running sequence by one
 token in a single batched forward pass: the weights are read once for the whole batch, which is what
 makes batching nearly free while decoding is bound by memory bandwidth. Each sequence keeps its own
 sampling parameters and random generator, and its KV cache, freed the moment it finishes: a slot of one
@@ -24,6 +25,7 @@ import torch
 
 from .errors import AdmissionError, PromptTooLongError
 from .model import ChatGLM, KVCache, SlotCache, prefix_attention_mask, prompt_positions, round_up
+from .quantize import PROMPT_KERNEL_MAX_TOKENS
 from .tokenizer import ChatGLMTokenizer, process_response
 
 INVALID_SCORE_TOKEN = 5  # where the reference puts all probability when logits are NaN/inf
@@ -281,9 +283,11 @@ class Batcher:
         while self.pending:  # in arrival order, as many at once as PREFILL_TOKENS allows
             group = [self.pending.pop(next(iter(self.pending)))]
             longest = len(group[0].prompt)
+            short = longest <= PROMPT_KERNEL_MAX_TOKENS
             while self.pending:
                 candidate = next(iter(self.pending.values()))
-                if (len(group) + 1) * max(longest, len(candidate.prompt)) > PREFILL_TOKENS:
+                if ((len(group) + 1) * max(longest, len(candidate.prompt)) > PREFILL_TOKENS
+                        or (len(candidate.prompt) <= PROMPT_KERNEL_MAX_TOKENS) != short):
                     break
                 group.append(self.pending.pop(candidate.key))
                 longest = max(longest, len(candidate.prompt))

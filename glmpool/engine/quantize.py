@@ -10,8 +10,12 @@ chatglm-6b-int4 (`quantization_bit`) stores every Linear of the layers this way 
 bias); with `quantization_embeddings` (chatglm-6b-int4-qe) the word embedding matrix as well, with the
 same number of bits, and the output projection (lm_head) is that same quantized matrix.
 
-## Kernels (chosen per call by the number of rows M of the input)
-- CPU, few rows (decode): torch's own weight-only kernels, which read the int8/int4 weights directly
+## Kernels (chosen per call by the tokens per sequence T, never by how many sequences share it)
+On the CPU a sequence's decode steps and output projection (T = 1) and its prompt, if of at most
+PROMPT_KERNEL_MAX_TOKENS tokens, take the first path below; a longer prompt the second. generate.py
+prefills the two kinds of prompt apart, so the path is a function of the sequence alone, and batching
+changes no bits.
+- CPU, up to PROMPT_KERNEL_MAX_TOKENS tokens per sequence: torch's own weight-only kernels, which read the int8/int4 weights directly
   (fewer bytes per token is the whole point, decoding being memory-bound) and need no C compiler:
   8 bits `aten._weight_int8pack_mm` on the stored int8 matrix as it is; 4 bits
   `aten._weight_int4pack_mm_for_cpu`, whose weights are unsigned nibbles (q + 8) in a blocked layout
@@ -24,8 +28,10 @@ same number of bits, and the output projection (lm_head) is that same quantized 
   afterwards, so the scales lose nothing. A lone row (one sequence decoding) goes through glmpool's own
   kernels instead where they are built (row_kernel.py): the same bits as torch's, int8 1.1-1.9x and
   int4 ~1.3x as fast.
-- CPU, many rows (prefill): dequantize blocks of rows to the model's dtype and use the BLAS GEMM, whose
-  cost is then amortized over the rows (the weight-only kernels are slower than fp32 there).
+- CPU, longer prompts: dequantize blocks of rows to the model's dtype and multiply with a GEMM, whose
+  cost is then amortized over the rows (the weight-only kernels are slower than fp32 there); oneDNN's
+  for fp32, which sums a row the same way among 2 or 2000 others (and runs faster than MKL's here),
+  F.linear otherwise.
 - CUDA, 4 bits, the layers: torch's own int4 kernel (`aten._weight_int4pack_mm`, "tinygemm", Ampere or
   newer), which reads the 4-bit weights as they are: a decode step then reads a quarter of fp16's bytes.
   Its layout is made at load (`prepare`) **in place** from THUDM's bytes (unsigned nibbles q + 8, the even
@@ -59,10 +65,11 @@ from .errors import EngineError
 log = logging.getLogger(__name__)
 
 SUPPORTED_BITS = (4, 8)
+# Prompts up to this long go through the CPU weight-only kernels, which beat dequantize + GEMM for up to
+# ~64 rows (bench/kernels.py); longer ones dequantize. Per prompt, not per call: see the docstring.
+PROMPT_KERNEL_MAX_TOKENS = 64
 LINEAR_NAMES = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
-# Rows M of the input up to which the CPU weight-only kernels beat dequantize + BLAS (bench/kernels).
-CPU_KERNEL_MAX_ROWS = {8: 64, 4: 64}
 INT4_BLOCK_CANDIDATES = (64, 32)  # output rows per block of the CPU int4 layout: 64 with AVX-512, else 32
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # allowed by the int4 kernels, CPU and CUDA (all groups share the row scale)
 KERNEL_K_MULTIPLE = 32  # the CPU kernels misbehave (garbage, crashes) unless K is a multiple of 8; be safe
@@ -432,24 +439,25 @@ class QuantizedMatrix(nn.Module):
 
     # --- matmul ---------------------------------------------------------------------------------
 
-    def kernel_path(self, rows: int, device: torch.device) -> str:
-        """Which implementation `matmul` uses for `rows` input rows: "int8-cpu", "int4-cpu", "int8-cuda",
-        "int4-cuda", "dequant"."""
+    def kernel_path(self, rows: int, device: torch.device, tokens: int = 1) -> str:
+        """Which implementation `matmul` uses for `rows` input rows, `tokens` of them per sequence (1 in a
+        decode step): "int8-cpu", "int4-cpu", "int8-cuda", "int4-cuda", "dequant"."""
         if self._current_layout() == self.LAYOUT_CUDA_INT4:
             return "int4-cuda"  # every size of input: the matrix is in no other layout
         if device.type == "cuda" and self.bits == 8 and rows <= self.cuda_int8_rows:
             return "int8-cuda"
-        if device.type != "cpu" or rows > CPU_KERNEL_MAX_ROWS[self.bits] or self.in_features % KERNEL_K_MULTIPLE:
+        if device.type != "cpu" or tokens > PROMPT_KERNEL_MAX_TOKENS or self.in_features % KERNEL_K_MULTIPLE:
             return "dequant"
         if self.bits == 8:
             return "int8-cpu" if _cpu_int8_kernel_ok() else "dequant"
         return "int4-cpu" if self._cpu_int4_ready() else "dequant"
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, path: str | None = None) -> torch.Tensor:
-        """x [..., K] -> x @ W^T + bias [..., N] in x's dtype. `path` forces an implementation (tests)."""
+        """x [..., K] -> x @ W^T + bias [..., N] in x's dtype; x [B, T, K]: T tokens of each of B sequences
+        (see kernel_path), any other shape one row per sequence. `path` forces an implementation (tests)."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # [M, K]
-        path = path or self.kernel_path(x2.shape[0], x.device)
+        path = path or self.kernel_path(x2.shape[0], x.device, tokens=shape[-2] if x.dim() >= 3 else 1)
         if path in ("int8-cpu", "int4-cpu") and self.in_features % KERNEL_K_MULTIPLE:
             raise RuntimeError(f"the CPU kernels need in_features % {KERNEL_K_MULTIPLE} == 0")
         if path == "int8-cpu":
@@ -514,11 +522,11 @@ class QuantizedMatrix(nn.Module):
         align = max(INT4_BLOCK_CANDIDATES)  # a multiple of every int4 layout block
         rows = max(align, limit // (K * x2.element_size()) // align * align)
         if rows >= N:
-            return F.linear(x2, self._dequant_rows(0, N, dtype))
+            return _gemm(x2, self._dequant_rows(0, N, dtype))
         out = torch.empty(x2.shape[0], N, dtype=dtype, device=x2.device)
         for start in range(0, N, rows):
             stop = min(N, start + rows)
-            out[:, start:stop] = F.linear(x2, self._dequant_rows(start, stop, dtype))
+            out[:, start:stop] = _gemm(x2, self._dequant_rows(start, stop, dtype))
         return out
 
 
@@ -527,6 +535,16 @@ def cuda_int4_input(qweight: torch.Tensor) -> torch.Tensor:
     takes: uint8 [N, K/2] of unsigned nibbles q + 8, even column high. Adding 8 to a 4-bit two's
     complement value flips its top bit, so that is each byte XOR 0x88."""
     return (qweight.view(torch.uint8) ^ 0x88).contiguous()
+
+
+def _gemm(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x2 [M, K] @ weight [N, K]^T. On the CPU in fp32 through oneDNN, which sums each row alike for any
+    M >= 2 (the prompts that come here are long), so a prompt's numbers do not depend on the others
+    prefilled with it; MKL's (F.linear) change with M."""
+    from . import onednn  # onednn imports this module
+    if x2.device.type == "cpu" and x2.dtype == torch.float32 and x2.shape[0] > 1 and onednn.available():
+        return onednn.linear(x2, weight, None)
+    return F.linear(x2, weight)
 
 
 def _int8_times(x_bf16: torch.Tensor, weight: torch.Tensor, lone_row_kernel: bool) -> torch.Tensor:
