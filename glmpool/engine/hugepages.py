@@ -3,11 +3,11 @@
 Decoding streams every weight once per token. On 4 KB pages that is a TLB miss every 4 KB of it, and
 the page walks cost the stream: measured on this project's 2-core machines, a lone fp32 row times a
 oneDNN-packed weight streamed 18-25% faster once the weight sat on 2 MB pages, and the medium model
-decoded fp32 1.05x and 1.13x faster in two alternating runs (no measurable change for int8 and int4). Linux backs memory with 2 MB pages only
-where a program asks when THP is set to "madvise" (a common default): madvise(MADV_HUGEPAGE) asks, and
-madvise(MADV_COLLAPSE) (Linux 6.1+) moves memory that is already filled, as loaded weights are. Where
-either is refused (an older kernel, THP off, no memory to spare in 2 MB pieces) the weights stay where
-they are; nothing else changes.
+decoded fp32 1.05x and 1.13x faster in two alternating runs (no measurable change for int8 and int4).
+Linux backs memory with 2 MB pages only where a program asks when THP is set to "madvise" (a common
+default): madvise(MADV_HUGEPAGE) asks, and madvise(MADV_COLLAPSE) (Linux 6.1+) moves memory that is
+already filled, as loaded weights are. Where either is refused (an older kernel, THP off, no memory to
+spare in 2 MB pieces) the weights stay where they are; nothing else changes.
 """
 from __future__ import annotations
 

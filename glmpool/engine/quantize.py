@@ -15,8 +15,9 @@ On the CPU a sequence's decode steps and output projection (T = 1) and its promp
 PROMPT_KERNEL_MAX_TOKENS tokens, take the first path below; a longer prompt the second. generate.py
 prefills the two kinds of prompt apart, so the path is a function of the sequence alone, and batching
 changes no bits.
-- CPU, up to PROMPT_KERNEL_MAX_TOKENS tokens per sequence: torch's own weight-only kernels, which read the int8/int4 weights directly
-  (fewer bytes per token is the whole point, decoding being memory-bound) and need no C compiler:
+- CPU, up to PROMPT_KERNEL_MAX_TOKENS tokens per sequence: torch's own weight-only kernels, which read
+  the int8/int4 weights directly (fewer bytes per token is the whole point, decoding being memory-bound)
+  and need no C compiler:
   8 bits `aten._weight_int8pack_mm` on the stored int8 matrix as it is; 4 bits
   `aten._weight_int4pack_mm_for_cpu`, whose weights are unsigned nibbles (q + 8) in a blocked layout
   (32-row blocks). The int4 matrix is re-laid out **in place** (same bytes, same [N, K/2] shape) on the

@@ -140,7 +140,8 @@ def row_times_int4(row: torch.Tensor, packed: torch.Tensor, out_features: int) -
     """row [in] (bf16) @ weight^T -> [out] in bf16, as torch.ops.aten._weight_int4pack_mm_for_cpu computes
     it with unit scales and zeros; `packed`: torch's CPU int4 layout, out a multiple of int4_block()."""
     in_features, block = row.numel(), int4_block()
-    assert block and out_features % block == 0 and packed.numel() * packed.element_size() >= out_features * in_features // 2
+    assert block and out_features % block == 0
+    assert packed.numel() * packed.element_size() >= out_features * in_features // 2  # never read past it
     row = row.float().contiguous()
     out = torch.empty(out_features, dtype=torch.float32)
     _library().glmpool_row_times_int4(packed.data_ptr(), row.data_ptr(), out.data_ptr(), out_features, in_features,
