@@ -150,7 +150,7 @@ def build_variants(model_dir: Path, names: list[str], device: str = "cpu") -> di
             if variant.endswith("-no-row-kernel"):  # lone rows through torch's kernels, as before row_kernel.c
                 patches.enter_context(mock.patch.object(row_kernel, "probe", lambda *args: None))
                 patches.enter_context(mock.patch.object(row_kernel, "int8_matches_torch", lambda: False))
-                patches.enter_context(mock.patch.object(row_kernel, "int4_matches_torch", lambda: False))
+                patches.enter_context(mock.patch.object(row_kernel, "int4_matches_torch", lambda block: False))
             if variant.endswith("-4k-pages"):  # the weights left on 4 KB pages, as before hugepages.py
                 patches.enter_context(mock.patch.object(hugepages, "weights_on_huge_pages", lambda net: 0))
             engines[variant] = build_variant(model_dir, name, on)

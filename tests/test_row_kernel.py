@@ -13,8 +13,8 @@ CHILD = textwrap.dedent("""
     import torch
     from glmpool.engine import onednn, quantize as Q, row_kernel
     row_kernel._library().isa = 256  # as on a CPU without AVX-512: the fp32 kernel's AVX2 variant
-    assert row_kernel.torch_isa() == 256 and row_kernel.int4_block() == 32
-    assert row_kernel.int8_matches_torch() and row_kernel.int4_matches_torch()
+    assert row_kernel.torch_isa() == 256 and Q.int4_block_rows() == 32
+    assert row_kernel.int8_matches_torch() and row_kernel.int4_matches_torch(32)
     torch.manual_seed(0)
     x = torch.randn(9, 1024)
     weight, bias = torch.randn(1000, 1024), torch.randn(1000)

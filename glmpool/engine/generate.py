@@ -5,10 +5,10 @@ prompt, up to PREFILL_TOKENS padded tokens per forward pass; prompts of up to an
 quantize.PROMPT_KERNEL_MAX_TOKENS tokens apart, since a quantized model multiplies them differently)
 and advances every running sequence by one token in a single batched forward pass: the weights are
 read once for the whole batch, which is what makes batching nearly free while decoding is bound by
-memory bandwidth. Each sequence keeps its own
-sampling parameters and random generator, and its KV cache, freed the moment it finishes: a slot of one
-slab shared by the batch (model.KVSlab), whose decode attention then runs for all sequences at once, or,
-where that would change a sequence's results (see Batcher), a cache of its own.
+memory bandwidth. Each sequence keeps its own sampling parameters and random generator, and its KV
+cache, freed the moment it finishes: a slot of one slab shared by the batch (model.KVSlab), whose
+decode attention then runs for all sequences at once, or, where that would change a sequence's results
+(see Batcher), a cache of its own.
 
 Admission is bounded by `max_batch` sequences and `max_kv_tokens` cached tokens, counted at the worst
 case (prompt + longest possible answer; in a slab, every slot at the longest, rounded up to a multiple of

@@ -493,7 +493,7 @@ class QuantizedMatrix(nn.Module):
         head = self._blocked_rows()
         x_bf16 = x2.to(torch.bfloat16).contiguous()
         if x2.shape[0] == 1 and self.lone_row_kernel:  # the same bits, ~1.3x faster
-            out = row_kernel.row_times_int4(x_bf16[0], self.weight, head).view(1, -1)
+            out = row_kernel.row_times_int4(x_bf16[0], self.weight, head, int4_block_rows()).view(1, -1)
         else:
             group, scales_zeros = self._int4_unit_groups(head, x2.device)
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x_bf16, self.weight[:head].view(torch.uint8), group,
@@ -722,8 +722,7 @@ def prepare(model: nn.Module) -> nn.Module:
         if module.bits != 4:
             continue
         if module.weight.device.type == "cpu":
-            module.lone_row_kernel = (module._cpu_int4_ready() and int4_block_rows() == row_kernel.int4_block()
-                                      and row_kernel.int4_matches_torch())
+            module.lone_row_kernel = module._cpu_int4_ready() and row_kernel.int4_matches_torch(int4_block_rows())
         elif module.weight.device.type == "cuda" and isinstance(module, QuantizedLinear) and broken is None:
             try:
                 module.to_cuda_int4_layout()  # False for a shape it does not take: that matrix is dequantized

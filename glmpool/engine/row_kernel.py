@@ -28,6 +28,7 @@ import functools
 import importlib.machinery
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -75,11 +76,6 @@ def torch_isa() -> int:
     capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
     width = 512 if capability.startswith("AVX512") else 256 if capability == "AVX2" else 0
     return min(width, _library().isa) if available() else 0
-
-
-def int4_block() -> int:
-    """Output rows per block of torch's CPU int4 layout that row_times_int4 reads: 64 (AVX-512), 32 (AVX2)."""
-    return {512: 64, 256: 32}.get(torch_isa(), 0)
 
 
 def fits(packed: torch.Tensor, out_features: int, in_features: int) -> bool:
@@ -136,11 +132,15 @@ def row_times_int8(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.to(torch.bfloat16)
 
 
-def row_times_int4(row: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+INT4_BLOCKS = {64: 512, 32: 256}  # output rows per block of torch's CPU int4 layout -> the width that reads it
+
+
+def row_times_int4(row: torch.Tensor, packed: torch.Tensor, out_features: int, block: int) -> torch.Tensor:
     """row [in] (bf16) @ weight^T -> [out] in bf16, as torch.ops.aten._weight_int4pack_mm_for_cpu computes
-    it with unit scales and zeros; `packed`: torch's CPU int4 layout, out a multiple of int4_block()."""
-    in_features, block = row.numel(), int4_block()
-    assert block and out_features % block == 0
+    it with unit scales and zeros; `packed`: torch's CPU int4 layout of `block`-row blocks (64 with its
+    AVX-512 kernels, 32 with AVX2: quantize.int4_block_rows()), out a multiple of it."""
+    in_features = row.numel()
+    assert INT4_BLOCKS[block] <= _library().isa and out_features % block == 0
     assert packed.numel() * packed.element_size() >= out_features * in_features // 2  # never read past it
     row = row.float().contiguous()
     out = torch.empty(out_features, dtype=torch.float32)
@@ -162,20 +162,16 @@ def _cancelling_probe(out_features: int, in_features: int, generator: torch.Gene
     return weight, x.to(torch.bfloat16)
 
 
-@functools.cache
-def int8_matches_torch() -> bool:
-    """Whether row_times_int8 gives the bits of torch's int8 kernel here, row by row (checked once: both
-    sum each output in an order that does not depend on the matrix's shape)."""
-    if not torch_isa():
-        return False
+def _same_bits_as_torch(what: str, shapes: tuple, low: int, high: int, ours: Callable, theirs: Callable) -> bool:
+    """Whether ours(row, q) is theirs(rows, q)'s result for that row, bit for bit, on cancelling probes of
+    weights q in [low, high] of each shape (out, in)."""
     generator = torch.Generator().manual_seed(0)
     try:
-        for out_features, in_features in ((100, 64), (37, 1024), (8, 4096)):
-            weight, x = _cancelling_probe(out_features, in_features, generator)
-            ones = torch.ones(out_features, dtype=torch.bfloat16)
-            among_others = torch.ops.aten._weight_int8pack_mm(x, weight, ones)
-            if not all(torch.equal(row_times_int8(x[i], weight), among_others[i]) for i in range(len(x))):
-                log.info("glmpool's int8 row kernel does not sum as this torch's int8 kernel: not used")
+        for out_features, in_features in shapes:
+            q, x = _cancelling_probe(out_features, in_features, generator, low, high)
+            among_others = theirs(x, q)
+            if not all(torch.equal(ours(x[i], q), among_others[i]) for i in range(len(x))):
+                log.info("glmpool's %s row kernel does not sum as this torch's %s kernel: not used", what, what)
                 return False
     except (RuntimeError, AttributeError, NotImplementedError):  # a torch without that kernel
         return False
@@ -183,22 +179,28 @@ def int8_matches_torch() -> bool:
 
 
 @functools.cache
-def int4_matches_torch() -> bool:
-    """Whether row_times_int4 gives the bits of torch's int4 kernel here (checked once, as int8's)."""
-    if not int4_block():
+def int8_matches_torch() -> bool:
+    """Whether row_times_int8 gives the bits of torch's int8 kernel here, row by row (checked once: both
+    sum each output in an order that does not depend on the matrix's shape)."""
+    ones = lambda q: torch.ones(q.shape[0], dtype=torch.bfloat16)  # noqa: E731
+    return bool(torch_isa()) and _same_bits_as_torch(
+        "int8", ((100, 64), (37, 1024), (8, 4096)), -127, 127, ours=row_times_int8,
+        theirs=lambda x, q: torch.ops.aten._weight_int8pack_mm(x, q, ones(q)))
+
+
+@functools.cache
+def int4_matches_torch(block: int) -> bool:
+    """Whether row_times_int4 gives the bits of torch's int4 kernel here, its layout of `block`-row blocks
+    (checked once, as int8's)."""
+    if not available() or INT4_BLOCKS.get(block, 1024) > _library().isa:
         return False
-    generator = torch.Generator().manual_seed(0)
-    try:
-        for out_features, in_features in ((128, 64), (64, 1024), (192, 4096)):
-            q, x = _cancelling_probe(out_features, in_features, generator, -8, 7)
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((q + 8).to(torch.int32), 1)
-            group = min(in_features, 256)
-            unit = torch.zeros(in_features // group, out_features, 2, dtype=torch.bfloat16)
-            unit[..., 0] = 1
-            among_others = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, unit)
-            if not all(torch.equal(row_times_int4(x[i], packed, out_features), among_others[i]) for i in range(len(x))):
-                log.info("glmpool's int4 row kernel does not sum as this torch's int4 kernel: not used")
-                return False
-    except (RuntimeError, AttributeError, NotImplementedError):  # a torch without those kernels
-        return False
-    return True
+    pack = lambda q: torch.ops.aten._convert_weight_to_int4pack_for_cpu((q + 8).to(torch.int32), 1)  # noqa: E731
+
+    def theirs(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:  # unit scales and zeros, groups of <= 256
+        group = min(q.shape[1], 256)
+        unit = torch.zeros(q.shape[1] // group, q.shape[0], 2, dtype=torch.bfloat16)
+        unit[..., 0] = 1
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, pack(q), group, unit)
+
+    return _same_bits_as_torch("int4", ((128, 64), (64, 1024), (192, 4096)), -8, 7,
+                               ours=lambda row, q: row_times_int4(row, pack(q), q.shape[0], block), theirs=theirs)
