@@ -1,8 +1,10 @@
 from setuptools import Extension, setup
 
-# glmpool's CPU row kernel (glmpool/engine/row_kernel.c, loaded with ctypes, so it needs no Python
-# headers). Optional: without a C compiler glmpool installs and runs on torch's kernels alone.
-row_kernel = Extension("glmpool.engine._row_kernel", ["glmpool/engine/row_kernel.c"],
-                       extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"], optional=True)
+# glmpool's CPU kernels (glmpool/engine/row_kernel.c, decode_attention.c; loaded with ctypes, so they
+# need no Python headers). Optional: without a C compiler glmpool installs and runs on torch's kernels
+# alone. -ffp-contract=off: only explicit fused multiply-adds fuse (see decode_attention.c).
+kernels = Extension("glmpool.engine._kernels", ["glmpool/engine/row_kernel.c", "glmpool/engine/decode_attention.c"],
+                    extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"], extra_link_args=["-fopenmp"],
+                    libraries=["m"], optional=True)
 
-setup(ext_modules=[row_kernel])
+setup(ext_modules=[kernels])

@@ -209,34 +209,46 @@ def test_streamed_text_never_shows_a_cut_character_and_stays_per_event(tiny_engi
     assert events[-1].finish_reason == "length" and events[-1].text == process_response(tokenizer.decode(script[:-2]))
 
 
-def test_a_shared_cache_decodes_like_separate_caches(tiny_engine, alone):
-    """The GPU's layout (one KV slab for the batch, decode attention padded to the longest sequence),
-    forced on the CPU: sequences join after every step and leave early (the last slot's sequence then
-    moves into the freed one), and every answer is what the sequence produces alone."""
-    from glmpool.engine import model
+@pytest.fixture(params=["kernel", "torch"])
+def slab_attention(request, monkeypatch):
+    """A KV slab's decode attention: glmpool's CPU kernel where built, or torch's padded one (the GPU's)."""
+    from glmpool.engine import decode_attention, model
+    if request.param == "kernel" and not decode_attention.usable(model.torch.float32, model.torch.device("cpu"), 16):
+        pytest.skip("glmpool's CPU kernels are not built here")
+    if request.param == "torch":
+        monkeypatch.setattr(decode_attention, "usable", lambda *args: False)
+    return model.KernelDecode if request.param == "kernel" else model.PaddedDecode
+
+
+def test_a_shared_cache_decodes_like_separate_caches(tiny_engine, alone, slab_attention):
+    """One KV slab for the batch, decode attention by glmpool's kernel or padded to the longest sequence
+    (the GPU's layout), forced on the CPU: sequences join after every step and leave early (the last
+    slot's sequence then moves into the freed one), and every answer is what the sequence produces alone."""
     batch = tiny_engine.batcher(max_batch=8, shared_cache=True)
-    padded_steps = []
-    attend = model.PaddedDecode.attend
-    model_attend = lambda self, *a: (padded_steps.append(len(self.rows) // len(self.groups)), attend(self, *a))[1]
+    batched_steps = []
+    init = slab_attention.__init__
+    def record(self, slab, lengths, *args):  # sequences per call (torch's: per group of sequences)
+        init(self, slab, lengths, *args)
+        batched_steps.append(len(lengths) // len(getattr(self, "groups", [lengths])))
     tokens = {}
     joined = iter(QUERIES[1:])
     batch.add("short", QUERIES[0], None, SamplingParams(do_sample=False, max_new_tokens=3))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(model.PaddedDecode, "attend", model_attend)
+        patch.setattr(slab_attention, "__init__", record)
         while len(batch):
             for event in batch.step():
                 tokens.setdefault(event.key, []).append(event.token_id)
             q = next(joined, None)
             if q is not None:
                 batch.add(q, q, None, GREEDY)
-    assert max(padded_steps) == len(QUERIES) - 1  # the padded path ran, for the whole batch in one group
+    assert max(batched_steps) == len(QUERIES) - 1  # that path ran, for the whole batch at once
     assert tokens["short"] == alone[QUERIES[0]][0][:3]
     for q in QUERIES[1:]:
         assert tokens[q] == alone[q][0], q
     assert batch.slab.occupants == []
 
 
-def test_a_shared_cache_slot_reused_after_nan_holds_no_stale_values(tiny_engine, alone):
+def test_a_shared_cache_slot_reused_after_nan_holds_no_stale_values(tiny_engine, alone, slab_attention):
     """Padding gets probability 0, and 0 x NaN is NaN: a slot must not hand its former occupant's values
     (here poisoned) to the next."""
     import torch
@@ -288,7 +300,7 @@ def test_the_padding_probe_refuses_attention_that_changes_with_neighbours(monkey
     from glmpool.engine import model
     from glmpool.engine.config import ModelConfig
     config = ModelConfig(vocab_size=1000, hidden_size=128, num_layers=2, num_attention_heads=2, inner_hidden_size=512)
-    attend = model.PaddedDecode.attend
+    attend = model.PaddedDecode.attend_rotated
     nudged = lambda self, *a: (lambda out: out if len(self.rows) == 1 else out * (1 + 2 ** -20))(attend(self, *a))
-    monkeypatch.setattr(model.PaddedDecode, "attend", nudged)
+    monkeypatch.setattr(model.PaddedDecode, "attend_rotated", nudged)
     assert not model.padded_attention_exact(config, torch.float32, torch.device("cpu"))

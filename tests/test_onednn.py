@@ -122,27 +122,32 @@ def wide_head_dir(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("wide") / "ckpt", hidden=128, heads=2, seed=2)
 
 
+@pytest.mark.parametrize("attention", [pytest.param("kernel", marks=needs_row_kernel), "torch"])
 @pytest.mark.parametrize("head", ["tiny", "wide"])
 @pytest.mark.parametrize("matmul", ["onednn", "reference", pytest.param("fbgemm-fp16", marks=pytest.mark.skipif(
     not fbgemm.available(), reason="no FBGEMM fp16 linear")), "int8-qe", "int4-qe"])
-def test_batching_keeps_every_logit_bit_for_bit_with_onednn(tiny_dir, wide_head_dir, matmul, head):
+def test_batching_keeps_every_logit_bit_for_bit_with_onednn(tiny_dir, wide_head_dir, matmul, head, attention,
+                                                             monkeypatch):
     """With matmul="onednn" (or "fbgemm-fp16") a sequence's logits are the same bits alone or batched, at
-    every step, with one KV cache per sequence (the tiny model's 16-dim heads) or, where padding was found
-    exact at load (64-dim heads, on the machines this was written on), one slab for the batch with decode
+    every step. Decode attention: glmpool's kernel, each sequence over its own span in one KV slab for the
+    batch; or, torch's, one KV cache per sequence (the tiny model's 16-dim heads) or, where padding was
+    found exact at load (64-dim heads, on the machines this was written on), one slab with decode
     attention padded to the longest sequence (or, beside a much longer prompt, sequence by sequence over
-    each one's own span); sequences leave early, and the last slot's moves into the freed one. With the
+    each one's own span). Sequences leave early, and the last slot's moves into the freed one. With the
     reference's matmuls (F.linear alone, W @ x^T batched) they are not, only the greedy tokens. int8-qe,
     int4-qe: every matrix quantized (prompts through dequantized matrices, decode steps through the
     weight-only kernels, a lone row through glmpool's where built), the rest as with onednn."""
-    from glmpool.engine import SamplingParams, load
+    from glmpool.engine import SamplingParams, decode_attention, load
 
+    if attention == "torch":
+        monkeypatch.setattr(decode_attention, "usable", lambda *args: False)
     quantize = matmul.removeprefix("int") if matmul.endswith("-qe") else None
     engine = load(tiny_dir if head == "tiny" else wide_head_dir, progress=False,
                   matmul="onednn" if quantize else matmul, quantize=quantize)
-    padded = engine.model.padding_is_exact
-    if head == "tiny" or matmul == "reference":
-        assert not padded
-    if head == "wide" and matmul != "reference" and not padded:
+    slab = engine.model.slab_is_exact
+    padded = slab and attention == "torch"
+    assert slab == (matmul != "reference") if attention == "kernel" else not (slab and head == "tiny")
+    if head == "wide" and matmul != "reference" and not slab:
         pytest.skip("padded decode attention is not exact on this machine: one cache per sequence, as for tiny")
     long = "please tell me everything about the model server and its many requests " * 10
     queries = ["你好", "hello there, how are you?", "橘子", "what is the time", long]
@@ -170,7 +175,7 @@ def test_batching_keeps_every_logit_bit_for_bit_with_onednn(tiny_dir, wide_head_
         batch.add(q, q, None, params[q])
         alone.update(logits_of(batch))
     batch = engine.batcher(max_batch=8)
-    assert (batch.slab is not None) == padded
+    assert (batch.slab is not None) == slab and (batch.slab is None or batch.slab.kernel == (attention == "kernel"))
     for q in queries:
         batch.add(q, q, None, params[q])
     with pytest.MonkeyPatch.context() as patch:

@@ -12,7 +12,7 @@ from glmpool.engine import row_kernel
 CHILD = textwrap.dedent("""
     import torch
     from glmpool.engine import onednn, quantize as Q, row_kernel
-    row_kernel._library().isa = 256  # as on a CPU without AVX-512: the fp32 kernel's AVX2 variant
+    row_kernel.library().isa = 256  # as on a CPU without AVX-512: the fp32 kernel's AVX2 variant
     assert row_kernel.torch_isa() == 256 and Q.int4_block_rows() == 32
     assert row_kernel.int8_matches_torch() and row_kernel.int4_matches_torch(32)
     torch.manual_seed(0)
@@ -33,7 +33,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not row_kernel.available() or row_kernel._library().isa != 512,
+@pytest.mark.skipif(not row_kernel.available() or row_kernel.library().isa != 512,
                     reason="needs the kernels built, on an AVX-512 CPU that also runs their AVX2 variants")
 def test_the_avx2_variants_give_torchs_avx2_kernels_bits():
     env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")

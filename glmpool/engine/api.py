@@ -7,7 +7,7 @@ from typing import Iterator
 
 import torch
 
-from . import checkpoint, fbgemm, hugepages, onednn
+from . import checkpoint, decode_attention, fbgemm, hugepages, onednn
 from .config import ModelConfig
 from .errors import CheckpointError, EngineError
 from .generate import Batcher, SamplingParams
@@ -208,8 +208,10 @@ def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | tor
     if device.type == "cpu":
         hugepages.weights_on_huge_pages(net)
     if device.type == "cpu" and matmul != "reference":  # batch-invariant: so must be the decode attention
-        net.padding_is_exact = padded_attention_exact(config, net.dtype, device)
-        log.info("decode attention: %s", "one KV slab for the batch (padding checked exact)" if net.padding_is_exact
+        kernel = decode_attention.usable(net.dtype, device, config.head_dim)
+        net.slab_is_exact = kernel or padded_attention_exact(config, net.dtype, device)
+        log.info("decode attention: %s", "glmpool's kernel, one KV slab for the batch" if kernel
+                 else "one KV slab for the batch (padding checked exact)" if net.slab_is_exact
                  else "per sequence (padding would change results here)")
     quantized = f", int{bits}" + ("-qe" if embeddings or stored_embeddings else "") if bits else ""
     log.info("loaded %s (%d layers, hidden %d%s) on %s as %s", model, config.num_layers, config.hidden_size,

@@ -181,8 +181,9 @@ class Batcher:
                  max_kv_tokens: int | None = None, shared_cache: bool | None = None):
         """shared_cache: keep the batch's KV caches in one slab and attend for all sequences at once while
         decoding (model.KVSlab); None = off the CPU (thousands of kernel launches a step fewer; batching
-        was never bit-exact there), and on the CPU where the model's padding is exact (see
-        model.padded_attention_exact): there batching must not change a sequence's results."""
+        was never bit-exact there), and on the CPU where the model says a slab keeps a sequence's bits
+        (model.slab_is_exact: glmpool's attention kernel, or padding checked exact): there batching must not
+        change a sequence's results."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.model = model
@@ -190,7 +191,7 @@ class Batcher:
         self.max_batch = max_batch
         self.max_kv_tokens = max_kv_tokens
         if shared_cache is None:
-            shared_cache = model.device.type != "cpu" or model.padding_is_exact
+            shared_cache = model.device.type != "cpu" or model.slab_is_exact
         self.slab = model.new_slab() if shared_cache else None
         self.pending: dict[Hashable, Sequence] = {}  # added, not yet prefilled
         self.running: dict[Hashable, Sequence] = {}

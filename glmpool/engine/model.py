@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import decode_attention
 from .config import ModelConfig
 
 
@@ -70,11 +71,11 @@ def round_up(n: int) -> int:
 
 class KVSlab:
     """The keys and values of a whole batch, one tensor per layer [2, slots, n, capacity, d], the batch's
-    sequences in slots 0..B-1 (see SlotCache). One decode step's attention is then ~8 calls per layer for
-    the whole batch, padded to the longest sequence and masked (`PaddedDecode`), instead of ~8 per sequence
-    and layer: on a GPU each call is a kernel launch, ~3600 a step for ChatGLM-6B at batch 16 against 224;
-    on the CPU, used only where the padding is exact (padded_attention_exact), a few percent of a
-    batch-16 step. Capacities are multiples of SPAN_BLOCK.
+    sequences in slots 0..B-1 (see SlotCache). One decode step's attention is then one call per layer for
+    the whole batch instead of ~8 per sequence and layer: on the CPU glmpool's kernel (decode_attention.py,
+    each sequence over its own span), elsewhere ~8 torch calls padded to the longest sequence and masked
+    (PaddedDecode; on a GPU ~3600 kernel launches a step fewer for ChatGLM-6B at batch 16). Capacities
+    are multiples of SPAN_BLOCK.
 
     A position past its sequence's length holds zero: padding gets probability exactly 0, and 0 x a stale
     NaN would still be NaN. Grown one layer at a time, so growing briefly needs one layer's worth more.
@@ -82,6 +83,7 @@ class KVSlab:
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device):
         self.config, self.dtype, self.device = config, dtype, device
+        self.kernel = decode_attention.usable(dtype, device, config.head_dim)  # else PaddedDecode
         self.layers: list[torch.Tensor] = []  # per layer [2, slots, n, capacity, d]
         self.occupants: list[SlotCache] = []  # slot i's cache
 
@@ -136,12 +138,12 @@ class KVSlab:
             self.occupants[cache.slot] = last
         cache.slab = None
 
-    def decode_step(self, caches: list) -> PaddedDecode | None:
+    def decode_step(self, caches: list) -> KernelDecode | PaddedDecode | None:
         """The decode attention of one new token for each of `caches`, if they are this slab's occupants in
         slot order (as the Batcher passes them); otherwise None."""
         if len(caches) != len(self.occupants) or any(c is not o for c, o in zip(caches, self.occupants)):
             return None
-        return PaddedDecode(self, [c.length + 1 for c in caches])
+        return (KernelDecode if self.kernel else PaddedDecode)(self, [c.length + 1 for c in caches])
 
 
 class SlotCache:
@@ -191,7 +193,11 @@ class PaddedDecode:
         self.paddings = [torch.arange(span, device=device) >= self.positions[start:end, None, None, None] + 1
                          for start, end, span in self.groups]
 
-    def attend(self, layer: int, q: torch.Tensor, key_value: torch.Tensor, scale: float) -> torch.Tensor:
+    def attend(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, parts: int) -> torch.Tensor:
+        """qkv [B, 1, n, 3, d] as projected, cos and sin [B, 1, 1, 1, d] -> context [B, n, 1, d]."""
+        return self.attend_rotated(layer, *queries_keys_values(qkv, cos, sin, parts, layer))
+
+    def attend_rotated(self, layer: int, q: torch.Tensor, key_value: torch.Tensor, scale: float) -> torch.Tensor:
         """q [B, n, 1, d] (already divided by sqrt(d) * scale), key_value [B, 2, n, 1, d] -> context [B, n, 1, d]."""
         data = self.slab.layers[layer]  # [2, slots, n, capacity, d]
         data[:, self.rows, :, self.positions] = key_value[:, :, :, 0]  # indexed dims first: [B, 2, n, d]
@@ -208,6 +214,22 @@ class PaddedDecode:
         scores = torch.bmm(q.reshape(R * n, 1, d), keys.transpose(1, 2)).float() * scale  # [R * n, 1, span]
         scores.view(R, n, 1, span).masked_fill_(padding, -math.inf)
         return torch.bmm(F.softmax(scores, dim=-1).type(q.dtype), values).view(R, n, 1, d)
+
+
+class KernelDecode:
+    """One decode step's attention for slots 0..B-1 of a slab by glmpool's CPU kernel (decode_attention.py):
+    each sequence over its own span, nothing padded, a sequence's bits the same whatever its neighbours."""
+
+    def __init__(self, slab: KVSlab, lengths: list[int]):
+        self.slab = slab
+        self.positions = torch.tensor(lengths) - 1  # [B] where each new key and value go
+        self.scores = torch.empty(len(lengths) * slab.config.num_attention_heads, max(lengths))  # scratch
+
+    def attend(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, parts: int) -> torch.Tensor:
+        """As PaddedDecode.attend."""
+        B = qkv.shape[0]
+        return decode_attention.attend(self.slab.layers[layer], qkv[:, 0], cos.view(B, -1), sin.view(B, -1),
+                                       self.positions, self.scores, float(layer + 1), parts)
 
 
 @torch.inference_mode()
@@ -237,7 +259,7 @@ def padded_attention_exact(config: ModelConfig, dtype: torch.dtype, device: torc
                 slab.layers[0][:, cache.slot, :, :cache_length] = (random(2, n, cache_length, d) if cache.slot
                                                                    else keys_values)
             rows, step = len(lengths), PaddedDecode(slab, [c.length + 1 for c in slab.occupants], math.inf)
-            results.append(step.attend(0, q[:rows], new_key_value[:rows], 3.0)[0])  # all at once: padded
+            results.append(step.attend_rotated(0, q[:rows], new_key_value[:rows], 3.0)[0])  # at once: padded
         if not torch.equal(*results):
             return False
     return True
@@ -271,6 +293,17 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, parts: 
     out = x * cos
     out += swapped * signed_sin
     return out
+
+
+def queries_keys_values(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, parts: int,
+                        layer: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """qkv [B, T, n, 3, d] as projected -> the queries rotated and divided by sqrt(d) * scale [B, n, T, d],
+    the keys (rotated) and values [B, 2, n, T, d], and scale, the layer's attention scaling (layer + 1)."""
+    q, k = rotate(qkv[:, :, :, :2], cos, sin, parts).unbind(3)  # [B, T, n, d]
+    v = qkv[:, :, :, 2]
+    scale = float(layer + 1)
+    q = (q / (math.sqrt(qkv.shape[-1]) * scale)).transpose(1, 2)
+    return q, torch.stack((k, v), dim=1).transpose(2, 3), scale
 
 
 def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -312,16 +345,13 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache],
                 prefix_masks: list[torch.Tensor | None], lengths: list[int],
-                padded: PaddedDecode | None = None) -> torch.Tensor:
+                decode: KernelDecode | PaddedDecode | None = None) -> torch.Tensor:
         B, T, H = x.shape
         qkv = project(self.query_key_value, x).view(B, T, self.n_heads, 3, self.head_dim)
-        q, k = rotate(qkv[:, :, :, :2], cos, sin, 2 if self.position_encoding_2d else 1).unbind(3)  # [B, T, n, d]
-        v = qkv[:, :, :, 2]
-        scale = float(self.layer_id + 1)
-        q = (q / (math.sqrt(self.head_dim) * scale)).transpose(1, 2)  # [B, n, T, d]
-        key_value = torch.stack((k, v), dim=1).transpose(2, 3)  # [B, 2, n, T, d]
-        if padded is not None:
-            return project(self.dense, padded.attend(self.layer_id, q, key_value, scale).view(B, T, H))
+        parts = 2 if self.position_encoding_2d else 1
+        if decode is not None:  # a decode step of the sequences in a slab
+            return project(self.dense, decode.attend(self.layer_id, qkv, cos, sin, parts).reshape(B, T, H))
+        q, key_value, scale = queries_keys_values(qkv, cos, sin, parts, self.layer_id)
         # Prompts, and decode steps without a shared slab: attention per sequence, each over its own
         # cache length (the loop body is kept to a few calls).
         # Sequences of a batched prefill are right-padded to T: sequence b has lengths[b] real tokens, and
@@ -360,10 +390,10 @@ class GLMBlock(nn.Module):
         self.mlp = MLP(config)
         self.alpha = (2 * ALPHA_LAYERS) ** 0.5
 
-    def forward(self, x, cos, sin, caches, prefix_masks, lengths, padded=None):
+    def forward(self, x, cos, sin, caches, prefix_masks, lengths, decode=None):
         attention_input = self.input_layernorm(x)
         x = attention_input * self.alpha + self.attention(attention_input, cos, sin, caches, prefix_masks, lengths,
-                                                          padded)
+                                                          decode)
         mlp_input = self.post_attention_layernorm(x)
         return mlp_input * self.alpha + self.mlp(mlp_input)
 
@@ -376,7 +406,9 @@ class ChatGLM(nn.Module):
         self.layers = nn.ModuleList(GLMBlock(config, i) for i in range(config.num_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.padding_is_exact = False  # padded_attention_exact() said so, for a batch-invariant model (load())
+        # decoding through one KV slab gives a sequence its bits alone: the CPU kernel, or padding checked exact
+        # (padded_attention_exact); set by load() for a batch-invariant model
+        self.slab_is_exact = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -425,10 +457,10 @@ class ChatGLM(nn.Module):
         ids = positions if self.config.position_encoding_2d else positions[:, :1]
         cos, sin = (F.embedding(ids, table).transpose(1, 2).reshape(B, T, 1, 1, -1)
                     for table in (cos_table, sin_table))
-        padded = caches[0].slab.decode_step(caches) if T == 1 and isinstance(caches[0], SlotCache) else None
+        decode = caches[0].slab.decode_step(caches) if T == 1 and isinstance(caches[0], SlotCache) else None
         x = self.word_embeddings(tokens)  # [B, T, H]
         for layer in self.layers:
-            x = layer(x, cos, sin, caches, masks, lengths, padded)
+            x = layer(x, cos, sin, caches, masks, lengths, decode)
         for cache, t in zip(caches, lengths):
             cache.advance(t)
         last = x[torch.arange(B), torch.tensor(lengths) - 1]  # [B, H]: each sequence's last real token

@@ -35,7 +35,7 @@ import torch
 log = logging.getLogger(__name__)
 
 BLOCK = 64  # outputs per block of oneDNN's AB16b64a layout, which the kernel reads
-C_NAME = "_row_kernel"
+C_NAME = "_kernels"  # row_kernel.c and decode_attention.c, built by setup.py
 
 
 def library_path() -> Path | None:
@@ -47,26 +47,29 @@ def library_path() -> Path | None:
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
+def library() -> ctypes.CDLL | None:
     path = library_path()
     if path is None:
-        log.info("glmpool's CPU row kernels are not built (no C compiler at install?): torch's kernels are used")
+        log.info("glmpool's CPU kernels are not built (no C compiler at install?): torch's kernels are used")
         return None
-    library = ctypes.CDLL(str(path))  # after torch: it shares torch's OpenMP runtime (same soname)
-    library.isa = library.glmpool_isa()
-    if not library.isa:
-        log.info("this CPU has neither AVX-512 nor AVX2 with FMA: glmpool's row kernels are not used")
+    kernels = ctypes.CDLL(str(path))  # after torch: it shares torch's OpenMP runtime (same soname)
+    kernels.isa = kernels.glmpool_isa()
+    if not kernels.isa:
+        log.info("this CPU has neither AVX-512 nor AVX2 with FMA: glmpool's CPU kernels are not used")
         return None
-    library.glmpool_row_times_packed.restype = None
-    library.glmpool_row_times_packed.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    kernels.glmpool_row_times_packed.restype = None
+    kernels.glmpool_row_times_packed.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     for name in ("glmpool_row_times_int8", "glmpool_row_times_int4"):
-        getattr(library, name).restype = None
-        getattr(library, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
-    return library
+        getattr(kernels, name).restype = None
+        getattr(kernels, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    kernels.glmpool_decode_attention.restype = None  # decode_attention.py
+    kernels.glmpool_decode_attention.argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6
+                                                 + [ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_int])
+    return kernels
 
 
 def available() -> bool:
-    return _library() is not None
+    return library() is not None
 
 
 @functools.cache
@@ -75,7 +78,7 @@ def torch_isa() -> int:
     int8/int4 kernels must mirror: it sets their lanes and torch's int4 layout. Capped by this CPU's."""
     capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
     width = 512 if capability.startswith("AVX512") else 256 if capability == "AVX2" else 0
-    return min(width, _library().isa) if available() else 0
+    return min(width, library().isa) if available() else 0
 
 
 def fits(packed: torch.Tensor, out_features: int, in_features: int) -> bool:
@@ -97,10 +100,10 @@ def row_times_packed(row: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor
     row = row.contiguous()
     bias = None if bias is None else bias.detach().contiguous()
     out = torch.empty(out_features, dtype=torch.float32)
-    library = _library()
-    library.glmpool_row_times_packed(
+    kernels = library()
+    kernels.glmpool_row_times_packed(
         torch.ops.mkldnn.data_ptr(packed), row.data_ptr(), None if bias is None else bias.data_ptr(),
-        out.data_ptr(), out_features, row.numel(), chunk, library.isa)
+        out.data_ptr(), out_features, row.numel(), chunk, kernels.isa)
     return out
 
 
@@ -127,7 +130,7 @@ def row_times_int8(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     assert weight.dtype == torch.int8 and weight.is_contiguous() and weight.shape[1] % 16 == 0 and torch_isa()
     row = row.float().contiguous()  # bf16 values, exact in fp32
     out = torch.empty(weight.shape[0], dtype=torch.float32)
-    _library().glmpool_row_times_int8(weight.data_ptr(), row.data_ptr(), out.data_ptr(), *weight.shape,
+    library().glmpool_row_times_int8(weight.data_ptr(), row.data_ptr(), out.data_ptr(), *weight.shape,
                                       torch_isa() // 32)
     return out.to(torch.bfloat16)
 
@@ -140,11 +143,11 @@ def row_times_int4(row: torch.Tensor, packed: torch.Tensor, out_features: int, b
     it with unit scales and zeros; `packed`: torch's CPU int4 layout of `block`-row blocks (64 with its
     AVX-512 kernels, 32 with AVX2: quantize.int4_block_rows()), out a multiple of it."""
     in_features = row.numel()
-    assert INT4_BLOCKS[block] <= _library().isa and out_features % block == 0
+    assert INT4_BLOCKS[block] <= library().isa and out_features % block == 0
     assert packed.numel() * packed.element_size() >= out_features * in_features // 2  # never read past it
     row = row.float().contiguous()
     out = torch.empty(out_features, dtype=torch.float32)
-    _library().glmpool_row_times_int4(packed.data_ptr(), row.data_ptr(), out.data_ptr(), out_features, in_features,
+    library().glmpool_row_times_int4(packed.data_ptr(), row.data_ptr(), out.data_ptr(), out_features, in_features,
                                       block)
     return out.to(torch.bfloat16)
 
@@ -192,7 +195,7 @@ def int8_matches_torch() -> bool:
 def int4_matches_torch(block: int) -> bool:
     """Whether row_times_int4 gives the bits of torch's int4 kernel here, its layout of `block`-row blocks
     (checked once, as int8's)."""
-    if not available() or INT4_BLOCKS.get(block, 1024) > _library().isa:
+    if not available() or INT4_BLOCKS.get(block, 1024) > library().isa:
         return False
     pack = lambda q: torch.ops.aten._convert_weight_to_int4pack_for_cpu((q + 8).to(torch.int32), 1)  # noqa: E731
 
