@@ -19,8 +19,9 @@ bound it implies (bandwidth / weight bytes read per token).
 The machine is shared and noisy: the variants run round-robin, several rounds, and the table shows
 medians plus ratios against fp32 measured in the same rounds. Not a test: no targets are asserted.
 Any variant's name + "-no-row-kernel" runs it with lone rows through torch's kernels instead of glmpool's
-(glmpool/engine/row_kernel.py); + "-4k-pages" with its weights left on 4 KB pages (hugepages.py): list
-those first, since memory that held weights moved onto huge pages stays advised when it is reused.
+(glmpool/engine/row_kernel.py); + "-torch-attention" with decode attention through torch instead of
+glmpool's kernel (decode_attention.py); + "-4k-pages" with its weights left on 4 KB pages (hugepages.py):
+list those first, since memory that held weights moved onto huge pages stays advised when it is reused.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from glmpool.engine import SamplingParams, load  # noqa: E402
-from glmpool.engine import fbgemm, hugepages, onednn, row_kernel  # noqa: E402
+from glmpool.engine import decode_attention, fbgemm, hugepages, onednn, row_kernel  # noqa: E402
 from glmpool.engine import quantize as Q  # noqa: E402
 
 MEDIUM = dict(layers=8, hidden=1024, heads=16, inner=4096, vocab=130528, seed=0)
@@ -141,16 +142,21 @@ def run_chatglm_cpp(python: str, path: Path, tokens: int) -> float:
 def build_variants(model_dir: Path, names: list[str], device: str = "cpu") -> dict:
     """The engines to compare. On a GPU `matmul` changes nothing: fp32 is fp32, the others run in the
     device's default dtype (fp16), the int4 layers through torch's CUDA int4 kernel where it works.
-    A name may end in -no-row-kernel or -4k-pages: that variant without glmpool's row kernels or huge pages."""
+    A name may end in -no-row-kernel, -torch-attention or -4k-pages: that variant without glmpool's row
+    kernels, its attention kernel or huge pages."""
     engines = {}
     for name in names:
         on = dict(device=device, progress=False)
-        name, variant = name.removesuffix("-no-row-kernel").removesuffix("-4k-pages"), name
+        variant = name
+        for suffix in ("-no-row-kernel", "-torch-attention", "-4k-pages"):
+            name = name.removesuffix(suffix)
         with contextlib.ExitStack() as patches:
             if variant.endswith("-no-row-kernel"):  # lone rows through torch's kernels, as before row_kernel.c
                 patches.enter_context(mock.patch.object(row_kernel, "probe", lambda *args: None))
                 patches.enter_context(mock.patch.object(row_kernel, "int8_matches_torch", lambda: False))
                 patches.enter_context(mock.patch.object(row_kernel, "int4_matches_torch", lambda block: False))
+            if variant.endswith("-torch-attention"):  # as before decode_attention.c
+                patches.enter_context(mock.patch.object(decode_attention, "usable", lambda *args: False))
             if variant.endswith("-4k-pages"):  # the weights left on 4 KB pages, as before hugepages.py
                 patches.enter_context(mock.patch.object(hugepages, "weights_on_huge_pages", lambda net: 0))
             engines[variant] = build_variant(model_dir, name, on)

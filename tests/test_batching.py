@@ -210,13 +210,12 @@ def test_streamed_text_never_shows_a_cut_character_and_stays_per_event(tiny_engi
 
 
 @pytest.fixture(params=["kernel", "torch"])
-def slab_attention(request, monkeypatch):
+def slab_attention(request, tiny_engine, monkeypatch):
     """A KV slab's decode attention: glmpool's CPU kernel where built, or torch's padded one (the GPU's)."""
-    from glmpool.engine import decode_attention, model
-    if request.param == "kernel" and not decode_attention.usable(model.torch.float32, model.torch.device("cpu"), 16):
+    from glmpool.engine import model
+    if request.param == "kernel" and not tiny_engine.model.attention_kernel:
         pytest.skip("glmpool's CPU kernels are not built here")
-    if request.param == "torch":
-        monkeypatch.setattr(decode_attention, "usable", lambda *args: False)
+    monkeypatch.setattr(tiny_engine.model, "attention_kernel", request.param == "kernel")
     return model.KernelDecode if request.param == "kernel" else model.PaddedDecode
 
 

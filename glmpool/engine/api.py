@@ -207,10 +207,10 @@ def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | tor
     net.eval().requires_grad_(False)
     if device.type == "cpu":
         hugepages.weights_on_huge_pages(net)
+    net.attention_kernel = decode_attention.usable(net.dtype, device, config.head_dim)
     if device.type == "cpu" and matmul != "reference":  # batch-invariant: so must be the decode attention
-        kernel = decode_attention.usable(net.dtype, device, config.head_dim)
-        net.slab_is_exact = kernel or padded_attention_exact(config, net.dtype, device)
-        log.info("decode attention: %s", "glmpool's kernel, one KV slab for the batch" if kernel
+        net.slab_is_exact = net.attention_kernel or padded_attention_exact(config, net.dtype, device)
+        log.info("decode attention: %s", "glmpool's kernel, one KV slab for the batch" if net.attention_kernel
                  else "one KV slab for the batch (padding checked exact)" if net.slab_is_exact
                  else "per sequence (padding would change results here)")
     quantized = f", int{bits}" + ("-qe" if embeddings or stored_embeddings else "") if bits else ""

@@ -81,9 +81,9 @@ class KVSlab:
     NaN would still be NaN. Grown one layer at a time, so growing briefly needs one layer's worth more.
     """
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, kernel: bool = False):
         self.config, self.dtype, self.device = config, dtype, device
-        self.kernel = decode_attention.usable(dtype, device, config.head_dim)  # else PaddedDecode
+        self.kernel = kernel  # decode attention by KernelDecode (decode_attention.usable() says where), else PaddedDecode
         self.layers: list[torch.Tensor] = []  # per layer [2, slots, n, capacity, d]
         self.occupants: list[SlotCache] = []  # slot i's cache
 
@@ -406,6 +406,7 @@ class ChatGLM(nn.Module):
         self.layers = nn.ModuleList(GLMBlock(config, i) for i in range(config.num_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.attention_kernel = False  # a slab's decode attention by glmpool's CPU kernel (set by load())
         # decoding through one KV slab gives a sequence its bits alone: the CPU kernel, or padding checked exact
         # (padded_attention_exact); set by load() for a batch-invariant model
         self.slab_is_exact = False
@@ -422,7 +423,7 @@ class ChatGLM(nn.Module):
         return KVCache(self.config, capacity, self.dtype, self.device)
 
     def new_slab(self) -> KVSlab:
-        return KVSlab(self.config, self.dtype, self.device)
+        return KVSlab(self.config, self.dtype, self.device, self.attention_kernel)
 
     def rotary(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rotary is None or self._rotary[0].shape[0] < length:
