@@ -85,6 +85,8 @@ def main(spec: WorkerSpec, tasks, results) -> None:
     except Exception as error:  # a model that cannot load is reported, not a crash loop of tracebacks
         results.send(("fatal", spec.wid, f"{type(error).__name__}: {error}"))
         return
+    from .engine import hugepages
+    hugepages.reuse_freed_memory()  # after loading, whose temporary copies may go back to the system
     kv_tokens = (int(spec.kv_cache_gb * (1 << 30)) // engine.kv_bytes_per_token() if spec.kv_cache_gb
                  else engine.default_kv_tokens())
     results.send(("ready", spec.wid, {"pid": os.getpid(), "kv_tokens": kv_tokens}))

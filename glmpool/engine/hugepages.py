@@ -8,6 +8,10 @@ Linux backs memory with 2 MB pages only where a program asks when THP is set to 
 default): madvise(MADV_HUGEPAGE) asks, and madvise(MADV_COLLAPSE) (Linux 6.1+) moves memory that is
 already filled, as loaded weights are. Where either is refused (an older kernel, THP off, no memory to
 spare in 2 MB pieces) the weights stay where they are; nothing else changes.
+
+A process that has torch put every tensor of 2 MB or more on huge pages (THP_MEM_ALLOC_ENABLE=1, as
+glmpool's workers do, so weights load straight onto them) should also call reuse_freed_memory(): torch
+frees such tensors back to the kernel, and each new one is faulted in again, 2 MB at a time.
 """
 from __future__ import annotations
 
@@ -24,6 +28,25 @@ log = logging.getLogger(__name__)
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE = 14
 MADV_COLLAPSE = 25
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
+
+
+def reuse_freed_memory() -> bool:
+    """Have glibc serve allocations of up to 32 MB from its heap and keep freed memory there, so that
+    activations reuse pages instead of faulting fresh ones in. With THP_MEM_ALLOC_ENABLE=1, torch aligns
+    every tensor of 2 MB or more to 2 MB and advises it huge; glibc then maps and unmaps each one, and
+    a batch-16 decode step's 8.4 MB of logits cost ~0.9 ms to allocate and fill instead of ~0.06 (a
+    prompt's activations, many such tensors, more). The price: the heap keeps its high-water mark.
+    False where this is no glibc (nothing changes)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) and mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
 @functools.cache
