@@ -3,15 +3,15 @@
  * the sequence's position, and attend over its own positions 0..position.
  *
  * Why: in torch that is ~20 calls a layer (rotary, scatter into the slab, padded batched GEMVs,
- * softmax), ~10% of a batch-16 decode step and ~5% of a lone one on the medium model, most of it
+ * softmax), ~15% of a batch-16 decode step and ~6% of a lone one on the medium model, most of it
  * per-call overhead and GEMVs that read the cache at half the memory's speed. Here each (sequence, head)
  * is one pass over its keys and values.
  *
  * Batching must not change a sequence's results: every (sequence, head) is computed start to end by one
  * thread in a fixed order that depends on nothing else (not the batch, not the thread count, not the
- * vector width: the AVX-512 and AVX2 builds give the same bits). Sums over a head's dimensions run in
- * 16 lanes (lane i takes dimensions i, i + 16, ...), then the lanes are added in a fixed tree; sums over
- * positions run in position order. Compiled with -ffp-contract=off: the rotation rounds its products
+ * vector width: the AVX-512, AVX2 and plain C variants give the same bits). Sums over a head's
+ * dimensions run in 16 lanes (lane i takes dimensions i, i + 16, ...), then the lanes are added in a
+ * fixed tree; sums over positions run in position order. Compiled with -ffp-contract=off: the rotation rounds its products
  * and its sum apart, as torch's `x * cos + swapped * sin` does, and only explicit fmaf fuses.
  */
 #include <math.h>

@@ -83,7 +83,7 @@ class KVSlab:
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, kernel: bool = False):
         self.config, self.dtype, self.device = config, dtype, device
-        self.kernel = kernel  # decode attention by KernelDecode (decode_attention.usable() says where), else PaddedDecode
+        self.kernel = kernel  # decode attention by KernelDecode (where decode_attention.usable()), else PaddedDecode
         self.layers: list[torch.Tensor] = []  # per layer [2, slots, n, capacity, d]
         self.occupants: list[SlotCache] = []  # slot i's cache
 
@@ -229,7 +229,7 @@ class KernelDecode:
         """As PaddedDecode.attend."""
         B = qkv.shape[0]
         return decode_attention.attend(self.slab.layers[layer], qkv[:, 0], cos.view(B, -1), sin.view(B, -1),
-                                       self.positions, self.scores, float(layer + 1), parts)
+                                       self.positions, self.scores, float(layer + 1), parts).unsqueeze(2)
 
 
 @torch.inference_mode()
@@ -350,7 +350,7 @@ class SelfAttention(nn.Module):
         qkv = project(self.query_key_value, x).view(B, T, self.n_heads, 3, self.head_dim)
         parts = 2 if self.position_encoding_2d else 1
         if decode is not None:  # a decode step of the sequences in a slab
-            return project(self.dense, decode.attend(self.layer_id, qkv, cos, sin, parts).reshape(B, T, H))
+            return project(self.dense, decode.attend(self.layer_id, qkv, cos, sin, parts).view(B, T, H))
         q, key_value, scale = queries_keys_values(qkv, cos, sin, parts, self.layer_id)
         # Prompts, and decode steps without a shared slab: attention per sequence, each over its own
         # cache length (the loop body is kept to a few calls).
