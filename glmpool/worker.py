@@ -71,7 +71,7 @@ def main(spec: WorkerSpec, tasks, results) -> None:
     # instead of being moved there afterwards (engine/hugepages.py); read once, before torch allocates.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     logging.basicConfig(level=logging.WARNING, format=f"[%(levelname)s worker {spec.wid}]: %(message)s")
-    from .engine import EngineError, load
+    from .engine import EngineError, hugepages, load
     if spec.threads:
         import torch
         torch.set_num_threads(spec.threads)  # cpu workers share the cores instead of fighting over them
@@ -85,7 +85,6 @@ def main(spec: WorkerSpec, tasks, results) -> None:
     except Exception as error:  # a model that cannot load is reported, not a crash loop of tracebacks
         results.send(("fatal", spec.wid, f"{type(error).__name__}: {error}"))
         return
-    from .engine import hugepages
     hugepages.reuse_freed_memory()  # after loading, whose temporary copies may go back to the system
     kv_tokens = (int(spec.kv_cache_gb * (1 << 30)) // engine.kv_bytes_per_token() if spec.kv_cache_gb
                  else engine.default_kv_tokens())

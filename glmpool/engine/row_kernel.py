@@ -131,7 +131,7 @@ def row_times_int8(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     row = row.float().contiguous()  # bf16 values, exact in fp32
     out = torch.empty(weight.shape[0], dtype=torch.float32)
     library().glmpool_row_times_int8(weight.data_ptr(), row.data_ptr(), out.data_ptr(), *weight.shape,
-                                      torch_isa() // 32)
+                                     torch_isa() // 32)
     return out.to(torch.bfloat16)
 
 
@@ -148,7 +148,7 @@ def row_times_int4(row: torch.Tensor, packed: torch.Tensor, out_features: int, b
     row = row.float().contiguous()
     out = torch.empty(out_features, dtype=torch.float32)
     library().glmpool_row_times_int4(packed.data_ptr(), row.data_ptr(), out.data_ptr(), out_features, in_features,
-                                      block)
+                                     block)
     return out.to(torch.bfloat16)
 
 
