@@ -115,7 +115,7 @@ def test_a_lone_row_goes_through_glmpools_kernel_with_the_bits_it_gets_in_a_batc
     torch.manual_seed(4)
     module = QuantizedLinear.from_linear(torch.nn.Linear(shape[1], shape[0]), bits)
     Q.prepare(module)  # as load() does: it decides
-    assert module.lone_row_kernel
+    assert module.own_kernels
     x = torch.randn(17, shape[1])
     together = module.matmul(x, module.bias)
     name = f"row_times_int{bits}"
@@ -124,6 +124,23 @@ def test_a_lone_row_goes_through_glmpools_kernel_with_the_bits_it_gets_in_a_batc
     for row in (0, 7, 16):
         assert torch.equal(module.matmul(x[row:row + 1], module.bias), together[row:row + 1]), row
     assert len(calls) == 3
+
+
+@pytest.mark.skipif(not row_kernel.available(), reason="glmpool's row kernel is not built or this CPU lacks AVX-512")
+@pytest.mark.parametrize("shape", [(4099, 1024), (50, 4096)])
+def test_several_int8_rows_go_through_glmpools_kernel_with_torchs_bits(shape, monkeypatch):
+    """More than 4 rows (a batch's decode step): glmpool's multi-row int8 kernel, the bits of torch's."""
+    torch.manual_seed(5)
+    module = QuantizedLinear.from_linear(torch.nn.Linear(shape[1], shape[0]), 8)
+    Q.prepare(module)
+    calls, kernel = [], row_kernel.rows_times_int8
+    monkeypatch.setattr(row_kernel, "rows_times_int8", lambda *a: calls.append(1) or kernel(*a))
+    for rows in (4, 5, 16, 37):
+        x = torch.randn(rows, shape[1])
+        theirs = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), module.weight,
+                                                    torch.ones(shape[0], dtype=torch.bfloat16))
+        assert torch.equal(Q._int8_times(x.to(torch.bfloat16), module.weight, module.own_kernels), theirs), rows
+    assert len(calls) == 3  # not for 4 rows: torch's kernel is as fast there
 
 
 def test_dequant_path_in_chunks_and_without_bias(monkeypatch):

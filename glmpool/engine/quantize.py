@@ -28,7 +28,8 @@ changes no bits.
   rounding); they run with unit scales and the fp16 row scales are applied in the model's dtype
   afterwards, so the scales lose nothing. A lone row (one sequence decoding) goes through glmpool's own
   kernels instead where they are built (row_kernel.py): the same bits as torch's, int8 1.1-1.9x and
-  int4 ~1.3x as fast.
+  int4 ~1.3x as fast; for int8 so do more than 4 rows (a batch's decode step, short prompts): the same
+  bits again, 1.2-1.5x as fast.
 - CPU, longer prompts: dequantize blocks of rows to the model's dtype and multiply with a GEMM, whose
   cost is then amortized over the rows (the weight-only kernels are slower than fp32 there); oneDNN's
   for fp32, which sums a row the same way among 2 or 2000 others (and runs faster than MKL's here),
@@ -274,7 +275,7 @@ class QuantizedMatrix(nn.Module):
         self._scale_cache: tuple | None = None  # (weight_scale version key, dtype, scale in dtype)
         self._cuda_shape: torch.Size | None = None  # of `weight` seen as int32 in the CUDA int4 layout
         self.cuda_int8_rows = 0  # input rows up to which torch's CUDA int8 kernel is used (see prepare)
-        self.lone_row_kernel = False  # a lone row on the CPU through glmpool's kernel (row_kernel.py, prepare)
+        self.own_kernels = False  # on the CPU glmpool's kernels give torch's bits here (row_kernel.py, prepare)
         self._register_state_dict_hook(_thudm_layout_state_dict_hook)
 
     def extra_repr(self) -> str:
@@ -486,13 +487,13 @@ class QuantizedMatrix(nn.Module):
         return out.view(*shape[:-1], self.out_features)
 
     def _int8_cpu(self, x2: torch.Tensor) -> torch.Tensor:
-        return _int8_times(x2.to(torch.bfloat16).contiguous(), self.weight, self.lone_row_kernel)
+        return _int8_times(x2.to(torch.bfloat16).contiguous(), self.weight, self.own_kernels)
 
     def _int4_cpu(self, x2: torch.Tensor) -> torch.Tensor:
         # bf16 [M, K] x int4 (q + 8, blocked) [N, K/2] -> bf16 [M, N], unit scales and zero points
         head = self._blocked_rows()
         x_bf16 = x2.to(torch.bfloat16).contiguous()
-        if x2.shape[0] == 1 and self.lone_row_kernel:  # the same bits, ~1.3x faster
+        if x2.shape[0] == 1 and self.own_kernels:  # the same bits, ~1.3x faster
             out = row_kernel.row_times_int4(x_bf16[0], self.weight, head, int4_block_rows()).view(1, -1)
         else:
             group, scales_zeros = self._int4_unit_groups(head, x2.device)
@@ -548,12 +549,18 @@ def _gemm(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x2, weight)
 
 
-def _int8_times(x_bf16: torch.Tensor, weight: torch.Tensor, lone_row_kernel: bool) -> torch.Tensor:
-    """bf16 [M, K] x int8 [N, K]^T -> bf16 [M, N], unit scales; a lone row through glmpool's kernel if asked
-    (the same bits, ~2x faster on short rows)."""
-    if x_bf16.shape[0] == 1 and lone_row_kernel:
+def _int8_times(x_bf16: torch.Tensor, weight: torch.Tensor, own_kernels: bool) -> torch.Tensor:
+    """bf16 [M, K] x int8 [N, K]^T -> bf16 [M, N], unit scales; through glmpool's kernels if asked (the same
+    bits): a lone row ~2x faster on short rows, more than OWN_INT8_ROWS_FROM - 1 rows 1.2-1.5x."""
+    rows = x_bf16.shape[0]
+    if own_kernels and rows == 1:
         return row_kernel.row_times_int8(x_bf16[0], weight).view(1, -1)
+    if own_kernels and rows >= OWN_INT8_ROWS_FROM:
+        return row_kernel.rows_times_int8(x_bf16, weight)
     return torch.ops.aten._weight_int8pack_mm(x_bf16, weight, _unit_scales("int8", (weight.shape[0],)))
+
+
+OWN_INT8_ROWS_FROM = 5  # up to 4 rows torch's int8 kernel is as fast (its tiles hold 4)
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
@@ -708,7 +715,7 @@ def quantized_modules(model: nn.Module) -> Iterable[tuple[str, QuantizedMatrix]]
 def prepare(model: nn.Module) -> nn.Module:
     """Build the kernel layouts now (right after loading): CPU int4 on the first forward otherwise; CUDA int4
     (the layers' matrices: a lookup table must stay in THUDM's layout) only here. On CUDA, also decide
-    where torch's int8 kernel is used; on the CPU, whether a lone row goes through glmpool's kernels."""
+    where torch's int8 kernel is used; on the CPU, whether glmpool's kernels may stand in for torch's."""
     int8_cuda = [m for _, m in quantized_modules(model) if m.bits == 8 and m.weight.device.type == "cuda"]
     if int8_cuda:
         judged = next((m for m in int8_cuda if isinstance(m, QuantizedLinear)), int8_cuda[0])
@@ -718,11 +725,11 @@ def prepare(model: nn.Module) -> nn.Module:
     broken = None
     for name, module in quantized_modules(model):
         if module.bits == 8 and module.weight.device.type == "cpu":
-            module.lone_row_kernel = row_kernel.int8_matches_torch()
+            module.own_kernels = row_kernel.int8_matches_torch()
         if module.bits != 4:
             continue
         if module.weight.device.type == "cpu":
-            module.lone_row_kernel = module._cpu_int4_ready() and row_kernel.int4_matches_torch(int4_block_rows())
+            module.own_kernels = module._cpu_int4_ready() and row_kernel.int4_matches_torch(int4_block_rows())
         elif module.weight.device.type == "cuda" and isinstance(module, QuantizedLinear) and broken is None:
             try:
                 module.to_cuda_int4_layout()  # False for a shape it does not take: that matrix is dequantized

@@ -6,7 +6,9 @@ project's 2-core machines:
   reordered the weight into (no second copy) and sums in the order oneDNN's multi-row matmul does;
   onednn.py checks that per weight before using it.
 - int8 (THUDM's row-major bytes): torch's weight-only kernel streams ~14 GB/s of 1024-byte rows, ~23 of
-  4096-byte and ~26 of 16384-byte ones; row_times_int8 ~26, ~30 and ~29.
+  4096-byte and ~26 of 16384-byte ones; row_times_int8 ~26, ~30 and ~29. For more than 4 rows (a batch's
+  decode step), rows_times_int8 converts each block of weights once for 4 or 8 rows: 1.2-1.5x torch's
+  multi-row kernel at 6-32 rows, the same sums.
 - int4 (torch's CPU layout, 64-row blocks): torch's kernel ~17.5 GB/s of packed bytes, row_times_int4
   ~22-24 (it leaves out the scale-and-zero multiply-add, which unit scales make exact anyway).
   Both sum as torch's kernels do, which int8_matches_torch() and int4_matches_torch() check once per
@@ -62,6 +64,8 @@ def library() -> ctypes.CDLL | None:
     for name in ("glmpool_row_times_int8", "glmpool_row_times_int4"):
         getattr(kernels, name).restype = None
         getattr(kernels, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    kernels.glmpool_rows_times_int8.restype = None
+    kernels.glmpool_rows_times_int8.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     kernels.glmpool_decode_attention.restype = None  # decode_attention.py
     kernels.glmpool_decode_attention.argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6
                                                  + [ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_int])
@@ -135,6 +139,18 @@ def row_times_int8(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.to(torch.bfloat16)
 
 
+def rows_times_int8(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, in] (bf16) @ weight [out, in]^T (int8, unit scales) -> [M, out] in bf16, each row as
+    row_times_int8 computes it (so as torch's kernel does), the weight read once for several rows."""
+    assert weight.dtype == torch.int8 and weight.is_contiguous() and weight.shape[1] % 16 == 0 and torch_isa()
+    assert x.dim() == 2 and x.shape[1] == weight.shape[1]
+    x = x.float().contiguous()
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+    library().glmpool_rows_times_int8(weight.data_ptr(), x.data_ptr(), out.data_ptr(), x.shape[0], *weight.shape,
+                                      torch_isa() // 32)
+    return out.to(torch.bfloat16)
+
+
 INT4_BLOCKS = {64: 512, 32: 256}  # output rows per block of torch's CPU int4 layout -> the width that reads it
 
 
@@ -165,15 +181,17 @@ def _cancelling_probe(out_features: int, in_features: int, generator: torch.Gene
     return weight, x.to(torch.bfloat16)
 
 
-def _same_bits_as_torch(what: str, shapes: tuple, low: int, high: int, ours: Callable, theirs: Callable) -> bool:
+def _same_bits_as_torch(what: str, shapes: tuple, low: int, high: int, ours: Callable, theirs: Callable,
+                        ours_rows: Callable | None = None) -> bool:
     """Whether ours(row, q) is theirs(rows, q)'s result for that row, bit for bit, on cancelling probes of
-    weights q in [low, high] of each shape (out, in)."""
+    weights q in [low, high] of each shape (out, in); and ours_rows(rows, q), if given, all of it."""
     generator = torch.Generator().manual_seed(0)
     try:
         for out_features, in_features in shapes:
             q, x = _cancelling_probe(out_features, in_features, generator, low, high)
             among_others = theirs(x, q)
-            if not all(torch.equal(ours(x[i], q), among_others[i]) for i in range(len(x))):
+            if not all(torch.equal(ours(x[i], q), among_others[i]) for i in range(len(x))) or (
+                    ours_rows is not None and not torch.equal(ours_rows(x, q), among_others)):
                 log.info("glmpool's %s row kernel does not sum as this torch's %s kernel: not used", what, what)
                 return False
     except (RuntimeError, AttributeError, NotImplementedError):  # a torch without that kernel
@@ -183,12 +201,12 @@ def _same_bits_as_torch(what: str, shapes: tuple, low: int, high: int, ours: Cal
 
 @functools.cache
 def int8_matches_torch() -> bool:
-    """Whether row_times_int8 gives the bits of torch's int8 kernel here, row by row (checked once: both
+    """Whether row_times_int8 and rows_times_int8 give the bits of torch's int8 kernel here (checked once: all
     sum each output in an order that does not depend on the matrix's shape)."""
     ones = lambda q: torch.ones(q.shape[0], dtype=torch.bfloat16)  # noqa: E731
     return bool(torch_isa()) and _same_bits_as_torch(
         "int8", ((100, 64), (37, 1024), (8, 4096)), -127, 127, ours=row_times_int8,
-        theirs=lambda x, q: torch.ops.aten._weight_int8pack_mm(x, q, ones(q)))
+        theirs=lambda x, q: torch.ops.aten._weight_int8pack_mm(x, q, ones(q)), ours_rows=rows_times_int8)
 
 
 @functools.cache
