@@ -121,7 +121,8 @@ def next_tokens(logits: torch.Tensor, params: list[SamplingParams],
         if p.do_sample:
             by_top_k.setdefault(_effective_top_k(p, logits.shape[-1]), []).append(row)
     for rows in by_top_k.values():
-        indices, probs = candidates(logits[rows], [params[row] for row in rows])  # [R, k] each
+        chosen = logits if len(rows) == len(params) else logits[rows]  # all rows: no 8 MB copy at batch 16
+        indices, probs = candidates(chosen, [params[row] for row in rows])  # [R, k] each
         draws = torch.cat([torch.multinomial(probs[i], 1, generator=generators[row])
                            for i, row in enumerate(rows)])
         for row, token in zip(rows, indices.gather(1, draws[:, None]).view(-1).tolist()):
