@@ -52,7 +52,10 @@ static inline __attribute__((always_inline)) void rotate(const float *x, const f
 }
 
 /* One (sequence, head), see glmpool_decode_attention; DOT and AXPY_ALL are the vector width's own. */
-#define ATTEND_HEAD(DOT, AXPY_ALL)                                                                            \
+#define DEFINE_ATTEND_HEAD(NAME, ATTRIBUTES, DOT, AXPY_ALL)                                                  \
+ATTRIBUTES static void NAME(const float *qkv, const float *cos_, const float *sin_, float *keys, float *values, \
+                            int64_t position, float *scores, float *context, int64_t d, int parts,          \
+                            float query_divisor, float scale) {                                             \
     float query[d];                                                                                          \
     rotate(qkv, cos_, sin_, query, d, parts);                                                                \
     for (int64_t e = 0; e < d; e++)                                                                          \
@@ -72,14 +75,11 @@ static inline __attribute__((always_inline)) void rotate(const float *x, const f
     }                                                                                                        \
     AXPY_ALL;                                                                                                \
     for (int64_t e = 0; e < d; e++)                                                                          \
-        context[e] /= total;
-
-static void attend_head_c(const float *qkv, const float *cos_, const float *sin_, float *keys, float *values,
-                          int64_t position, float *scores, float *context, int64_t d, int parts,
-                          float query_divisor, float scale) {
-    ATTEND_HEAD(dot_c, for (int64_t e = 0; e < d; e++) context[e] = 0.0f;
-                       for (int64_t j = 0; j <= position; j++) axpy_c(scores[j], values + j * d, context, d))
+        context[e] /= total;                                                                                 \
 }
+
+DEFINE_ATTEND_HEAD(attend_head_c, , dot_c, for (int64_t e = 0; e < d; e++) context[e] = 0.0f;
+                   for (int64_t j = 0; j <= position; j++) axpy_c(scores[j], values + j * d, context, d))
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -128,21 +128,13 @@ static inline float dot_avx2(const float *a, const float *b, int64_t d) {
         for (int i = 0; i < live; i++) STORE(context + e0 + WIDTH * i, acc[i]);                             \
     }
 
-__attribute__((target("avx512f,fma")))
-static void attend_head_avx512(const float *qkv, const float *cos_, const float *sin_, float *keys,
-                               float *values, int64_t position, float *scores, float *context, int64_t d,
-                               int parts, float query_divisor, float scale) {
-    ATTEND_HEAD(dot_avx512, AXPY_ALL_VECTOR(__m512, 16, 4, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps,
-                                            _mm512_fmadd_ps, _mm512_set1_ps))
-}
+DEFINE_ATTEND_HEAD(attend_head_avx512, __attribute__((target("avx512f,fma"))), dot_avx512,
+                   AXPY_ALL_VECTOR(__m512, 16, 4, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps,
+                                   _mm512_fmadd_ps, _mm512_set1_ps))
 
-__attribute__((target("avx2,fma")))
-static void attend_head_avx2(const float *qkv, const float *cos_, const float *sin_, float *keys,
-                             float *values, int64_t position, float *scores, float *context, int64_t d,
-                             int parts, float query_divisor, float scale) {
-    ATTEND_HEAD(dot_avx2, AXPY_ALL_VECTOR(__m256, 8, 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps,
-                                          _mm256_fmadd_ps, _mm256_set1_ps))
-}
+DEFINE_ATTEND_HEAD(attend_head_avx2, __attribute__((target("avx2,fma"))), dot_avx2,
+                   AXPY_ALL_VECTOR(__m256, 8, 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps,
+                                   _mm256_fmadd_ps, _mm256_set1_ps))
 #endif
 
 /* qkv [batch, heads, 3, d]: this step's projected query, key and value of each sequence and head (the
