@@ -11,7 +11,7 @@ from . import checkpoint, decode_attention, fbgemm, hugepages, onednn
 from .config import ModelConfig
 from .errors import CheckpointError, EngineError
 from .generate import Batcher, SamplingParams
-from .model import ChatGLM, fused_gelu, padded_attention_exact
+from .model import ChatGLM, padded_attention_exact
 from .tokenizer import ChatGLMTokenizer
 
 log = logging.getLogger(__name__)
@@ -209,8 +209,6 @@ def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | tor
         hugepages.weights_on_huge_pages(net)
     net.attention_kernel = decode_attention.usable(net.dtype, device, config.head_dim)
     if device.type == "cpu" and matmul != "reference":  # batch-invariant: so must be the decode attention
-        for layer in net.layers:  # rounded differently from THUDM's anyway: the faster GELU
-            layer.mlp.activation = fused_gelu
         net.slab_is_exact = net.attention_kernel or padded_attention_exact(config, net.dtype, device)
         log.info("decode attention: %s", "glmpool's kernel, one KV slab for the batch" if net.attention_kernel
                  else "one KV slab for the batch (padding checked exact)" if net.slab_is_exact
