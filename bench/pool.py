@@ -2,7 +2,8 @@
 same kind of requests sent one at a time (what the original one-request-at-a-time server gives).
 
     python bench/pool.py [--rounds 3] [--concurrency 1,4,16,64] [--sequential 6] [--max-new-tokens 32]
-                         [--max-batch 16] [--sweep 8,16,32,64] [--workers 1] [--matmul KIND] [--sample]
+                         [--max-batch 16] [--sweep 8,16,32,64] [--workers 1] [--matmul KIND] [--quantize Q]
+                         [--sample]
 
 Medium config (hidden 1024, 16 heads, 8 layers, vocab 130528; bench/decode.py builds it into .cache/).
 Random weights often predict <eop> early; like bench/decode.py the bench wants every request to do the
@@ -161,7 +162,8 @@ def pool_args(model: Path, args, max_batch: int) -> list[str]:
     return ["--model", str(model), "--gpus", ",".join(["cpu"] * args.workers), "--max-batch", str(max_batch),
             "--max-length", "2048", "--cache-dir", str(args.cache),
             *(["--worker-threads", str(args.threads)] if args.threads else []),
-            *(["--matmul", args.matmul] if args.matmul else [])]
+            *(["--matmul", args.matmul] if args.matmul else []),
+            *(["--quantize", args.quantize] if args.quantize else [])]
 
 
 def main() -> None:
@@ -175,6 +177,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="--worker-threads (0: the pool's default)")
     parser.add_argument("--matmul", default=None, help="--matmul of the pool (default: the pool's default)")
+    parser.add_argument("--quantize", default=None, help="--quantize of the pool: 4, 8, 4-qe or 8-qe")
     parser.add_argument("--sample", action="store_true", help="requests sample (server defaults) instead of greedy")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache")
     parser.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: the medium view)")
@@ -219,7 +222,8 @@ def main() -> None:
     med = {key: statistics.median(values) for key, values in runs.items()}
     import torch
     print(f"\nMachine: {machine()}; torch {torch.__version__}. Model {model.name}: 1 worker x "
-          f"{args.threads or 'default'} threads, --matmul {args.matmul or 'default'}, --max-batch {args.max_batch}, "
+          f"{args.threads or 'default'} threads, --matmul {args.matmul or 'default'}"
+          f"{', --quantize ' + args.quantize if args.quantize else ''}, --max-batch {args.max_batch}, "
           f"{new} new tokens per request ({'sampled' if SAMPLE else 'greedy'}), medians of {args.rounds} rounds.\n")
     print("| requests at once | aggregate tokens/s | x one at a time (same round) | TTFT p50 | TTFT p95 | "
           "latency p50 | latency p95 |")
