@@ -118,7 +118,7 @@ def test_a_lone_row_goes_through_glmpools_kernel_with_the_bits_it_gets_in_a_batc
     assert module.own_kernels
     x = torch.randn(17, shape[1])
     together = module.matmul(x, module.bias)
-    name = f"row_times_int{bits}"
+    name = {8: "int8_times", 4: "row_times_int4"}[bits]
     calls, kernel = [], getattr(row_kernel, name)
     monkeypatch.setattr(row_kernel, name, lambda *a: calls.append(1) or kernel(*a))
     for row in (0, 7, 16):
@@ -133,8 +133,8 @@ def test_several_int8_rows_go_through_glmpools_kernel_with_torchs_bits(shape, mo
     torch.manual_seed(5)
     module = QuantizedLinear.from_linear(torch.nn.Linear(shape[1], shape[0]), 8)
     Q.prepare(module)
-    calls, kernel = [], row_kernel.rows_times_int8
-    monkeypatch.setattr(row_kernel, "rows_times_int8", lambda *a: calls.append(1) or kernel(*a))
+    calls, kernel = [], row_kernel.int8_times
+    monkeypatch.setattr(row_kernel, "int8_times", lambda *a: calls.append(1) or kernel(*a))
     for rows in (4, 5, 16, 37):
         x = torch.randn(rows, shape[1])
         theirs = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), module.weight,

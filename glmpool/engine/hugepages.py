@@ -41,27 +41,27 @@ def reuse_freed_memory() -> bool:
     a batch-16 decode step's 8.4 MB of logits cost ~0.9 ms to allocate and fill instead of ~0.06 (a
     prompt's activations, many such tensors, more). The price: the heap keeps its high-water mark.
     False where this is no glibc (nothing changes)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) and mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    mallopt = _libc_function("mallopt", (ctypes.c_int, ctypes.c_int))
+    return bool(mallopt and mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) and mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
 @functools.cache
-def _madvise():
+def _libc_function(name: str, argtypes: tuple):
+    """The C library's `name` on Linux (errno kept), or None."""
     if sys.platform != "linux":
         return None
-    madvise = ctypes.CDLL(None, use_errno=True).madvise
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return madvise
+    try:
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (AttributeError, OSError):  # not glibc: no mallopt
+        return None
+    function.argtypes = list(argtypes)
+    return function
 
 
 def advise(address: int, nbytes: int) -> int:
     """Move the whole 2 MB pages within [address, address + nbytes) onto huge pages; returns the bytes
     moved (0 where the kernel refused, or where the span holds no whole huge page)."""
-    madvise = _madvise()
+    madvise = _libc_function("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int))
     start = -(-address // HUGE_PAGE) * HUGE_PAGE
     length = (address + nbytes) // HUGE_PAGE * HUGE_PAGE - start
     if madvise is None or length <= 0:

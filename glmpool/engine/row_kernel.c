@@ -37,43 +37,29 @@ int glmpool_isa(void) {
  * multiply-adds in input order from zero, and the chunks' sums are then added in order. The chunk is
  * oneDNN's choice (here 512 for 1024 inputs and 1024 for 4096 and 16384; 1024 for all three with its
  * AVX2 kernels): probed per weight (row_kernel.probe). */
-__attribute__((target("avx512f,fma")))
-static void block_times_row(const float *block, const float *x, float *out, int64_t in, int64_t chunk) {
-    __m512 total[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t start = 0; start < in; start += chunk) {
-        int64_t stop = start + chunk < in ? start + chunk : in;
-        __m512 part[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        const float *w = block + start * BLOCK;
-        for (int64_t k = start; k < stop; k++, w += BLOCK) {
-            __m512 xk = _mm512_set1_ps(x[k]);
-            for (int i = 0; i < 4; i++)
-                part[i] = _mm512_fmadd_ps(xk, _mm512_loadu_ps(w + 16 * i), part[i]);
-        }
-        for (int i = 0; i < 4; i++)
-            total[i] = start == 0 ? part[i] : _mm512_add_ps(total[i], part[i]);
-    }
-    for (int i = 0; i < 4; i++)
-        _mm512_storeu_ps(out + 16 * i, total[i]);
+#define BLOCK_TIMES_ROW(NAME, TARGET, VEC, WIDTH, ZERO, LOAD, STORE, SET1, FMA, ADD)                       \
+__attribute__((target(TARGET)))                                                                             \
+static void NAME(const float *block, const float *x, float *out, int64_t in, int64_t chunk) {               \
+    for (int64_t start = 0; start < in; start += chunk) {                                                   \
+        int64_t stop = start + chunk < in ? start + chunk : in;                                             \
+        VEC part[BLOCK / WIDTH];                                                                            \
+        for (int i = 0; i < BLOCK / WIDTH; i++) part[i] = ZERO();                                           \
+        const float *w = block + start * BLOCK;                                                             \
+        for (int64_t k = start; k < stop; k++, w += BLOCK) {                                                \
+            VEC xk = SET1(x[k]);                                                                            \
+            for (int i = 0; i < BLOCK / WIDTH; i++) part[i] = FMA(xk, LOAD(w + WIDTH * i), part[i]);        \
+        }                                                                                                   \
+        for (int i = 0; i < BLOCK / WIDTH; i++)                                                             \
+            STORE(out + WIDTH * i, start == 0 ? part[i] : ADD(LOAD(out + WIDTH * i), part[i]));             \
+    }                                                                                                       \
 }
 
-/* The same with 256-bit vectors (AVX2), for CPUs without AVX-512: each output gets the same fused
- * multiply-adds in the same order, so the same bits; the totals wait in memory (16 registers). */
-__attribute__((target("avx2,fma")))
-static void block_times_row_avx2(const float *block, const float *x, float *out, int64_t in, int64_t chunk) {
-    for (int64_t start = 0; start < in; start += chunk) {
-        int64_t stop = start + chunk < in ? start + chunk : in;
-        __m256 part[8];
-        for (int i = 0; i < 8; i++) part[i] = _mm256_setzero_ps();
-        const float *w = block + start * BLOCK;
-        for (int64_t k = start; k < stop; k++, w += BLOCK) {
-            __m256 xk = _mm256_set1_ps(x[k]);
-            for (int i = 0; i < 8; i++)
-                part[i] = _mm256_fmadd_ps(xk, _mm256_loadu_ps(w + 8 * i), part[i]);
-        }
-        for (int i = 0; i < 8; i++)
-            _mm256_storeu_ps(out + 8 * i, start == 0 ? part[i] : _mm256_add_ps(_mm256_loadu_ps(out + 8 * i), part[i]));
-    }
-}
+/* The same fused multiply-adds in the same order with either width, so the same bits (the chunks' totals
+ * wait in `out`, a few stores per chunk of 512 or more inputs). */
+BLOCK_TIMES_ROW(block_times_row, "avx512f,fma", __m512, 16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps,
+                _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps)
+BLOCK_TIMES_ROW(block_times_row_avx2, "avx2,fma", __m256, 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps,
+                _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps)
 
 /* fp32: the two variants' blocks of 64 outputs, spread over the threads. */
 void glmpool_row_times_packed(const float *packed, const float *x, const float *bias, float *y,
@@ -147,8 +133,8 @@ static void rows_times_x_int8_avx2(const int8_t *w, const float *x, float *y, in
     for (int r = 0; r < rows; r++) y[r] = reduce_8_lanes(acc[r]);
 }
 
-/* lanes: 16 (torch's AVX-512 kernel, in % 16 == 0) or 8 (its AVX2 one, in % 8 == 0). */
-void glmpool_row_times_int8(const int8_t *weight, const float *x, float *y, int64_t out, int64_t in, int lanes) {
+/* One row; lanes: 16 (torch's AVX-512 kernel, in % 16 == 0) or 8 (its AVX2 one, in % 8 == 0). */
+static void row_times_int8(const int8_t *weight, const float *x, float *y, int64_t out, int64_t in, int lanes) {
     int64_t blocks = (out + ROWS - 1) / ROWS;
     #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
@@ -191,9 +177,14 @@ INT8_TILE(tile8_int8, "avx512f,fma", __m512, 16, 8, _mm512_setzero_ps, _mm512_lo
 INT8_TILE(tile2_int8_avx2, "avx2,fma", __m256, 8, 2, _mm256_setzero_ps, _mm256_loadu_ps, WIDEN_8, _mm256_fmadd_ps,
           reduce_8_lanes)
 
-/* lanes as glmpool_row_times_int8. 4 input rows a tile where 4 rows of x fit in L1 (in <= 2048), else 8. */
+/* x [rows, in] (bf16 values as fp32): a lone row by row_times_int8 (lanes as there), more in tiles of 4 input
+ * rows where 4 rows of x fit in L1 (in <= 2048), else 8. */
 void glmpool_rows_times_int8(const int8_t *weight, const float *x, float *y, int64_t rows, int64_t out, int64_t in,
                              int lanes) {
+    if (rows == 1) {
+        row_times_int8(weight, x, y, out, in, lanes);
+        return;
+    }
     int64_t blocks = (out + TILE_OUT - 1) / TILE_OUT;
     int tile_rows = lanes == 8 ? 2 : in <= 2048 ? 4 : 8;
     #pragma omp parallel for schedule(static)
@@ -275,10 +266,6 @@ int glmpool_isa(void) { return 0; }
 void glmpool_row_times_packed(const float *packed, const float *x, const float *bias, float *y,
                               int64_t out, int64_t in, int64_t chunk, int isa) {
     (void)packed; (void)x; (void)bias; (void)y; (void)out; (void)in; (void)chunk; (void)isa;
-}
-
-void glmpool_row_times_int8(const int8_t *weight, const float *x, float *y, int64_t out, int64_t in, int lanes) {
-    (void)weight; (void)x; (void)y; (void)out; (void)in; (void)lanes;
 }
 
 void glmpool_row_times_int4(const uint8_t *packed, const float *x, float *y, int64_t out, int64_t in, int block) {

@@ -6,8 +6,8 @@ project's 2-core machines:
   reordered the weight into (no second copy) and sums in the order oneDNN's multi-row matmul does;
   onednn.py checks that per weight before using it.
 - int8 (THUDM's row-major bytes): torch's weight-only kernel streams ~14 GB/s of 1024-byte rows, ~23 of
-  4096-byte and ~26 of 16384-byte ones; row_times_int8 ~26, ~30 and ~29. For more than 4 rows (a batch's
-  decode step), rows_times_int8 converts each block of weights once for 4 or 8 rows: 1.2-1.5x torch's
+  4096-byte and ~26 of 16384-byte ones; int8_times a lone row ~26, ~30 and ~29. For several rows (a
+  batch's decode step) it widens each block of weights once for 4 or 8 rows: 1.2-1.5x torch's
   multi-row kernel at 6-32 rows, the same sums.
 - int4 (torch's CPU layout, 64-row blocks): torch's kernel ~17.5 GB/s of packed bytes, row_times_int4
   ~22-24 (it leaves out the scale-and-zero multiply-add, which unit scales make exact anyway).
@@ -61,9 +61,8 @@ def library() -> ctypes.CDLL | None:
         return None
     kernels.glmpool_row_times_packed.restype = None
     kernels.glmpool_row_times_packed.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    for name in ("glmpool_row_times_int8", "glmpool_row_times_int4"):
-        getattr(kernels, name).restype = None
-        getattr(kernels, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    kernels.glmpool_row_times_int4.restype = None
+    kernels.glmpool_row_times_int4.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     kernels.glmpool_rows_times_int8.restype = None
     kernels.glmpool_rows_times_int8.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     kernels.glmpool_decode_attention.restype = None  # decode_attention.py
@@ -128,23 +127,13 @@ def probe(packed: torch.Tensor, bias: torch.Tensor | None, out_features: int, in
     return None
 
 
-def row_times_int8(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """row [in] (bf16) @ weight [out, in]^T (int8, unit scales) -> [out] in bf16, as
-    torch.ops.aten._weight_int8pack_mm computes it (16 or 8 lanes, as torch_isa()); in % 16 == 0."""
-    assert weight.dtype == torch.int8 and weight.is_contiguous() and weight.shape[1] % 16 == 0 and torch_isa()
-    row = row.float().contiguous()  # bf16 values, exact in fp32
-    out = torch.empty(weight.shape[0], dtype=torch.float32)
-    library().glmpool_row_times_int8(weight.data_ptr(), row.data_ptr(), out.data_ptr(), *weight.shape,
-                                     torch_isa() // 32)
-    return out.to(torch.bfloat16)
-
-
-def rows_times_int8(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def int8_times(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [M, in] (bf16) @ weight [out, in]^T (int8, unit scales) -> [M, out] in bf16, each row as
-    row_times_int8 computes it (so as torch's kernel does), the weight read once for several rows."""
+    torch.ops.aten._weight_int8pack_mm computes it (16 or 8 lanes, as torch_isa()); in % 16 == 0. Several
+    rows share each read of the weight."""
     assert weight.dtype == torch.int8 and weight.is_contiguous() and weight.shape[1] % 16 == 0 and torch_isa()
     assert x.dim() == 2 and x.shape[1] == weight.shape[1]
-    x = x.float().contiguous()
+    x = x.float().contiguous()  # bf16 values, exact in fp32
     out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
     library().glmpool_rows_times_int8(weight.data_ptr(), x.data_ptr(), out.data_ptr(), x.shape[0], *weight.shape,
                                       torch_isa() // 32)
@@ -182,16 +171,17 @@ def _cancelling_probe(out_features: int, in_features: int, generator: torch.Gene
 
 
 def _same_bits_as_torch(what: str, shapes: tuple, low: int, high: int, ours: Callable, theirs: Callable,
-                        ours_rows: Callable | None = None) -> bool:
-    """Whether ours(row, q) is theirs(rows, q)'s result for that row, bit for bit, on cancelling probes of
-    weights q in [low, high] of each shape (out, in); and ours_rows(rows, q), if given, all of it."""
+                        rows_at_once: bool = False) -> bool:
+    """Whether ours(rows, q) gives each row alone theirs(rows, q)'s result for that row, bit for bit, on
+    cancelling probes of weights q in [low, high] of each shape (out, in); and, if rows_at_once, all rows
+    together too."""
     generator = torch.Generator().manual_seed(0)
     try:
         for out_features, in_features in shapes:
             q, x = _cancelling_probe(out_features, in_features, generator, low, high)
             among_others = theirs(x, q)
-            if not all(torch.equal(ours(x[i], q), among_others[i]) for i in range(len(x))) or (
-                    ours_rows is not None and not torch.equal(ours_rows(x, q), among_others)):
+            if not all(torch.equal(ours(x[i:i + 1], q), among_others[i:i + 1]) for i in range(len(x))) or (
+                    rows_at_once and not torch.equal(ours(x, q), among_others)):
                 log.info("glmpool's %s row kernel does not sum as this torch's %s kernel: not used", what, what)
                 return False
     except (RuntimeError, AttributeError, NotImplementedError):  # a torch without that kernel
@@ -201,12 +191,12 @@ def _same_bits_as_torch(what: str, shapes: tuple, low: int, high: int, ours: Cal
 
 @functools.cache
 def int8_matches_torch() -> bool:
-    """Whether row_times_int8 and rows_times_int8 give the bits of torch's int8 kernel here (checked once: all
-    sum each output in an order that does not depend on the matrix's shape)."""
+    """Whether int8_times gives the bits of torch's int8 kernel here, for one row and several (checked once:
+    both sum each output in an order that does not depend on the matrix's shape)."""
     ones = lambda q: torch.ones(q.shape[0], dtype=torch.bfloat16)  # noqa: E731
     return bool(torch_isa()) and _same_bits_as_torch(
-        "int8", ((100, 64), (37, 1024), (8, 4096)), -127, 127, ours=row_times_int8,
-        theirs=lambda x, q: torch.ops.aten._weight_int8pack_mm(x, q, ones(q)), ours_rows=rows_times_int8)
+        "int8", ((100, 64), (37, 1024), (8, 4096)), -127, 127, ours=int8_times,
+        theirs=lambda x, q: torch.ops.aten._weight_int8pack_mm(x, q, ones(q)), rows_at_once=True)
 
 
 @functools.cache
@@ -224,4 +214,5 @@ def int4_matches_torch(block: int) -> bool:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, pack(q), group, unit)
 
     return _same_bits_as_torch("int4", ((128, 64), (64, 1024), (192, 4096)), -8, 7,
-                               ours=lambda row, q: row_times_int4(row, pack(q), q.shape[0], block), theirs=theirs)
+                               ours=lambda x, q: row_times_int4(x[0], pack(q), q.shape[0], block)[None],
+                               theirs=theirs)
