@@ -738,11 +738,11 @@ def prepare(model: nn.Module) -> nn.Module:
     return model
 
 
-def _check_like_dequantized(got: torch.Tensor, want: torch.Tensor) -> None:
+def _check_like_dequantized(got: torch.Tensor, want: torch.Tensor, kernel: str = "its") -> None:
     """A kernel on trial (on the device, at load) must match the dequantized product within 1%."""
     got, want = got.float(), want.float()
     if not torch.allclose(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max())):
-        raise RuntimeError("its results differ from the dequantized matrix's")
+        raise RuntimeError(f"{kernel} results differ from the dequantized matrix's")
 
 
 KERNEL_TRIAL_ROWS = (1, 16)  # input rows (a lone sequence, a batch) at which a kernel is timed against dequantizing
@@ -789,7 +789,7 @@ def kernel_rows(module: QuantizedMatrix, path: str, dtype: torch.dtype,
     with torch.no_grad():
         for rows in KERNEL_TRIAL_ROWS:
             x = torch.randn(rows, module.in_features, generator=generator).to(weight.device, dtype)
-            _check_like_dequantized(module.matmul(x, path=path), module.matmul(x, path="dequant"))
+            _check_like_dequantized(module.matmul(x, path=path), module.matmul(x, path="dequant"), f"{path}: its")
             if seconds(x, path) >= seconds(x, "dequant"):
                 break
             best = rows
