@@ -9,8 +9,8 @@ Medium config (as the issue specifies): hidden 1024, 16 heads, inner 4096, 8 lay
 embeddings, ~234 M parameters (0.94 GB in fp32), random weights from `glmpool.engine.tiny`, built once
 into .cache/. fp32 runs with `matmul="onednn"`; fp32-reference with THUDM's own F.linear
 (`matmul="reference"`), for comparison; fp16w is fp16 weights with fp32 arithmetic
-(`matmul="fbgemm-fp16"`, the pool's default; the checkpoint is stored in fp16 as THUDM's are, so it
-loses nothing), and the quantized variants run with that default too (for int8/int4 it holds the
+(`matmul="fp16"`, the pool's default: glmpool's kernel; fp16w-fbgemm is the same through FBGEMM; the
+checkpoint is stored in fp16 as THUDM's are, so it loses nothing), and the quantized variants run with that default too (for int8/int4 it holds the
 unquantized embeddings = output projection in fp16). For every variant: prompt ms (one
 32-token prompt), decode tokens/s of one sequence, aggregate tokens/s of batches through
 `engine.batcher` (greedy), next to this machine's memory read bandwidth measured in the same run and the
@@ -42,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from glmpool.engine import SamplingParams, load  # noqa: E402
-from glmpool.engine import decode_attention, fbgemm, hugepages, onednn, row_kernel  # noqa: E402
+from glmpool.engine import decode_attention, half, hugepages, onednn, row_kernel  # noqa: E402
 from glmpool.engine import quantize as Q  # noqa: E402
 
 MEDIUM = dict(layers=8, hidden=1024, heads=16, inner=4096, vocab=130528, seed=0)
@@ -75,10 +75,10 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes of every parameter and buffer, each storage once (the tied matrix is read once, as the output
     projection; the embedding lookup reads one row). That is what one decode step streams from memory."""
     seen, total = set(), 0
-    for module in model.modules():  # FBGEMM's packed fp16 matrices are no tensors (the lookup table is not read)
-        if isinstance(module, fbgemm.HalfLinear):
+    for module in model.modules():  # packed fp16 matrices are no parameters (the lookup table is not read)
+        if isinstance(module, half.HalfLinear):
             total += 2 * module.out_features * module.in_features + 4 * module.out_features  # + fp32 bias
-        elif isinstance(module, fbgemm.HalfEmbedding):
+        elif isinstance(module, half.HalfEmbedding):
             total += 2 * module.num_embeddings * module.embedding_dim
         elif isinstance(module, onednn.TiedEmbedding):  # projected through its packed copy (counted below)
             seen.add(module.weight.untyped_storage().data_ptr())
@@ -170,11 +170,13 @@ def build_variant(model_dir: Path, name: str, on: dict):
     elif name == "fp32-reference":
         engine = load(model_dir, dtype="float32", matmul="reference", **on)
     elif name == "fp16w":
+        engine = load(model_dir, matmul="fp16", **on)
+    elif name == "fp16w-fbgemm":
         engine = load(model_dir, matmul="fbgemm-fp16", **on)
     elif name == "fp32":
         engine = load(model_dir, dtype="float32", matmul="onednn", **on)
     else:  # quantized: what the pool runs (its default matmul; the -qe variants have no float matrix left)
-        engine = load(model_dir, quantize=name.removeprefix("int"), matmul="fbgemm-fp16", **on)
+        engine = load(model_dir, quantize=name.removeprefix("int"), matmul="fp16", **on)
     # Random weights may well predict <eop>; the bench wants every sequence decoding every step.
     engine.model.config = dataclasses.replace(engine.model.config, eos_token_id=-1)
     return engine

@@ -61,9 +61,10 @@ SETTINGS = [
                              "(default: every visible GPU, else one cpu worker)", "LIST"),
     Setting("quantize", _choice(4, 8, "4-qe", "8-qe"), None,
             "quantize weights at load to 4 or 8 bits; -qe: the embeddings (= output projection) too", "BITS"),
-    Setting("matmul", _choice("fbgemm-fp16", "onednn", "reference"), "fbgemm-fp16",
-            "fp32 on CPU: 'fbgemm-fp16' (weights kept in fp16 as THUDM ships them, fp32 arithmetic: half the "
-            "memory and the fastest; batching never changes a sequence's numbers), 'onednn' (fp32 weights, "
+    Setting("matmul", _choice("fp16", "fbgemm-fp16", "onednn", "reference"), "fp16",
+            "fp32 on CPU: 'fp16' (weights kept in fp16 as THUDM ships them, fp32 arithmetic by glmpool's "
+            "kernel, or FBGEMM's where it is not built: half the memory and the fastest; batching never changes "
+            "a sequence's numbers), 'fbgemm-fp16' (the same through FBGEMM always), 'onednn' (fp32 weights, "
             "batch-invariant too) or 'reference' (THUDM's own F.linear: greedy output bit-identical to their "
             "code when run alone)", "KIND"),
     Setting("dtype", _choice("float16", "bfloat16", "float32"), None,

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glmpool.engine import fbgemm, onednn, row_kernel
+from glmpool.engine import half, onednn, row_kernel
 
 pytestmark = pytest.mark.skipif(not onednn.available(), reason="this torch has no usable oneDNN linear")
 
@@ -54,10 +54,14 @@ def test_row_kernel_sums_as_onednn_does_among_other_rows_and_only_with_its_chunk
             weight, bias = torch.randn(out, inner), torch.randn(out)
             packed = torch.ops.mkldnn._reorder_linear_weight(weight)
             x = torch.randn(17, inner)
-            among_others = onednn.linear(x, packed, bias)
+            among_others = onednn._matmul(x, packed, bias)  # oneDNN itself
             chunk = onednn.lone_row_route(packed, bias).chunk
             for row in (0, 16):
                 assert torch.equal(row_kernel.row_times_packed(x[row], packed, bias, out, chunk), among_others[row])
+            if row_kernel.several_rows_available():  # 2-17 rows: tiles of 1-6 rows, all sums as oneDNN's
+                for rows in (2, 5, 7, 16, 17):
+                    got = row_kernel.rows_times_packed(x[:rows], packed, bias, out, chunk)
+                    assert torch.equal(got, among_others[:rows]), (out, inner, rows)
             others = [c for c in (inner, inner // 2, inner // 4) if c != chunk]
             assert not torch.equal(row_kernel.row_times_packed(x[0], packed, bias, out, others[0]), among_others[0])
     finally:
@@ -124,11 +128,13 @@ def wide_head_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("attention", [pytest.param("kernel", marks=needs_row_kernel), "torch"])
 @pytest.mark.parametrize("head", ["tiny", "wide"])
-@pytest.mark.parametrize("matmul", ["onednn", "reference", pytest.param("fbgemm-fp16", marks=pytest.mark.skipif(
-    not fbgemm.available(), reason="no FBGEMM fp16 linear")), "int8-qe", "int4-qe"])
+@pytest.mark.parametrize("matmul", ["onednn", "reference", pytest.param("fp16", marks=pytest.mark.skipif(
+    not half.kernel_available(), reason="glmpool's fp16 kernel is not built or this CPU lacks AVX-512")),
+    pytest.param("fbgemm-fp16", marks=pytest.mark.skipif(not half.fbgemm_available(), reason="no FBGEMM fp16 linear")),
+    "int8-qe", "int4-qe"])
 def test_batching_keeps_every_logit_bit_for_bit_with_onednn(tiny_dir, wide_head_dir, matmul, head, attention,
                                                              monkeypatch):
-    """With matmul="onednn" (or "fbgemm-fp16") a sequence's logits are the same bits alone or batched, at
+    """With matmul="onednn" (or "fp16", "fbgemm-fp16") a sequence's logits are the same bits alone or batched, at
     every step. Decode attention: glmpool's kernel, each sequence over its own span in one KV slab for the
     batch; or, torch's, one KV cache per sequence (the tiny model's 16-dim heads) or, where padding was
     found exact at load (64-dim heads, on the machines this was written on), one slab with decode

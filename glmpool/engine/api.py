@@ -7,7 +7,7 @@ from typing import Iterator
 
 import torch
 
-from . import checkpoint, decode_attention, fbgemm, hugepages, onednn
+from . import checkpoint, decode_attention, half, hugepages, onednn
 from .config import ModelConfig
 from .errors import CheckpointError, EngineError
 from .generate import Batcher, SamplingParams
@@ -139,7 +139,7 @@ class Engine:
         return response, new_history
 
 
-MATMULS = ("reference", "onednn", "fbgemm-fp16")
+MATMULS = ("reference", "onednn", "fp16", "fbgemm-fp16")
 
 
 def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
@@ -153,9 +153,10 @@ def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | tor
     matmul (fp32 on the CPU; elsewhere it changes nothing): "reference" multiplies a single sequence with
     F.linear exactly as THUDM's code does, so greedy output is bit-identical to theirs; "onednn" packs the
     weights for oneDNN (see onednn.py): faster, and a sequence's numbers do not depend on what it is
-    batched with, but they are rounded differently from the reference's; "fbgemm-fp16" keeps the weights
-    in fp16 (exact for THUDM's fp16 checkpoints) and does fp32 arithmetic (see fbgemm.py): half the memory,
-    faster still, batch-invariant too.
+    batched with, but they are rounded differently from the reference's; "fp16" keeps the weights in fp16
+    (exact for THUDM's fp16 checkpoints) and does fp32 arithmetic by glmpool's kernel, or FBGEMM's where
+    that is not built (see half.py): half the memory, faster still, batch-invariant too; "fbgemm-fp16"
+    the same through FBGEMM always.
     """
     if matmul not in MATMULS:
         raise EngineError(f"unknown matmul {matmul!r}: use one of {', '.join(MATMULS)}")
@@ -180,7 +181,11 @@ def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | tor
 
     # Quantizing at load time works on the host, one matrix at a time, so a GPU never holds the fp copy.
     load_device = torch.device("cpu") if quantize_layers or quantize_embeddings else device
-    half_weights = matmul == "fbgemm-fp16" and fbgemm.usable(device, dtype)
+    own_half = matmul == "fp16" and half.usable(device, dtype, own_kernel=True)
+    if matmul == "fp16" and not own_half and device.type == "cpu" and dtype == torch.float32:
+        log.info("matmul fp16: glmpool's kernel is not built or this CPU lacks AVX-512; using FBGEMM's")
+        matmul = "fbgemm-fp16"
+    half_weights = own_half or (matmul == "fbgemm-fp16" and half.usable(device, dtype, own_kernel=False))
     if matmul == "fbgemm-fp16" and not half_weights and device.type == "cpu" and dtype == torch.float32:
         log.warning("matmul fbgemm-fp16: this torch has no FBGEMM (not an x86 build?); using onednn")
         matmul = "onednn"
@@ -201,7 +206,7 @@ def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | tor
         net = net.to(device, dtype)  # what was not quantized (norms, biases, embeddings) in the model's dtype
     prepare(net)
     if half_weights:
-        fbgemm.pack_model(net)
+        half.pack_model(net, own_kernel=own_half)
     elif matmul == "onednn" and onednn.usable(device, dtype):
         onednn.pack_model(net)
     net.eval().requires_grad_(False)

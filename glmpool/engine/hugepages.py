@@ -72,9 +72,11 @@ def advise(address: int, nbytes: int) -> int:
 
 
 def _spans(model: nn.Module):
-    """(address, bytes) of each tensor the model holds on the CPU, oneDNN's opaque packed ones included."""
+    """(address, bytes) of each tensor the model holds on the CPU, oneDNN's opaque packed ones included, and
+    those a module holds outside its parameters and buffers and lists by a method `held_tensors()`."""
     for module in model.modules():
-        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+        held = getattr(module, "held_tensors", lambda: ())()
+        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False), *held):
             if tensor.device.type != "cpu":
                 continue
             if tensor.is_mkldnn:

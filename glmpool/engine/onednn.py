@@ -15,7 +15,8 @@ in another, and streams the weight slower (~21-24 GB/s here). So a lone row goes
 first of these that gives it the bits it gets among others (lone_row_route, probed once at setup):
 glmpool's own row kernel (row_kernel.py: oneDNN's multi-row order, ~27-33 GB/s), oneDNN's GEMV where it
 happens to agree (seen for K = 1024, not for K = 4096), or oneDNN with the row computed as two (itself
-twice), which costs time, but only there.
+twice), which costs time, but only there. Where the row kernel is used, up to OWN_KERNEL_ROWS rows go
+through its multi-row form as well (AVX-512): the same sums, faster than oneDNN's for a batch's step.
 """
 from __future__ import annotations
 
@@ -67,6 +68,12 @@ def lone_row_route(weight: torch.Tensor, bias: torch.Tensor | None) -> LoneRow:
     return LoneRow(pad=not torch.equal(_matmul(x[:1], weight, bias)[0], among_others))
 
 
+# Up to this many rows (a batch's decode step, a short prompt) glmpool's multi-row kernel, which sums as
+# oneDNN does (the same chunk), beats oneDNN here: 1.1-1.5x at 2-16 rows, 1.02-1.07x at 128, 0.93-0.97x
+# at 944 (row_kernel.c).
+OWN_KERNEL_ROWS = 128
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            lone_row: LoneRow = LoneRow()) -> torch.Tensor:
     """x [..., in] @ weight [out, in]^T + bias; `weight` plain or reordered by `_reorder_linear_weight`;
@@ -74,6 +81,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] == 1 and lone_row.chunk:
         out = row_kernel.row_times_packed(rows[0], weight, bias, weight.shape[0], lone_row.chunk)
+    elif rows.shape[0] <= OWN_KERNEL_ROWS and lone_row.chunk and row_kernel.several_rows_available():
+        out = row_kernel.rows_times_packed(rows, weight, bias, weight.shape[0], lone_row.chunk)
     elif rows.shape[0] == 1 and lone_row.pad:
         out = _matmul(rows.expand(2, -1).contiguous(), weight, bias)[:1]
     else:

@@ -20,10 +20,10 @@
 
 #define BLOCK 64
 
-/* 512 with AVX-512, 256 with AVX2 and FMA, 0 otherwise: which of the variants below this CPU runs. */
+/* 512 with AVX-512 (and F16C, which every such CPU has), 256 with AVX2 and FMA, 0 otherwise: which of the variants below this CPU runs. */
 int glmpool_isa(void) {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f"))
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c"))
         return 512;
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 256 : 0;
 }
@@ -78,6 +78,103 @@ void glmpool_row_times_packed(const float *packed, const float *x, const float *
         memcpy(y + first, result, count * sizeof(float));
     }
 }
+
+/* Several rows: y[rows, out] = x[rows, in] @ weight^T (+ bias), the weight in 64-output blocks read as
+ * [in][64] (fp32: oneDNN's AB16b64a, as above; fp16: glmpool's own layout of the same shape, see
+ * row_kernel.pack_half). Each output is summed as block_times_row sums it (for fp32 so as oneDNN's multi-row
+ * matmul does): chunks of `chunk` inputs, fused multiply-adds in input order within a chunk, the chunks'
+ * sums added in order. So a row's bits depend neither on the other rows nor on how many there are.
+ *
+ * Why: at 2-16 rows (a batch's decode step) oneDNN reaches ~150-185 GFLOP/s here and FBGEMM's fp16 GEMM
+ * ~95 on the layers' shapes; this reaches ~200. A chunk of a block (64-256 KB, held in L2) comes from
+ * memory once for all rows; TILE rows at a time keep TILE x 4 vectors of sums in registers, so each 64
+ * weights are loaded once per tile; while the tiles work on a chunk they prefetch the next one, which the
+ * first tile would otherwise wait for. */
+#define TILE 6
+
+#define CHUNK_TIMES_TILE(NAME, WEIGHT, LOAD16)                                                              \
+__attribute__((target("avx512f,fma,f16c"), always_inline))                                                 \
+static inline void NAME(const WEIGHT *w, const float *x, float *y, int64_t in, int64_t y_stride,           \
+                        int64_t start, int64_t stop, const int rows, const char *ahead, int lines) {       \
+    __m512 part[TILE][4];                                                                                   \
+    for (int r = 0; r < rows; r++) for (int i = 0; i < 4; i++) part[r][i] = _mm512_setzero_ps();           \
+    for (int64_t k = start; k < stop; k++, w += BLOCK) {                                                    \
+        for (int l = 0; l < lines; l++, ahead += 64) _mm_prefetch(ahead, _MM_HINT_T1);                      \
+        __m512 wk[4];                                                                                       \
+        for (int i = 0; i < 4; i++) wk[i] = LOAD16(w + 16 * i);                                            \
+        for (int r = 0; r < rows; r++) {                                                                    \
+            __m512 xk = _mm512_set1_ps(x[r * in + k]);                                                      \
+            for (int i = 0; i < 4; i++) part[r][i] = _mm512_fmadd_ps(xk, wk[i], part[r][i]);                \
+        }                                                                                                   \
+    }                                                                                                       \
+    for (int r = 0; r < rows; r++)                                                                          \
+        for (int i = 0; i < 4; i++) {                                                                       \
+            float *out = y + r * y_stride + 16 * i;                                                         \
+            _mm512_storeu_ps(out, start == 0 ? part[r][i] : _mm512_add_ps(_mm512_loadu_ps(out), part[r][i])); \
+        }                                                                                                   \
+}
+
+/* Tiles of even heights (16 rows: 6, 5, 5), each height a constant for the compiler. A step reads
+ * BLOCK x sizeof(WEIGHT) bytes of the chunk; the tiles together prefetch at least as much of the next. */
+#define BLOCK_TIMES_ROWS(NAME, TILE_FN, WEIGHT)                                                             \
+__attribute__((target("avx512f,fma,f16c")))                                                                \
+static void NAME(const WEIGHT *block, const float *x, float *y, int64_t rows, int64_t in, int64_t y_stride, \
+                 int64_t chunk) {                                                                           \
+    int64_t tiles = (rows + TILE - 1) / TILE, step_lines = BLOCK * sizeof(WEIGHT) / 64;                     \
+    int lines = tiles == 1 ? 0 : (int)((step_lines + tiles - 1) / tiles);                                   \
+    for (int64_t start = 0; start < in; start += chunk) {                                                   \
+        int64_t stop = start + chunk < in ? start + chunk : in;                                             \
+        const WEIGHT *w = block + start * BLOCK;                                                            \
+        const char *ahead = (const char *)(block + stop * BLOCK);                                           \
+        for (int64_t t = 0, m = 0; t < tiles; m += rows / tiles + (t < rows % tiles), t++) {                \
+            const float *xm = x + m * in;                                                                   \
+            float *ym = y + m * y_stride;                                                                   \
+            switch (rows / tiles + (t < rows % tiles)) {                                                    \
+            case 1: TILE_FN(w, xm, ym, in, y_stride, start, stop, 1, ahead, lines); break;                  \
+            case 2: TILE_FN(w, xm, ym, in, y_stride, start, stop, 2, ahead, lines); break;                  \
+            case 3: TILE_FN(w, xm, ym, in, y_stride, start, stop, 3, ahead, lines); break;                  \
+            case 4: TILE_FN(w, xm, ym, in, y_stride, start, stop, 4, ahead, lines); break;                  \
+            case 5: TILE_FN(w, xm, ym, in, y_stride, start, stop, 5, ahead, lines); break;                  \
+            default: TILE_FN(w, xm, ym, in, y_stride, start, stop, TILE, ahead, lines);                     \
+            }                                                                                               \
+            ahead += (stop - start) * lines * 64;                                                           \
+        }                                                                                                   \
+    }                                                                                                       \
+}
+
+/* The blocks spread over the threads; the last block's padding outputs go to a scratch block, not past
+ * y's rows. AVX-512 only (isa 512). */
+#define ROWS_TIMES_BLOCKS(NAME, BLOCK_FN, WEIGHT)                                                           \
+void NAME(const WEIGHT *packed, const float *x, const float *bias, float *y, int64_t rows, int64_t out,     \
+          int64_t in, int64_t chunk) {                                                                      \
+    int64_t blocks = (out + BLOCK - 1) / BLOCK;                                                             \
+    _Pragma("omp parallel for schedule(static)")                                                            \
+    for (int64_t b = 0; b < blocks; b++) {                                                                  \
+        int64_t first = b * BLOCK, count = out - first < BLOCK ? out - first : BLOCK;                       \
+        if (count == BLOCK) {                                                                               \
+            BLOCK_FN(packed + b * in * BLOCK, x, y + first, rows, in, out, chunk);                          \
+        } else {                                                                                            \
+            float scratch[TILE * BLOCK];                                                                    \
+            for (int64_t m = 0; m < rows; m += TILE) {                                                      \
+                int64_t tile = rows - m < TILE ? rows - m : TILE;                                           \
+                BLOCK_FN(packed + b * in * BLOCK, x + m * in, scratch, tile, in, BLOCK, chunk);             \
+                for (int64_t r = 0; r < tile; r++)                                                          \
+                    memcpy(y + (m + r) * out + first, scratch + r * BLOCK, count * sizeof(float));          \
+            }                                                                                               \
+        }                                                                                                   \
+        if (bias)                                                                                           \
+            for (int64_t m = 0; m < rows; m++)                                                              \
+                for (int64_t i = 0; i < count; i++) y[m * out + first + i] += bias[first + i];              \
+    }                                                                                                       \
+}
+
+#define LOAD_HALF(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
+CHUNK_TIMES_TILE(chunk_times_tile, float, _mm512_loadu_ps)
+CHUNK_TIMES_TILE(chunk_times_tile_half, uint16_t, LOAD_HALF)
+BLOCK_TIMES_ROWS(block_times_rows, chunk_times_tile, float)
+BLOCK_TIMES_ROWS(block_times_rows_half, chunk_times_tile_half, uint16_t)
+ROWS_TIMES_BLOCKS(glmpool_rows_times_packed, block_times_rows, float)
+ROWS_TIMES_BLOCKS(glmpool_rows_times_half, block_times_rows_half, uint16_t)
 
 /* y[out] = int8 weight[out, in] (THUDM's row-major bytes, unit scales) @ x[in], summed as torch's
  * weight-only int8 matmul (_weight_int8pack_mm, AVX-512, bf16 input) sums one output: 16 lanes, lane j
@@ -266,6 +363,16 @@ int glmpool_isa(void) { return 0; }
 void glmpool_row_times_packed(const float *packed, const float *x, const float *bias, float *y,
                               int64_t out, int64_t in, int64_t chunk, int isa) {
     (void)packed; (void)x; (void)bias; (void)y; (void)out; (void)in; (void)chunk; (void)isa;
+}
+
+void glmpool_rows_times_packed(const float *packed, const float *x, const float *bias, float *y,
+                               int64_t rows, int64_t out, int64_t in, int64_t chunk) {
+    (void)packed; (void)x; (void)bias; (void)y; (void)rows; (void)out; (void)in; (void)chunk;
+}
+
+void glmpool_rows_times_half(const uint16_t *packed, const float *x, const float *bias, float *y,
+                             int64_t rows, int64_t out, int64_t in, int64_t chunk) {
+    (void)packed; (void)x; (void)bias; (void)y; (void)rows; (void)out; (void)in; (void)chunk;
 }
 
 void glmpool_row_times_int4(const uint8_t *packed, const float *x, float *y, int64_t out, int64_t in, int block) {

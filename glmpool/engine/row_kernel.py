@@ -61,6 +61,10 @@ def library() -> ctypes.CDLL | None:
         return None
     kernels.glmpool_row_times_packed.restype = None
     kernels.glmpool_row_times_packed.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    kernels.glmpool_rows_times_packed.restype = None
+    kernels.glmpool_rows_times_packed.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
+    kernels.glmpool_rows_times_half.restype = None
+    kernels.glmpool_rows_times_half.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
     kernels.glmpool_row_times_int4.restype = None
     kernels.glmpool_row_times_int4.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     kernels.glmpool_rows_times_int8.restype = None
@@ -108,6 +112,60 @@ def row_times_packed(row: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor
         torch.ops.mkldnn.data_ptr(packed), row.data_ptr(), None if bias is None else bias.data_ptr(),
         out.data_ptr(), out_features, row.numel(), chunk, kernels.isa)
     return out
+
+
+def several_rows_available() -> bool:
+    """Whether rows_times_packed and rows_times_half run here (AVX-512 only)."""
+    return available() and library().isa == 512
+
+
+def _rows_times(entry: Callable, x: torch.Tensor, weight_address: int, bias: torch.Tensor | None,
+                out_features: int, chunk: int) -> torch.Tensor:
+    x = x.float().contiguous()
+    bias = None if bias is None else bias.detach().float().contiguous()
+    out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    entry(weight_address, x.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), x.shape[0],
+          out_features, x.shape[1], chunk)
+    return out
+
+
+def rows_times_packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+                      chunk: int) -> torch.Tensor:
+    """x [M, in] (fp32) @ weight^T + bias -> [M, out], each row summed as row_times_packed sums it (so as
+    oneDNN's multi-row matmul does); `packed` must pass fits(). Needs several_rows_available()."""
+    return _rows_times(library().glmpool_rows_times_packed, x, torch.ops.mkldnn.data_ptr(packed), bias,
+                       out_features, chunk)
+
+
+HALF_CHUNK = 512  # inputs per chunk of the fp16 kernel's sums: 64 KB of a block, L2-resident
+
+
+def pack_half(weight: torch.Tensor) -> torch.Tensor:
+    """weight [out, in] -> fp16 [blocks, in, 64], the layout rows_times_half reads: blocks of 64 outputs,
+    input-major, the last block padded with zeros. Copied block-wise (no temporary of the whole matrix)."""
+    out_features, in_features = weight.shape
+    full = out_features // BLOCK
+    packed = torch.empty(-(-out_features // BLOCK), in_features, BLOCK, dtype=torch.float16)
+    packed[:full].copy_(weight[:full * BLOCK].view(full, BLOCK, in_features).transpose(1, 2))
+    if full < packed.shape[0]:
+        packed[full].zero_()
+        packed[full, :, :out_features - full * BLOCK].copy_(weight[full * BLOCK:].T)
+    return packed
+
+
+def unpack_half(packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """pack_half's inverse, in fp32."""
+    return packed.transpose(1, 2).reshape(-1, packed.shape[1])[:out_features].float()
+
+
+def rows_times_half(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                    out_features: int) -> torch.Tensor:
+    """x [M, in] (fp32) @ weight^T + bias -> [M, out] in fp32, the weight fp16 from pack_half: each output
+    summed in chunks of HALF_CHUNK inputs (fused multiply-adds in input order, chunk sums in order), the
+    same for any M. Needs several_rows_available()."""
+    assert packed.dtype == torch.float16 and packed.is_contiguous() and packed.shape[2] == BLOCK
+    assert packed.shape[0] * BLOCK >= out_features and x.shape[-1] == packed.shape[1]
+    return _rows_times(library().glmpool_rows_times_half, x, packed.data_ptr(), bias, out_features, HALF_CHUNK)
 
 
 _last_chunk: dict[int, int] = {}  # in_features -> the chunk that matched last: try it first
