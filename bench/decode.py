@@ -9,7 +9,7 @@ Medium config (as the issue specifies): hidden 1024, 16 heads, inner 4096, 8 lay
 embeddings, ~234 M parameters (0.94 GB in fp32), random weights from `glmpool.engine.tiny`, built once
 into .cache/. fp32 runs with `matmul="onednn"`; fp32-reference with THUDM's own F.linear
 (`matmul="reference"`), for comparison; fp16w is fp16 weights with fp32 arithmetic
-(`matmul="fp16"`, the pool's default: glmpool's kernel; fp16w-fbgemm is the same through FBGEMM; the
+(`matmul="fp16"`, the pool's default, by glmpool's kernel; fp16w-torch-rows through FBGEMM instead; the
 checkpoint is stored in fp16 as THUDM's are, so it loses nothing), and the quantized variants run with that default too (for int8/int4 it holds the
 unquantized embeddings = output projection in fp16). For every variant: prompt ms (one
 32-token prompt), decode tokens/s of one sequence, aggregate tokens/s of batches through
@@ -19,7 +19,8 @@ bound it implies (bandwidth / weight bytes read per token).
 The machine is shared and noisy: the variants run round-robin, several rounds, and the table shows
 medians plus ratios against fp32 measured in the same rounds. Not a test: no targets are asserted.
 Any variant's name + "-no-row-kernel" runs it with lone rows through torch's kernels instead of glmpool's
-(glmpool/engine/row_kernel.py); + "-torch-attention" with decode attention through torch instead of
+(glmpool/engine/row_kernel.py); + "-torch-rows" with several rows through torch's kernels (oneDNN,
+FBGEMM) instead of glmpool's multi-row ones; + "-torch-attention" with decode attention through torch instead of
 glmpool's kernel (decode_attention.py); + "-4k-pages" with its weights left on 4 KB pages (hugepages.py):
 list those first, since memory that held weights moved onto huge pages stays advised when it is reused.
 """
@@ -148,13 +149,15 @@ def build_variants(model_dir: Path, names: list[str], device: str = "cpu") -> di
     for name in names:
         on = dict(device=device, progress=False)
         variant = name
-        for suffix in ("-no-row-kernel", "-torch-attention", "-4k-pages"):
+        for suffix in ("-no-row-kernel", "-torch-rows", "-torch-attention", "-4k-pages"):
             name = name.removesuffix(suffix)
         with contextlib.ExitStack() as patches:
             if variant.endswith("-no-row-kernel"):  # lone rows through torch's kernels, as before row_kernel.c
                 patches.enter_context(mock.patch.object(row_kernel, "probe", lambda *args: None))
                 patches.enter_context(mock.patch.object(row_kernel, "int8_matches_torch", lambda: False))
                 patches.enter_context(mock.patch.object(row_kernel, "int4_matches_torch", lambda block: False))
+            if variant.endswith("-torch-rows"):  # several rows through oneDNN / FBGEMM, as before rows_times_*
+                patches.enter_context(mock.patch.object(row_kernel, "several_rows_available", lambda: False))
             if variant.endswith("-torch-attention"):  # as before decode_attention.c
                 patches.enter_context(mock.patch.object(decode_attention, "usable", lambda *args: False))
             if variant.endswith("-4k-pages"):  # the weights left on 4 KB pages, as before hugepages.py
@@ -171,8 +174,6 @@ def build_variant(model_dir: Path, name: str, on: dict):
         engine = load(model_dir, dtype="float32", matmul="reference", **on)
     elif name == "fp16w":
         engine = load(model_dir, matmul="fp16", **on)
-    elif name == "fp16w-fbgemm":
-        engine = load(model_dir, matmul="fbgemm-fp16", **on)
     elif name == "fp32":
         engine = load(model_dir, dtype="float32", matmul="onednn", **on)
     else:  # quantized: what the pool runs (its default matmul; the -qe variants have no float matrix left)

@@ -24,6 +24,7 @@ def test_a_row_gives_the_same_bits_alone_and_in_any_batch(shape, packed, kernel,
     x = torch.randn(33, shape[1])
     lone_row = onednn.lone_row_route(operand, bias)
     assert bool(lone_row.chunk) == (packed and row_kernel.available())  # the kernel reads packed weights only
+    assert lone_row.several == (bool(lone_row.chunk) and row_kernel.several_rows_available())  # 2-128 rows too
     if shape == (1024, 4096) and not lone_row.chunk:
         assert lone_row.pad  # oneDNN's lone-row GEMV sums these otherwise
     together = onednn.linear(x, operand, bias, lone_row)

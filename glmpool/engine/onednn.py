@@ -55,6 +55,7 @@ class LoneRow(NamedTuple):
     """How a lone row is multiplied by a weight to get the bits it gets among other rows."""
     chunk: int | None = None  # by the row kernel, with this chunk length (row_kernel.c)
     pad: bool = False  # else by oneDNN as two rows (itself twice), where alone it would sum differently
+    several: bool = False  # with a chunk: up to OWN_KERNEL_ROWS rows by the kernel too (AVX-512)
 
 
 def lone_row_route(weight: torch.Tensor, bias: torch.Tensor | None) -> LoneRow:
@@ -64,7 +65,7 @@ def lone_row_route(weight: torch.Tensor, bias: torch.Tensor | None) -> LoneRow:
     among_others = _matmul(x, weight, bias)[0]
     chunk = row_kernel.probe(weight, bias, out_features, in_features, x[0], among_others)
     if chunk is not None:
-        return LoneRow(chunk=chunk)
+        return LoneRow(chunk=chunk, several=row_kernel.several_rows_available())
     return LoneRow(pad=not torch.equal(_matmul(x[:1], weight, bias)[0], among_others))
 
 
@@ -81,7 +82,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] == 1 and lone_row.chunk:
         out = row_kernel.row_times_packed(rows[0], weight, bias, weight.shape[0], lone_row.chunk)
-    elif rows.shape[0] <= OWN_KERNEL_ROWS and lone_row.chunk and row_kernel.several_rows_available():
+    elif rows.shape[0] <= OWN_KERNEL_ROWS and lone_row.several:
         out = row_kernel.rows_times_packed(rows, weight, bias, weight.shape[0], lone_row.chunk)
     elif rows.shape[0] == 1 and lone_row.pad:
         out = _matmul(rows.expand(2, -1).contiguous(), weight, bias)[:1]
