@@ -118,7 +118,7 @@ def test_a_lone_row_goes_through_glmpools_kernel_with_the_bits_it_gets_in_a_batc
     assert module.own_kernels
     x = torch.randn(17, shape[1])
     together = module.matmul(x, module.bias)
-    name = {8: "int8_times", 4: "row_times_int4"}[bits]
+    name = {8: "int8_times", 4: "int4_times"}[bits]
     calls, kernel = [], getattr(row_kernel, name)
     monkeypatch.setattr(row_kernel, name, lambda *a: calls.append(1) or kernel(*a))
     for row in (0, 7, 16):
@@ -141,6 +141,26 @@ def test_several_int8_rows_go_through_glmpools_kernel_with_torchs_bits(shape, mo
                                                     torch.ones(shape[0], dtype=torch.bfloat16))
         assert torch.equal(Q._int8_times(x.to(torch.bfloat16), module.weight, module.own_kernels), theirs), rows
     assert len(calls) == 3  # not for 4 rows: torch's kernel is as fast there
+
+
+@pytest.mark.skipif(not row_kernel.int4_rows_available(Q.int4_block_rows()),
+                    reason="glmpool's kernels are not built or this CPU lacks AVX-512")
+@pytest.mark.parametrize("shape", [(4160, 1024), (128, 4096)])
+def test_several_int4_rows_go_through_glmpools_kernel_with_torchs_bits(shape, monkeypatch):
+    """A batch's decode step, a short prompt: glmpool's tiled int4 kernel, the bits of torch's."""
+    torch.manual_seed(6)
+    module = QuantizedLinear.from_linear(torch.nn.Linear(shape[1], shape[0]), 4)
+    Q.prepare(module)
+    assert module.own_kernels and module.own_int4_rows
+    calls, kernel = [], row_kernel.int4_times
+    monkeypatch.setattr(row_kernel, "int4_times", lambda *a: calls.append(1) or kernel(*a))
+    head, block = module._blocked_rows(), Q.int4_block_rows()
+    group, unit = module._int4_unit_groups(head, "cpu")
+    for rows in (2, 5, 16, 37):
+        x = torch.randn(rows, shape[1]).to(torch.bfloat16)
+        theirs = torch.ops.aten._weight_int4pack_mm_for_cpu(x, module.weight[:head].view(torch.uint8), group, unit)
+        assert torch.equal(module._int4_cpu(x.float())[:, :head], theirs), rows
+    assert len(calls) == 4
 
 
 def test_dequant_path_in_chunks_and_without_bias(monkeypatch):

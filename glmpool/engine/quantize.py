@@ -276,6 +276,7 @@ class QuantizedMatrix(nn.Module):
         self._cuda_shape: torch.Size | None = None  # of `weight` seen as int32 in the CUDA int4 layout
         self.cuda_int8_rows = 0  # input rows up to which torch's CUDA int8 kernel is used (see prepare)
         self.own_kernels = False  # on the CPU glmpool's kernels give torch's bits here (row_kernel.py, prepare)
+        self.own_int4_rows = False  # and take several int4 rows too (AVX-512)
         self._register_state_dict_hook(_thudm_layout_state_dict_hook)
 
     def extra_repr(self) -> str:
@@ -491,10 +492,10 @@ class QuantizedMatrix(nn.Module):
 
     def _int4_cpu(self, x2: torch.Tensor) -> torch.Tensor:
         # bf16 [M, K] x int4 (q + 8, blocked) [N, K/2] -> bf16 [M, N], unit scales and zero points
-        head = self._blocked_rows()
+        head, block = self._blocked_rows(), int4_block_rows()
         x_bf16 = x2.to(torch.bfloat16).contiguous()
-        if x2.shape[0] == 1 and self.own_kernels:  # the same bits, ~1.3x faster
-            out = row_kernel.row_times_int4(x_bf16[0], self.weight, head, int4_block_rows()).view(1, -1)
+        if self.own_kernels and (x2.shape[0] == 1 or self.own_int4_rows):  # the same bits, faster
+            out = row_kernel.int4_times(x_bf16, self.weight, head, block)
         else:
             group, scales_zeros = self._int4_unit_groups(head, x2.device)
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x_bf16, self.weight[:head].view(torch.uint8), group,
@@ -727,6 +728,7 @@ def prepare(model: nn.Module) -> nn.Module:
             continue
         if module.weight.device.type == "cpu":
             module.own_kernels = module._cpu_int4_ready() and row_kernel.int4_matches_torch(int4_block_rows())
+            module.own_int4_rows = module.own_kernels and row_kernel.int4_rows_available(int4_block_rows())
         elif module.weight.device.type == "cuda" and isinstance(module, QuantizedLinear) and broken is None:
             try:
                 module.to_cuda_int4_layout()  # False for a shape it does not take: that matrix is dequantized

@@ -92,16 +92,16 @@ void glmpool_row_times_packed(const float *packed, const float *x, const float *
  * first tile would otherwise wait for. */
 #define TILE 6
 
-#define CHUNK_TIMES_TILE(NAME, WEIGHT, LOAD16)                                                              \
-__attribute__((target("avx512f,fma,f16c"), always_inline))                                                 \
+#define CHUNK_TIMES_TILE(NAME, WEIGHT, STEP, LOAD64)                                                        \
+__attribute__((target("avx512f,fma,f16c"), always_inline))                                        \
 static inline void NAME(const WEIGHT *w, const float *x, float *y, int64_t in, int64_t y_stride,           \
                         int64_t start, int64_t stop, const int rows, const char *ahead, int lines) {       \
     __m512 part[TILE][4];                                                                                   \
     for (int r = 0; r < rows; r++) for (int i = 0; i < 4; i++) part[r][i] = _mm512_setzero_ps();           \
-    for (int64_t k = start; k < stop; k++, w += BLOCK) {                                                    \
+    for (int64_t k = start; k < stop; k++, w += STEP) {                                                     \
         for (int l = 0; l < lines; l++, ahead += 64) _mm_prefetch(ahead, _MM_HINT_T1);                      \
         __m512 wk[4];                                                                                       \
-        for (int i = 0; i < 4; i++) wk[i] = LOAD16(w + 16 * i);                                            \
+        LOAD64(w, wk);                                                                                      \
         for (int r = 0; r < rows; r++) {                                                                    \
             __m512 xk = _mm512_set1_ps(x[r * in + k]);                                                      \
             for (int i = 0; i < 4; i++) part[r][i] = _mm512_fmadd_ps(xk, wk[i], part[r][i]);                \
@@ -116,16 +116,16 @@ static inline void NAME(const WEIGHT *w, const float *x, float *y, int64_t in, i
 
 /* Tiles of even heights (16 rows: 6, 5, 5), each height a constant for the compiler. A step reads
  * BLOCK x sizeof(WEIGHT) bytes of the chunk; the tiles together prefetch at least as much of the next. */
-#define BLOCK_TIMES_ROWS(NAME, TILE_FN, WEIGHT)                                                             \
-__attribute__((target("avx512f,fma,f16c")))                                                                \
+#define BLOCK_TIMES_ROWS(NAME, TILE_FN, WEIGHT, STEP)                                                       \
+__attribute__((target("avx512f,fma,f16c")))                                                       \
 static void NAME(const WEIGHT *block, const float *x, float *y, int64_t rows, int64_t in, int64_t y_stride, \
                  int64_t chunk) {                                                                           \
-    int64_t tiles = (rows + TILE - 1) / TILE, step_lines = BLOCK * sizeof(WEIGHT) / 64;                     \
+    int64_t tiles = (rows + TILE - 1) / TILE, step_lines = (STEP * sizeof(WEIGHT) + 63) / 64;               \
     int lines = tiles == 1 ? 0 : (int)((step_lines + tiles - 1) / tiles);                                   \
     for (int64_t start = 0; start < in; start += chunk) {                                                   \
         int64_t stop = start + chunk < in ? start + chunk : in;                                             \
-        const WEIGHT *w = block + start * BLOCK;                                                            \
-        const char *ahead = (const char *)(block + stop * BLOCK);                                           \
+        const WEIGHT *w = block + start * STEP;                                                             \
+        const char *ahead = (const char *)(block + stop * STEP);                                            \
         for (int64_t t = 0, m = 0; t < tiles; m += rows / tiles + (t < rows % tiles), t++) {                \
             const float *xm = x + m * in;                                                                   \
             float *ym = y + m * y_stride;                                                                   \
@@ -144,7 +144,7 @@ static void NAME(const WEIGHT *block, const float *x, float *y, int64_t rows, in
 
 /* The blocks spread over the threads; the last block's padding outputs go to a scratch block, not past
  * y's rows. AVX-512 only (isa 512). */
-#define ROWS_TIMES_BLOCKS(NAME, BLOCK_FN, WEIGHT)                                                           \
+#define ROWS_TIMES_BLOCKS(NAME, BLOCK_FN, WEIGHT, STEP)                                                     \
 void NAME(const WEIGHT *packed, const float *x, const float *bias, float *y, int64_t rows, int64_t out,     \
           int64_t in, int64_t chunk) {                                                                      \
     int64_t blocks = (out + BLOCK - 1) / BLOCK;                                                             \
@@ -152,12 +152,12 @@ void NAME(const WEIGHT *packed, const float *x, const float *bias, float *y, int
     for (int64_t b = 0; b < blocks; b++) {                                                                  \
         int64_t first = b * BLOCK, count = out - first < BLOCK ? out - first : BLOCK;                       \
         if (count == BLOCK) {                                                                               \
-            BLOCK_FN(packed + b * in * BLOCK, x, y + first, rows, in, out, chunk);                          \
+            BLOCK_FN(packed + b * in * STEP, x, y + first, rows, in, out, chunk);                           \
         } else {                                                                                            \
             float scratch[TILE * BLOCK];                                                                    \
             for (int64_t m = 0; m < rows; m += TILE) {                                                      \
                 int64_t tile = rows - m < TILE ? rows - m : TILE;                                           \
-                BLOCK_FN(packed + b * in * BLOCK, x + m * in, scratch, tile, in, BLOCK, chunk);             \
+                BLOCK_FN(packed + b * in * STEP, x + m * in, scratch, tile, in, BLOCK, chunk);              \
                 for (int64_t r = 0; r < tile; r++)                                                          \
                     memcpy(y + (m + r) * out + first, scratch + r * BLOCK, count * sizeof(float));          \
             }                                                                                               \
@@ -168,13 +168,27 @@ void NAME(const WEIGHT *packed, const float *x, const float *bias, float *y, int
     }                                                                                                       \
 }
 
-#define LOAD_HALF(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
-CHUNK_TIMES_TILE(chunk_times_tile, float, _mm512_loadu_ps)
-CHUNK_TIMES_TILE(chunk_times_tile_half, uint16_t, LOAD_HALF)
-BLOCK_TIMES_ROWS(block_times_rows, chunk_times_tile, float)
-BLOCK_TIMES_ROWS(block_times_rows_half, chunk_times_tile_half, uint16_t)
-ROWS_TIMES_BLOCKS(glmpool_rows_times_packed, block_times_rows, float)
-ROWS_TIMES_BLOCKS(glmpool_rows_times_half, block_times_rows_half, uint16_t)
+#define LOAD_FLOAT(p, wk) for (int i = 0; i < 4; i++) wk[i] = _mm512_loadu_ps((p) + 16 * i)
+#define LOAD_HALF(p, wk) for (int i = 0; i < 4; i++) wk[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((p) + 16 * i)))
+/* int4, torch's 64-row layout (as block64_times_row_int4 reads it): 32 bytes a step, nibble q + 8 */
+#define LOAD_INT4(p, wk) do {                                                                               \
+    const __m512 values = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);            \
+    __m512i first = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p)));                           \
+    __m512i second = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((p) + 16)));                   \
+    wk[0] = _mm512_permutexvar_ps(first, values);                                                           \
+    wk[1] = _mm512_permutexvar_ps(second, values);                                                          \
+    wk[2] = _mm512_permutexvar_ps(_mm512_srli_epi32(first, 4), values);                                     \
+    wk[3] = _mm512_permutexvar_ps(_mm512_srli_epi32(second, 4), values);                                    \
+} while (0)
+CHUNK_TIMES_TILE(chunk_times_tile, float, BLOCK, LOAD_FLOAT)
+CHUNK_TIMES_TILE(chunk_times_tile_half, uint16_t, BLOCK, LOAD_HALF)
+CHUNK_TIMES_TILE(chunk_times_tile_int4, uint8_t, 32, LOAD_INT4)
+BLOCK_TIMES_ROWS(block_times_rows, chunk_times_tile, float, BLOCK)
+BLOCK_TIMES_ROWS(block_times_rows_half, chunk_times_tile_half, uint16_t, BLOCK)
+BLOCK_TIMES_ROWS(block_times_rows_int4, chunk_times_tile_int4, uint8_t, 32)
+ROWS_TIMES_BLOCKS(glmpool_rows_times_packed, block_times_rows, float, BLOCK)
+ROWS_TIMES_BLOCKS(glmpool_rows_times_half, block_times_rows_half, uint16_t, BLOCK)
+ROWS_TIMES_BLOCKS(glmpool_rows_times_int4, block_times_rows_int4, uint8_t, 32)
 
 /* y[out] = int8 weight[out, in] (THUDM's row-major bytes, unit scales) @ x[in], summed as torch's
  * weight-only int8 matmul (_weight_int8pack_mm, AVX-512, bf16 input) sums one output: 16 lanes, lane j
@@ -371,6 +385,11 @@ void glmpool_rows_times_packed(const float *packed, const float *x, const float 
 }
 
 void glmpool_rows_times_half(const uint16_t *packed, const float *x, const float *bias, float *y,
+                             int64_t rows, int64_t out, int64_t in, int64_t chunk) {
+    (void)packed; (void)x; (void)bias; (void)y; (void)rows; (void)out; (void)in; (void)chunk;
+}
+
+void glmpool_rows_times_int4(const uint8_t *packed, const float *x, const float *bias, float *y,
                              int64_t rows, int64_t out, int64_t in, int64_t chunk) {
     (void)packed; (void)x; (void)bias; (void)y; (void)rows; (void)out; (void)in; (void)chunk;
 }
