@@ -199,11 +199,13 @@ def test_batching_keeps_every_logit_bit_for_bit_with_onednn(tiny_dir, wide_head_
     assert identical == (matmul != "reference")
 
 
-def test_gelu_gives_an_element_the_same_bits_wherever_it_sits():
+@pytest.mark.parametrize("kernel", [False, pytest.param(True, marks=needs_row_kernel)], ids=["torch", "glmpool"])
+def test_gelu_gives_an_element_the_same_bits_wherever_it_sits(kernel):
     """Batching must not change bits, and an element-wise kernel's threads split a call at places that
     depend on its size: the activation must round an element alike in a vector loop's body and in its
     scalar tail (F.gelu(approximate="tanh") does not: 77 of the 2016 tail elements here differ)."""
-    from glmpool.engine.model import gelu
+    from glmpool.engine import model
+    gelu = row_kernel.gelu if kernel else model.gelu
     torch.manual_seed(0)
     x = torch.randn(4096) * 3
     whole = gelu(x)

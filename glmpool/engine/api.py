@@ -7,7 +7,7 @@ from typing import Iterator
 
 import torch
 
-from . import checkpoint, decode_attention, half, hugepages, onednn
+from . import checkpoint, decode_attention, half, hugepages, onednn, row_kernel
 from .config import ModelConfig
 from .errors import CheckpointError, EngineError
 from .generate import Batcher, SamplingParams
@@ -78,7 +78,7 @@ def cgroup_room(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path
 def check_memory(net: torch.nn.Module, device: torch.device, quantizing: bool) -> None:
     """Refuse a model that cannot fit before allocating it: a host out of memory kills the process without
     a word (the kernel's OOM killer), where this says what is missing. `net` is still on the meta device.
-    A lower bound: the packed copy of the output projection made later for fbgemm-fp16 or onednn (5% of
+    A lower bound: the packed copy of the output projection made later for fp16 weights or onednn (5% of
     ChatGLM-6B) and the KV cache come on top."""
     needed = sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()))
     free = free_memory(device)
@@ -213,6 +213,8 @@ def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | tor
     if device.type == "cpu":
         hugepages.weights_on_huge_pages(net)
     net.attention_kernel = decode_attention.usable(net.dtype, device, config.head_dim)
+    if device.type == "cpu" and net.dtype == torch.float32 and matmul != "reference" and row_kernel.available():
+        net.use_gelu_kernel()  # batch-invariant like the rest, its own rounding
     if device.type == "cpu" and matmul != "reference":  # batch-invariant: so must be the decode attention
         net.slab_is_exact = net.attention_kernel or padded_attention_exact(config, net.dtype, device)
         log.info("decode attention: %s", "glmpool's kernel, one KV slab for the batch" if net.attention_kernel

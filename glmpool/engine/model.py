@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import decode_attention
+from . import decode_attention, row_kernel
 from .config import ModelConfig
 
 
@@ -378,9 +378,10 @@ class MLP(nn.Module):
         super().__init__()
         self.dense_h_to_4h = nn.Linear(config.hidden_size, config.inner_hidden_size)
         self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size)
+        self.gelu = gelu  # the reference's rounding; ChatGLM.use_gelu_kernel swaps in glmpool's kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return project(self.dense_4h_to_h, gelu(project(self.dense_h_to_4h, x)))
+        return project(self.dense_4h_to_h, self.gelu(project(self.dense_h_to_4h, x)))
 
 
 ALPHA_LAYERS = 28  # the reference's GLMBlock(num_layers=28) default, whatever config.json says
@@ -412,6 +413,7 @@ class ChatGLM(nn.Module):
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
         self.attention_kernel = False  # a slab's decode attention by glmpool's CPU kernel (set by load())
+
         # decoding through one KV slab gives a sequence its bits alone: the CPU kernel, or padding checked exact
         # (padded_attention_exact); set by load() for a batch-invariant model
         self.slab_is_exact = False
@@ -423,6 +425,12 @@ class ChatGLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.final_layernorm.weight.device
+
+    def use_gelu_kernel(self) -> None:
+        """Every layer's GELU by glmpool's CPU kernel (row_kernel.gelu): not the reference's rounding, but
+        element by element the same wherever an element sits, so batching still changes nothing."""
+        for layer in self.layers:
+            layer.mlp.gelu = row_kernel.gelu
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(self.config, capacity, self.dtype, self.device)

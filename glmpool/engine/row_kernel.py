@@ -71,6 +71,8 @@ def library() -> ctypes.CDLL | None:
     kernels.glmpool_row_times_int4.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     kernels.glmpool_rows_times_int8.restype = None
     kernels.glmpool_rows_times_int8.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    kernels.glmpool_gelu.restype = None  # gelu()
+    kernels.glmpool_gelu.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_int]
     kernels.glmpool_decode_attention.restype = None  # decode_attention.py
     kernels.glmpool_decode_attention.argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6
                                                  + [ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_int])
@@ -168,6 +170,16 @@ def rows_times_half(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | 
     assert packed.dtype == torch.float16 and packed.is_contiguous() and packed.shape[2] == BLOCK
     assert packed.shape[0] * BLOCK >= out_features and x.shape[-1] == packed.shape[1]
     return _rows_times(library().glmpool_rows_times_half, x, packed.data_ptr(), bias, out_features, HALF_CHUNK)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """model.gelu's formula by glmpool's kernel (gelu.c): one pass instead of seven, its own tanh, the same
+    bits for an element wherever it sits (fp32, CPU)."""
+    assert x.dtype == torch.float32 and x.device.type == "cpu"
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    library().glmpool_gelu(x.data_ptr(), out.data_ptr(), x.numel(), library().isa)
+    return out
 
 
 _last_chunk: dict[int, int] = {}  # in_features -> the chunk that matched last: try it first
