@@ -20,7 +20,8 @@
 
 #define BLOCK 64
 
-/* 512 with AVX-512 (and F16C, which every such CPU has), 256 with AVX2 and FMA, 0 otherwise: which of the variants below this CPU runs. */
+/* 512 with AVX-512 (and F16C, which every such CPU has), 256 with AVX2 and FMA, 0 otherwise: which of the
+ * variants below this CPU runs. */
 int glmpool_isa(void) {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c"))
@@ -79,21 +80,23 @@ void glmpool_row_times_packed(const float *packed, const float *x, const float *
     }
 }
 
-/* Several rows: y[rows, out] = x[rows, in] @ weight^T (+ bias), the weight in 64-output blocks read as
- * [in][64] (fp32: oneDNN's AB16b64a, as above; fp16: glmpool's own layout of the same shape, see
- * row_kernel.pack_half). Each output is summed as block_times_row sums it (for fp32 so as oneDNN's multi-row
- * matmul does): chunks of `chunk` inputs, fused multiply-adds in input order within a chunk, the chunks'
- * sums added in order. So a row's bits depend neither on the other rows nor on how many there are.
+/* Several rows (or one): y[rows, out] = x[rows, in] @ weight^T (+ bias), the weight in 64-output blocks,
+ * for each input k the block's 64 weights in turn: fp32 in oneDNN's AB16b64a (as above), fp16 in glmpool's
+ * own layout of the same shape (row_kernel.pack_half), int4 in torch's 64-row layout (LOAD_INT4). Each
+ * output is summed in chunks of `chunk` inputs, fused multiply-adds in input order within a chunk, the
+ * chunks' sums added in order: for fp32 as block_times_row and oneDNN's multi-row matmul sum; for int4,
+ * one chunk, as torch's int4 kernel sums. So a row's bits depend neither on the other rows nor on how
+ * many there are.
  *
- * Why: at 2-16 rows (a batch's decode step) oneDNN reaches ~150-185 GFLOP/s here and FBGEMM's fp16 GEMM
- * ~95 on the layers' shapes; this reaches ~200. A chunk of a block (64-256 KB, held in L2) comes from
+ * Why: at 2-16 rows (a batch's decode step) oneDNN reaches ~150-185 GFLOP/s here, FBGEMM's fp16 GEMM
+ * ~95-190 and torch's int4 kernel ~170; this reaches ~200-220. A chunk of a block (64-256 KB, held in L2) comes from
  * memory once for all rows; TILE rows at a time keep TILE x 4 vectors of sums in registers, so each 64
  * weights are loaded once per tile; while the tiles work on a chunk they prefetch the next one, which the
  * first tile would otherwise wait for. */
 #define TILE 6
 
 #define CHUNK_TIMES_TILE(NAME, WEIGHT, STEP, LOAD64)                                                        \
-__attribute__((target("avx512f,fma,f16c"), always_inline))                                        \
+__attribute__((target("avx512f,fma,f16c"), always_inline))                                                 \
 static inline void NAME(const WEIGHT *w, const float *x, float *y, int64_t in, int64_t y_stride,           \
                         int64_t start, int64_t stop, const int rows, const char *ahead, int lines) {       \
     __m512 part[TILE][4];                                                                                   \
@@ -114,10 +117,10 @@ static inline void NAME(const WEIGHT *w, const float *x, float *y, int64_t in, i
         }                                                                                                   \
 }
 
-/* Tiles of even heights (16 rows: 6, 5, 5), each height a constant for the compiler. A step reads
- * BLOCK x sizeof(WEIGHT) bytes of the chunk; the tiles together prefetch at least as much of the next. */
+/* Tiles of even heights (16 rows: 6, 5, 5), each height a constant for the compiler. A step reads STEP
+ * weights of the chunk; the tiles together prefetch at least as much of the next. */
 #define BLOCK_TIMES_ROWS(NAME, TILE_FN, WEIGHT, STEP)                                                       \
-__attribute__((target("avx512f,fma,f16c")))                                                       \
+__attribute__((target("avx512f,fma,f16c")))                                                                \
 static void NAME(const WEIGHT *block, const float *x, float *y, int64_t rows, int64_t in, int64_t y_stride, \
                  int64_t chunk) {                                                                           \
     int64_t tiles = (rows + TILE - 1) / TILE, step_lines = (STEP * sizeof(WEIGHT) + 63) / 64;               \
@@ -170,7 +173,10 @@ void NAME(const WEIGHT *packed, const float *x, const float *bias, float *y, int
 
 #define LOAD_FLOAT(p, wk) for (int i = 0; i < 4; i++) wk[i] = _mm512_loadu_ps((p) + 16 * i)
 #define LOAD_HALF(p, wk) for (int i = 0; i < 4; i++) wk[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((p) + 16 * i)))
-/* int4, torch's 64-row layout (as block64_times_row_int4 reads it): 32 bytes a step, nibble q + 8 */
+/* int4 in torch's CPU layout for 64-row blocks: for each input k, 32 bytes; byte d holds rows d (low
+ * nibble) and d + 32 (high), byte 16 + d rows d + 16 and d + 48; a nibble is q + 8. permutexvar reads the
+ * low 4 bits of each index: a byte's low nibble, then (shifted) its high one. x holds bf16 values widened
+ * to fp32; the caller rounds y to bf16. */
 #define LOAD_INT4(p, wk) do {                                                                               \
     const __m512 values = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);            \
     __m512i first = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p)));                           \
@@ -316,31 +322,12 @@ void glmpool_rows_times_int8(const int8_t *weight, const float *x, float *y, int
     }
 }
 
-/* y[out] = int4 weight @ x[in], the weight in torch's CPU int4 layout for 64-row blocks (out a multiple
- * of 64): per block, for each input k, 32 bytes; byte d holds rows d (low nibble) and d + 32 (high),
- * byte 16 + d rows d + 16 and d + 48; a nibble is q + 8. Summed as torch's weight-only int4 kernel
- * (_weight_int4pack_mm_for_cpu, AVX-512, unit scales and zeros) sums: each output by fused multiply-adds
- * in input order from zero. x holds bf16 values widened to fp32; the caller rounds y to bf16. */
-__attribute__((target("avx512f,fma")))
-static void block64_times_row_int4(const uint8_t *p, const float *x, float *y, int64_t in) {
-    const __m512 values = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t k = 0; k < in; k++, p += 32) {
-        __m512 xk = _mm512_set1_ps(x[k]);
-        /* permutexvar reads the low 4 bits of each index: a byte's low nibble, then its high one */
-        __m512i first = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
-        __m512i second = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 16)));
-        acc[0] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(first, values), acc[0]);
-        acc[1] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(second, values), acc[1]);
-        acc[2] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(_mm512_srli_epi32(first, 4), values), acc[2]);
-        acc[3] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(_mm512_srli_epi32(second, 4), values), acc[3]);
-    }
-    for (int i = 0; i < 4; i++)
-        _mm512_storeu_ps(y + 16 * i, acc[i]);
-}
-
-/* torch's AVX2 layout, 32-row blocks: for each input k, 16 bytes; byte d holds rows d (low nibble) and
- * d + 16 (high). Same sums: one chain of fused multiply-adds per output. */
+/* y[out] = int4 weight @ x[in] for CPUs without AVX-512, the weight in torch's AVX2 int4 layout, 32-row
+ * blocks: for each input k, 16 bytes; byte d holds rows d (low nibble) and d + 16 (high); a nibble is q + 8.
+ * Summed as torch's weight-only int4 kernel (_weight_int4pack_mm_for_cpu, unit scales and zeros) sums: each
+ * output by fused multiply-adds in input order from zero. x holds bf16 values widened to fp32; the caller
+ * rounds y to bf16. (With AVX-512, torch's 64-row layout goes through glmpool_rows_times_int4, one row or
+ * several.) */
 __attribute__((target("avx2,fma")))
 static void block32_times_row_int4(const uint8_t *p, const float *x, float *y, int64_t in) {
     const __m256i low = _mm256_set1_epi32(0xF), eight = _mm256_set1_epi32(8);
@@ -358,16 +345,12 @@ static void block32_times_row_int4(const uint8_t *p, const float *x, float *y, i
         _mm256_storeu_ps(y + 8 * i, acc[i]);
 }
 
-/* block: 64 (torch's AVX-512 layout) or 32 (its AVX2 one); out a multiple of it. */
-void glmpool_row_times_int4(const uint8_t *packed, const float *x, float *y, int64_t out, int64_t in, int block) {
-    int64_t blocks = out / block;
+/* out a multiple of 32. */
+void glmpool_row_times_int4(const uint8_t *packed, const float *x, float *y, int64_t out, int64_t in) {
+    int64_t blocks = out / 32;
     #pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        if (block == 64)
-            block64_times_row_int4(packed + b * in * 32, x, y + b * 64, in);
-        else
-            block32_times_row_int4(packed + b * in * 16, x, y + b * 32, in);
-    }
+    for (int64_t b = 0; b < blocks; b++)
+        block32_times_row_int4(packed + b * in * 16, x, y + b * 32, in);
 }
 
 #else
@@ -394,8 +377,8 @@ void glmpool_rows_times_int4(const uint8_t *packed, const float *x, const float 
     (void)packed; (void)x; (void)bias; (void)y; (void)rows; (void)out; (void)in; (void)chunk;
 }
 
-void glmpool_row_times_int4(const uint8_t *packed, const float *x, float *y, int64_t out, int64_t in, int block) {
-    (void)packed; (void)x; (void)y; (void)out; (void)in; (void)block;
+void glmpool_row_times_int4(const uint8_t *packed, const float *x, float *y, int64_t out, int64_t in) {
+    (void)packed; (void)x; (void)y; (void)out; (void)in;
 }
 
 void glmpool_rows_times_int8(const int8_t *weight, const float *x, float *y, int64_t rows, int64_t out, int64_t in,

@@ -1,4 +1,4 @@
-"""One row times a weight, by glmpool's own kernels (row_kernel.c), where torch's are slow.
+"""Rows times a weight, by glmpool's own kernels (row_kernel.c), where torch's are slow.
 
 Decoding one sequence multiplies one row by every weight, and streaming the weights is its speed. On this
 project's 2-core machines:
@@ -10,8 +10,8 @@ project's 2-core machines:
   batch's decode step) it widens each block of weights once for 4 or 8 rows: 1.2-1.5x torch's
   multi-row kernel at 6-32 rows, the same sums.
 - int4 (torch's CPU layout, 64-row blocks): torch's kernel ~17.5 GB/s of packed bytes, int4_times a lone
-  row ~22-24 (it leaves out the scale-and-zero multiply-add, which unit scales make exact anyway), and
-  several rows 1.1-1.3x torch's multi-row kernel (~210-220 GFLOP/s at 16-64 rows), the same sums.
+  row ~22-24 (it leaves out the scale-and-zero multiply-add, which unit scales make exact anyway; bound
+  by decoding the nibbles, not by the memory), several rows 1.1-1.3x torch's multi-row kernel.
   Both sum as torch's kernels do, which int8_matches_torch() and int4_matches_torch() check once per
   process on inputs built to expose any other order.
 Either way a row gets the same bits alone as among others, so batching still changes no result.
@@ -20,9 +20,14 @@ int8, 32-row blocks for int4; fp32 sums the same either way). Measured on this m
 oneDNN made to use their AVX2 kernels: fp32 ~29 against ~19 GB/s, int8 12-17 against 9-11, int4 ~12
 against ~6.5.
 
+A batch's decode step multiplies a few rows by every weight and is bound by arithmetic instead. With
+AVX-512, rows_times_packed (fp32), rows_times_half (fp16 weights in glmpool's layout, half.py) and
+int4_times take tiles of up to 6 rows, each 64 weights loaded once per tile: ~200-220 GFLOP/s, 1.1-1.5x
+oneDNN, FBGEMM and torch's int4 kernel at 2-64 rows, every output summed as for a lone row.
+
 The kernels are compiled when glmpool is installed (setup.py; an optional extension needing a C compiler
 with OpenMP, and an x86-64 CPU with AVX-512 or AVX2 to run). Where they are missing, available() says so, and
-lone rows go through torch's kernels as before.
+rows go through torch's kernels as before.
 """
 from __future__ import annotations
 
@@ -68,7 +73,7 @@ def library() -> ctypes.CDLL | None:
         several_rows.restype = None
         several_rows.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
     kernels.glmpool_row_times_int4.restype = None
-    kernels.glmpool_row_times_int4.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    kernels.glmpool_row_times_int4.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
     kernels.glmpool_rows_times_int8.restype = None
     kernels.glmpool_rows_times_int8.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     kernels.glmpool_gelu.restype = None  # gelu()
@@ -223,19 +228,18 @@ def int4_rows_available(block: int) -> bool:
 def int4_times(x: torch.Tensor, packed: torch.Tensor, out_features: int, block: int) -> torch.Tensor:
     """x [M, in] (bf16) @ weight^T -> [M, out] in bf16, as torch.ops.aten._weight_int4pack_mm_for_cpu
     computes it with unit scales and zeros: each output one chain of fused multiply-adds in input order.
-    `packed`: torch's CPU int4 layout of `block`-row blocks (64 with its AVX-512 kernels, 32 with AVX2:
-    quantize.int4_block_rows()), out a multiple of it. More than one row needs int4_rows_available(block)."""
+    `packed`: torch's CPU int4 layout of `block`-row blocks (64 with its AVX-512 kernels, read by the tiled
+    kernel, any M; 32 with AVX2, read by the lone-row kernel: M = 1), out a multiple of it."""
     rows, in_features = x.shape
     assert INT4_BLOCKS[block] <= library().isa and out_features % block == 0
-    assert rows == 1 or int4_rows_available(block)
     assert packed.numel() * packed.element_size() >= out_features * in_features // 2  # never read past it
-    if rows > 1:
+    if block == 64:
         return _rows_times(library().glmpool_rows_times_int4, x, packed.data_ptr(), None, out_features,
                            in_features).to(torch.bfloat16)
+    assert rows == 1
     row = x[0].float().contiguous()
     out = torch.empty(1, out_features, dtype=torch.float32)
-    library().glmpool_row_times_int4(packed.data_ptr(), row.data_ptr(), out.data_ptr(), out_features, in_features,
-                                     block)
+    library().glmpool_row_times_int4(packed.data_ptr(), row.data_ptr(), out.data_ptr(), out_features, in_features)
     return out.to(torch.bfloat16)
 
 
