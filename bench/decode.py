@@ -8,21 +8,22 @@ random model.
 Medium config (as the issue specifies): hidden 1024, 16 heads, inner 4096, 8 layers, vocab 130528, tied
 embeddings, ~234 M parameters (0.94 GB in fp32), random weights from `glmpool.engine.tiny`, built once
 into .cache/. fp32 runs with `matmul="onednn"`; fp32-reference with THUDM's own F.linear
-(`matmul="reference"`), for comparison; fp16w is fp16 weights with fp32 arithmetic
-(`matmul="fp16"`, the pool's default, by glmpool's kernel; fp16w-torch-rows through FBGEMM instead; the
-checkpoint is stored in fp16 as THUDM's are, so it loses nothing), and the quantized variants run with that default too (for int8/int4 it holds the
-unquantized embeddings = output projection in fp16). For every variant: prompt ms (one
-32-token prompt), decode tokens/s of one sequence, aggregate tokens/s of batches through
-`engine.batcher` (greedy), next to this machine's memory read bandwidth measured in the same run and the
-bound it implies (bandwidth / weight bytes read per token).
+(`matmul="reference"`), for comparison; fp16w is fp16 weights with fp32 arithmetic (`matmul="fp16"`, the
+pool's default, by glmpool's kernel; the checkpoint is stored in fp16 as THUDM's are, so it loses
+nothing), and the quantized variants run with that default too (for int8/int4 it holds the unquantized
+embeddings = output projection in fp16). For every variant: prompt ms (one 32-token prompt), decode
+tokens/s of one sequence, aggregate tokens/s of batches through `engine.batcher` (greedy), next to this
+machine's memory read bandwidth measured in the same run and the bound it implies (bandwidth / weight
+bytes read per token).
 
 The machine is shared and noisy: the variants run round-robin, several rounds, and the table shows
 medians plus ratios against fp32 measured in the same rounds. Not a test: no targets are asserted.
 Any variant's name + "-no-row-kernel" runs it with lone rows through torch's kernels instead of glmpool's
 (glmpool/engine/row_kernel.py); + "-torch-rows" with several rows through torch's kernels (oneDNN,
-FBGEMM) instead of glmpool's multi-row ones; + "-torch-attention" with decode attention through torch instead of
-glmpool's kernel (decode_attention.py); + "-4k-pages" with its weights left on 4 KB pages (hugepages.py):
-list those first, since memory that held weights moved onto huge pages stays advised when it is reused.
+FBGEMM for every row of fp16w, torch's int4 kernel) instead of glmpool's tiled ones; + "-torch-attention" with decode attention
+through torch instead of glmpool's kernel (decode_attention.py); + "-4k-pages" with its weights left on
+4 KB pages (hugepages.py): list those first, since memory that held weights moved onto huge pages stays
+advised when it is reused.
 """
 from __future__ import annotations
 

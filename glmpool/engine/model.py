@@ -413,7 +413,6 @@ class ChatGLM(nn.Module):
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
         self.attention_kernel = False  # a slab's decode attention by glmpool's CPU kernel (set by load())
-
         # decoding through one KV slab gives a sequence its bits alone: the CPU kernel, or padding checked exact
         # (padded_attention_exact); set by load() for a batch-invariant model
         self.slab_is_exact = False

@@ -28,8 +28,8 @@ changes no bits.
   rounding); they run with unit scales and the fp16 row scales are applied in the model's dtype
   afterwards, so the scales lose nothing. A lone row (one sequence decoding) goes through glmpool's own
   kernels instead where they are built (row_kernel.py): the same bits as torch's, int8 1.1-1.9x and
-  int4 ~1.3x as fast; for int8 so do more than 4 rows (a batch's decode step, short prompts): the same
-  bits again, 1.2-1.5x as fast.
+  int4 ~1.3x as fast; so do more than 4 int8 rows and, with AVX-512, any number of int4 rows (a batch's
+  decode step, short prompts): the same bits again, 1.2-1.5x and 1.1-1.3x as fast.
 - CPU, longer prompts: dequantize blocks of rows to the model's dtype and multiply with a GEMM, whose
   cost is then amortized over the rows (the weight-only kernels are slower than fp32 there); oneDNN's
   for fp32, which sums a row the same way among 2 or 2000 others (and runs faster than MKL's here),
