@@ -179,6 +179,26 @@ def test_sampling_filters_like_transformers():
         assert set(indices[probs > 0].tolist()) == expected
 
 
+def test_top_k_of_finds_torchs_top_k_in_the_chunks_with_the_largest_maxima():
+    import torch
+    from glmpool.engine.generate import top_k_of
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.1, 1, 30):
+        scores = torch.randn(16, 130528, generator=g) * scale  # no ties: the very same result
+        for k in (1, 50, 200):
+            got, expected = top_k_of(scores, k), torch.topk(scores, k)
+            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), (scale, k)
+    tied = (torch.randn(4, 130528, generator=g) * 3).round()  # many ties: the same values, a valid choice
+    values, indices = top_k_of(tied, 50)
+    assert torch.equal(values, torch.topk(tied, 50).values) and torch.equal(tied.gather(1, indices), values)
+    assert all(len(set(row.tolist())) == 50 for row in indices)
+    odd = torch.randn(2, 1001, generator=g)  # no power-of-two chunk divides it: torch.topk itself
+    assert torch.equal(top_k_of(odd, 5)[1], torch.topk(odd, 5).indices)
+    infinite = torch.randn(1, 130528, generator=g)
+    infinite[0, [7, 99_000]] = float("inf")
+    assert top_k_of(infinite, 3)[1][0, :2].tolist() in ([7, 99_000], [99_000, 7])
+
+
 def test_streamed_text_never_shows_a_cut_character_and_stays_per_event(tiny_engine, monkeypatch):
     """Each event's text is its own step's answer, even when read after later steps; a character spelled
     over several byte tokens shows only when complete; an answer cut by the length limit inside a character

@@ -151,6 +151,26 @@ def argmax(logits: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     return columns.gather(1, logits.gather(1, columns).argmax(-1, keepdim=True)).squeeze(1)
 
 
+def top_k_of(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(scores, k) for rows [R, V]: values descending and their indices, ~4x faster for 16 rows
+    of 130528 (torch's topk takes ~2.6 ms of a ~45 ms sampled batch-16 step here).
+
+    Each of the k largest values lies in one of the k chunks with the largest maxima, so torch.topk runs
+    on those k chunks only (chunks of 16-128 columns, a power of two dividing V). Where several elements
+    tie with the k-th value, which of them are kept may differ from torch.topk over the whole row (both
+    are a top k). Every row alone, as torch.topk."""
+    rows, vocab = scores.shape
+    chunk = math.gcd(vocab, 128)
+    if chunk < 16 or vocab // chunk < 4 * k or not scores.is_contiguous():
+        return torch.topk(scores, k)
+    chunks = scores.view(rows, -1, chunk)  # [R, V / chunk, chunk]
+    best = chunks.amax(-1).topk(k).indices  # [R, k]
+    picked = chunks.gather(1, best[..., None].expand(-1, -1, chunk)).view(rows, -1)  # [R, k * chunk]
+    values, where = picked.topk(k)
+    columns = (best[..., None] * chunk + torch.arange(chunk, device=scores.device)).view(rows, -1)
+    return values, columns.gather(1, where)
+
+
 def _effective_top_k(params: SamplingParams, vocab: int) -> int:
     return params.top_k if 0 < params.top_k < vocab else vocab
 
@@ -166,7 +186,7 @@ def candidates(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torc
     vocab, device = logits.shape[-1], logits.device
     top_k = _effective_top_k(params[0], vocab)
     temperature = torch.tensor([[p.temperature] for p in params], dtype=logits.dtype, device=device)
-    values, indices = torch.topk(logits / temperature, top_k)  # descending
+    values, indices = top_k_of(logits / temperature, top_k)  # descending
     probs = values.softmax(-1)
     # top_p 1 keeps everything (a cumulative sum in fp32 may reach 1 before the last candidate)
     top_p = torch.tensor([[p.top_p if p.top_p < 1.0 else math.inf] for p in params], dtype=probs.dtype,
