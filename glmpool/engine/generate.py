@@ -186,7 +186,9 @@ def candidates(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torc
     vocab, device = logits.shape[-1], logits.device
     top_k = _effective_top_k(params[0], vocab)
     temperature = torch.tensor([[p.temperature] for p in params], dtype=logits.dtype, device=device)
-    values, indices = top_k_of(logits / temperature, top_k)  # descending
+    # dividing by a temperature keeps the order: the top k of the logits, then only they are divided
+    values, indices = top_k_of(logits, top_k)  # descending
+    values = values / temperature
     probs = values.softmax(-1)
     # top_p 1 keeps everything (a cumulative sum in fp32 may reach 1 before the last candidate)
     top_p = torch.tensor([[p.top_p if p.top_p < 1.0 else math.inf] for p in params], dtype=probs.dtype,
