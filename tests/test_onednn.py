@@ -63,6 +63,7 @@ def test_row_kernel_sums_as_onednn_does_among_other_rows_and_only_with_its_chunk
                 for rows in (2, 5, 7, 16, 17):
                     got = row_kernel.rows_times_packed(x[:rows], packed, bias, out, chunk)
                     assert torch.equal(got, among_others[:rows]), (out, inner, rows)
+                assert row_kernel.rows_times_packed(x[:0], packed, bias, out, chunk).shape == (0, out)
             others = [c for c in (inner, inner // 2, inner // 4) if c != chunk]
             assert not torch.equal(row_kernel.row_times_packed(x[0], packed, bias, out, others[0]), among_others[0])
     finally:

@@ -150,7 +150,7 @@ static void NAME(const WEIGHT *block, const float *x, float *y, int64_t rows, in
 #define ROWS_TIMES_BLOCKS(NAME, BLOCK_FN, WEIGHT, STEP)                                                     \
 void NAME(const WEIGHT *packed, const float *x, const float *bias, float *y, int64_t rows, int64_t out,     \
           int64_t in, int64_t chunk) {                                                                      \
-    int64_t blocks = (out + BLOCK - 1) / BLOCK;                                                             \
+    int64_t blocks = rows > 0 ? (out + BLOCK - 1) / BLOCK : 0;  /* no rows, no tiles (and no division by 0) */ \
     _Pragma("omp parallel for schedule(static)")                                                            \
     for (int64_t b = 0; b < blocks; b++) {                                                                  \
         int64_t first = b * BLOCK, count = out - first < BLOCK ? out - first : BLOCK;                       \
