@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import row_kernel
+from . import hugepages, row_kernel
 from .quantize import replace_module
 
 
@@ -132,19 +132,11 @@ class HalfEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, projection by {self.matrix.describe()}"
 
 
-@functools.cache
-def _malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc
-    except (OSError, AttributeError):
-        return None
-
-
 def release_free_memory() -> None:
     """Give freed heap pages back to the OS. glibc keeps them, and a packed copy, a little larger than its
     original, does not fit the hole the original leaves: without this, a packed model keeps its own size
     again in free pages."""
-    trim = _malloc_trim()
+    trim = hugepages.libc_function("malloc_trim", (ctypes.c_size_t,))
     if trim is not None:
         trim(0)
 

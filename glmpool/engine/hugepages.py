@@ -41,18 +41,18 @@ def reuse_freed_memory() -> bool:
     a batch-16 decode step's 8.4 MB of logits cost ~0.9 ms to allocate and fill instead of ~0.06 (a
     prompt's activations, many such tensors, more). The price: the heap keeps its high-water mark.
     False where this is no glibc (nothing changes)."""
-    mallopt = _libc_function("mallopt", (ctypes.c_int, ctypes.c_int))
+    mallopt = libc_function("mallopt", (ctypes.c_int, ctypes.c_int))
     return bool(mallopt and mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) and mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
 @functools.cache
-def _libc_function(name: str, argtypes: tuple):
+def libc_function(name: str, argtypes: tuple):
     """The C library's `name` on Linux (errno kept), or None."""
     if sys.platform != "linux":
         return None
     try:
         function = getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (AttributeError, OSError):  # not glibc: no mallopt
+    except (AttributeError, OSError):  # not glibc: no such function
         return None
     function.argtypes = list(argtypes)
     return function
@@ -61,7 +61,7 @@ def _libc_function(name: str, argtypes: tuple):
 def advise(address: int, nbytes: int) -> int:
     """Move the whole 2 MB pages within [address, address + nbytes) onto huge pages; returns the bytes
     moved (0 where the kernel refused, or where the span holds no whole huge page)."""
-    madvise = _libc_function("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int))
+    madvise = libc_function("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int))
     start = -(-address // HUGE_PAGE) * HUGE_PAGE
     length = (address + nbytes) // HUGE_PAGE * HUGE_PAGE - start
     if madvise is None or length <= 0:

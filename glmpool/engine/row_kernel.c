@@ -29,54 +29,47 @@ int glmpool_isa(void) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 256 : 0;
 }
 
-/* fp32: y[out] = packed[out, in] @ x[in] (+ bias[out] if bias is not NULL, added last as oneDNN does).
+/* fp32 in oneDNN's layout AB16b64a: blocks of 64 outputs, each a run of in x 64 floats, input-major (the
+ * 16-input sub-blocks are consecutive, so a block reads as [in][64]); out is padded to a multiple of 64.
+ * Summed as oneDNN's multi-row matmul (brgemm) sums: for each output, the inputs are split into consecutive
+ * chunks of `chunk`; within a chunk the products are accumulated by fused multiply-adds in input order
+ * from zero, and the chunks' sums are then added in order; the bias, if any, last. The chunk is oneDNN's
+ * choice (here 512 for 1024 inputs and 1024 for 4096 and 16384; 1024 for all three with its AVX2
+ * kernels): probed per weight (row_kernel.probe).
  *
- * The weight in oneDNN's layout AB16b64a: blocks of 64 outputs, each a run of in x 64 floats,
- * input-major (the 16-input sub-blocks are consecutive, so a block reads as [in][64]); out is padded to
- * a multiple of 64. Summed as oneDNN's multi-row matmul (brgemm) sums: for each output, the inputs are
- * split into consecutive chunks of `chunk`; within a chunk the products are accumulated by fused
- * multiply-adds in input order from zero, and the chunks' sums are then added in order. The chunk is
- * oneDNN's choice (here 512 for 1024 inputs and 1024 for 4096 and 16384; 1024 for all three with its
- * AVX2 kernels): probed per weight (row_kernel.probe). */
-#define BLOCK_TIMES_ROW(NAME, TARGET, VEC, WIDTH, ZERO, LOAD, STORE, SET1, FMA, ADD)                       \
-__attribute__((target(TARGET)))                                                                             \
-static void NAME(const float *block, const float *x, float *out, int64_t in, int64_t chunk) {               \
-    for (int64_t start = 0; start < in; start += chunk) {                                                   \
-        int64_t stop = start + chunk < in ? start + chunk : in;                                             \
-        VEC part[BLOCK / WIDTH];                                                                            \
-        for (int i = 0; i < BLOCK / WIDTH; i++) part[i] = ZERO();                                           \
-        const float *w = block + start * BLOCK;                                                             \
-        for (int64_t k = start; k < stop; k++, w += BLOCK) {                                                \
-            VEC xk = SET1(x[k]);                                                                            \
-            for (int i = 0; i < BLOCK / WIDTH; i++) part[i] = FMA(xk, LOAD(w + WIDTH * i), part[i]);        \
-        }                                                                                                   \
-        for (int i = 0; i < BLOCK / WIDTH; i++)                                                             \
-            STORE(out + WIDTH * i, start == 0 ? part[i] : ADD(LOAD(out + WIDTH * i), part[i]));             \
-    }                                                                                                       \
+ * For CPUs without AVX-512, rows one at a time, 8 lanes (the same fused multiply-adds in the same order as
+ * the tiled kernel below, which takes them with AVX-512, so the same bits; the chunks' totals wait in
+ * `out`). */
+__attribute__((target("avx2,fma")))
+static void block_times_row(const float *block, const float *x, float *out, int64_t in, int64_t chunk) {
+    for (int64_t start = 0; start < in; start += chunk) {
+        int64_t stop = start + chunk < in ? start + chunk : in;
+        __m256 part[BLOCK / 8];
+        for (int i = 0; i < BLOCK / 8; i++) part[i] = _mm256_setzero_ps();
+        const float *w = block + start * BLOCK;
+        for (int64_t k = start; k < stop; k++, w += BLOCK) {
+            __m256 xk = _mm256_set1_ps(x[k]);
+            for (int i = 0; i < BLOCK / 8; i++) part[i] = _mm256_fmadd_ps(xk, _mm256_loadu_ps(w + 8 * i), part[i]);
+        }
+        for (int i = 0; i < BLOCK / 8; i++)
+            _mm256_storeu_ps(out + 8 * i, start == 0 ? part[i] : _mm256_add_ps(_mm256_loadu_ps(out + 8 * i), part[i]));
+    }
 }
 
-/* The same fused multiply-adds in the same order with either width, so the same bits (the chunks' totals
- * wait in `out`, a few stores per chunk of 512 or more inputs). */
-BLOCK_TIMES_ROW(block_times_row, "avx512f,fma", __m512, 16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps,
-                _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps)
-BLOCK_TIMES_ROW(block_times_row_avx2, "avx2,fma", __m256, 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps,
-                _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps)
-
-/* fp32: the two variants' blocks of 64 outputs, spread over the threads. */
-void glmpool_row_times_packed(const float *packed, const float *x, const float *bias, float *y,
-                              int64_t out, int64_t in, int64_t chunk, int isa) {
+/* The tiled kernels' signature; blocks of 64 outputs spread over the threads. */
+void glmpool_row_times_packed(const float *packed, const float *x, const float *bias, float *y, int64_t rows,
+                              int64_t out, int64_t in, int64_t chunk) {
     int64_t blocks = (out + BLOCK - 1) / BLOCK;
     #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
-        float result[BLOCK];
-        if (isa == 512)
-            block_times_row(packed + b * in * BLOCK, x, result, in, chunk);
-        else
-            block_times_row_avx2(packed + b * in * BLOCK, x, result, in, chunk);
         int64_t first = b * BLOCK, count = out - first < BLOCK ? out - first : BLOCK;
-        if (bias)
-            for (int64_t i = 0; i < count; i++) result[i] += bias[first + i];
-        memcpy(y + first, result, count * sizeof(float));
+        for (int64_t m = 0; m < rows; m++) {
+            float result[BLOCK];
+            block_times_row(packed + b * in * BLOCK, x + m * in, result, in, chunk);
+            if (bias)
+                for (int64_t i = 0; i < count; i++) result[i] += bias[first + i];
+            memcpy(y + m * out + first, result, count * sizeof(float));
+        }
     }
 }
 
@@ -84,7 +77,7 @@ void glmpool_row_times_packed(const float *packed, const float *x, const float *
  * for each input k the block's 64 weights in turn: fp32 in oneDNN's AB16b64a (as above), fp16 in glmpool's
  * own layout of the same shape (row_kernel.pack_half), int4 in torch's 64-row layout (LOAD_INT4). Each
  * output is summed in chunks of `chunk` inputs, fused multiply-adds in input order within a chunk, the
- * chunks' sums added in order: for fp32 as block_times_row and oneDNN's multi-row matmul sum; for int4,
+ * chunks' sums added in order: for fp32 as oneDNN's multi-row matmul sums (above); for int4,
  * one chunk, as torch's int4 kernel sums. So a row's bits depend neither on the other rows nor on how
  * many there are.
  *
@@ -345,41 +338,32 @@ static void block32_times_row_int4(const uint8_t *p, const float *x, float *y, i
         _mm256_storeu_ps(y + 8 * i, acc[i]);
 }
 
-/* out a multiple of 32. */
-void glmpool_row_times_int4(const uint8_t *packed, const float *x, float *y, int64_t out, int64_t in) {
+/* The tiled kernels' signature (no bias, one chunk); out a multiple of 32. */
+void glmpool_row_times_int4(const uint8_t *packed, const float *x, const float *bias, float *y, int64_t rows,
+                            int64_t out, int64_t in, int64_t chunk) {
+    (void)bias; (void)chunk;
     int64_t blocks = out / 32;
     #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; b++)
-        block32_times_row_int4(packed + b * in * 16, x, y + b * 32, in);
+        for (int64_t m = 0; m < rows; m++)
+            block32_times_row_int4(packed + b * in * 16, x + m * in, y + m * out + b * 32, in);
 }
 
 #else
 
 int glmpool_isa(void) { return 0; }
 
-void glmpool_row_times_packed(const float *packed, const float *x, const float *bias, float *y,
-                              int64_t out, int64_t in, int64_t chunk, int isa) {
-    (void)packed; (void)x; (void)bias; (void)y; (void)out; (void)in; (void)chunk; (void)isa;
+/* Without x86-64: never called (glmpool_isa() says 0), only here so that the library loads. */
+#define STUB(NAME, WEIGHT)                                                                                  \
+void NAME(const WEIGHT *packed, const float *x, const float *bias, float *y, int64_t rows, int64_t out,     \
+          int64_t in, int64_t chunk) {                                                                      \
+    (void)packed; (void)x; (void)bias; (void)y; (void)rows; (void)out; (void)in; (void)chunk;               \
 }
-
-void glmpool_rows_times_packed(const float *packed, const float *x, const float *bias, float *y,
-                               int64_t rows, int64_t out, int64_t in, int64_t chunk) {
-    (void)packed; (void)x; (void)bias; (void)y; (void)rows; (void)out; (void)in; (void)chunk;
-}
-
-void glmpool_rows_times_half(const uint16_t *packed, const float *x, const float *bias, float *y,
-                             int64_t rows, int64_t out, int64_t in, int64_t chunk) {
-    (void)packed; (void)x; (void)bias; (void)y; (void)rows; (void)out; (void)in; (void)chunk;
-}
-
-void glmpool_rows_times_int4(const uint8_t *packed, const float *x, const float *bias, float *y,
-                             int64_t rows, int64_t out, int64_t in, int64_t chunk) {
-    (void)packed; (void)x; (void)bias; (void)y; (void)rows; (void)out; (void)in; (void)chunk;
-}
-
-void glmpool_row_times_int4(const uint8_t *packed, const float *x, float *y, int64_t out, int64_t in) {
-    (void)packed; (void)x; (void)y; (void)out; (void)in;
-}
+STUB(glmpool_row_times_packed, float)
+STUB(glmpool_rows_times_packed, float)
+STUB(glmpool_rows_times_half, uint16_t)
+STUB(glmpool_rows_times_int4, uint8_t)
+STUB(glmpool_row_times_int4, uint8_t)
 
 void glmpool_rows_times_int8(const int8_t *weight, const float *x, float *y, int64_t rows, int64_t out, int64_t in,
                              int lanes) {

@@ -65,15 +65,10 @@ def library() -> ctypes.CDLL | None:
     if not kernels.isa:
         log.info("this CPU has neither AVX-512 nor AVX2 with FMA: glmpool's CPU kernels are not used")
         return None
-    kernels.glmpool_row_times_packed.restype = None
-    kernels.glmpool_row_times_packed.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    kernels.glmpool_rows_times_packed.restype = None
-    kernels.glmpool_rows_times_packed.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
-    for several_rows in (kernels.glmpool_rows_times_half, kernels.glmpool_rows_times_int4):
-        several_rows.restype = None
-        several_rows.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
-    kernels.glmpool_row_times_int4.restype = None
-    kernels.glmpool_row_times_int4.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
+    for rows_times in (kernels.glmpool_row_times_packed, kernels.glmpool_rows_times_packed,  # one signature
+                       kernels.glmpool_rows_times_half, kernels.glmpool_rows_times_int4, kernels.glmpool_row_times_int4):
+        rows_times.restype = None
+        rows_times.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
     kernels.glmpool_rows_times_int8.restype = None
     kernels.glmpool_rows_times_int8.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     kernels.glmpool_gelu.restype = None  # gelu()
@@ -110,21 +105,9 @@ def fits(packed: torch.Tensor, out_features: int, in_features: int) -> bool:
     return size == -(-out_features // BLOCK) * BLOCK * in_features * 4
 
 
-def row_times_packed(row: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
-                     out_features: int, chunk: int) -> torch.Tensor:
-    """row [in] (fp32) @ weight^T + bias -> [out]; `packed` must pass fits(); chunk: see row_kernel.c."""
-    row = row.contiguous()
-    bias = None if bias is None else bias.detach().contiguous()
-    out = torch.empty(out_features, dtype=torch.float32)
-    kernels = library()
-    kernels.glmpool_row_times_packed(
-        torch.ops.mkldnn.data_ptr(packed), row.data_ptr(), None if bias is None else bias.data_ptr(),
-        out.data_ptr(), out_features, row.numel(), chunk, kernels.isa)
-    return out
-
-
 def several_rows_available() -> bool:
-    """Whether rows_times_packed and rows_times_half run here (AVX-512 only)."""
+    """Whether the tiled kernels (rows_times_packed, rows_times_half, int4_times of 64-row blocks) run here:
+    AVX-512 only."""
     return available() and library().isa == 512
 
 
@@ -140,10 +123,18 @@ def _rows_times(entry: Callable, x: torch.Tensor, weight_address: int, bias: tor
 
 def rows_times_packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
                       chunk: int) -> torch.Tensor:
-    """x [M, in] (fp32) @ weight^T + bias -> [M, out], each row summed as row_times_packed sums it (so as
-    oneDNN's multi-row matmul does); `packed` must pass fits(). Needs several_rows_available()."""
+    """x [M, in] (fp32) @ weight^T + bias -> [M, out], each row summed as oneDNN's multi-row matmul sums it,
+    with this chunk (row_kernel.c); `packed` must pass fits(). Needs several_rows_available()."""
     return _rows_times(library().glmpool_rows_times_packed, x, torch.ops.mkldnn.data_ptr(packed), bias,
                        out_features, chunk)
+
+
+def row_times_packed(row: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                     out_features: int, chunk: int) -> torch.Tensor:
+    """row [in] (fp32) @ weight^T + bias -> [out], as rows_times_packed: by the tiled kernel with AVX-512 (a
+    lone row as fast as a loop of its own), else by the AVX2 lone-row kernel, which sums alike."""
+    entry = library().glmpool_rows_times_packed if several_rows_available() else library().glmpool_row_times_packed
+    return _rows_times(entry, row[None], torch.ops.mkldnn.data_ptr(packed), bias, out_features, chunk)[0]
 
 
 HALF_CHUNK = 512  # inputs per chunk of the fp16 kernel's sums: 64 KB of a block, L2-resident
@@ -233,14 +224,9 @@ def int4_times(x: torch.Tensor, packed: torch.Tensor, out_features: int, block: 
     rows, in_features = x.shape
     assert INT4_BLOCKS[block] <= library().isa and out_features % block == 0
     assert packed.numel() * packed.element_size() >= out_features * in_features // 2  # never read past it
-    if block == 64:
-        return _rows_times(library().glmpool_rows_times_int4, x, packed.data_ptr(), None, out_features,
-                           in_features).to(torch.bfloat16)
-    assert rows == 1
-    row = x[0].float().contiguous()
-    out = torch.empty(1, out_features, dtype=torch.float32)
-    library().glmpool_row_times_int4(packed.data_ptr(), row.data_ptr(), out.data_ptr(), out_features, in_features)
-    return out.to(torch.bfloat16)
+    assert block == 64 or rows == 1
+    entry = library().glmpool_rows_times_int4 if block == 64 else library().glmpool_row_times_int4
+    return _rows_times(entry, x, packed.data_ptr(), None, out_features, in_features).to(torch.bfloat16)
 
 
 def _cancelling_probe(out_features: int, in_features: int, generator: torch.Generator, low: int = -127,
