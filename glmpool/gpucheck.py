@@ -109,13 +109,16 @@ def check_mapping(name: str, parent: str, gpus_setting: str, expected: list, nvm
                            + ("" if ok else f", expected {expected}"), time.monotonic() - started)
 
 
+_GPU, _MIG = FOUR_GPUS.devices[3].uuid, FOUR_GPUS.devices[4].uuid
+MAPPINGS = [  # (name, the supervisor's CUDA_VISIBLE_DEVICES, --gpus, what each worker sees, NVML)
+    ("device mapping, parent 2,3", "2,3", "0,1", ["2", "3"], None),
+    ("device mapping, parent UUIDs", f"{_GPU},{_MIG}", "0,1", [_GPU, _MIG], FOUR_GPUS),
+    ("device mapping, parent 0,-1,1", "0,-1,1", "0,1", ["0", None], None),
+]
+
+
 def mapping_checks() -> list[Check]:
-    uuid, mig = FOUR_GPUS.devices[3].uuid, FOUR_GPUS.devices[4].uuid
-    return [
-        check_mapping("device mapping, parent 2,3", "2,3", "0,1", ["2", "3"]),
-        check_mapping("device mapping, parent UUIDs", f"{uuid},{mig}", "0,1", [uuid, mig], FOUR_GPUS),
-        check_mapping("device mapping, parent 0,-1,1", "0,-1,1", "0,1", ["0", None]),
-    ]
+    return [check_mapping(*mapping) for mapping in MAPPINGS]
 
 
 def check_budget_split(cache_dir: Path) -> Check:

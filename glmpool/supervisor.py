@@ -375,18 +375,22 @@ class Supervisor:
                 slot.process.kill()
 
     def respawn(self) -> None:
-        """Start the workers due to (re)start. Those loading through host memory go one at a time."""
+        """Start the workers due to (re)start. Those loading through host memory go one at a time, and so do
+        those sharing a GPU: each one's memory check then counts what the others took."""
         if self.status == "stopping":
             return
         now = time.monotonic()
         for slot in self.slots:
             waiting = slot.state == "STARTING" and slot.process is None
             due = waiting or (slot.state == "BACKOFF" and now >= slot.retry_at)
-            if due and not (slot.spec.loads_on_host and self.host_loading()):
+            if due and not self.loading_beside(slot):
                 self.spawn(slot)
 
-    def host_loading(self) -> bool:
-        return any(s.state == "STARTING" and s.process is not None and s.spec.loads_on_host for s in self.slots)
+    def loading_beside(self, slot: Slot) -> bool:
+        """Another worker is loading into memory this one's model would take too."""
+        return any(s.state == "STARTING" and s.process is not None and
+                   (s.spec.loads_on_host and slot.spec.loads_on_host or s.gpu is not None and s.gpu == slot.gpu)
+                   for s in self.slots)
 
     def collect(self, timeout: float) -> None:
         """Handle every message the workers sent, waiting up to `timeout` for one (or for the spool to change)."""
