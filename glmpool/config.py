@@ -57,8 +57,8 @@ class Setting:
 SETTINGS = [
     Setting("model", str, "THUDM/chatglm-6b-int4",
             "hub id (THUDM/chatglm-6b, -int4, -int4-qe), checkpoint directory, or tiny-random", "ID|DIR"),
-    Setting("gpus", str, "", "workers: CUDA indices '0,1', 'cpu' entries ('cpu,cpu'), or 'all' "
-                             "(default: every visible GPU, else one cpu worker)", "LIST"),
+    Setting("gpus", str, "", "workers: CUDA indices '0,1' (counted in CUDA_VISIBLE_DEVICES when set), 'cpu' "
+                             "entries ('cpu,cpu'), or 'all' (default: every visible GPU, else one cpu worker)", "LIST"),
     Setting("quantize", _choice(4, 8, "4-qe", "8-qe"), None,
             "quantize weights at load to 4 or 8 bits; -qe: the embeddings (= output projection) too", "BITS"),
     Setting("matmul", _choice("fp16", "fbgemm-fp16", "onednn", "reference"), "fp16",
