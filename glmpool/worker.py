@@ -248,8 +248,8 @@ class Loop:
         release_device_memory()
         if len(in_batch) == 1:
             held.remove(in_batch[0])
-            self.results.send(("error", self.spec.wid, in_batch[0].key, f"out of device memory even alone "
-                                                                        f"({failure}): lower max_length or max_new_tokens"))
+            self.results.send(("error", self.spec.wid, in_batch[0].key,
+                               f"out of device memory even alone ({failure}): lower max_length or max_new_tokens"))
         else:
             self.max_batch = max(1, len(in_batch) // 2)
         self.batch = self.engine.batcher(self.max_batch, kv_tokens)
