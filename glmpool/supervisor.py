@@ -796,7 +796,7 @@ class Supervisor:
                 "tokens_generated": s.stats.get("tokens", 0) + s.tokens,
                 "rss_bytes": process_rss(s.pid) if s.process is not None else None,
                 "gpu_memory_bytes": process_gpu_memory.get(s.spec.wid),
-                "max_batch": self.capacity(s), "out_of_memory": s.out_of_memory,
+                "max_batch": self.capacity(s), "kv_tokens": s.stats.get("kv_tokens"), "out_of_memory": s.out_of_memory,
             } for s in self.slots],
         }
 
