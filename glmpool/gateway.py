@@ -43,6 +43,7 @@ SYSTEM_ROLES = ("system", "developer")  # "developer" is the newer API's name fo
 RESULT_SUFFIXES = (".partial", ".back", ".error")  # .meta is written before .back: no event needed
 LIVE_CACHE_SECONDS = 0.5  # heartbeats are read at most this often (they change once a second)
 RETRY_AFTER_SECONDS = 2
+HEADERS_WAIT_SECONDS = 10.0  # a stream's status line waits at most this long for the first text
 CLEANUP_SECONDS = 30.0  # after a cancel, how long to wait for the pool's answer before leaving it
 # Characters the pool's text may still change: THUDM's post-processing (engine/tokenizer.py
 # process_response) makes an ASCII mark full-width once a CJK character follows it, and replaces the
@@ -304,7 +305,8 @@ class Exchange:
         spool.atomic_write(self.spool.path(self.id, ".json"), json.dumps(body, ensure_ascii=False) + "\n", sync=False)
 
     async def follow(self, deadline: float):
-        """("partial", text) as the answer grows, then ("done", text, meta) or ("error", APIError)."""
+        """("partial", text) as the answer grows, ("idle",) after a poll_interval without news, then
+        ("done", text, meta) or ("error", APIError)."""
         shown = None
         while True:
             back = self.spool.read(self.id, ".back")
@@ -332,11 +334,12 @@ class Exchange:
                 yield "error", APIError(504, f"no answer within {self.gateway.settings.http_timeout:g} s; "
                                               "the request was cancelled", "timeout")
                 return
-            if not await self.spool.wait(self.id, min(remaining, self.spool.poll_interval)) \
-                    and not self.spool.live_pools():
-                self.abandon("no live pool")
-                yield "error", no_pool_error(self.gateway.root)
-                return
+            if not await self.spool.wait(self.id, min(remaining, self.spool.poll_interval)):
+                if not self.spool.live_pools():
+                    self.abandon("no live pool")
+                    yield "error", no_pool_error(self.gateway.root)
+                    return
+                yield ("idle",)
 
     def finish(self, failed: bool = False) -> None:
         """The answer is read: remove every file of the request (after an .error, also its input, which
@@ -540,8 +543,8 @@ class Gateway:
         except OSError as error:
             return self.count(request, APIError(500, f"cannot write to the spool: {error.strerror}", "server_error").response())
         deadline = started + self.settings.http_timeout
-        if stream:
-            return self.count(request, EventStream(self, exchange, deadline, started, include_usage))
+        if stream:  # counted in metrics once its status is known
+            return EventStream(self, exchange, deadline, started, include_usage)
         self.metrics.in_flight.inc()
         try:
             return self.count(request, await self.answer(request, exchange, deadline, started))
@@ -552,7 +555,7 @@ class Gateway:
         """The whole answer at once; a client that disconnects meanwhile has its request withdrawn."""
         async def outcome():
             async for event in exchange.follow(deadline):
-                if event[0] != "partial":
+                if event[0] in ("done", "error"):
                     return event
         waiting = asyncio.ensure_future(outcome())
         gone = asyncio.ensure_future(disconnected(request.receive))
@@ -640,7 +643,9 @@ async def disconnected(receive) -> None:
 
 class EventStream(Response):
     """A chat completion as Server-Sent Events, in the chunks the OpenAI clients parse: a role chunk, the
-    text as it grows, a chunk with finish_reason, the usage chunk if asked for, then `data: [DONE]`."""
+    text as it grows, a chunk with finish_reason, the usage chunk if asked for, then `data: [DONE]`.
+    The status line waits for the first text (at most HEADERS_WAIT_SECONDS): an error before it, such as
+    the pool refusing the request, is then a plain HTTP error that the clients raise as such."""
 
     media_type = "text/event-stream"
 
@@ -661,40 +666,49 @@ class EventStream(Response):
         return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
     async def events(self):
-        yield self.chunk({"role": "assistant", "content": ""})
-        sent = ""
+        """bytes to send; an APIError when the request failed before anything was sent."""
+        sent, begun = "", False
         async for event in self.exchange.follow(self.deadline):
-            if event[0] == "partial":
-                text = settled(event[1])
-                if len(text) > len(sent) and text.startswith(sent):
-                    if not sent:
-                        self.gateway.metrics.first_token.observe(time.monotonic() - self.started)
-                    yield self.chunk({"content": text[len(sent):]})
-                    sent = text
-            elif event[0] == "done":
-                _, text, meta = event
+            if event[0] == "error":
+                yield event[1] if not begun else \
+                    b"data: " + json.dumps(event[1].body(), ensure_ascii=False).encode() + b"\n\n"
+                return
+            text = settled(event[1]) if event[0] == "partial" else event[1] if event[0] == "done" else sent
+            if not begun and (text or event[0] == "done" or time.monotonic() - self.started > HEADERS_WAIT_SECONDS):
+                begun = True
+                yield self.chunk({"role": "assistant", "content": ""})
+            if len(text) > len(sent) and text.startswith(sent):
+                if not sent:
+                    self.gateway.metrics.first_token.observe(time.monotonic() - self.started)
+                yield self.chunk({"content": text[len(sent):]})
+                sent = text
+            if event[0] == "done":
                 if not text.startswith(sent):  # not expected: settled() holds back what can change
                     log.warning("%s: the answer does not continue what was streamed", self.exchange.id)
-                elif len(text) > len(sent):
-                    if not sent:
-                        self.gateway.metrics.first_token.observe(time.monotonic() - self.started)
-                    yield self.chunk({"content": text[len(sent):]})
+                meta = event[2]
                 yield self.chunk({}, finish_reason(meta))
                 usage = self.gateway.usage(meta)
                 if self.include_usage:
                     yield self.chunk(None, usage=usage)
                 yield b"data: [DONE]\n\n"
                 self.gateway.metrics.duration.observe(time.monotonic() - self.started)
-            else:  # the OpenAI clients raise an APIError on a data line holding an "error"
-                yield b"data: " + json.dumps(event[1].body(), ensure_ascii=False).encode() + b"\n\n"
 
     async def __call__(self, scope, receive, send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         self.gateway.metrics.open_streams.inc()
         events = self.events()
+        status = 200
 
         async def produce():
+            nonlocal status
+            begun = False
             async for data in events:
+                if isinstance(data, APIError):
+                    status = data.status
+                    await data.response()(scope, receive, send)
+                    return
+                if not begun:
+                    await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+                    begun = True
                 await send({"type": "http.response.body", "body": data, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         producing = asyncio.ensure_future(produce())
@@ -709,6 +723,7 @@ class EventStream(Response):
             await events.aclose()
             self.exchange.abandon("disconnected")  # nothing once the answer was read
             self.gateway.metrics.open_streams.dec()
+            self.gateway.metrics.requests.labels(scope["path"], str(status)).inc()
         if producing.done() and not producing.cancelled() and producing.exception() is not None \
                 and not isinstance(producing.exception(), OSError):  # OSError: the client went away
             raise producing.exception()
