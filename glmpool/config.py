@@ -104,8 +104,8 @@ SETTINGS = [
             "Bearer KEY` (re-read when it changes; empty: no keys asked)", "FILE", commands=("http",)),
     Setting("http_max_body", int, 1 << 20, "largest request body in bytes (413 beyond)", "BYTES",
             commands=("http",)),
-    Setting("http_queue_limit", int, 256, "answer 429 (Retry-After) while more requests than this wait "
-            "unclaimed in requests/ (0: no limit)", "N", commands=("http",)),
+    Setting("http_queue_limit", int, 256, "at most N requests wait unclaimed in requests/; beyond, new ones "
+            "are answered 429 with Retry-After (0: no limit)", "N", commands=("http",)),
     Setting("http_timeout", float, 600.0, "a chat completion not answered within this many seconds is "
             "cancelled and answered 504", "S", commands=("http",)),
 ]
