@@ -108,15 +108,26 @@ async def stream(host: str, port: int, body: dict, connection=None) -> tuple[flo
     return first, done, (reader, writer)
 
 
-async def first_tokens_through(url: str, bodies: list[dict]) -> list[float]:
+async def first_tokens(root: Path, url: str, rounds: int, max_tokens: int) -> tuple[list[float], list[float]]:
+    """(direct, through the gateway) times to first token, alternating which goes first."""
     host, port = url.removeprefix("http://").split(":")
-    connection, times = None, []
-    for body in bodies:
-        first, done, connection = await stream(host, int(port), {**body, "stream": True}, connection)
-        assert done and first is not None
-        times.append(first)
+    watch = DirWatch(root / "requests", suffixes=(".partial", ".back", ".error"))
+    connection, direct, through = None, [], []
+    for i in range(rounds):
+        query = f"question number {i}"
+        spool_body = {"query": query, "max_new_tokens": max_tokens, "do_sample": False}
+        http_body = {"model": "m", "messages": [{"role": "user", "content": query}], "max_tokens": max_tokens,
+                     "temperature": 0, "stream": True}
+        for kind in ("direct", "http") if i % 2 else ("http", "direct"):
+            if kind == "direct":  # blocking: nothing else runs on this loop meanwhile
+                direct.append(direct_first_token(root, watch, f"direct-{i}", spool_body))
+            else:
+                first, done, connection = await stream(host, int(port), http_body, connection)
+                assert done and first is not None
+                through.append(first)
     connection[1].close()
-    return times
+    watch.close()
+    return direct, through
 
 
 async def many_streams(url: str, count: int, max_tokens: int) -> tuple[int, float]:
@@ -150,19 +161,7 @@ def main() -> int:
         try:
             gateway.start()
             pool.wait_running(300)
-            watch = DirWatch(root / "requests", suffixes=(".partial", ".back", ".error"))
-            direct, through = [], []
-            for i in range(args.rounds):
-                query = f"question number {i}"
-                spool_body = {"query": query, "max_new_tokens": args.max_tokens, "do_sample": False}
-                http_body = {"model": "m", "messages": [{"role": "user", "content": query}],
-                             "max_tokens": args.max_tokens, "temperature": 0}
-                if i % 2:
-                    direct.append(direct_first_token(root, watch, f"direct-{i}", spool_body))
-                    through += asyncio.run(first_tokens_through(gateway.url, [http_body]))
-                else:
-                    through += asyncio.run(first_tokens_through(gateway.url, [http_body]))
-                    direct.append(direct_first_token(root, watch, f"direct-{i}", spool_body))
+            direct, through = asyncio.run(first_tokens(root, gateway.url, args.rounds, args.max_tokens))
             ms = lambda values, q: 1000 * percentile(values, q)  # noqa: E731
             print(f"time to first token, {args.rounds} requests each, one at a time:")
             print(f"  direct file:   median {ms(direct, 0.5):6.1f} ms   p90 {ms(direct, 0.9):6.1f} ms")
