@@ -193,6 +193,8 @@ class Spool:
         self.poll_interval = poll_interval
         self.waiters: dict[str, asyncio.Event] = {}
         self.watch: DirWatch | None = None
+        self.scanning: asyncio.Task | None = None
+        self.seen: dict[str, tuple] = {}  # result file -> (inode, mtime, size) at the last scan
         self._live: tuple[float, list[dict]] = (-LIVE_CACHE_SECONDS, [])
 
     def start(self) -> None:
@@ -200,17 +202,50 @@ class Spool:
         self.watch = DirWatch(self.requests, suffixes=RESULT_SUFFIXES)
         if self.watch.fileno() is not None:
             asyncio.get_running_loop().add_reader(self.watch.fileno(), self.on_events)
+        self.scanning = asyncio.get_running_loop().create_task(self.scan_forever())
 
     def close(self) -> None:
+        if self.scanning is not None:
+            self.scanning.cancel()
         if self.watch is not None and self.watch.fileno() is not None:
             asyncio.get_running_loop().remove_reader(self.watch.fileno())
             self.watch.close()
 
+    async def scan_forever(self) -> None:
+        """Every poll_interval, one look at requests/ for every open request together: what inotify
+        cannot see (another NFS host's writes), and pools that stopped (every waiter then looks)."""
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            if not self.waiters:
+                continue
+            if not self.live_pools():
+                self.wake_all()
+                continue
+            seen = {}
+            try:
+                with os.scandir(self.requests) as entries:
+                    for entry in entries:
+                        parts = spool.split_name(entry.name)
+                        if parts and parts[1] in RESULT_SUFFIXES and parts[0] in self.waiters:
+                            info = entry.stat(follow_symlinks=False)
+                            seen[entry.name] = (info.st_ino, info.st_mtime_ns, info.st_size)
+                            if self.seen.get(entry.name) != seen[entry.name]:
+                                self.waiters[parts[0]].set()
+            except OSError as error:
+                if isinstance(error, FileNotFoundError):
+                    self.requests.mkdir(parents=True, exist_ok=True)  # deleted: as the supervisor does
+                    self.watch.rearm()
+                self.wake_all()
+            self.seen = seen
+
+    def wake_all(self) -> None:
+        for event in self.waiters.values():
+            event.set()
+
     def on_events(self) -> None:
         names = self.watch.names()
         if names is None:  # events lost or the directory replaced: everyone looks
-            for event in self.waiters.values():
-                event.set()
+            self.wake_all()
             return
         for name in names:
             parts = spool.split_name(name)
@@ -269,6 +304,15 @@ class Spool:
                         break
         return count
 
+    def submit(self, request_id: str, text: str) -> None:
+        # No fsync: if this host crashes, the client's connection goes with it and the request is moot.
+        try:
+            spool.atomic_write(self.path(request_id, ".json"), text, sync=False)
+        except FileNotFoundError:  # requests/ deleted: recreated and watched again, as the supervisor does
+            self.requests.mkdir(parents=True, exist_ok=True)
+            self.watch.rearm()
+            spool.atomic_write(self.path(request_id, ".json"), text, sync=False)
+
     def path(self, request_id: str, suffix: str) -> Path:
         return self.requests / f"{request_id}{suffix}"
 
@@ -301,8 +345,11 @@ class Exchange:
         self.created = int(time.time())
         self.finished = False
         self.spool.waiters[self.id] = asyncio.Event()  # before the file exists: no event can be missed
-        # No fsync: if this host crashes, the client's connection goes with it and the request is moot.
-        spool.atomic_write(self.spool.path(self.id, ".json"), json.dumps(body, ensure_ascii=False) + "\n", sync=False)
+        try:
+            self.spool.submit(self.id, json.dumps(body, ensure_ascii=False) + "\n")
+        except BaseException:
+            self.spool.waiters.pop(self.id)
+            raise
 
     async def follow(self, deadline: float):
         """("partial", text) as the answer grows, ("idle",) after a poll_interval without news, then
@@ -334,11 +381,11 @@ class Exchange:
                 yield "error", APIError(504, f"no answer within {self.gateway.settings.http_timeout:g} s; "
                                               "the request was cancelled", "timeout")
                 return
-            if not await self.spool.wait(self.id, min(remaining, self.spool.poll_interval)):
-                if not self.spool.live_pools():
-                    self.abandon("no live pool")
-                    yield "error", no_pool_error(self.gateway.root)
-                    return
+            if not self.spool.live_pools():  # cached: costs nothing while answers come
+                self.abandon("no live pool")
+                yield "error", no_pool_error(self.gateway.root)
+                return
+            if not await self.spool.wait(self.id, min(remaining, HEADERS_WAIT_SECONDS)):
                 yield ("idle",)
 
     def finish(self, failed: bool = False) -> None:
@@ -385,7 +432,7 @@ class Exchange:
                 if time.monotonic() > deadline:
                     log.warning("%s: no answer to its cancel within %.0f s; its files are left", self.id, CLEANUP_SECONDS)
                     return
-                await self.spool.wait(self.id, self.spool.poll_interval)
+                await self.spool.wait(self.id, CLEANUP_SECONDS)
             while failed and not self.spool.remove_failed_input(self.id) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
         finally:

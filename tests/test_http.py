@@ -1,6 +1,7 @@
 """`glmpool http` against a real pool (tiny model), with the official `openai` client."""
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -19,6 +20,7 @@ pytest.importorskip("uvicorn")
 from pooltools import Gateway, Pool, json_request, meta, outcome, wait_for  # noqa: E402
 
 from glmpool import gateway as gw  # noqa: E402
+from glmpool import spool  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +106,29 @@ def test_settled_holds_back_what_the_pool_may_still_change():
     assert gw.settled("abc[[训练") == "abc"  # may become 2023年
     assert gw.settled("abc[x") == "abc[x"
     assert gw.settled("好，世界") == "好，世界"
+
+
+def test_results_are_found_without_inotify_too(tmp_path, monkeypatch):
+    """On NFS another host's writes make no inotify event here: the periodic scan finds them."""
+    fake_heartbeat(tmp_path)
+    monkeypatch.setattr(gw.DirWatch, "fileno", lambda self: None)
+
+    async def run():
+        watched = gw.Spool(tmp_path, "test", poll_interval=0.05)
+        watched.start()
+        try:
+            watched.waiters["r1"] = asyncio.Event()
+            waiting = asyncio.ensure_future(watched.wait("r1", 30))
+            await asyncio.sleep(0.2)
+            assert not waiting.done()
+            spool.atomic_write(tmp_path / "requests" / "r1.partial", "x")
+            assert await waiting
+            assert not await watched.wait("r1", 0.2)  # nothing new since
+            (tmp_path / "flags" / ".hosts" / "fake.1.json").unlink()
+            assert await watched.wait("r1", 30)  # no live pool: every waiter is woken to see it
+        finally:
+            watched.close()
+    asyncio.run(run())
 
 
 # --- against the pool ----------------------------------------------------------------------------------
