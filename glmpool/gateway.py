@@ -22,7 +22,6 @@ import hmac
 import json
 import logging
 import os
-import socket
 import time
 import uuid
 from pathlib import Path
@@ -352,8 +351,8 @@ class Exchange:
             raise
 
     async def follow(self, deadline: float):
-        """("partial", text) as the answer grows, ("idle",) after a poll_interval without news, then
-        ("done", text, meta) or ("error", APIError)."""
+        """("partial", text) as the answer grows, ("idle",) after HEADERS_WAIT_SECONDS without news,
+        then ("done", text, meta) or ("error", APIError)."""
         shown = None
         while True:
             back = self.spool.read(self.id, ".back")
@@ -801,7 +800,6 @@ def serve(settings) -> int:
     server = Server(config)
     try:
         server.run()
-    except socket.error as error:
-        log.error("cannot listen on %s:%d: %s", settings.http_host, settings.http_port, error)
+    except SystemExit:  # uvicorn's, when it cannot listen (it has logged why)
         return 2
     return 0 if server.started else 2

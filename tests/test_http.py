@@ -5,6 +5,7 @@ import asyncio
 import http.client
 import json
 import os
+import signal
 import threading
 import time
 import urllib.error
@@ -205,6 +206,23 @@ def test_a_client_that_leaves_has_its_request_cancelled(served):
     connection.close()
     wait_for(lambda: f"request {partial.stem} failed: the request was cancelled" in pool.output(), 60, "the cancel")
     clean(root)
+
+
+def test_a_stopped_gateway_finishes_what_it_streams(served):
+    root, _, _ = served
+    gateway = Gateway(root, name="gateway-stopped").start()
+    try:
+        stream = gateway.client().chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "long"}], max_tokens=300, temperature=0, stream=True)
+        first = next(stream)
+        gateway.process.send_signal(signal.SIGTERM)
+        rest = list(stream)
+        assert first.choices[0].delta.role == "assistant" and rest[-1].choices[0].finish_reason in ("stop", "length")
+        assert "".join(c.choices[0].delta.content or "" for c in rest)
+        assert gateway.process.wait(60) in (0, -signal.SIGTERM)  # uvicorn ends by the signal it was sent
+        clean(root)
+    finally:
+        gateway.kill()
 
 
 def test_errors_come_back_as_the_openai_client_expects(served):
