@@ -6,12 +6,12 @@ delivered. A client that leaves, or outlives `http_timeout`, has its request wit
 is deleted) or cancelled (`.cancel`), and the gateway cleans up after the pool's answer. Several gateways
 may share a directory, on any host that mounts it.
 
-Every open request waits on one inotify watch of `requests/` (glmpool.watch), so one process holds
-hundreds of streams; each also looks at its files every `poll_interval`, for what inotify cannot see
-(results written by another NFS host). File I/O runs on the event loop: a few small local reads per event.
+Every open request waits on one inotify watch of `requests/` (glmpool.watch), which wakes only the
+request a file belongs to, so one process holds hundreds of streams; one scan of `requests/` every
+`poll_interval` finds what inotify cannot see (results written by another NFS host) for all of them.
+File I/O runs on the event loop: a few small reads per event.
 
-The OpenAI request is mapped as README "HTTP gateway" documents; what cannot be mapped is a 400 that
-says why.
+The OpenAI request is mapped as docs/http.md documents; what cannot be mapped is a 400 that says why.
 """
 from __future__ import annotations
 
@@ -464,7 +464,7 @@ class Metrics:
         self.requests = Counter("glmpool_http_requests", "HTTP requests answered, by path and status",
                                 ["path", "status"], registry=r)
         self.open_streams = Gauge("glmpool_http_open_streams", "streaming responses open now", registry=r)
-        self.in_flight = Gauge("glmpool_http_in_flight", "chat completions waiting for the pool now", registry=r)
+        self.in_flight = Gauge("glmpool_http_in_flight", "non-streaming chat completions waiting now", registry=r)
         self.first_token = Histogram("glmpool_http_first_token_seconds", "time from a request to its first text",
                                      buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60), registry=r)
         self.duration = Histogram("glmpool_http_completion_seconds", "time from a request to its last byte",
