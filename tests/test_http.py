@@ -28,10 +28,12 @@ from glmpool import spool  # noqa: E402
 def served(tmp_path_factory):
     """A pool and two gateways on one directory."""
     root = tmp_path_factory.mktemp("spool")
-    pool = Pool(root, tmp_path_factory.mktemp("cache"), "--gpus", "cpu").start()
-    gateways = []
+    pool = Pool(root, tmp_path_factory.mktemp("cache"), "--gpus", "cpu")
+    gateways = [Gateway(root, name="gateway-a"), Gateway(root, name="gateway-b")]
     try:
-        gateways = [Gateway(root, name="gateway-a").start(), Gateway(root, name="gateway-b").start()]
+        pool.start()
+        for gateway in gateways:
+            gateway.start()
         pool.wait_running(180)
         yield root, pool, gateways
     finally:
@@ -297,9 +299,12 @@ def fake_heartbeat(root: Path, age: float = 0.0) -> Path:
 def test_no_pool_queue_limit_timeout_keys_and_body_size(tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("# one a line\nsecret-1\n\nsecret-2\n")
-    gateway = Gateway(tmp_path, "--http-queue-limit", "2", "--http-timeout", "1", "--http-max-body", "4000",
-                      "--http-api-keys-file", str(keys)).start()
+    gateway = Gateway(tmp_path, "--http-queue-limit", "2", "--http-max-body", "4000",
+                      "--http-api-keys-file", str(keys))
+    impatient = Gateway(tmp_path, "--http-timeout", "1", name="gateway-impatient")
     try:
+        gateway.start()
+        impatient.start()
         client = gateway.client(api_key="secret-2")
         question = [{"role": "user", "content": "x"}]
         # No pool: 503 at once, /health says so; a stale heartbeat is no pool either.
@@ -319,9 +324,25 @@ def test_no_pool_queue_limit_timeout_keys_and_body_size(tmp_path):
                 gateway.client(api_key=wrong).chat.completions.create(model="m", messages=question)
         # A pool that never answers: after http_timeout, 504 and the request withdrawn.
         with pytest.raises(openai.APIStatusError) as caught:
-            client.chat.completions.create(model="m", messages=question)
+            impatient.client().chat.completions.create(model="m", messages=question)
         assert caught.value.status_code == 504
         assert leftovers(tmp_path) == []
+        # A pool that stops while a request waits: 503, and the request withdrawn.
+        failures = []
+
+        def ask():
+            try:
+                client.chat.completions.create(model="m", messages=question)
+            except openai.APIStatusError as error:
+                failures.append(error.status_code)
+        thread = threading.Thread(target=ask)
+        thread.start()
+        wait_for(lambda: leftovers(tmp_path), 30, "the request written")
+        beat.unlink()
+        thread.join(60)
+        assert failures == [503] and leftovers(tmp_path) == []
+        beat = fake_heartbeat(tmp_path)
+        wait_for(lambda: get(gateway.url + "/health")[0] == 200, 10, "the heartbeat seen")
         # Two requests waiting unclaimed: the third is refused with Retry-After.
         for rid in ("w1", "w2"):
             json_request(tmp_path, rid, {"query": "waiting"})
@@ -338,3 +359,4 @@ def test_no_pool_queue_limit_timeout_keys_and_body_size(tmp_path):
             client.chat.completions.create(model="m", messages=question)
     finally:
         gateway.kill()
+        impatient.kill()
