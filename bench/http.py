@@ -22,7 +22,6 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import argparse
 import asyncio
 import json
-import os
 import select
 import statistics
 import tempfile

@@ -429,7 +429,8 @@ class Exchange:
                     self.spool.remove_results(self.id)
                     break
                 if time.monotonic() > deadline:
-                    log.warning("%s: no answer to its cancel within %.0f s; its files are left", self.id, CLEANUP_SECONDS)
+                    log.warning("%s: no answer to its cancel within %.0f s; its files are left",
+                                self.id, CLEANUP_SECONDS)
                     return
                 await self.spool.wait(self.id, CLEANUP_SECONDS)
             while failed and not self.spool.remove_failed_input(self.id) and time.monotonic() < deadline:
@@ -587,7 +588,8 @@ class Gateway:
         except APIError as error:
             return self.count(request, error.response())
         except OSError as error:
-            return self.count(request, APIError(500, f"cannot write to the spool: {error.strerror}", "server_error").response())
+            failure = APIError(500, f"cannot write to the spool: {error.strerror}", "server_error")
+            return self.count(request, failure.response())
         deadline = started + self.settings.http_timeout
         if stream:  # counted in metrics once its status is known
             return EventStream(self, exchange, deadline, started, include_usage)
