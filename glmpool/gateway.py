@@ -721,6 +721,9 @@ class EventStream(Response):
                 yield event[1] if not begun else \
                     b"data: " + json.dumps(event[1].body(), ensure_ascii=False).encode() + b"\n\n"
                 return
+            if event[0] == "idle" and begun:
+                yield b": waiting\n\n"  # an SSE comment, which clients skip: idle proxies do not cut the stream
+                continue
             text = settled(event[1]) if event[0] == "partial" else event[1] if event[0] == "done" else sent
             if not begun and (text or event[0] == "done" or time.monotonic() - self.started > HEADERS_WAIT_SECONDS):
                 begun = True

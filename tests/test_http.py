@@ -111,6 +111,54 @@ def test_settled_holds_back_what_the_pool_may_still_change():
     assert gw.settled("好，世界") == "好，世界"
 
 
+class ScriptedExchange:
+    """What EventStream reads from an Exchange, with the pool's side scripted."""
+    id, created, model = "chatcmpl-x", 1, "m"
+
+    def __init__(self, events):
+        self.events = events
+
+    async def follow(self, deadline):
+        for event in self.events:
+            yield event
+
+
+def sse(stream: "gw.EventStream") -> list:
+    async def collect():
+        return [item async for item in stream.events()]
+    out = []
+    for item in asyncio.run(collect()):
+        if isinstance(item, gw.APIError):
+            out.append(item.status)
+        elif item.startswith(b"data: {"):
+            out.append(json.loads(item[6:]))
+        else:
+            out.append(item.decode())
+    return out
+
+
+def test_event_stream_order_hold_back_and_keep_alive(tmp_path):
+    import argparse
+
+    from glmpool import config
+    gateway = gw.Gateway(config.resolve(argparse.Namespace(dir=str(tmp_path)), environ={}))
+    done = ("done", "你好，世界!", {"finish_reason": "stop", "prompt_tokens": 3, "generated_tokens": 4})
+    script = [("idle",), ("idle",), ("partial", "你好,"), ("partial", "你好，世界"), done]
+    long_ago = time.monotonic() - gw.HEADERS_WAIT_SECONDS - 1  # the status line has waited long enough
+    out = sse(gw.EventStream(gateway, ScriptedExchange(script), time.monotonic() + 60, long_ago, True))
+    assert out[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""} and out[0]["usage"] is None
+    assert out[1] == ": waiting\n\n"  # idle once the stream has begun: a comment that keeps proxies awake
+    assert [o["choices"][0]["delta"].get("content") for o in out[2:5]] == ["你好", "，世界", "!"]
+    assert out[5]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    assert out[6]["choices"] == [] and out[6]["usage"] == {"prompt_tokens": 3, "completion_tokens": 4,
+                                                             "total_tokens": 7}
+    assert out[7:] == ["data: [DONE]\n\n"]
+    # Recently started: idle waits without a status line, and an error before any text is a plain status.
+    now = time.monotonic()
+    script = [("idle",), ("error", gw.APIError(400, "bad"))]
+    assert sse(gw.EventStream(gateway, ScriptedExchange(script), now + 60, now, False)) == [400]
+
+
 def test_results_are_found_without_inotify_too(tmp_path, monkeypatch):
     """On NFS another host's writes make no inotify event here: the periodic scan finds them."""
     fake_heartbeat(tmp_path)
