@@ -145,7 +145,8 @@ def to_parameters(body: dict) -> dict:
         raise bad("logprobs are not supported", "logprobs")
     if body.get("tools") or body.get("functions"):
         raise bad("tools and functions are not supported by ChatGLM-6B", "tools")
-    if (body.get("response_format") or {}).get("type", "text") != "text":
+    response_format = body.get("response_format") or {"type": "text"}
+    if not isinstance(response_format, dict) or response_format.get("type", "text") != "text":
         raise bad("only the text response_format is supported", "response_format")
     if body.get("logit_bias"):
         raise bad("logit_bias is not supported", "logit_bias")

@@ -99,7 +99,8 @@ def test_parameters_map_or_are_refused():
     for body, why in [({"n": 2}, "n must be 1"), ({"stop": ["x"]}, "stop"), ({"temperature": 3}, "temperature"),
                       ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": True}, "max_tokens"),
                       ({"top_p": 0}, "top_p"), ({"tools": [{}]}, "tools"), ({"presence_penalty": 1}, "presence"),
-                      ({"response_format": {"type": "json_object"}}, "response_format")]:
+                      ({"response_format": {"type": "json_object"}}, "response_format"),
+                      ({"response_format": "json"}, "response_format")]:
         with pytest.raises(gw.APIError, match=why):
             gw.to_parameters(body)
 
