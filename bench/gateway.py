@@ -1,6 +1,6 @@
 """HTTP gateway benchmark: what `glmpool http` adds to a request, and how many streams one process holds.
 
-    python bench/http.py [--rounds 40] [--streams 200] [--max-tokens 16]
+    python bench/gateway.py [--rounds 40] [--streams 200] [--max-tokens 16]
 
 One pool (tiny-random model, one cpu worker) and one gateway on a fresh directory, in one run:
 - time to first token, one request at a time, alternating: through the gateway (a streaming chat
@@ -13,19 +13,15 @@ The client runs on the same machine as the pool and the gateway, so all three sh
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# This file is named like the standard library's `http`: keep its directory off the import path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse
 import asyncio
 import json
 import select
 import statistics
 import tempfile
+import sys
 import time
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
