@@ -6,7 +6,7 @@ The worker never touches the spool. It talks to the supervisor through a queue a
   results (worker -> supervisor): ("ready", wid, info) | ("fatal", wid, message) | ("beat", wid, stats)
                                   | ("token", wid, key, text, n) | ("done", wid, key, text, detail)
                                   | ("error", wid, key, message)
-                                  | ("oom", wid, {"max_batch", "error", "shed": [key, ...]})
+                                  | ("oom", wid, {"max_batch", "batch", "error", "shed": [key, ...]})
 A worker holds any number of requests at once (up to max_batch generate together, the rest wait in
 arrival order). The key is the claim's token, unique even when a client reuses a request id.
 A step that runs out of device memory costs no request anything: see Loop.recover().
