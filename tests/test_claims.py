@@ -226,7 +226,7 @@ def test_an_error_published_by_a_killed_owner_is_its_outcome(tmp_path):
     write_request(dead.requests, "1", "bad")
     claim = dead.claim("1", ".request", (".history",))
     from glmpool import spool
-    spool.atomic_write(dead.requests / "1.error", spool.error_text("it is bad", {"reason": "test"}))
+    spool.atomic_write(dead.requests / "1.error", spool.error_text("it is bad", {"reason": "test", "claim": claim.token}))
     record = dead.record_path(claim.token)
     record.write_text(json.dumps({**json.loads(record.read_text()), "pid": 2 ** 22 + 12345}))
     successor = new_claims(tmp_path)
@@ -298,4 +298,6 @@ def test_a_rename_reported_failed_but_done_is_a_claim(tmp_path, monkeypatch):
     monkeypatch.setattr(claims_module.os, "rename", fail)
     write_request(c.requests, "r2")
     assert c.claim("r2", ".request", (".history",)) is None
-    assert (c.requests / "r2.request").exists() and len(leftovers(c.requests)) == 2 * 3  # r0 and r1's only
+    # r0 and r1's record, inputs and owner link only
+    assert (c.requests / "r2.request").exists() and len(leftovers(c.requests)) == 2 * 4
+    assert not (c.dir / "r2.owner").exists()
