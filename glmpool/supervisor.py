@@ -137,7 +137,7 @@ class Supervisor:
         self.answers: list = []  # (slot, job, text, meta) read from a worker, to publish together
         self.status_owed: float | None = None  # when a status.flag taken may next be answered (after a refusal)
         self.status_delay = PUBLISH_RETRY_FIRST
-        self.not_flags: dict[str, tuple] = {}  # flag name -> (inode, mtime) of the non-flag there, logged once
+        self.not_flags: dict[str, tuple] = {}  # flag name -> (st_dev, st_ino) of the directory there, logged once
 
     # --- life cycle ------------------------------------------------------------------------------
 
@@ -776,8 +776,8 @@ class Supervisor:
                 if not stat.S_ISDIR(info.st_mode):
                     spool.remove(path)
                     log.error("flags/%s; removed", refusal)
-                elif self.not_flags.get(name) != (info.st_ino, info.st_mtime_ns):
-                    self.not_flags[name] = (info.st_ino, info.st_mtime_ns)
+                elif self.not_flags.get(name) != (info.st_dev, info.st_ino):
+                    self.not_flags[name] = (info.st_dev, info.st_ino)
                     log.error("flags/%s: it does not count as the flag until it is removed", refusal)
             except OSError:
                 pass
