@@ -528,8 +528,8 @@ class Claims:
     #   after its request was claimed without it fails that request (take_late_history); one that no
     #   request takes is moved to failed/ once STRAY_SECONDS old (clear_strays);
     # - <id>.cancel applies to a request of its id whose main input is not newer than it (cancel_applies);
-    #   it is removed just before an outcome of its id appears, unless a waiting request of the id is not
-    #   newer than it either (clear_cancel); one that applies to nothing is removed once STRAY_SECONDS old;
+    #   it is removed just before an outcome of its id appears, unless a waiting request of the id is older
+    #   than it (clear_cancel); one that applies to nothing is removed once STRAY_SECONDS old;
     # - <id>.request and <id>.json waiting at once: the seed form is answered, the .json fails (main_input).
 
     def cancel_applies(self, request_id: str, arrived: float) -> bool:
@@ -543,11 +543,12 @@ class Claims:
 
     def clear_cancel(self, request_id: str) -> None:
         """Just before an outcome of the id appears (a client may reuse the id as soon as it sees it):
-        its .cancel is done with, unless a request of the id still waiting is not newer than it."""
+        its .cancel is done with, unless a request of the id still waiting is older than it. (Strictly: a
+        request sent again at once after a cancel may share its mtime on a coarse clock, and must run.)"""
         cancel = self.requests / f"{request_id}.cancel"
         try:
             written = os.lstat(cancel).st_mtime
-            if any(os.path.lexists(main) and os.lstat(main).st_mtime <= written
+            if any(os.path.lexists(main) and os.lstat(main).st_mtime < written
                    for main in (self.requests / f"{request_id}.request", self.requests / f"{request_id}.json")):
                 return
             spool.remove(cancel)

@@ -77,6 +77,7 @@ def test_a_late_cancel_never_cancels_the_next_request(pool):
     seed_request(pool.root, "1", "first question")
     answer_to(pool, "1", "first question")
     (requests / "1.cancel").touch()  # a cancel button pressed just after the answer came
+    age(requests / "1.cancel", 1)  # before the next question, on a clock as coarse as a file's mtime may be
     seed_request(pool.root, "1", "second question")
     back, info = answer_to(pool, "1", "second question")
     assert info["finish_reason"] != "cancelled"
@@ -99,6 +100,17 @@ def test_cancel_then_send_again_at_once(pool):
     output = pool.output()
     assert output.count("request again failed: the request was cancelled") - cancelled == 3
     assert "dropping this rerun" not in output and "Traceback" not in output
+
+
+def test_a_waiting_request_cancelled_fails_without_running(pool):
+    requests = pool.root / "requests"
+    with stopped_worker(pool, fill=True):
+        json_request(pool.root, "waiting", {"query": "never mind"})
+        (requests / "waiting.cancel").touch()
+    wait_for(lambda: (requests / "waiting.error").exists(), 30, "the error")
+    error = (requests / "waiting.error").read_text()
+    assert error.startswith("the request was cancelled") and json.loads(error.split("\n", 1)[1])["partial"] == ""
+    assert (requests / "failed" / "waiting.json").exists() and not (requests / "waiting.cancel").exists()
 
 
 def test_both_forms_of_one_id_at_once(pool):
