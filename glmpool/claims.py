@@ -158,7 +158,7 @@ class Claims:
         target = self.dir / f"{claim.token}{main}"
         if not self._own(claim) or not self._rename(self.requests / f"{claim.id}{main}", target):
             try:
-                self._disown(claim)
+                self._disown(claim.id, claim.owner)
                 spool.remove(self.record_path(claim.token))
             except OSError as error:  # a record without inputs: orphans() removes it later
                 log.warning("cannot remove claim record %s: %s", claim.token, error.strerror)
@@ -206,16 +206,16 @@ class Claims:
         claim.owner = (info.st_dev, info.st_ino)
         return True
 
-    def _disown(self, claim: Claim) -> None:
-        """Remove `<id>.owner` if it is still this claim's link (an adopter may have replaced it)."""
-        owner = self.owner_path(claim.id)
+    def _disown(self, request_id: str, link: tuple | None) -> None:
+        """Remove `<id>.owner` if it is still the link `link` (st_dev, st_ino) that a claim made (an
+        adopter may have replaced it since)."""
+        owner = self.owner_path(request_id)
         try:
             info = os.lstat(owner)
         except OSError:
             return
-        if claim.owner == (info.st_dev, info.st_ino):
+        if link == (info.st_dev, info.st_ino):
             spool.remove(owner)
-        claim.owner = None
 
     def _lock(self, request_id: str) -> FileLock:
         stripe = zlib.crc32(request_id.encode("utf-8", "surrogateescape")) % LOCK_STRIPES
@@ -403,7 +403,8 @@ class Claims:
         if remove_inputs:
             for path in claim.inputs.values():
                 spool.remove(path)
-        self._disown(claim)  # before the record: an owner link always has a record naming its id
+        self._disown(claim.id, claim.owner)  # before the record: an owner link always has a record naming its id
+        claim.owner = None
         spool.remove(self.record_path(claim.token))
         self.mine.pop(claim.token, None)
 
@@ -498,7 +499,12 @@ class Claims:
             main = ".json" if ".json" in inputs else ".request"
             if main not in inputs or not self._rename(inputs[main], self.dir / f"{claim.token}{main}"):
                 spool.remove(self.record_path(claim.token))
-                if main not in inputs:  # nothing left to answer: an interrupted drop or fail
+                if main not in inputs:  # nothing left to answer: an interrupted claim, drop or fail
+                    try:
+                        old = os.lstat(self.record_path(old_token))
+                        self._disown(claim.id, (old.st_dev, old.st_ino))
+                    except OSError:  # gone: another adopter's work; a stale owner link is cleared later
+                        pass
                     spool.remove(self.record_path(old_token))
                 return None
             for suffix, path in inputs.items():

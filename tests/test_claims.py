@@ -417,3 +417,15 @@ def test_stray_cancels_and_histories_are_cleared_once_old(tmp_path):
     failed = sorted(p.name for p in (r / "failed").iterdir())
     assert failed[0] == "old.history" and failed[1].startswith("old.history.") and failed[2] == "other.history"
     assert (r / "failed" / "old.history").read_text() == "an earlier failure's\n"
+
+
+def test_a_claimer_killed_before_taking_the_input_leaves_no_owner_behind(tmp_path):
+    dead = new_claims(tmp_path)
+    write_request(dead.requests, "1")
+    claim = dead.claim("1", ".request")
+    os.rename(claim.inputs[".request"], dead.requests / "1.request")  # as if killed before the rename
+    record = dead.record_path(claim.token)
+    record.write_text(json.dumps({**json.loads(record.read_text()), "pid": 2 ** 22 + 12345}))
+    successor = new_claims(tmp_path)
+    assert successor.orphans() == [] and leftovers(successor.requests) == []
+    assert successor.claim("1", ".request", (".history",)) is not None
