@@ -54,7 +54,6 @@ class Claim:
     inputs: dict[str, Path] = field(default_factory=dict)  # suffix -> claimed path
     attempts: int = 0  # how many workers died while running it
     origin: str = ""  # the token of the request's first claim, kept by adopters: its outcomes carry it
-    owner: tuple | None = None  # (st_dev, st_ino) of the `<id>.owner` link this claim made
 
     def __post_init__(self):
         self.origin = self.origin or self.token
@@ -64,7 +63,7 @@ class Claim:
         return ".json" if ".json" in self.inputs else ".request"
 
     def to_record(self, host: str) -> str:
-        return json.dumps({"id": self.id, "host": host, "pid": os.getpid(), "time": time.time(),
+        return json.dumps({"id": self.id, "token": self.token, "host": host, "pid": os.getpid(), "time": time.time(),
                            "attempts": self.attempts, "origin": self.origin, "inputs": sorted(self.inputs)})
 
 
@@ -158,7 +157,7 @@ class Claims:
         target = self.dir / f"{claim.token}{main}"
         if not self._own(claim) or not self._rename(self.requests / f"{claim.id}{main}", target):
             try:
-                self._disown(claim.id, claim.owner)
+                self._disown(claim.id, claim.token)
                 spool.remove(self.record_path(claim.token))
             except OSError as error:  # a record without inputs: orphans() removes it later
                 log.warning("cannot remove claim record %s: %s", claim.token, error.strerror)
@@ -192,30 +191,27 @@ class Claims:
             else:
                 os.link(record, owner)
         except FileExistsError:  # NFS: a retransmitted link reports its own success as EEXIST
-            try:
-                if not os.path.samestat(os.lstat(owner), os.lstat(record)):
-                    return False
-            except OSError:
-                return False
+            return self._owner_token(claim.id) == claim.token
         except OSError as error:
             if error.errno == errno.ENAMETOOLONG:  # an id this long fails as soon as it is read
                 return True
             log.warning("cannot claim %s: %s", claim.id, error.strerror)
             return False
-        info = os.lstat(owner)
-        claim.owner = (info.st_dev, info.st_ino)
         return True
 
-    def _disown(self, request_id: str, link: tuple | None) -> None:
-        """Remove `<id>.owner` if it is still the link `link` (st_dev, st_ino) that a claim made (an
-        adopter may have replaced it since)."""
-        owner = self.owner_path(request_id)
-        try:
-            info = os.lstat(owner)
-        except OSError:
-            return
-        if link == (info.st_dev, info.st_ino):
-            spool.remove(owner)
+    def _owner_token(self, request_id: str) -> str | None:
+        """The token in the record that `<id>.owner` links (its content, not its inode: sshfs and other
+        FUSE filesystems number inodes by path)."""
+        try:  # read like an input: never through a symlink, never blocking on a fifo
+            info = json.loads(spool.read_input(self.owner_path(request_id), now=float("inf")))
+        except (OSError, ValueError, RecursionError, spool.RequestError, spool.NotReady):
+            return None
+        return info.get("token") if isinstance(info, dict) else None
+
+    def _disown(self, request_id: str, token: str) -> None:
+        """Remove `<id>.owner` if it is still the claim `token`'s (an adopter may have replaced it since)."""
+        if self._owner_token(request_id) == token:
+            spool.remove(self.owner_path(request_id))
 
     def _lock(self, request_id: str) -> FileLock:
         stripe = zlib.crc32(request_id.encode("utf-8", "surrogateescape")) % LOCK_STRIPES
@@ -403,8 +399,7 @@ class Claims:
         if remove_inputs:
             for path in claim.inputs.values():
                 spool.remove(path)
-        self._disown(claim.id, claim.owner)  # before the record: an owner link always has a record naming its id
-        claim.owner = None
+        self._disown(claim.id, claim.token)  # before the record: an owner link always has a record naming its id
         spool.remove(self.record_path(claim.token))
         self.mine.pop(claim.token, None)
 
@@ -500,11 +495,7 @@ class Claims:
             if main not in inputs or not self._rename(inputs[main], self.dir / f"{claim.token}{main}"):
                 spool.remove(self.record_path(claim.token))
                 if main not in inputs:  # nothing left to answer: an interrupted claim, drop or fail
-                    try:
-                        old = os.lstat(self.record_path(old_token))
-                        self._disown(claim.id, (old.st_dev, old.st_ino))
-                    except OSError:  # gone: another adopter's work; a stale owner link is cleared later
-                        pass
+                    self._disown(claim.id, old_token)
                     spool.remove(self.record_path(old_token))
                 return None
             for suffix, path in inputs.items():
