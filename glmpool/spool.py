@@ -12,6 +12,8 @@ Layout under the spool root:
     requests/.claims/                       claimed inputs (see claims.py)
     flags/quit.flag, flags/status.flag -> flags/status.back
 
+Which request each file keyed by an id belongs to (ids are reused) is claims.py's rule.
+
 Pure functions except for the small, explicit read/write helpers at the bottom; the supervisor is
 the only caller that touches the spool.
 """
@@ -37,6 +39,7 @@ SETTLE_SECONDS = 0.5  # a file unchanged this long is complete even without a fi
 HISTORY_GRACE_SECONDS = 1.0  # a missing .history counts as empty once the .request is this old
 HOST_BEAT_SECONDS = 1.0  # a supervisor rewrites flags/.hosts/<host>.<pid>.json this often
 HOST_FRESH_SECONDS = 10 * HOST_BEAT_SECONDS  # a heartbeat younger than this (spool clock) is a live supervisor
+STRAY_SECONDS = 60.0  # a .cancel or .history that belongs to no request is cleared away once this old
 JSON_PARAMETERS = {"max_length": int, "max_new_tokens": int, "top_p": float, "temperature": float,
                    "do_sample": bool, "seed": int, "top_k": int, "priority": int, "timeout": float}
 
@@ -47,6 +50,10 @@ class RequestError(Exception):
 
 class NotReady(Exception):
     """The request is still being written; look again later."""
+
+
+class NotAFlag(Exception):
+    """Something that is not a flag lies under a flag's name; str() says what."""
 
 
 @dataclass
@@ -84,6 +91,29 @@ def is_regular(path: Path) -> bool:
         return stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
         return False
+
+
+def flag_set(path: Path) -> bool:
+    """Whether the flag `path` is set: a regular file (what `touch` makes) or an empty directory. Anything
+    else under a flag's name raises NotAFlag: a symlink, dangling or not (never followed, like a request's
+    input), a fifo, a socket, a device, a directory that is not empty."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if stat.S_ISREG(mode):
+        return True
+    if stat.S_ISDIR(mode):
+        try:
+            with os.scandir(path) as entries:
+                if next(entries, None) is None:
+                    return True
+        except OSError as error:
+            raise NotAFlag(f"{path.name} is a directory that cannot be read ({error.strerror})") from None
+        raise NotAFlag(f"{path.name} is a directory that is not empty")
+    kind = "a symlink" if stat.S_ISLNK(mode) else "a fifo" if stat.S_ISFIFO(mode) else \
+        "a socket" if stat.S_ISSOCK(mode) else "a device"
+    raise NotAFlag(f"{path.name} is {kind}, not a flag")
 
 
 def read_input(path: Path, now: float | None = None, name: str | None = None) -> str:
@@ -132,6 +162,8 @@ def read_request(request_id: str, main_path: Path, history_path: Path | None, no
         raise RequestError(f"the id is {size} bytes, over the {MAX_ID_BYTES}-byte limit "
                            "(every result name must fit in 255 bytes)")
     text = read_input(main_path, now, f"{request_id}{main}")
+    if not text:  # what a client's `echo > x.request` leaves when its write fails (a full disk)
+        raise RequestError(f"{request_id}{main} is empty (0 bytes): its write failed, or nothing was written")
     history_text = ""
     if main == ".request":
         if history_path is not None and os.path.lexists(history_path):
@@ -167,11 +199,7 @@ def parse_request(request_id: str, suffix: str, text: str, history_text: str = "
 def parse_history(text: str, source: str = "history") -> list:
     if not text.strip():
         return []
-    try:
-        history = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as error:
-        raise RequestError(f"{source} is not valid JSON: {str(error)[:100]}") from None
-    return validate_history(history, source)
+    return validate_history(load_json(text, source), source)
 
 
 def validate_history(history, source: str = "history") -> list:
@@ -184,11 +212,32 @@ def validate_history(history, source: str = "history") -> list:
     return [[q, a] for q, a in history]
 
 
-def parse_json_request(request_id: str, text: str) -> Request:
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    keys = set()
+    for key, _ in pairs:
+        if key in keys:
+            raise _DuplicateKey(key)
+        keys.add(key)
+    return dict(pairs)
+
+
+def load_json(text: str, source: str):
+    """JSON from a client's file. A key given twice is an error: json.loads would keep the last one, so
+    `{"max_new_tokens": -1, "max_new_tokens": 3}` would pass the checks that only one value meets."""
     try:
-        body = json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as error:
+        raise RequestError(f"{source} has the key {json.dumps(error.args[0], ensure_ascii=False)} twice") from None
     except (json.JSONDecodeError, RecursionError) as error:
-        raise RequestError(f"{request_id}.json is not valid JSON: {str(error)[:100]}") from None
+        raise RequestError(f"{source} is not valid JSON: {str(error)[:100]}") from None
+
+
+def parse_json_request(request_id: str, text: str) -> Request:
+    body = load_json(text, f"{request_id}.json")
     if not isinstance(body, dict):
         raise RequestError(f"{request_id}.json must hold one JSON object")
     unknown = sorted(set(body) - {"query", "history"} - set(JSON_PARAMETERS))

@@ -9,6 +9,7 @@ imports torch; what it knows of the GPUs comes from NVML (gpus.py).
 """
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -16,12 +17,13 @@ import os
 import signal
 import stat
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__, gpus, spool
-from .claims import Claim, Claims
+from .claims import Claim, Claims, main_input
 from .config import Config
 from .watch import DirWatch
 from .worker import WorkerSpec
@@ -120,6 +122,9 @@ class Supervisor:
         self.unpublished: list = []  # [due, delay, claim, what, action]: results the spool refused, retried
         self.answers: list = []  # (slot, job, text, meta) read from a worker, to publish together
         self.nvml: gpus.Nvml | None = None
+        self.status_owed: float | None = None  # when a status.flag taken may next be answered (after a refusal)
+        self.status_delay = PUBLISH_RETRY_FIRST
+        self.not_flags: dict[str, tuple] = {}  # flag name -> (st_dev, st_ino) of the directory there, logged once
 
     # --- life cycle ------------------------------------------------------------------------------
 
@@ -132,9 +137,11 @@ class Supervisor:
             self.claims.ensure_dirs()
         except NotADirectoryError as error:
             raise StartupError(error.strerror) from None
-        self.flags.mkdir(parents=True, exist_ok=True)
-        (self.flags / ".hosts").mkdir(exist_ok=True)
-        self.clear_stale_quit_flag()
+        try:
+            (self.flags / ".hosts").mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # e.g. flags/ is a file
+            raise StartupError(f"cannot use {self.flags / '.hosts'} as a directory: {error.strerror}") from None
+        self.guarded(self.clear_stale_quit_flag)
         import multiprocess
         self.context = multiprocess.get_context("spawn")
         self.slots = [self.slot(i, placement, placements) for i, placement in enumerate(placements)]
@@ -278,10 +285,12 @@ class Supervisor:
             except OSError as error:
                 log.error("cannot publish %s, giving the request back: %s", what, error)
                 self.guarded(lambda: self.claims.release(claim))
-        spool.remove(self.host_file())
-        if (self.flags / "quit.flag").exists() and not self.live_peers():
-            spool.remove(self.flags / "quit.flag")
+        self.guarded(self.leave_spool)
         log.info("stopped")
+
+    def leave_spool(self) -> None:
+        spool.remove(self.host_file())
+        self.clear_stale_quit_flag()  # the last one to leave removes it
 
     # --- workers ---------------------------------------------------------------------------------
 
@@ -563,7 +572,7 @@ class Supervisor:
         Bad requests are failed."""
         wanted = []  # (id, main, names, the sentence of a RequestError or None)
         for request_id, names in candidates:
-            main = ".json" if ".json" in names else ".request"
+            main, _ = main_input(names)
             try:
                 if spool.read_request(request_id, self.requests / f"{request_id}{main}",
                                       self.requests / f"{request_id}.history", time.time()) is not None:
@@ -572,18 +581,37 @@ class Supervisor:
                 pass
             except spool.RequestError as error:
                 wanted.append((request_id, main, names, str(error)))
-        claims = self.claims.claim_many([(request_id, main, (".history",)) for request_id, main, _, _ in wanted])
+        claims = self.claims.claim_many([(request_id, main, (".history",) if main == ".request" else ())
+                                         for request_id, main, _, _ in wanted])
         jobs = []
         for (_, _, names, invalid), claim in zip(wanted, claims):
             if claim is None:
                 continue
+            refused = main_input(names)[1]
+            if refused:  # only now: the claim just made removed the id's older outputs, not this .error
+                self.refuse(claim.id, refused)
             if invalid:
                 self.publish_error(claim, invalid, {"reason": "invalid request"})
-            elif ".cancel" in names:
+            elif (job := self.job_from_claim(claim)) is None:
+                continue
+            elif ".cancel" in names and self.claims.cancel_applies(claim.id, job.request.arrived):
                 self.publish_error(claim, "the request was cancelled", {"reason": "cancelled", "partial": ""})
             else:
-                jobs.append(self.job_from_claim(claim))
-        return [job for job in jobs if job is not None]
+                jobs.append(job)
+        return jobs
+
+    def refuse(self, request_id: str, suffix: str) -> None:
+        """The .json beside the seed-form request of its id being answered fails (claims.main_input)."""
+        sentence = (f"{request_id}{suffix} was not answered: {request_id}.request was waiting under the same id, "
+                    f"and it is the one answered (in {request_id}.back)")
+        log.warning("request %s: %s", request_id, sentence)
+        try:
+            self.claims.reject(request_id, suffix, sentence, {"id": request_id, "reason": "id conflict",
+                                                              "answered": f"{request_id}.request",
+                                                              "host": self.config.host_id})
+            self.failed += 1
+        except OSError as error:  # it waits, and runs after the request of its id in flight
+            log.error("cannot refuse %s%s: %s", request_id, suffix, error)
 
     def job_from_claim(self, claim: Claim, settled: bool = False) -> Job | None:
         """A job from a claim's own files; settled: inputs are old (adopted), complete whatever they end in."""
@@ -627,7 +655,7 @@ class Supervisor:
         self.cancels_due = False
         for slot in self.slots:
             for job in slot.jobs.values():
-                if not job.cancelling and os.path.lexists(self.requests / f"{job.request.id}.cancel"):
+                if not job.cancelling and self.claims.cancel_applies(job.request.id, job.request.arrived):
                     job.cancelling = True
                     slot.tasks.put(("cancel", job.claim.token))
 
@@ -638,11 +666,18 @@ class Supervisor:
             sentence = "the request was cancelled" if reason == "cancelled" else "the request timed out"
             self.fail(job, sentence, {"reason": reason, "partial": text, **detail})
             return
+        if self.claims.take_late_history(job.claim):  # answered as if it had none: withheld
+            request_id = job.request.id
+            self.fail(job, f"{request_id}.history came after {request_id}.request had been taken without a "
+                      f"history (a missing .history counts as empty {spool.HISTORY_GRACE_SECONDS:g} s after its "
+                      "request): the answer is withheld, send the request again",
+                      {"reason": "late history", "answer": text})
+            return
         finished = time.time()
         received = detail.pop("received", job.started)
         meta = {"id": job.request.id, "history": job.request.history + [[job.request.query, text]], **detail,
                 "worker": slot.spec.wid, "device": slot.spec.label, "host": self.config.host_id,
-                "claim": job.claim.token, "attempts": job.claim.attempts + 1,
+                "claim": job.claim.origin, "attempts": job.claim.attempts + 1,
                 "seconds": round(finished - received, 3),
                 "timings": {"arrived": job.request.arrived, "claimed": job.claimed, "dispatched": job.started,
                             "received": received, "finished": finished}}
@@ -664,15 +699,9 @@ class Supervisor:
 
     def publish_together(self, answers: list[tuple]) -> list[tuple[tuple, OSError]]:
         """(slot, job, text, meta) answers published in one group; returns those the spool refused."""
-        refused, ready = [], []
-        for answer in answers:
-            try:  # the old .cancel goes before the answer appears: a client may reuse the id at once
-                spool.remove(self.requests / f"{answer[1].request.id}.cancel")
-                ready.append(answer)
-            except OSError as error:
-                refused.append((answer, error))
-        outcomes = self.claims.finish_many([(job.claim, text, meta) for _, job, text, meta in ready])
-        for answer, outcome in zip(ready, outcomes):
+        refused = []
+        outcomes = self.claims.finish_many([(job.claim, text, meta) for _, job, text, meta in answers])
+        for answer, outcome in zip(answers, outcomes):
             if isinstance(outcome, OSError):
                 refused.append((answer, outcome))
             elif outcome:
@@ -687,7 +716,6 @@ class Supervisor:
         log.warning("request %s failed: %s", claim.id, sentence)
 
         def publish() -> None:
-            spool.remove(self.requests / f"{claim.id}.cancel")  # before the .error appears, as above
             self.claims.fail(claim, sentence, {"host": self.config.host_id, **detail})
             self.failed += 1
         self.publish(f"the error of {claim.id}", claim, publish)
@@ -723,25 +751,67 @@ class Supervisor:
     # --- flags and status ------------------------------------------------------------------------
 
     def check_flags(self) -> None:
-        if self.status != "stopping" and (self.flags / "quit.flag").exists():
+        if self.status != "stopping" and self.flag_set("quit.flag"):
             log.info("quit.flag found")
             self.begin_stop()
-        status_flag = self.flags / "status.flag"
-        if os.path.lexists(status_flag):
-            taken = self.flags / f".status.{self.config.host_id}.{os.getpid()}"
+        if self.status_owed is None and self.flag_set("status.flag"):
+            taken = self.flags / f".status.{self.config.host_id}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
             try:
-                os.rename(status_flag, taken)  # one supervisor answers each status request
+                os.rename(self.flags / "status.flag", taken)  # one supervisor answers each status request
             except OSError:
+                if not os.path.lexists(taken):  # NFS: a retransmitted rename reports its success as an error
+                    return
+            self.status_owed = 0.0
+            spool.remove(taken)  # a file or an empty directory; sweep() takes what a crash leaves
+        if self.status_owed is not None and time.monotonic() >= self.status_owed:
+            self.answer_status()
+
+    def answer_status(self) -> None:
+        """Write flags/status.back for the status.flag taken. The spool may refuse (a full disk): the flag
+        stays owed and is answered later, with backoff, never dropped; a directory holding files in the
+        way is permanent, and the log says why there is no answer."""
+        status = self.status_dict()
+        status["hosts"] = [status.copy()] + [peer for peer in self.peer_statuses()
+                                             if (peer.get("host"), peer.get("pid")) != (status["host"], status["pid"])]
+        back = self.flags / "status.back"
+        try:
+            if os.path.isdir(back) and not os.path.islink(back):
+                os.rmdir(back)  # an empty one; one holding files raises (ENOTEMPTY): never deleted
+            spool.atomic_write(back, json.dumps(status, ensure_ascii=False, indent=1), sync=False)
+        except OSError as error:
+            if error.errno in (errno.ENOTEMPTY, errno.EISDIR, errno.EEXIST):
+                log.error("cannot answer status.flag: flags/status.back is a directory that is not empty")
+            else:
+                log.error("cannot write flags/status.back, retrying in %.1fs: %s", self.status_delay, error)
+                self.status_owed = time.monotonic() + self.status_delay
+                self.status_delay = min(PUBLISH_RETRY_CAP, 2 * self.status_delay)
                 return
-            status = self.status_dict()
-            status["hosts"] = [status.copy()] + [peer for peer in self.peer_statuses()
-                                                 if (peer.get("host"), peer.get("pid")) != (status["host"], status["pid"])]
-            spool.atomic_write(self.flags / "status.back", json.dumps(status, ensure_ascii=False, indent=1), sync=False)
-            spool.remove(taken)
+        self.status_owed, self.status_delay = None, PUBLISH_RETRY_FIRST
+
+    def flag_set(self, name: str) -> bool:
+        """Whether flags/<name> is set (spool.flag_set). What is not a flag there never counts: a symlink,
+        fifo or socket is removed (unlinked: never followed or opened), a directory holding files is left
+        alone (glmpool never deletes what it holds); the log says so, once for each thing found."""
+        path = self.flags / name
+        try:
+            return spool.flag_set(path)
+        except spool.NotAFlag as refusal:
+            try:
+                info = os.lstat(path)
+                if not stat.S_ISDIR(info.st_mode):
+                    spool.remove(path)
+                    log.error("flags/%s; removed", refusal)
+                elif self.not_flags.get(name) != (info.st_dev, info.st_ino):
+                    self.not_flags[name] = (info.st_dev, info.st_ino)
+                    log.error("flags/%s: it does not count as the flag until it is removed", refusal)
+            except OSError:
+                pass
+            return False
 
     def clear_stale_quit_flag(self) -> None:
-        if (self.flags / "quit.flag").exists() and not self.live_peers():
-            log.info("removing a quit.flag left from before this start")
+        """Remove quit.flag when no other supervisor is live (at start: one left from before)."""
+        if self.flag_set("quit.flag") and not self.live_peers():
+            log.info("removing quit.flag: no other supervisor is running on this directory")
             spool.remove(self.flags / "quit.flag")
 
     def host_file(self) -> Path:

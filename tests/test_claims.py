@@ -4,7 +4,7 @@ import multiprocessing
 import os
 import time
 
-from glmpool import claims as claims_module
+from glmpool import claims as claims_module, spool
 from glmpool.claims import Claims
 
 
@@ -226,7 +226,7 @@ def test_an_error_published_by_a_killed_owner_is_its_outcome(tmp_path):
     write_request(dead.requests, "1", "bad")
     claim = dead.claim("1", ".request", (".history",))
     from glmpool import spool
-    spool.atomic_write(dead.requests / "1.error", spool.error_text("it is bad", {"reason": "test"}))
+    spool.atomic_write(dead.requests / "1.error", spool.error_text("it is bad", {"reason": "test", "claim": claim.token}))
     record = dead.record_path(claim.token)
     record.write_text(json.dumps({**json.loads(record.read_text()), "pid": 2 ** 22 + 12345}))
     successor = new_claims(tmp_path)
@@ -298,4 +298,134 @@ def test_a_rename_reported_failed_but_done_is_a_claim(tmp_path, monkeypatch):
     monkeypatch.setattr(claims_module.os, "rename", fail)
     write_request(c.requests, "r2")
     assert c.claim("r2", ".request", (".history",)) is None
-    assert (c.requests / "r2.request").exists() and len(leftovers(c.requests)) == 2 * 3  # r0 and r1's only
+    # r0 and r1's record, inputs and owner link only
+    assert (c.requests / "r2.request").exists() and len(leftovers(c.requests)) == 2 * 4
+    assert not (c.dir / "r2.owner").exists()
+
+
+def age(path, seconds):
+    old = time.time() - seconds
+    os.utime(path, (old, old), follow_symlinks=False)
+
+
+def test_one_request_of_an_id_is_claimed_at_a_time_on_every_host(tmp_path):
+    c, other = new_claims(tmp_path), new_claims(tmp_path, "hostB")
+    write_request(c.requests, "1", "first")
+    first = c.claim("1", ".request", (".history",))
+    assert os.path.samestat(os.lstat(c.dir / "1.owner"), os.lstat(c.record_path(first.token)))
+    write_request(c.requests, "1", "second")  # reused before the first has its outcome
+    (c.requests / "2.json").write_text('{"query": "q"}')
+    assert c.claim("1", ".request", (".history",)) is None and other.claim("1", ".request") is None
+    assert other.claim("2", ".json") is not None  # other ids are not held up
+    assert c.finish(first, "first answer", {"claim": first.origin})
+    assert not (c.dir / "1.owner").exists()
+    second = other.claim("1", ".request", (".history",))
+    assert second is not None and second.inputs[".request"].read_text() == "second\n"
+    assert not (c.requests / "1.back").exists()  # the first answer was the first request's
+
+
+def test_the_owner_link_follows_an_adopted_claim_and_goes_with_it(tmp_path):
+    dead = new_claims(tmp_path)
+    write_request(dead.requests, "1")
+    claim = dead.claim("1", ".request", (".history",))
+    record = dead.record_path(claim.token)
+    record.write_text(json.dumps({**json.loads(record.read_text()), "pid": 2 ** 22 + 12345}))
+    successor = new_claims(tmp_path)
+    [adopted] = successor.orphans()
+    assert adopted.origin == claim.token != adopted.token
+    assert os.path.samestat(os.lstat(successor.dir / "1.owner"), os.lstat(successor.record_path(adopted.token)))
+    write_request(successor.requests, "1", "next")
+    assert successor.claim("1", ".request") is None  # still in flight, under its new claim
+    successor.fail(adopted, "it broke", {"reason": "test"})
+    assert json.loads((successor.requests / "1.error").read_text().split("\n", 1)[1])["claim"] == claim.token
+    assert successor.claim("1", ".request") is not None
+
+
+def test_an_owner_link_that_no_claim_names_is_cleared_after_the_lease(tmp_path):
+    c = new_claims(tmp_path, lease=30)
+    write_request(c.requests, "1")
+    claim = c.claim("1", ".request", (".history",))
+    for path in claim.inputs.values():  # damage: the claim's files deleted by hand, its owner link left
+        path.unlink()
+    c.record_path(claim.token).unlink()
+    c.mine.clear()
+    write_request(c.requests, "1", "next")
+    assert c.orphans() == [] and (c.dir / "1.owner").exists()  # young: it might be a claim being made
+    assert c.claim("1", ".request") is None
+    age(c.dir / "1.owner", 31)
+    c.orphans()
+    assert not (c.dir / "1.owner").exists() and c.claim("1", ".request") is not None
+
+
+def test_an_outcome_of_another_request_under_the_id_is_not_this_ones(tmp_path):
+    c = new_claims(tmp_path)
+    write_request(c.requests, "1")
+    (c.requests / "1.json").write_text('{"query": "q"}')
+    claim = c.claim("1", ".request", (".history",))
+    c.reject("1", ".json", "refused", {"reason": "id conflict"})
+    assert c.finish(claim, "answer", {"claim": claim.origin})  # the .json's .error is not an earlier outcome
+    assert (c.requests / "1.back").read_text() == "answer" and (c.requests / "failed" / "1.json").exists()
+
+
+def test_a_cancel_applies_only_to_requests_written_before_it(tmp_path):
+    c = new_claims(tmp_path)
+    request, cancel = c.requests / "1.request", c.requests / "1.cancel"
+    request.write_text("q\n")
+    cancel.touch()
+    age(request, 10)
+    arrived = request.stat().st_mtime
+    assert c.cancel_applies("1", arrived)
+    age(cancel, 20)  # left from before the request was written
+    assert not c.cancel_applies("1", arrived) and not c.cancel_applies("2", arrived)
+    c.clear_cancel("1")  # the waiting request is newer: the .cancel applies to nothing waiting
+    assert not cancel.exists()
+    cancel.touch()
+    c.clear_cancel("1")  # the waiting request is older: it stays for that one
+    assert cancel.exists()
+
+
+def test_a_history_that_comes_after_its_request_was_claimed_joins_it_into_failed(tmp_path):
+    c = new_claims(tmp_path)
+    (c.requests / "1.request").write_text("q\n")
+    claim = c.claim("1", ".request", (".history",))
+    assert not c.take_late_history(claim)
+    (c.requests / "1.history").write_text('[["a", "b"]]\n')
+    (c.requests / "1.request").write_text("the next question\n")
+    assert not c.take_late_history(claim)  # a new request beside it: the history is that one's
+    (c.requests / "1.request").unlink()
+    assert c.take_late_history(claim)
+    c.fail(claim, "late", {"reason": "late history"})
+    assert (c.requests / "failed" / "1.history").read_text() == '[["a", "b"]]\n'
+    assert (c.requests / "failed" / "1.request").exists() and not (c.requests / "1.history").exists()
+
+
+def test_stray_cancels_and_histories_are_cleared_once_old(tmp_path):
+    c = new_claims(tmp_path)
+    r = c.requests
+    for name in ("old.cancel", "old.history", "fresh.cancel", "fresh.history", "held.cancel", "waits.cancel",
+                 "waits.json", "seed.history", "seed.request", "other.history", "other.json"):
+        (r / name).write_text("x\n")
+    for name in ("old.cancel", "old.history", "held.cancel", "waits.cancel", "seed.history", "other.history"):
+        age(r / name, spool.STRAY_SECONDS + 5)
+    age(r / "waits.json", spool.STRAY_SECONDS + 10)  # older than its .cancel: the cancel applies to it
+    (c.dir / "held.owner").write_text("{}")  # the id is in flight: its outcome settles its .cancel
+    (c.requests / "failed" / "old.history").write_text("an earlier failure's\n")
+    c.orphans()
+    left = sorted(p.name for p in r.iterdir() if p.is_file())
+    assert left == ["fresh.cancel", "fresh.history", "held.cancel", "other.json", "seed.history", "seed.request",
+                    "waits.cancel", "waits.json"]
+    failed = sorted(p.name for p in (r / "failed").iterdir())
+    assert failed[0] == "old.history" and failed[1].startswith("old.history.") and failed[2] == "other.history"
+    assert (r / "failed" / "old.history").read_text() == "an earlier failure's\n"
+
+
+def test_a_claimer_killed_before_taking_the_input_leaves_no_owner_behind(tmp_path):
+    dead = new_claims(tmp_path)
+    write_request(dead.requests, "1")
+    claim = dead.claim("1", ".request")
+    os.rename(claim.inputs[".request"], dead.requests / "1.request")  # as if killed before the rename
+    record = dead.record_path(claim.token)
+    record.write_text(json.dumps({**json.loads(record.read_text()), "pid": 2 ** 22 + 12345}))
+    successor = new_claims(tmp_path)
+    assert successor.orphans() == [] and leftovers(successor.requests) == []
+    assert successor.claim("1", ".request", (".history",)) is not None

@@ -2,7 +2,7 @@
 then JSON detail) with its files kept in `requests/failed/`, and the supervisor keeps serving.
 
 Two pools: `pool`, shared by most cases (root, umask 027), and `jail`, an unprivileged one (uid nobody,
-its `requests/` a 1 MiB tmpfs in a private mount namespace) for unreadable files and a full disk. The
+its `requests/` and `flags/` 1 MiB tmpfs each in a private mount namespace) for unreadable files and a full disk. The
 tests reach the jail's `requests/` through /proc/<pid>/root, which resolves in the pool's namespace.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from glmpool import client
 from pooltools import FAST, Pool, glmpool, json_request, meta, outcome, wait_for
 
 MB = 1 << 20
@@ -131,6 +132,9 @@ NESTED = "[" * 100000 + "]" * 100000
     ("negtimeout", lambda r: write(r, "negtimeout.json", '{"query": "q", "timeout": -1}'), "timeout"),
     ("nantimeout", lambda r: write(r, "nantimeout.json", '{"query": "q", "timeout": NaN}'), "timeout"),
     ("floatprio", lambda r: write(r, "floatprio.json", '{"query": "q", "priority": 1.5}'), "priority"),
+    ("dupkey", lambda r: write(r, "dupkey.json", '{"query": "q", "max_new_tokens": -1, "max_new_tokens": 3}'),
+     'the key "max_new_tokens" twice'),
+    ("empty", lambda r: write(r, "empty.request", b""), "is empty (0 bytes)"),
 ])
 def test_hostile_input_is_an_error(pool, rid, make, message):
     make(pool.root / "requests")
@@ -366,7 +370,8 @@ def jail_script() -> str:
         tree = "/root/" + prefix[2]
         lines += ['stage="$1/.stage"', 'mkdir -p "$stage"', f"mount --bind {tree} \"$stage\"",
                   "mount -t tmpfs -o mode=0755 tmpfs /root", f"mkdir -p {tree}", f"mount --move \"$stage\" {tree}"]
-    lines += ['mount -t tmpfs -o size=1m,mode=0777 tmpfs "$1/requests"', "shift",
+    lines += ['mount -t tmpfs -o size=1m,mode=0777 tmpfs "$1/requests"',
+              'mount -t tmpfs -o size=1m,mode=0777 tmpfs "$1/flags"', "shift",
               'exec setpriv --reuid=nobody --regid=nogroup --clear-groups "$@"']
     return "\n".join(lines)
 
@@ -379,9 +384,10 @@ def jail(public_dir, cache):
     if probe.returncode != 0:
         pytest.skip(f"LOUD SKIP: the kernel refuses mount namespaces: {probe.stderr.decode()[:200]}")
     root = public_dir / "jail"
-    (root / "requests").mkdir(parents=True)
+    for d in (root / "requests", root / "flags"):
+        d.mkdir(parents=True)
+        shutil.chown(d, "nobody", "nogroup")
     shutil.chown(root, "nobody", "nogroup")
-    shutil.chown(root / "requests", "nobody", "nogroup")
     # The checkout may sit in a directory only root can enter (a `mktemp -d` clone is 0700): give nobody
     # its own readable copy of the package.
     source = public_dir / "src"
@@ -398,6 +404,7 @@ def jail(public_dir, cache):
     try:
         p.wait_running()
         p.view = Path(f"/proc/{p.process.pid}/root{root}")  # the pool's requests/ is only visible from inside
+        p.status = lambda timeout=15: client.status(p.view, timeout)  # and its flags/
         yield p
     finally:
         p.kill()
@@ -422,11 +429,10 @@ def test_unreadable_files_are_an_error(jail):
 
 
 def fill(path: Path) -> None:
-    with open(path, "wb") as f:
+    with open(path, "wb", buffering=0) as f:  # unbuffered: nothing left over for close() to fail on
         try:
             while True:
                 f.write(b"\0" * 65536)
-                f.flush()
         except OSError as error:
             assert error.errno == errno.ENOSPC
 
@@ -491,3 +497,22 @@ def test_symlinked_spool_dir_at_start_is_a_setup_error(tmp_path):
     assert done.returncode == 2, done.stdout + done.stderr
     assert "requests/.claims is not a directory" in done.stdout + done.stderr
     assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_full_disk_while_answering_a_status_keeps_it_owed_and_retries(jail):
+    """Found: the status.flag was taken, status.back could not be written, and no answer ever came."""
+    flags = jail.view / "flags"
+    (flags / "status.back").unlink(missing_ok=True)
+    ballast = flags / "ballast"
+    (flags / ".asking").touch()  # a full tmpfs refuses even an empty new file: made before, renamed after
+    try:
+        fill(ballast)
+        os.rename(flags / ".asking", flags / "status.flag")
+        wait_for(lambda: "cannot write flags/status.back, retrying" in jail.output(), 10, "the refusal in the log")
+        assert not (flags / "status.flag").exists()  # taken: one supervisor answers it
+        time.sleep(1)
+        assert not (flags / "status.back").exists()
+    finally:
+        ballast.unlink()
+    wait_for(lambda: (flags / "status.back").exists(), 30, "the status once there is room")
+    assert json.loads((flags / "status.back").read_text())["status"] == "running"

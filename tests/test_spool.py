@@ -126,3 +126,42 @@ def test_sync_all_syncs_every_staged_file_and_place_publishes_it(tmp_path, monke
     again = spool.stage(tmp_path / "7.back", "a duplicate")
     assert not again.place(exclusive=True) and (tmp_path / "7.back").read_text() == "answer 7"
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_duplicate_json_keys_are_an_error():
+    with pytest.raises(spool.RequestError, match='x.json has the key "max_new_tokens" twice'):
+        spool.parse_json_request("x", '{"query": "q", "max_new_tokens": -1, "max_new_tokens": 3}')
+    with pytest.raises(spool.RequestError, match='has the key "a" twice'):  # at any depth
+        spool.parse_json_request("x", '{"query": "q", "history": [{"a": 1, "a": 2}]}')
+    with pytest.raises(spool.RequestError, match="twice"):
+        spool.parse_history('{"q": 1, "q": 2}', "x.history")
+
+
+def test_an_empty_request_is_an_error_and_whitespace_is_a_question(tmp_path):
+    now = time.time() + spool.HISTORY_GRACE_SECONDS + spool.SETTLE_SECONDS
+    (tmp_path / "e.request").write_bytes(b"")
+    with pytest.raises(spool.NotReady):  # 0 bytes may be a write about to happen
+        spool.read_request("e", tmp_path / "e.request", None, time.time())
+    with pytest.raises(spool.RequestError, match=r"e.request is empty \(0 bytes\)"):
+        spool.read_request("e", tmp_path / "e.request", None, now)
+    (tmp_path / "j.json").write_bytes(b"")
+    with pytest.raises(spool.RequestError, match=r"j.json is empty"):
+        spool.read_request("j", tmp_path / "j.json", None, now)
+    (tmp_path / "w.request").write_bytes(b" \n")
+    assert spool.read_request("w", tmp_path / "w.request", None, now).query == " "
+
+
+def test_what_counts_as_a_flag(tmp_path):
+    assert not spool.flag_set(tmp_path / "none.flag")
+    (tmp_path / "file.flag").touch()
+    (tmp_path / "empty.flag").mkdir()
+    assert spool.flag_set(tmp_path / "file.flag") and spool.flag_set(tmp_path / "empty.flag")
+    (tmp_path / "full.flag").mkdir()
+    (tmp_path / "full.flag" / "x").touch()
+    os.symlink(tmp_path / "file.flag", tmp_path / "link.flag")
+    os.symlink(tmp_path / "nothing", tmp_path / "dangling.flag")
+    os.mkfifo(tmp_path / "fifo.flag")
+    for name, what in [("full", "a directory that is not empty"), ("link", "a symlink"),
+                       ("dangling", "a symlink"), ("fifo", "a fifo")]:
+        with pytest.raises(spool.NotAFlag, match=f"{name}.flag is {what}"):
+            spool.flag_set(tmp_path / f"{name}.flag")

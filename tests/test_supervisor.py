@@ -1,5 +1,7 @@
 """Supervisor decisions that need no worker processes: devices, scan order, where a job may go."""
 import argparse
+import dataclasses
+import json
 import os
 import uuid
 
@@ -88,7 +90,7 @@ def one_worker_pool(tmp_path, requests: int, tasks: list) -> Supervisor:
     from glmpool.watch import DirWatch
     s = supervisor(tmp_path, max_batch="4")
     s.claims.ensure_dirs()
-    s.flags.mkdir()
+    s.flags.mkdir(exist_ok=True)
     s.watch = DirWatch(s.requests, s.flags, suffixes=spool.INPUT_SUFFIXES)
     for n in range(requests):
         spool.atomic_write(s.requests / f"r{n}.json", '{"query": "q"}\n')
@@ -170,3 +172,32 @@ def test_cancels_are_looked_for_on_a_change_and_every_poll_interval(tmp_path):
     s.dispatch()
     assert len(tasks) == 4 and tasks[3][0] == "cancel"
     s.watch.close()
+
+
+@pytest.mark.parametrize("first", ["hostA", "hostB"])
+def test_both_forms_of_one_id_are_decided_the_same_on_every_host(tmp_path, first):
+    """x.request (with x.history) and x.json waiting at once, seen by two supervisors' scans: whichever
+    claims first, the seed form is the one answered and the .json fails once, with its input in failed/."""
+    from glmpool import spool
+    hosts = {}
+    for host in ("hostA", "hostB"):
+        s = one_worker_pool(tmp_path, requests=0, tasks=[])
+        s.config = dataclasses.replace(s.config, host_id=host)
+        s.claims.host = host
+        hosts[host] = s
+    spool.atomic_write(hosts["hostA"].requests / "x.history", '[["earlier", "turn"]]\n')
+    spool.atomic_write(hosts["hostA"].requests / "x.request", "the seed question\n")
+    spool.atomic_write(hosts["hostA"].requests / "x.json", '{"query": "the json question"}\n')
+    scans = {host: s.scan() for host, s in hosts.items()}
+    second = "hostB" if first == "hostA" else "hostA"
+    jobs = hosts[first].take(scans[first]) + hosts[second].take(scans[second])
+    assert [(j.request.query, j.request.history, j.claim.main) for j in jobs] == \
+        [("the seed question", [["earlier", "turn"]], ".request")]
+    requests = hosts[first].requests
+    error = (requests / "x.error").read_text()
+    assert error.startswith("x.json was not answered: x.request was waiting under the same id")
+    assert json.loads(error.split("\n", 1)[1])["host"] == first
+    assert sorted(p.name for p in (requests / "failed").iterdir()) == ["x.json"]
+    assert not [p for p in requests.iterdir() if p.name.startswith("x.") and p.name != "x.error"]
+    for s in hosts.values():
+        s.watch.close()
