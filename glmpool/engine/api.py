@@ -113,8 +113,16 @@ class Engine:
         """How many KV-cache tokens fit in what the device has free now (a fraction of it)."""
         return max(1, int(free_memory(self.device) * fraction) // self.kv_bytes_per_token())
 
-    def batcher(self, max_batch: int = 16, max_kv_tokens: int | None = None,
-                shared_cache: bool | None = None) -> Batcher:
+    def batcher(self, max_batch: int = 16, max_kv_tokens: int | None = None, shared_cache: bool | None = None,
+                static: bool | None = None, compile: bool = True, backend: str | None = None) -> Batcher:
+        """static: the GPU path (static_decode.StaticBatcher: a static KV cache, compiled decode steps unless
+        compile is False, sampling on the device, chunked prefill); None = on GPUs only. backend: torch.compile's
+        (None: inductor; "eager"/"aot_eager" check the graphs without generating code)."""
+        if static is None:
+            static = self.device.type != "cpu"
+        if static:
+            from .static_decode import StaticBatcher
+            return StaticBatcher(self.model, self.tokenizer, max_batch, max_kv_tokens, compile, backend)
         return Batcher(self.model, self.tokenizer, max_batch, max_kv_tokens, shared_cache)
 
     def stream_chat(self, query: str, history: list | None = None, max_length: int = 2048,
