@@ -75,6 +75,10 @@ SETTINGS = [
     Setting("max_batch", int, 16, "sequences one worker generates together (16 measured best on CPU: 8 loses "
                                   "40%% of the throughput, 64 adds little and slows every request; see README "
                                   "Throughput; GPUs may profit from 32-64)", "N"),
+    Setting("compile", _choice("on", "off"), "on",
+            "GPU workers: compile the decode step with torch.compile and replay it as CUDA graphs, one per batch "
+            "and attention-span bucket, compiled while the worker loads ('off': run it eagerly, for debugging or "
+            "where compiling fails; cpu workers never compile)", "on|off"),
     Setting("worker_threads", int, 0, "CPU threads of each worker's torch (0: the usable cores shared out "
                                       "among cpu workers; torch's own default on GPU workers)", "N"),
     Setting("kv_cache_gb", float, None, "KV-cache budget per worker in GiB (default: sized from free memory)", "GIB"),
@@ -109,6 +113,7 @@ class Config:
     cache_dir: str
     host_id: str
     max_batch: int
+    compile: str
     worker_threads: int
     kv_cache_gb: float | None
     max_length: int

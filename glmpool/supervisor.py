@@ -172,7 +172,7 @@ class Supervisor:
         if not threads and device == "cpu":  # cpu workers share the cores instead of fighting over them
             threads = max(1, len(os.sched_getaffinity(0)) // devices.count("cpu"))
         return WorkerSpec(wid, device, c.model, c.dtype, c.quantize, c.cache_dir, c.max_batch, c.kv_cache_gb,
-                          threads, c.partial_seconds, c.partial_tokens, c.matmul)
+                          threads, c.partial_seconds, c.partial_tokens, c.matmul, c.compile == "on")
 
     def manage(self) -> bool:
         """One round of the main loop; True when it is time to exit."""
@@ -770,6 +770,7 @@ class Supervisor:
                 "rss_bytes": process_rss(s.pid) if s.process is not None else None,
                 "gpu_memory_used": s.stats.get("gpu_memory_used"),
                 "gpu_memory_total": s.stats.get("gpu_memory_total"),
+                "compile_seconds": s.stats.get("compile_seconds"),
             } for s in self.slots],
         }
 

@@ -50,6 +50,7 @@ class WorkerSpec:
     progress_seconds: float = BY_NAME["partial_seconds"].default
     progress_tokens: int = BY_NAME["partial_tokens"].default
     matmul: str = BY_NAME["matmul"].default
+    compile: bool = BY_NAME["compile"].default == "on"  # GPU workers: the decode step compiled (engine.static_decode)
 
     @property
     def label(self) -> str:
@@ -88,9 +89,22 @@ def main(spec: WorkerSpec, tasks, results) -> None:
     hugepages.reuse_freed_memory()  # after loading, whose temporary copies may go back to the system
     kv_tokens = (int(spec.kv_cache_gb * (1 << 30)) // engine.kv_bytes_per_token() if spec.kv_cache_gb
                  else engine.default_kv_tokens())
-    results.send(("ready", spec.wid, {"pid": os.getpid(), "kv_tokens": kv_tokens}))
+    # GPU workers compile every decode-step bucket now, while the supervisor counts it as loading (load_timeout),
+    # not as a busy worker's silence (heartbeat_timeout)
+    batch = engine.batcher(spec.max_batch, kv_tokens, compile=spec.compile)
+    compile_seconds = None
+    if hasattr(batch, "warm_up"):
+        try:
+            compile_seconds = round(batch.warm_up(), 1)
+        except Exception as error:  # a compiler that fails here: the same steps, eagerly
+            log.warning("compiling the decode step failed (%s: %s): running it eagerly (--compile off)",
+                        type(error).__name__, error)
+            batch = engine.batcher(spec.max_batch, kv_tokens, compile=False)
+        else:
+            log.warning("decode step %s in %.1f s", "compiled" if spec.compile else "warmed up", compile_seconds)
+    results.send(("ready", spec.wid, {"pid": os.getpid(), "kv_tokens": kv_tokens, "compile_seconds": compile_seconds}))
     try:
-        Loop(spec, engine, engine.batcher(spec.max_batch, kv_tokens), tasks, results).run()
+        Loop(spec, engine, batch, tasks, results).run()
     except (BrokenPipeError, ConnectionResetError, EOFError):  # the supervisor is gone: so are we
         pass
 

@@ -180,6 +180,12 @@ def sampling_rows(sequences: list[Sequence | None], vocab: int, device) -> tuple
 PADDING = SamplingParams(do_sample=False)
 
 
+def read_back(tokens: torch.Tensor) -> list[int]:
+    """The step's one wait for the device: its tokens, copied to the host (copy=True: a copy the dispatcher
+    sees even for CPU tensors, which is how bench/static_decode.py counts the host synchronisations)."""
+    return tokens.to("cpu", copy=True).tolist()
+
+
 # --- prefill in bounded pieces ---
 
 @dataclass
@@ -191,10 +197,10 @@ class PrefillJob:
     next_piece: tuple[int, Callable[[], None]] | None = None
     logits: torch.Tensor | None = None  # [1, vocab] once done
 
-    def advance(self, budget: int) -> int:
-        """Run pieces while they fit in `budget` (at least one); return the cost spent."""
+    def advance(self, budget: int, force: bool) -> int:
+        """Run pieces while they fit in `budget` (with `force`, at least one); return the cost spent."""
         spent = 0
-        while self.next_piece is not None and (spent == 0 or spent + self.next_piece[0] <= budget):
+        while self.next_piece is not None and ((force and spent == 0) or spent + self.next_piece[0] <= budget):
             cost, work = self.next_piece
             work()
             spent += cost
@@ -369,7 +375,7 @@ class StaticBatcher(Batcher):
             tokens.append(self.sample(job.logits.float(), *rows, candidates))
         if not tokens:
             return []
-        chosen = torch.cat(tokens).to("cpu").tolist()
+        chosen = read_back(torch.cat(tokens))
         events = [self._advance(s, token) for s, token in zip(decoding, chosen)]
         for job, token in zip(finished_prefills, chosen[len(decoding):]):
             self.running[job.sequence.key] = job.sequence
@@ -403,17 +409,14 @@ class StaticBatcher(Batcher):
         """Prompt work of one step (at most a chunk's worth through the whole model); the jobs finished."""
         budget = 4 * self.prefill_chunk * self.model.config.num_layers
         spent, finished = 0, []
-        while spent < budget:
-            if not self.prefilling and not self.pending:
-                break
-            if not self.prefilling or all(job.next_piece is None for job in self.prefilling.values()):
-                if not self.pending:
-                    break
+        while self.prefilling or self.pending:  # one prompt at a time, in arrival order
+            if not self.prefilling:
                 self._start(self.pending.pop(next(iter(self.pending))))
-            job = next(j for j in self.prefilling.values() if j.next_piece is not None)
-            spent += job.advance(budget - spent)
-            if job.next_piece is None:
-                finished.append(self.prefilling.pop(job.sequence.key))
+            job = next(iter(self.prefilling.values()))
+            spent += job.advance(budget - spent, force=spent == 0)
+            if job.next_piece is not None:  # the rest waits for the next step
+                break
+            finished.append(self.prefilling.pop(job.sequence.key))
         self.stats.prefill_cost = spent
         return finished
 

@@ -1,0 +1,277 @@
+"""The GPU path's decode step (glmpool/engine/static_decode.py): checks that run anywhere, timings on a GPU.
+
+    python bench/static_decode.py --cpu-dry-run            # the checks, on the tiny model, CPU tensors
+    python bench/static_decode.py [--quantize 4] [--batches 1,64] [--context 1000] [--steps 50]
+                                  [--bandwidth-gbs 3350] [--compile off]   # timings, on CUDA
+
+The checks (importable; tests/test_static_decode.py runs each, bench/gpu.py may too):
+- `check_fullgraph(batcher)`: every (batch, span) bucket's decode step is one graph, no break
+  (torch._dynamo.explain on the eager step);
+- `check_compiled_matches_eager(engine, backend)`: the same greedy tokens from compiled and eager steps;
+- `check_host_syncs(engine)`: operators dispatched a step (TorchDispatchMode), and how many of them wait
+  for the device: at most one;
+- `check_mixed_lengths(engine)`: the operators of a step of mixed lengths over those of uniform ones;
+- `check_prefill_burst(engine)`: a decoding stream gains a token every step while a burst of long prompts
+  is prefilled, and no step does more than a chunk's worth of prompt work.
+Each returns a dict of what it found and raises AssertionError where the property fails.
+
+Timings (CUDA): ms per decode step for each batch size, every sequence holding `--context` tokens, next
+to the memory bound of the step: (weight bytes + KV bytes attended) / bandwidth. The model is ChatGLM-6B's
+shape with random weights (fp16, or quantized by glmpool's own code), built on the device, so nothing is
+downloaded; `--model DIR` loads a checkpoint instead.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from glmpool.engine import SamplingParams, load  # noqa: E402
+from glmpool.engine.static_decode import StaticBatcher  # noqa: E402
+
+# operators that make the host wait for the device: a scalar read, data-dependent shapes, a copy to the host
+WAITING_OPERATORS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique",
+                     "aten._unique2", "aten.equal", "aten.is_nonzero", "aten.item")
+GREEDY = SamplingParams(do_sample=False, max_new_tokens=8)
+
+
+class OperatorCounter(TorchDispatchMode):
+    """Counts the aten operators dispatched inside it, and those that wait for the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.operators = collections.Counter()
+        self.waits = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func.overloadpacket)
+        self.operators[name] += 1
+        if name in WAITING_OPERATORS or copies_to_host(name, args, kwargs):
+            self.waits[name] += 1
+        return func(*args, **kwargs)
+
+
+def copies_to_host(name: str, args: tuple, kwargs: dict) -> bool:
+    """Whether an operator copies a device's tensor to the host. With CPU tensors (the dry run), a copy to
+    the CPU asked for explicitly (static_decode.read_back's copy=True) stands for it."""
+    if name not in ("aten.to", "aten._to_copy"):
+        return False
+    device = kwargs.get("device") or next((a for a in args if isinstance(a, torch.device)), None)
+    if device is None or torch.device(device).type != "cpu":
+        return False
+    copy = kwargs.get("copy") or (name == "aten.to" and len(args) > 4 and args[4] is True)
+    return args[0].device.type != "cpu" or bool(copy)
+
+
+def prompt(batcher: StaticBatcher, length: int, seed: int = 0) -> list[int]:
+    """A prompt of `length` tokens ending as ChatGLM's do ([gMASK] <sop>), random text before."""
+    tokenizer = batcher.tokenizer
+    generator = torch.Generator().manual_seed(seed)
+    text = torch.randint(10, 200, (length - 2,), generator=generator).tolist()
+    return text + [tokenizer.gmask_id, tokenizer.bos_id]
+
+
+def run(batcher, prompts: list[list[int]], params: SamplingParams = GREEDY) -> dict:
+    """Every prompt to the end, each admitted as soon as there is room; key -> its tokens."""
+    waiting = list(enumerate(prompts))
+    tokens = collections.defaultdict(list)
+    while waiting or len(batcher):
+        while waiting and batcher.has_room(len(waiting[0][1]), params):
+            batcher.add_prompt(*waiting.pop(0), params)
+        for event in batcher.step():
+            tokens[event.key].append(event.token_id)
+    return dict(tokens)
+
+
+def check_fullgraph(batcher: StaticBatcher) -> dict:
+    """batcher: built with compile=False (its decode step is then the plain function)."""
+    device, found = batcher.model.device, {}
+    for rows in batcher.batch_buckets:
+        for span in batcher.span_buckets:
+            inputs = torch.zeros(rows, 4, dtype=torch.long, device=device)
+            inputs[:, 3] = batcher.cache.capacity
+            with torch.inference_mode():
+                explained = torch._dynamo.explain(batcher.decode)(inputs[:, 0], inputs[:, 1:3], inputs[:, 3], span)
+            found[f"{rows}x{span}"] = explained.graph_break_count
+            assert explained.graph_count == 1 and explained.graph_break_count == 0, \
+                f"batch {rows}, span {span}: {explained.graph_count} graphs, breaks: {explained.break_reasons}"
+    return {"buckets": len(found), "graph_breaks": sum(found.values())}
+
+
+def check_compiled_matches_eager(engine, backend: str = "aot_eager", max_batch: int = 2) -> dict:
+    prompts = [prompt(engine.batcher(1, static=True, compile=False), n, seed) for seed, n in enumerate((9, 30, 5))]
+    eager = run(engine.batcher(max_batch, static=True, compile=False), prompts)
+    compiled_batcher = engine.batcher(max_batch, static=True, compile=True, backend=backend)
+    compiled = run(compiled_batcher, prompts)
+    assert compiled == eager, f"compiled {compiled} != eager {eager}"
+    return {"sequences": len(eager), "tokens": sum(map(len, eager.values())),
+            "graphs": len(compiled_batcher.stats.graphs)}
+
+
+def decode_step_counts(engine, lengths: list[int], max_batch: int) -> OperatorCounter:
+    """The operators of one decode step (sampling and read-back included) of sequences at `lengths`."""
+    batcher = engine.batcher(max_batch, static=True, compile=False)
+    params = SamplingParams(do_sample=True, seed=3, max_new_tokens=4)
+    for key, length in enumerate(lengths):
+        batcher.add_prompt(key, prompt(batcher, length, key), params)
+    while batcher.pending or batcher.prefilling:
+        batcher.step()
+    counter = OperatorCounter()
+    with counter:
+        batcher.step()
+    return counter
+
+
+def check_host_syncs(engine) -> dict:
+    counter = decode_step_counts(engine, [12, 40, 7], max_batch=4)
+    waits = sum(counter.waits.values())
+    assert waits <= 1, f"{waits} host synchronisations in a decode step: {dict(counter.waits)}"
+    return {"operators": sum(counter.operators.values()), "host_syncs": waits}
+
+
+def check_mixed_lengths(engine, batch: int = 8, short: int = 10, long: int = 200) -> dict:
+    """One long sequence among short ones against all short (the issue's 2,000 among 100s, scaled down)."""
+    uniform = sum(decode_step_counts(engine, [short] * batch, batch).operators.values())
+    mixed = sum(decode_step_counts(engine, [long] + [short] * (batch - 1), batch).operators.values())
+    assert mixed <= 1.3 * uniform, f"mixed lengths: {mixed} operators a step, uniform {uniform}"
+    return {"uniform_operators": uniform, "mixed_operators": mixed, "ratio": round(mixed / uniform, 3)}
+
+
+def check_prefill_burst(engine, chunk: int = 16, prompts: int = 3, prompt_tokens: int = 80) -> dict:
+    """A stream decodes; then long prompts arrive at once. Each step must still give the stream its token
+    and do at most `chunk` tokens' worth of prompt work."""
+    batcher = StaticBatcher(engine.model, engine.tokenizer, prompts + 1, compile=False, prefill_chunk=chunk)
+    batcher.add_prompt("stream", prompt(batcher, 6), SamplingParams(do_sample=False, max_new_tokens=200))
+    batcher.step()
+    for i in range(prompts):
+        batcher.add_prompt(i, prompt(batcher, prompt_tokens, i + 1), SamplingParams(do_sample=False, max_new_tokens=2))
+    budget = 4 * chunk * engine.config.num_layers
+    steps = most = 0
+    while batcher.pending or batcher.prefilling:
+        events = batcher.step()
+        steps += 1
+        most = max(most, batcher.stats.prefill_cost)
+        assert any(e.key == "stream" for e in events), f"step {steps}: the decoding stream got no token"
+        assert batcher.stats.prefill_cost <= budget, f"step {steps}: {batcher.stats.prefill_cost} > budget {budget}"
+    assert steps >= prompts * prompt_tokens // chunk, f"{prompts} prompts of {prompt_tokens} in {steps} steps"
+    return {"steps_with_prompts": steps, "largest_step_work": most, "budget": budget}
+
+
+def dry_run(model_dir: str | None = None) -> dict:
+    """Every check on the tiny model's CPU tensors."""
+    if model_dir is None:
+        from glmpool.engine.tiny import write_tiny_checkpoint
+        model_dir = Path(".cache") / "static-decode-tiny"
+        if not (model_dir / "config.json").is_file():
+            write_tiny_checkpoint(model_dir, seed=1, max_sequence_length=256)
+    engine = load(model_dir, progress=False)
+    return {
+        "fullgraph": check_fullgraph(engine.batcher(4, static=True, compile=False)),
+        "compiled_matches_eager": check_compiled_matches_eager(engine),
+        "host_syncs": check_host_syncs(engine),
+        "mixed_lengths": check_mixed_lengths(engine),
+        "prefill_burst": check_prefill_burst(engine),
+    }
+
+
+# --- timings on a GPU ---
+
+def random_engine(quantize: int | None, device: str):
+    """ChatGLM-6B's shape, random weights made on the device, a tokenizer with its 130528-entry vocabulary."""
+    from glmpool.engine.api import Engine
+    from glmpool.engine.config import ModelConfig
+    from glmpool.engine.model import ChatGLM
+    from glmpool.engine.quantize import prepare, quantize_model
+    from glmpool.engine.tiny import write_tiny_checkpoint
+    from glmpool.engine.tokenizer import ChatGLMTokenizer
+    tokenizer_dir = Path(".cache") / "static-decode-vocab"
+    if not (tokenizer_dir / "config.json").is_file():
+        write_tiny_checkpoint(tokenizer_dir, layers=1, vocab=130528)
+    with torch.device("meta"):
+        net = ChatGLM(ModelConfig())
+    net = net.to(torch.float16).to_empty(device=device)
+    with torch.no_grad():
+        for name, tensor in net.named_parameters():
+            tensor.fill_(1.0) if "layernorm.weight" in name else tensor.normal_(0.0, 0.02)
+    if quantize:
+        quantize_model(net, quantize)
+    prepare(net)
+    net.eval().requires_grad_(False)
+    return Engine(net, ChatGLMTokenizer.from_dir(tokenizer_dir), f"random ChatGLM-6B{f' int{quantize}' if quantize else ''}")
+
+
+def model_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def time_decode(engine, batch: int, context: int, steps: int, compile: bool) -> dict:
+    """Median ms of a decode step of `batch` sequences with `context` tokens each, greedy."""
+    batcher = engine.batcher(batch, static=True, compile=compile)
+    compile_seconds = batcher.warm_up()
+    params = SamplingParams(do_sample=False, max_new_tokens=steps + 8, max_length=context + steps + 16)
+    for key in range(batch):
+        batcher.add_prompt(key, prompt(batcher, context, key), params)
+    while batcher.pending or batcher.prefilling:
+        batcher.step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        batcher.step()  # ends with its read-back: the device is done
+        times.append(time.perf_counter() - start)
+    c = engine.config
+    kv_bytes = batch * context * c.num_layers * 2 * c.hidden_size * torch.finfo(engine.model.dtype).bits // 8
+    return {"batch": batch, "context": context, "ms_per_step": 1e3 * sorted(times)[len(times) // 2],
+            "weight_bytes": model_bytes(engine.model), "kv_bytes": kv_bytes, "compile_seconds": compile_seconds}
+
+
+def measured_bandwidth(device: str, gigabytes: float = 4.0) -> float:
+    """GB/s of a device-to-device copy (read + write counted)."""
+    source = torch.empty(int(gigabytes * 2 ** 29), dtype=torch.float16, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(5):
+        target.copy_(source)
+    torch.cuda.synchronize()
+    return 5 * 2 * source.numel() * 2 / (time.perf_counter() - start) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu-dry-run", action="store_true", help="run the checks on CPU tensors and stop")
+    parser.add_argument("--model", help="checkpoint directory (default: random weights in ChatGLM-6B's shape)")
+    parser.add_argument("--quantize", type=int, choices=(4, 8))
+    parser.add_argument("--batches", default="1,64")
+    parser.add_argument("--context", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--compile", choices=("on", "off"), default="on")
+    parser.add_argument("--bandwidth-gbs", type=float, default=3350.0, help="the bound's bandwidth (H100 SXM: 3350)")
+    args = parser.parse_args()
+    if args.cpu_dry_run:
+        print(json.dumps(dry_run(args.model), indent=2))
+        return
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA device: use --cpu-dry-run")
+    engine = (load(args.model, device="cuda", quantize=args.quantize, progress=False) if args.model
+              else random_engine(args.quantize, "cuda"))
+    copy_gbs = measured_bandwidth("cuda")
+    for batch in map(int, args.batches.split(",")):
+        result = time_decode(engine, batch, args.context, args.steps, args.compile == "on")
+        bound_ms = (result["weight_bytes"] + result["kv_bytes"]) / (args.bandwidth_gbs * 1e6)
+        result.update(model=engine.name, bound_ms=round(bound_ms, 3), fraction_of_bound=round(bound_ms / result["ms_per_step"], 3),
+                      copy_gbs=round(copy_gbs), tokens_per_s=round(batch * 1e3 / result["ms_per_step"]))
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
