@@ -321,7 +321,7 @@ class QuantizedMatrix(nn.Module):
             return False
         with torch.no_grad():
             packed = torch.ops.aten._convert_weight_to_int4pack(cuda_int4_input(w), CUDA_INT4_INNER_K_TILES)
-            x = torch.randn(2, K, generator=torch.Generator().manual_seed(0)).to(w.device, torch.bfloat16)
+            x = probe_activations(2, K).to(w.device, torch.bfloat16)
             got = self._int4_cuda(x, packed).float()  # [2, N] = x @ q^T
             columns = torch.cat((torch.arange(0, N, max(1, N // 256)), torch.tensor([N - 1]))).to(w.device)
             _check_like_dequantized(got[:, columns], x.float() @ unpack_int4(w[columns]).float().t())
@@ -471,18 +471,16 @@ class QuantizedMatrix(nn.Module):
             out = self._int4_cpu(x2)
         elif path == "int4-cuda":
             out = self._int4_cuda(x2.to(torch.bfloat16).contiguous())
-        elif path == "int8-cuda":  # x's dtype [M, K] x int8 [N, K]^T -> [M, N], unit scales
-            ones = _unit_scales("int8", (self.out_features,), x2.device, x2.dtype)
-            out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, ones)
+        elif path == "int8-cuda":
+            # x's dtype [M, K] x int8 [N, K]^T -> [M, N] with the row scales inside the kernel, which sums in
+            # fp32 and scales before rounding: an unscaled fp16 sum (|q| up to 127) would pass 65504
+            out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self._scale(x2.dtype))
         elif path == "dequant":
             out = self._dequant_matmul(x2)
         else:
             raise ValueError(f"unknown kernel path {path!r}")
-        if path != "dequant":
-            # the kernels ran with unit scales: apply the row scales (and bias) in x's dtype
-            scale = self._scale(x.dtype)
-            out = torch.addcmul(bias.to(x.dtype), out.to(x.dtype), scale) if bias is not None \
-                else out.to(x.dtype) * scale
+        if path in ("int8-cpu", "int4-cpu", "int4-cuda"):
+            out = apply_row_scales(out, self._scale(scaling_dtype(x.dtype)), bias, x.dtype)
         elif bias is not None:
             out = out + bias
         return out.view(*shape[:-1], self.out_features)
@@ -531,6 +529,21 @@ class QuantizedMatrix(nn.Module):
             stop = min(N, start + rows)
             out[:, start:stop] = _gemm(x2, self._dequant_rows(start, stop, dtype))
         return out
+
+
+def scaling_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where a kernel's unscaled sums are scaled: fp16 cannot hold them (|q| up to 127 times the true
+    |y|: a row whose largest |W| is 0.1 overflows once |y| passes ~64), bf16 and fp32 can."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def apply_row_scales(unscaled: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """A unit-scale kernel's [M, N] sums -> sums x row scales (+ bias) in `dtype`, computed in scale's dtype
+    (see scaling_dtype) and rounded to `dtype` once."""
+    out = unscaled.to(scale.dtype)
+    out = torch.addcmul(bias.to(scale.dtype), out, scale) if bias is not None else out * scale
+    return out.to(dtype)
 
 
 def cuda_int4_input(qweight: torch.Tensor) -> torch.Tensor:
@@ -740,8 +753,28 @@ def prepare(model: nn.Module) -> nn.Module:
     return model
 
 
+OUTLIER = 1000.0  # the largest |activation| a kernel trial feeds: ChatGLM's outlier channels reach hundreds
+
+
+def probe_activations(rows: int, features: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """fp32 [rows, features] like ChatGLM's hidden states: randn, except a few outlier channels (one in 256,
+    at least two) whose values reach +-OUTLIER; kernels are tried on these, since randn alone never
+    reaches the magnitudes where a product leaves fp16's range."""
+    generator = generator or torch.Generator().manual_seed(0)
+    x = torch.randn(rows, features, generator=generator)
+    channels = torch.randperm(features, generator=generator)[:max(2, features // 256)]
+    magnitudes = OUTLIER * (0.2 + 0.8 * torch.rand(rows, len(channels), generator=generator))
+    signs = torch.randint(0, 2, (rows, len(channels)), generator=generator) * 2 - 1
+    x[:, channels] = magnitudes * signs
+    x[:, channels[0]] = OUTLIER  # the extreme itself, in every row
+    return x
+
+
 def _check_like_dequantized(got: torch.Tensor, want: torch.Tensor, kernel: str = "its") -> None:
-    """A kernel on trial (on the device, at load) must match the dequantized product within 1%."""
+    """A kernel on trial (on the device, at load) must give finite results and match the dequantized
+    product within 1%."""
+    if not bool(torch.isfinite(got).all()):
+        raise RuntimeError(f"{kernel} results overflow {got.dtype} for activations up to |x| = {OUTLIER:g}")
     got, want = got.float(), want.float()
     if not torch.allclose(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max())):
         raise RuntimeError(f"{kernel} results differ from the dequantized matrix's")
@@ -790,7 +823,7 @@ def kernel_rows(module: QuantizedMatrix, path: str, dtype: torch.dtype,
     best = 0
     with torch.no_grad():
         for rows in KERNEL_TRIAL_ROWS:
-            x = torch.randn(rows, module.in_features, generator=generator).to(weight.device, dtype)
+            x = probe_activations(rows, module.in_features, generator).to(weight.device, dtype)
             _check_like_dequantized(module.matmul(x, path=path), module.matmul(x, path="dequant"), f"{path}: its")
             if seconds(x, path) >= seconds(x, "dequant"):
                 break
