@@ -213,6 +213,8 @@ def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | tor
     if device.type == "cpu":
         hugepages.weights_on_huge_pages(net)
     net.attention_kernel = decode_attention.usable(net.dtype, device, config.head_dim)
+    if device.type == "cuda" and net.dtype in (torch.float16, torch.bfloat16):
+        net.use_fp32_pointwise()  # THUDM's numerics on a GPU
     if device.type == "cpu" and net.dtype == torch.float32 and matmul != "reference" and row_kernel.available():
         net.use_gelu_kernel()  # batch-invariant like the rest, its own rounding
     if device.type == "cpu" and matmul != "reference":  # batch-invariant: so must be the decode attention
