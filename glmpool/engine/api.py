@@ -109,9 +109,14 @@ class Engine:
         c = self.config
         return c.num_layers * 2 * c.hidden_size * torch.tensor([], dtype=self.model.dtype).element_size()
 
-    def default_kv_tokens(self, fraction: float = 0.8) -> int:
-        """How many KV-cache tokens fit in what the device has free now (a fraction of it)."""
-        return max(1, int(free_memory(self.device) * fraction) // self.kv_bytes_per_token())
+    def default_kv_tokens(self, fraction: float = 0.8, sharing: int = 1) -> int:
+        """How many KV-cache tokens fit in what the device has free now (a fraction of it). `sharing`
+        processes holding this model on one device split it: each takes its part of what stays free once
+        all their copies are loaded (those loading after this one measures; a copy already loaded is
+        counted twice, erring on the safe side)."""
+        weights = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
+        room = free_memory(self.device) - (sharing - 1) * weights
+        return max(1, int(room * fraction / sharing) // self.kv_bytes_per_token())
 
     def batcher(self, max_batch: int = 16, max_kv_tokens: int | None = None, shared_cache: bool | None = None,
                 static: bool | None = None, compile: bool = True, backend: str | None = None) -> Batcher:
@@ -221,6 +226,8 @@ def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | tor
     if device.type == "cpu":
         hugepages.weights_on_huge_pages(net)
     net.attention_kernel = decode_attention.usable(net.dtype, device, config.head_dim)
+    if device.type == "cuda" and net.dtype in (torch.float16, torch.bfloat16):
+        net.use_fp32_pointwise()  # THUDM's numerics on a GPU
     if device.type == "cpu" and net.dtype == torch.float32 and matmul != "reference" and row_kernel.available():
         net.use_gelu_kernel()  # batch-invariant like the rest, its own rounding
     if device.type == "cpu" and matmul != "reference":  # batch-invariant: so must be the decode attention

@@ -292,7 +292,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, parts: 
     swapped = x.unflatten(-1, (parts, 2, -1)).flip(-2).flatten(-3)  # each part's halves swapped
     out = x * cos
     out += swapped * signed_sin
-    return out
+    return out.to(x.dtype)  # fp32 tables (ChatGLM.use_fp32_pointwise): computed in fp32, rounded once
 
 
 def queries_keys_values(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, parts: int,
@@ -336,6 +336,11 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     outer = x * 0.7978845608028654
     outer.mul_(inner).tanh_().add_(1.0)
     return inner.copy_(x).mul_(0.5).mul_(outer)
+
+
+def gelu_fp32(x: torch.Tensor) -> torch.Tensor:
+    """gelu computed in fp32 and rounded once to x's dtype, as THUDM's TorchScript-fused GELU runs on a GPU."""
+    return gelu(x.float()).to(x.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -416,6 +421,7 @@ class ChatGLM(nn.Module):
         # decoding through one KV slab gives a sequence its bits alone: the CPU kernel, or padding checked exact
         # (padded_attention_exact); set by load() for a batch-invariant model
         self.slab_is_exact = False
+        self.fp32_pointwise = False  # GELU and rotary in fp32 as THUDM's fused GPU kernels (use_fp32_pointwise)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -431,6 +437,16 @@ class ChatGLM(nn.Module):
         for layer in self.layers:
             layer.mlp.gelu = row_kernel.gelu
 
+    def use_fp32_pointwise(self) -> None:
+        """GELU and the rotary encoding in fp32, each rounded once to the model's dtype: what THUDM's code
+        computes on a GPU, where TorchScript fuses both functions into one kernel each that works in fp32
+        (on a CPU its functions run unfused, op by op in the model's dtype, as glmpool does by default).
+        Set by load() for fp16 and bf16 on CUDA; the rotary tables keep their fp16/bf16 values."""
+        self.fp32_pointwise = True
+        self._rotary = None
+        for layer in self.layers:
+            layer.mlp.gelu = gelu_fp32
+
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(self.config, capacity, self.dtype, self.device)
 
@@ -440,7 +456,8 @@ class ChatGLM(nn.Module):
     def rotary(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rotary is None or self._rotary[0].shape[0] < length:
             size = max(length, self.config.max_sequence_length)
-            self._rotary = rotary_tables(self.config, size, self.dtype, self.device)
+            tables = rotary_tables(self.config, size, self.dtype, self.device)
+            self._rotary = tuple(t.float() for t in tables) if self.fp32_pointwise else tables
         return self._rotary
 
     def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -34,22 +34,28 @@ changes no bits.
   cost is then amortized over the rows (the weight-only kernels are slower than fp32 there); oneDNN's
   for fp32, which sums a row the same way among 2 or 2000 others (and runs faster than MKL's here),
   F.linear otherwise.
+- CUDA before Ampere (sm53 to sm75: T4, V100, RTX 20xx), fp16 models: glmpool's own kernels launched
+  through cpm_kernels, THUDM's package (cpm_cuda.py): a fused int8/int4 product reading THUDM's layout as
+  stored for decode steps of up to 8 rows, a one-pass dequantization + cuBLAS above. Checked at load.
 - CUDA, 4 bits, the layers: torch's own int4 kernel (`aten._weight_int4pack_mm`, "tinygemm", Ampere or
   newer), which reads the 4-bit weights as they are: a decode step then reads a quarter of fp16's bytes.
   Its layout is made at load (`prepare`) **in place** from THUDM's bytes (unsigned nibbles q + 8, the even
   column still in the high nibble: THUDM's byte XOR 0x88), after checking on the device that the kernel
-  multiplies like the dequantized matrix; a GPU where it does not (older than Ampere, another torch)
-  keeps THUDM's layout and the path below, with a warning. A matrix in that layout cannot be turned back:
-  saving or moving the model then is an error (load the checkpoint again instead).
-- CUDA, 8 bits, few rows: torch's own int8 kernel (`aten._weight_int8pack_mm`) on the stored matrix, where
-  it is faster. Its speed differs between torch versions (some run one thread per output, which cuBLAS
-  beats by far), so at load it is timed against the path below on one layer matrix, at 1 and 16 rows,
-  after checking its results, and used up to the largest of those where it won (`cuda_int8_rows`).
-- CUDA otherwise (int8 where its kernel lost, the int4 -qe embeddings, a GPU without the int4 kernel):
-  dequantize to the activation dtype with a few torch element-wise kernels and multiply with cuBLAS --
-  THUDM's scheme (their fused extraction kernels are compiled into their `quantization.py` and are not
-  part of the `cpm_kernels` package, which only loads them). Saves GPU memory, not time.
-The CUDA paths do not run on this project's CPU-only test machines.
+  multiplies like the dequantized matrix; a GPU where it does not (another torch) keeps THUDM's layout
+  and the path below, with a warning. A matrix in that layout cannot be turned back: saving or moving the
+  model then is an error (load the checkpoint again instead). bf16 in and out, unit scales: the row
+  scales are applied after, in fp32 for an fp16 model (the unscaled sums exceed fp16's range).
+- CUDA, 8 bits, few rows: torch's own int8 kernel (`aten._weight_int8pack_mm`) on the stored matrix, with
+  the row scales inside it (it sums in fp32 and scales before rounding), where it is faster. Its speed
+  differs between torch versions (some run one thread per output, which cuBLAS beats by far), so at load
+  it is timed against the path below on one layer matrix, at 1 and 16 rows, after checking its results
+  on activations with ChatGLM-like outliers (|x| up to 1000), and used up to the largest of those where
+  it won (`cuda_int8_rows`).
+- CUDA otherwise (int8 where its kernel lost, the int4 -qe embeddings, a GPU without any kernel here):
+  dequantize to the activation dtype with a few torch element-wise kernels and multiply with cuBLAS.
+  Saves GPU memory, not time.
+The CUDA paths do not run on this project's CPU-only test machines; bench/gpu.py --cpu-dry-run runs
+what of them has a CPU implementation.
 """
 from __future__ import annotations
 
@@ -61,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import row_kernel
+from . import cpm_cuda, row_kernel
 from .errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -275,6 +281,7 @@ class QuantizedMatrix(nn.Module):
         self._scale_cache: tuple | None = None  # (weight_scale version key, dtype, scale in dtype)
         self._cuda_shape: torch.Size | None = None  # of `weight` seen as int32 in the CUDA int4 layout
         self.cuda_int8_rows = 0  # input rows up to which torch's CUDA int8 kernel is used (see prepare)
+        self.cpm = False  # on a GPU before Ampere, multiplied by cpm_cuda's kernels (see prepare)
         self.own_kernels = False  # on the CPU glmpool's kernels give torch's bits here (row_kernel.py, prepare)
         self.own_int4_rows = False  # and take several int4 rows too (AVX-512)
         self._register_state_dict_hook(_thudm_layout_state_dict_hook)
@@ -321,7 +328,7 @@ class QuantizedMatrix(nn.Module):
             return False
         with torch.no_grad():
             packed = torch.ops.aten._convert_weight_to_int4pack(cuda_int4_input(w), CUDA_INT4_INNER_K_TILES)
-            x = torch.randn(2, K, generator=torch.Generator().manual_seed(0)).to(w.device, torch.bfloat16)
+            x = probe_activations(2, K).to(w.device, torch.bfloat16)
             got = self._int4_cuda(x, packed).float()  # [2, N] = x @ q^T
             columns = torch.cat((torch.arange(0, N, max(1, N // 256)), torch.tensor([N - 1]))).to(w.device)
             _check_like_dequantized(got[:, columns], x.float() @ unpack_int4(w[columns]).float().t())
@@ -444,9 +451,11 @@ class QuantizedMatrix(nn.Module):
 
     def kernel_path(self, rows: int, device: torch.device, tokens: int = 1) -> str:
         """Which implementation `matmul` uses for `rows` input rows, `tokens` of them per sequence (1 in a
-        decode step): "int8-cpu", "int4-cpu", "int8-cuda", "int4-cuda", "dequant"."""
+        decode step): "int8-cpu", "int4-cpu", "int8-cuda", "int4-cuda", "cpm-cuda", "dequant"."""
         if self._current_layout() == self.LAYOUT_CUDA_INT4:
             return "int4-cuda"  # every size of input: the matrix is in no other layout
+        if device.type == "cuda" and self.cpm:
+            return "cpm-cuda"
         if device.type == "cuda" and self.bits == 8 and rows <= self.cuda_int8_rows:
             return "int8-cuda"
         if device.type != "cpu" or tokens > PROMPT_KERNEL_MAX_TOKENS or self.in_features % KERNEL_K_MULTIPLE:
@@ -471,18 +480,18 @@ class QuantizedMatrix(nn.Module):
             out = self._int4_cpu(x2)
         elif path == "int4-cuda":
             out = self._int4_cuda(x2.to(torch.bfloat16).contiguous())
-        elif path == "int8-cuda":  # x's dtype [M, K] x int8 [N, K]^T -> [M, N], unit scales
-            ones = _unit_scales("int8", (self.out_features,), x2.device, x2.dtype)
-            out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, ones)
+        elif path == "int8-cuda":
+            # x's dtype [M, K] x int8 [N, K]^T -> [M, N] with the row scales inside the kernel, which sums in
+            # fp32 and scales before rounding: an unscaled fp16 sum (|q| up to 127) would pass 65504
+            out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self._scale(x2.dtype))
+        elif path == "cpm-cuda":  # scaled by the kernels
+            out = cpm_cuda.matmul(self.weight, self.weight_scale, self.bits, x2)
         elif path == "dequant":
             out = self._dequant_matmul(x2)
         else:
             raise ValueError(f"unknown kernel path {path!r}")
-        if path != "dequant":
-            # the kernels ran with unit scales: apply the row scales (and bias) in x's dtype
-            scale = self._scale(x.dtype)
-            out = torch.addcmul(bias.to(x.dtype), out.to(x.dtype), scale) if bias is not None \
-                else out.to(x.dtype) * scale
+        if path in ("int8-cpu", "int4-cpu", "int4-cuda"):
+            out = apply_row_scales(out, self._scale(scaling_dtype(x.dtype)), bias, x.dtype)
         elif bias is not None:
             out = out + bias
         return out.view(*shape[:-1], self.out_features)
@@ -531,6 +540,21 @@ class QuantizedMatrix(nn.Module):
             stop = min(N, start + rows)
             out[:, start:stop] = _gemm(x2, self._dequant_rows(start, stop, dtype))
         return out
+
+
+def scaling_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where a kernel's unscaled sums are scaled: fp16 cannot hold them (|q| up to 127 times the true
+    |y|: a row whose largest |W| is 0.1 overflows once |y| passes ~64), bf16 and fp32 can."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def apply_row_scales(unscaled: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """A unit-scale kernel's [M, N] sums -> sums x row scales (+ bias) in `dtype`, computed in scale's dtype
+    (see scaling_dtype) and rounded to `dtype` once."""
+    out = unscaled.to(scale.dtype)
+    out = torch.addcmul(bias.to(scale.dtype), out, scale) if bias is not None else out * scale
+    return out.to(dtype)
 
 
 def cuda_int4_input(qweight: torch.Tensor) -> torch.Tensor:
@@ -714,10 +738,16 @@ def prepare(model: nn.Module) -> nn.Module:
     """Build the kernel layouts now (right after loading): CPU int4 on the first forward otherwise; CUDA int4
     (the layers' matrices: a lookup table must stay in THUDM's layout) only here. On CUDA, also decide
     where torch's int8 kernel is used; on the CPU, whether glmpool's kernels may stand in for torch's."""
-    int8_cuda = [m for _, m in quantized_modules(model) if m.bits == 8 and m.weight.device.type == "cuda"]
+    dtype = getattr(model, "dtype", torch.float16)
+    for _, module in quantized_modules(model):  # a GPU before Ampere: cpm_cuda's kernels, if they work there
+        device = module.weight.device
+        module.cpm = device.type == "cuda" and cpm_cuda.takes(module.bits, module.in_features, dtype) \
+            and cpm_cuda.usable(device)
+    int8_cuda = [m for _, m in quantized_modules(model)
+                 if m.bits == 8 and m.weight.device.type == "cuda" and not m.cpm]
     if int8_cuda:
         judged = next((m for m in int8_cuda if isinstance(m, QuantizedLinear)), int8_cuda[0])
-        rows = cuda_int8_rows(judged, getattr(model, "dtype", torch.float16))
+        rows = cuda_int8_rows(judged, dtype)
         for module in int8_cuda:
             module.cuda_int8_rows = rows
     broken = None
@@ -729,7 +759,8 @@ def prepare(model: nn.Module) -> nn.Module:
         if module.weight.device.type == "cpu":
             module.own_kernels = module._cpu_int4_ready() and row_kernel.int4_matches_torch(int4_block_rows())
             module.own_int4_rows = module.own_kernels and row_kernel.int4_rows_available(int4_block_rows())
-        elif module.weight.device.type == "cuda" and isinstance(module, QuantizedLinear) and broken is None:
+        elif module.weight.device.type == "cuda" and isinstance(module, QuantizedLinear) and broken is None \
+                and not module.cpm:
             try:
                 module.to_cuda_int4_layout()  # False for a shape it does not take: that matrix is dequantized
             except (RuntimeError, NotImplementedError) as error:  # no such kernel, a GPU before Ampere, wrong results
@@ -740,8 +771,28 @@ def prepare(model: nn.Module) -> nn.Module:
     return model
 
 
+OUTLIER = 1000.0  # the largest |activation| a kernel trial feeds: ChatGLM's outlier channels reach hundreds
+
+
+def probe_activations(rows: int, features: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """fp32 [rows, features] like ChatGLM's hidden states: randn, except a few outlier channels (one in 256,
+    at least two) whose values reach +-OUTLIER; kernels are tried on these, since randn alone never
+    reaches the magnitudes where a product leaves fp16's range."""
+    generator = generator or torch.Generator().manual_seed(0)
+    x = torch.randn(rows, features, generator=generator)
+    channels = torch.randperm(features, generator=generator)[:max(2, features // 256)]
+    magnitudes = OUTLIER * (0.2 + 0.8 * torch.rand(rows, len(channels), generator=generator))
+    signs = torch.randint(0, 2, (rows, len(channels)), generator=generator) * 2 - 1
+    x[:, channels] = magnitudes * signs
+    x[:, channels[0]] = OUTLIER  # the extreme itself, in every row
+    return x
+
+
 def _check_like_dequantized(got: torch.Tensor, want: torch.Tensor, kernel: str = "its") -> None:
-    """A kernel on trial (on the device, at load) must match the dequantized product within 1%."""
+    """A kernel on trial (on the device, at load) must give finite results and match the dequantized
+    product within 1%."""
+    if not bool(torch.isfinite(got).all()):
+        raise RuntimeError(f"{kernel} results overflow {got.dtype} for activations up to |x| = {OUTLIER:g}")
     got, want = got.float(), want.float()
     if not torch.allclose(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max())):
         raise RuntimeError(f"{kernel} results differ from the dequantized matrix's")
@@ -790,7 +841,7 @@ def kernel_rows(module: QuantizedMatrix, path: str, dtype: torch.dtype,
     best = 0
     with torch.no_grad():
         for rows in KERNEL_TRIAL_ROWS:
-            x = torch.randn(rows, module.in_features, generator=generator).to(weight.device, dtype)
+            x = probe_activations(rows, module.in_features, generator).to(weight.device, dtype)
             _check_like_dequantized(module.matmul(x, path=path), module.matmul(x, path="dequant"), f"{path}: its")
             if seconds(x, path) >= seconds(x, "dequant"):
                 break

@@ -336,6 +336,16 @@ class StaticBatcher(Batcher):
     def __len__(self) -> int:
         return len(self.pending) + len(self.prefilling) + len(self.running)
 
+    def reset(self, max_batch: int) -> "StaticBatcher":
+        """Drop every sequence and admit at most `max_batch` from now on (after running out of memory: the
+        cache and the compiled steps are kept); returns itself."""
+        self.pending.clear()
+        self.prefilling.clear()
+        self.running.clear()
+        self.occupants.clear()
+        self.max_batch = min(self.max_batch, max_batch)
+        return self
+
     # --- slots ---
 
     def _attach(self, sequence: Sequence) -> None:
