@@ -41,6 +41,16 @@ def test_every_bucket_is_one_graph(engine, checks):
     assert found == {"buckets": 6, "graph_breaks": 0}
 
 
+def test_bfloat16_steps_are_one_graph_and_decode(tmp_path, checks):
+    from glmpool.engine.tiny import write_tiny_checkpoint
+    engine = load(write_tiny_checkpoint(tmp_path / "ckpt", seed=1, max_sequence_length=128), dtype="bfloat16",
+                  progress=False)
+    batcher = engine.batcher(1, static=True, compile=False)
+    assert checks.check_fullgraph(batcher) == {"buckets": 2, "graph_breaks": 0}
+    tokens = checks.run(batcher, [checks.prompt(batcher, 20)])[0]
+    assert len(tokens) == checks.GREEDY.max_new_tokens or tokens[-1] == engine.config.eos_token_id
+
+
 def test_a_graph_break_is_caught(engine, checks, monkeypatch):
     batcher = engine.batcher(1, static=True, compile=False)
     decode = batcher.decode

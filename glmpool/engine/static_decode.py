@@ -23,6 +23,7 @@ The CPU path (generate.Batcher, model.forward) is unchanged: it keeps its kernel
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -299,6 +300,7 @@ class StaticBatcher(Batcher):
     def _compiled(self, compile: bool, backend: str | None):
         def decode(tokens, positions, write_at, span):
             return decode_logits(self.model, self.cache, tokens, positions, write_at, span)
+        self.compiled = compile
         if not compile:
             return decode, sample_tokens
         cuda = self.model.device.type == "cuda"
@@ -399,13 +401,12 @@ class StaticBatcher(Batcher):
         rows = bucket(len(self.occupants), self.batch_buckets)
         span = bucket(max(s.cache.length for s in decoding) + 1, self.span_buckets)
         by_slot: list[Sequence | None] = [None] * rows
-        inputs = torch.zeros(rows, 4, dtype=torch.long)  # token, position, block position, write_at
-        inputs[:, 3] = self.cache.capacity
+        inputs = [[0, 0, 0, self.cache.capacity]] * rows  # token, position, block position, write_at
         for s in decoding:
             by_slot[s.cache.slot] = s
-            inputs[s.cache.slot] = torch.tensor([s.generated[-1], *s.next_position(), s.cache.length])
+            inputs[s.cache.slot] = [s.generated[-1], *s.next_position(), s.cache.length]
             s.cache.length += 1
-        inputs = inputs.to(device, non_blocking=True)
+        inputs = torch.tensor(inputs).to(device, non_blocking=True)
         logits = self.decode(inputs[:, 0], inputs[:, 1:3], inputs[:, 3], span)
         self.stats.graphs.add((rows, span))
         sample_rows, candidates = sampling_rows(by_slot, self.model.config.vocab_size, device)
@@ -449,18 +450,20 @@ class StaticBatcher(Batcher):
         """Compile (or, eager, just run) the decode step and the sampler for every bucket now, on scratch
         slots, so no request waits for a compiler; returns the seconds it took."""
         start = time.monotonic()
-        device, capacity = self.model.device, self.cache.capacity
+        device, vocab = self.model.device, self.model.config.vocab_size
+        runs = 3 if self.compiled and device.type == "cuda" else 1  # CUDA graphs are recorded on a later run
         with torch.inference_mode():
-            for rows in self.batch_buckets:
-                for span in self.span_buckets:
-                    inputs = torch.zeros(rows, 4, dtype=torch.long, device=device)
-                    inputs[:, 3] = capacity
-                    logits = self.decode(inputs[:, 0], inputs[:, 1:3], inputs[:, 3], span).float()
-                    self.stats.graphs.add((rows, span))
-                for used in {rows, 1}:
-                    sample_rows, _ = sampling_rows([None] * used, self.model.config.vocab_size, device)
-                    self.sample(logits[:used], *sample_rows, min(64, self.model.config.vocab_size))
+            for rows, span, _ in itertools.product(self.batch_buckets, self.span_buckets, range(runs)):
+                inputs = torch.zeros(rows, 4, dtype=torch.long, device=device)
+                inputs[:, 3] = self.cache.capacity
+                logits = self.decode(inputs[:, 0], inputs[:, 1:3], inputs[:, 3], span).float()
+                self.stats.graphs.add((rows, span))
+                for used in {rows, 1}:  # decode steps, and a finished prompt's first token
+                    sample_rows, _ = sampling_rows([None] * used, vocab, device)
+                    self.sample(logits[:used], *sample_rows, min(64, vocab))
         for slot in range(self.cache.slots):
             self.cache.clear(slot)
         self.stats.compile_seconds = time.monotonic() - start
+        log.info("decode step %s for %d buckets in %.1f s", "compiled" if self.compiled else "run",
+                 len(self.stats.graphs), self.stats.compile_seconds)
         return self.stats.compile_seconds
