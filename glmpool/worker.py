@@ -38,6 +38,7 @@ GATHER_MAX_SECONDS = 0.05
 TEST_CRASH_ENV = "GLMPOOL_TEST_CRASH_ON"  # test-only: a worker exits abruptly on a query containing this
 # test-only: a step of a batch of two or more that holds a query containing this runs out of memory
 TEST_OOM_ENV = "GLMPOOL_TEST_OOM_ON"
+TEST_STATIC_ENV = "GLMPOOL_TEST_STATIC"  # test-only: cpu workers take the GPU path (engine.static_decode)
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,8 @@ def main(spec: WorkerSpec, tasks, results) -> None:
                  else engine.default_kv_tokens(sharing=spec.sharing))
     # GPU workers compile every decode-step bucket now, while the supervisor counts it as loading (load_timeout),
     # not as a busy worker's silence (heartbeat_timeout)
-    batch = engine.batcher(spec.max_batch, kv_tokens, compile=spec.compile)
+    static = True if os.environ.get(TEST_STATIC_ENV) else None  # None: the GPU path on GPUs only
+    batch = engine.batcher(spec.max_batch, kv_tokens, static=static, compile=spec.compile)
     compile_seconds = None
     if hasattr(batch, "warm_up"):
         try:
@@ -105,7 +107,10 @@ def main(spec: WorkerSpec, tasks, results) -> None:
         except Exception as error:  # a compiler that fails here: the same steps, eagerly
             log.warning("compiling the decode step failed (%s: %s): running it eagerly (--compile off)",
                         type(error).__name__, error)
-            batch = engine.batcher(spec.max_batch, kv_tokens, compile=False)
+            import torch
+            batch = None
+            torch._dynamo.reset()  # its compiled steps hold the first cache
+            batch = engine.batcher(spec.max_batch, kv_tokens, static=static, compile=False)
         else:
             log.warning("decode step %s in %.1f s", "compiled" if spec.compile else "warmed up", compile_seconds)
     results.send(("ready", spec.wid, {"pid": os.getpid(), "kv_tokens": kv_tokens, "max_batch": spec.max_batch,
