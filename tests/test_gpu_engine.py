@@ -98,3 +98,17 @@ def test_fp16_gpu_path_agrees_with_the_fp32_reference(tiny_dir):
     continuations, op by op 98.4% / 56% (hidden 128: 98.2% / 62% op by op)."""
     check = gpucheck._timed("fp16", lambda: gpucheck.check_fp16_numerics(tiny_dir))
     assert check.ok, check.detail
+
+
+def test_bench_gpu_run_at_toy_size_on_the_cpu(monkeypatch):
+    """bench/gpu.py's GPU report (every method, both random models, every decode case) runs on CPU tensors."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_gpu", bench)  # its dataclass looks itself up there
+    spec.loader.exec_module(bench)
+    ok, detail = bench.check_gpu_run_at_toy_size()
+    assert ok, detail
