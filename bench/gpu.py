@@ -7,11 +7,14 @@ On a GPU it prints: the device; each linear method's availability here; each met
 and its time at 1, 16 and 64 input rows on ChatGLM-6B's matrix shapes, fed activations with ChatGLM-like
 outliers (|x| up to 1000); then a full-size ChatGLM-6B with random weights, in fp16 and in int4, as
 load() sets it up on a GPU: memory after load, the KV-cache budget, and ms per decode step and tokens/s at
-batch 1, 16 and 64 and for one long sequence among 63 short ones.
+batch 1, 16 and 64 and for one long sequence among 63 short ones, through the model's forward and through
+the GPU path's compiled step (engine/static_decode.py, beside its memory bound: weights + KV read a step).
 
 --cpu-dry-run runs the engine's checks (glmpool.engine.gpucheck: the quantized CUDA routes through the
 CPU implementations of their operators, the cpm_kernels route compiled and emulated, the fp16 GPU
-numerics against fp32), this script's own GPU run at toy size on the CPU, and the pool's
+numerics against fp32), this script's own GPU run at toy size on the CPU, the static decode step's
+checks (bench/static_decode.py: one graph per bucket, compiled == eager, one host wait a step, mixed
+lengths, chunked prefill), and the pool's
 (glmpool.gpucheck: device mapping under a parent CUDA_VISIBLE_DEVICES, a worker surviving an
 out-of-memory step, the KV budget split between workers sharing a GPU). Exit status 1 if any fails.
 """
@@ -38,6 +41,9 @@ from glmpool.engine.api import Engine  # noqa: E402
 from glmpool.engine.config import ModelConfig  # noqa: E402
 from glmpool.engine.model import ChatGLM  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import static_decode  # noqa: E402  (bench/static_decode.py: the GPU path's checks and timing)
+
 CHATGLM_SHAPES = {  # N x K of each matrix a token passes through (the last: the tied output projection)
     "query_key_value": (12288, 4096), "attention.dense": (4096, 4096), "dense_h_to_4h": (16384, 4096),
     "dense_4h_to_h": (4096, 16384), "output (vocab)": (130528, 4096)}
@@ -57,6 +63,7 @@ class Options:
     long: int
     steps: int  # decode steps timed per case
     repeats: int = 5  # timings per measurement (their median)
+    bandwidth_gbs: float = 3350.0  # the memory bound's bandwidth (H100 SXM's HBM3)
 
 
 def synchronize(device: torch.device) -> None:
@@ -261,6 +268,12 @@ def model_report(options: Options, bits: int | None) -> list[str]:
         ms, finite = decode_ms(net, lengths, options.steps, min(3, options.repeats))
         lines.append(f"  {name}: {ms:.2f} ms per step, {len(lengths) * 1e3 / ms:.0f} tokens/s"
                      + ("" if finite else ", LOGITS NOT FINITE"))
+        # the GPU path's step (engine/static_decode.py): compiled into CUDA graphs on a GPU, eager in the dry run
+        static = static_decode.time_decode(net, lengths, options.steps, compile=device.type == "cuda")
+        bound = static_decode.memory_bound_ms(net, lengths, options.bandwidth_gbs)
+        lines.append(f"  {name}, static step: {static['ms']:.2f} ms per step, {len(lengths) * 1e3 / static['ms']:.0f} "
+                     f"tokens/s; memory bound {bound:.2f} ms at {options.bandwidth_gbs:.0f} GB/s, "
+                     f"{bound / static['ms']:.0%} of it; compiled in {static['compile_seconds']:.0f} s")
     del engine, net
     return lines
 
@@ -298,10 +311,20 @@ def check_gpu_run_at_toy_size():
     with torch.no_grad():
         gpu_report(toy_options(), out=lambda line: print(line, file=text))
     report = text.getvalue()
-    ok = "NOT FINITE" not in report and report.count("tokens/s") == 2 * (len(toy_options().batches) + 1)
+    ok = "NOT FINITE" not in report and report.count("tokens/s") == 4 * (len(toy_options().batches) + 1)
     rows = sum(line.startswith("| toy") for line in report.splitlines())
     return ok, f"{rows} method rows, 2 models x {len(toy_options().batches) + 1} decode cases, all finite" \
         if ok else report.replace("\n", " / ")[-600:]
+
+
+def check_static_decode():
+    """The GPU path's properties on CPU tensors: one graph per bucket, compiled == eager, one host wait a
+    step, mixed lengths at the operators of uniform ones, a stream never stalled by a burst of prompts."""
+    try:
+        found = static_decode.dry_run()
+    except AssertionError as error:
+        return False, str(error)
+    return True, "; ".join(f"{name} {detail}" for name, detail in found.items())
 
 
 def dry_run() -> int:
@@ -310,6 +333,7 @@ def dry_run() -> int:
     cache = Path(tempfile.gettempdir()) / "glmpool-gpucheck"
     checks = engine_checks.run_all(cached_tiny_checkpoint(cache))
     checks.append(engine_checks._timed("bench/gpu.py's GPU run, toy size on the CPU", check_gpu_run_at_toy_size))
+    checks.append(engine_checks._timed("the static decode step (bench/static_decode.py)", check_static_decode))
     try:
         from glmpool import gpucheck as pool_checks
     except ImportError as error:
@@ -327,13 +351,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-dry-run", action="store_true", help="the GPU-only branches on CPU tensors")
     parser.add_argument("--device", default="cuda", help="the GPU to measure (default: cuda)")
+    parser.add_argument("--context", type=int, default=CONTEXT,
+                        help=f"tokens in each sequence's cache (default {CONTEXT}; the batch-64 target takes 1000)")
+    parser.add_argument("--bandwidth-gbs", type=float, default=Options.bandwidth_gbs,
+                        help="memory bandwidth of the bound, GB/s (default: H100 SXM's 3350)")
     args = parser.parse_args()
     if args.cpu_dry_run:
         return dry_run()
     if not torch.cuda.is_available():
         print("no CUDA device here: run with --cpu-dry-run", file=sys.stderr)
         return 2
-    options = Options(torch.device(args.device), CHATGLM_SHAPES, ROWS, ModelConfig(), BATCHES, CONTEXT, LONG, 12)
+    options = Options(torch.device(args.device), CHATGLM_SHAPES, ROWS, ModelConfig(), BATCHES, args.context, LONG, 12,
+                      bandwidth_gbs=args.bandwidth_gbs)
     started = time.perf_counter()
     with torch.no_grad():
         gpu_report(options)

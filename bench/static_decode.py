@@ -1,10 +1,10 @@
-"""The GPU path's decode step (glmpool/engine/static_decode.py): checks that run anywhere, timings on a GPU.
+"""The GPU path's generation (glmpool/engine/static_decode.py): checks that run anywhere, and the timing
+of its decode step that bench/gpu.py runs on a GPU.
 
-    python bench/static_decode.py --cpu-dry-run            # the checks, on the tiny model, CPU tensors
-    python bench/static_decode.py [--quantize 4] [--batches 1,64] [--context 1000] [--steps 50]
-                                  [--bandwidth-gbs 3350] [--compile off]   # timings, on CUDA
+    python bench/static_decode.py --cpu-dry-run    # the checks on the tiny model's CPU tensors (JSON)
+    python bench/gpu.py [--cpu-dry-run]            # runs them too, and times the step on a GPU
 
-The checks (importable; tests/test_static_decode.py runs each, bench/gpu.py may too):
+The checks (importable; tests/test_static_decode.py runs each, and bench/gpu.py --cpu-dry-run):
 - `check_fullgraph(batcher)`: every (batch, span) bucket's decode step is one graph, no break
   (torch._dynamo.explain on the eager step);
 - `check_compiled_matches_eager(engine, backend)`: the same greedy tokens from compiled and eager steps;
@@ -15,16 +15,16 @@ The checks (importable; tests/test_static_decode.py runs each, bench/gpu.py may 
   is prefilled, and no step does more than a chunk's worth of prompt work.
 Each returns a dict of what it found and raises AssertionError where the property fails.
 
-Timings (CUDA): ms per decode step for each batch size, every sequence holding `--context` tokens, next
-to the memory bound of the step: (weight bytes + KV bytes attended) / bandwidth. The model is ChatGLM-6B's
-shape with random weights (fp16, or quantized by glmpool's own code), built on the device, so nothing is
-downloaded; `--model DIR` loads a checkpoint instead.
+Timings: `time_decode(model, lengths, steps, compile)`, the median ms of a step of sequences holding
+`lengths` tokens, and `memory_bound_ms(model, lengths, GB/s)`, the step's bytes (weights + KV) over a
+bandwidth.
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from glmpool.engine import SamplingParams, load  # noqa: E402
 from glmpool.engine.static_decode import StaticBatcher  # noqa: E402
+
 
 # operators that make the host wait for the device: a scalar read, data-dependent shapes, a copy to the host
 WAITING_OPERATORS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique",
@@ -183,94 +184,58 @@ def dry_run(model_dir: str | None = None) -> dict:
     }
 
 
-# --- timings on a GPU ---
+# --- timings (bench/gpu.py runs them on its random ChatGLM-6B) ---
 
-def random_engine(quantize: int | None, device: str):
-    """ChatGLM-6B's shape, random weights made on the device, a tokenizer with its 130528-entry vocabulary."""
-    from glmpool.engine.api import Engine
-    from glmpool.engine.config import ModelConfig
-    from glmpool.engine.model import ChatGLM
-    from glmpool.engine.quantize import prepare, quantize_model
-    from glmpool.engine.tiny import write_tiny_checkpoint
-    from glmpool.engine.tokenizer import ChatGLMTokenizer
-    tokenizer_dir = Path(".cache") / "static-decode-vocab"
-    if not (tokenizer_dir / "config.json").is_file():
-        write_tiny_checkpoint(tokenizer_dir, layers=1, vocab=130528)
-    with torch.device("meta"):
-        net = ChatGLM(ModelConfig())
-    net = net.to(torch.float16).to_empty(device=device)
-    with torch.no_grad():
-        for name, tensor in net.named_parameters():
-            tensor.fill_(1.0) if "layernorm.weight" in name else tensor.normal_(0.0, 0.02)
-    if quantize:
-        quantize_model(net, quantize)
-    prepare(net)
-    net.eval().requires_grad_(False)
-    return Engine(net, ChatGLMTokenizer.from_dir(tokenizer_dir), f"random ChatGLM-6B{f' int{quantize}' if quantize else ''}")
+def occupy(batcher: StaticBatcher, lengths: list[int], steps: int) -> None:
+    """Running sequences holding `lengths` tokens each (their cache as it is: timings only), greedy, with
+    room for `steps` more."""
+    config = batcher.model.config
+    for key, length in enumerate(lengths):
+        params = SamplingParams(do_sample=False, max_length=min(batcher.cache.capacity, length + steps + 8))
+        batcher.add_prompt(key, [config.gmask_token_id, config.bos_token_id], params)
+        sequence = batcher.pending.pop(key)
+        batcher._attach(sequence)
+        sequence.cache.length = length
+        sequence.prompt = [config.gmask_token_id] * (length - 1) + [config.bos_token_id]
+        sequence.context_length = sequence.mask_position = length - 1
+        sequence.generated = [5]
+        batcher.running[key] = sequence
 
 
-def model_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+def memory_bound_ms(model, lengths: list[int], gigabytes_per_second: float) -> float:
+    """A decode step's bytes (every weight once, and each sequence's KV cache) over the bandwidth."""
+    c = model.config
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    kv = sum(lengths) * c.num_layers * 2 * c.hidden_size * torch.finfo(model.dtype).bits // 8
+    return (weights + kv) / (gigabytes_per_second * 1e6)
 
 
-def time_decode(engine, batch: int, context: int, steps: int, compile: bool) -> dict:
-    """Median ms of a decode step of `batch` sequences with `context` tokens each, greedy."""
-    batcher = engine.batcher(batch, static=True, compile=compile)
-    compile_seconds = batcher.warm_up()
-    params = SamplingParams(do_sample=False, max_new_tokens=steps + 8, max_length=context + steps + 16)
-    for key in range(batch):
-        batcher.add_prompt(key, prompt(batcher, context, key), params)
-    while batcher.pending or batcher.prefilling:
-        batcher.step()
+def time_decode(model, lengths: list[int], steps: int, compile: bool) -> dict:
+    """Median ms of a StaticBatcher step (sampling and read-back included) of sequences at `lengths`,
+    after compiling (and recording) the buckets it meets; the compile seconds."""
+    from types import SimpleNamespace
+    c = model.config
+    tokenizer = SimpleNamespace(bos_id=c.bos_token_id, mask_id=c.mask_token_id, gmask_id=c.gmask_token_id)
+    batcher = StaticBatcher(model, tokenizer, len(lengths), compile=compile, capacity=max(lengths) + steps + 8)
+    spans = {min(s for s in batcher.span_buckets if s > max(lengths) + i) for i in range(steps)}
+    compile_seconds = batcher.warm_up([(batcher.batch_buckets[-1], span) for span in sorted(spans)])
+    occupy(batcher, lengths, steps)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        batcher.step()  # ends with its read-back: the device is done
+        batcher.step()  # ends reading its tokens back: the device is done
         times.append(time.perf_counter() - start)
-    c = engine.config
-    kv_bytes = batch * context * c.num_layers * 2 * c.hidden_size * torch.finfo(engine.model.dtype).bits // 8
-    return {"batch": batch, "context": context, "ms_per_step": 1e3 * sorted(times)[len(times) // 2],
-            "weight_bytes": model_bytes(engine.model), "kv_bytes": kv_bytes, "compile_seconds": compile_seconds}
-
-
-def measured_bandwidth(device: str, gigabytes: float = 4.0) -> float:
-    """GB/s of a device-to-device copy (read + write counted)."""
-    source = torch.empty(int(gigabytes * 2 ** 29), dtype=torch.float16, device=device)
-    target = torch.empty_like(source)
-    target.copy_(source)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(5):
-        target.copy_(source)
-    torch.cuda.synchronize()
-    return 5 * 2 * source.numel() * 2 / (time.perf_counter() - start) / 1e9
+    return {"ms": 1e3 * statistics.median(times), "compile_seconds": compile_seconds}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cpu-dry-run", action="store_true", help="run the checks on CPU tensors and stop")
-    parser.add_argument("--model", help="checkpoint directory (default: random weights in ChatGLM-6B's shape)")
-    parser.add_argument("--quantize", type=int, choices=(4, 8))
-    parser.add_argument("--batches", default="1,64")
-    parser.add_argument("--context", type=int, default=1000)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--compile", choices=("on", "off"), default="on")
-    parser.add_argument("--bandwidth-gbs", type=float, default=3350.0, help="the bound's bandwidth (H100 SXM: 3350)")
+    parser.add_argument("--cpu-dry-run", action="store_true", help="run the checks on CPU tensors")
+    parser.add_argument("--model", help="checkpoint directory for the checks (default: a tiny random one)")
     args = parser.parse_args()
-    if args.cpu_dry_run:
-        print(json.dumps(dry_run(args.model), indent=2))
-        return
-    if not torch.cuda.is_available():
-        sys.exit("no CUDA device: use --cpu-dry-run")
-    engine = (load(args.model, device="cuda", quantize=args.quantize, progress=False) if args.model
-              else random_engine(args.quantize, "cuda"))
-    copy_gbs = measured_bandwidth("cuda")
-    for batch in map(int, args.batches.split(",")):
-        result = time_decode(engine, batch, args.context, args.steps, args.compile == "on")
-        bound_ms = (result["weight_bytes"] + result["kv_bytes"]) / (args.bandwidth_gbs * 1e6)
-        result.update(model=engine.name, bound_ms=round(bound_ms, 3), fraction_of_bound=round(bound_ms / result["ms_per_step"], 3),
-                      copy_gbs=round(copy_gbs), tokens_per_s=round(batch * 1e3 / result["ms_per_step"]))
-        print(json.dumps(result))
+    if not args.cpu_dry_run:
+        sys.exit("the timings are in bench/gpu.py; here: --cpu-dry-run")
+    print(json.dumps(dry_run(args.model), indent=2))
 
 
 if __name__ == "__main__":

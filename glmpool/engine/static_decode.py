@@ -277,13 +277,14 @@ class StepStats:
 class StaticBatcher(Batcher):
     """generate.Batcher's interface (add, step, cancel, admission) on the GPU path: see the module docstring.
 
-    Slots: max_batch, fewer where the KV budget cannot give each the model's window; each slot holds up to
-    `capacity` tokens (the window, or the whole budget for one slot when that is less)."""
+    Slots: max_batch, fewer where the KV budget cannot give each `capacity` tokens (default the model's
+    window: requests ask for up to max_length 2048; the whole budget for one slot when that is less)."""
 
     def __init__(self, model: ChatGLM, tokenizer, max_batch: int = 16, max_kv_tokens: int | None = None,
-                 compile: bool = True, backend: str | None = None, prefill_chunk: int = PREFILL_CHUNK):
+                 compile: bool = True, backend: str | None = None, prefill_chunk: int = PREFILL_CHUNK,
+                 capacity: int | None = None):
         window = model.config.max_sequence_length
-        capacity = window if max_kv_tokens is None else max(1, min(window, max_kv_tokens))
+        capacity = min(window, capacity or window, max_kv_tokens or window)
         slots = max_batch if max_kv_tokens is None else max(1, min(max_batch, max_kv_tokens // capacity))
         super().__init__(model, tokenizer, slots, max_kv_tokens, shared_cache=False)
         self.cache = StaticKV(model, slots, capacity)
@@ -446,14 +447,16 @@ class StaticBatcher(Batcher):
 
     # --- compilation ---
 
-    def warm_up(self) -> float:
-        """Compile (or, eager, just run) the decode step and the sampler for every bucket now, on scratch
-        slots, so no request waits for a compiler; returns the seconds it took."""
+    def warm_up(self, buckets: list[tuple[int, int]] | None = None) -> float:
+        """Compile (or, eager, just run) the decode step and the sampler for every (batch, span) bucket (or
+        those given) now, writing only the scratch column, so no request waits for a compiler; returns the
+        seconds it took. Run it before sequences are added."""
         start = time.monotonic()
         device, vocab = self.model.device, self.model.config.vocab_size
         runs = 3 if self.compiled and device.type == "cuda" else 1  # CUDA graphs are recorded on a later run
         with torch.inference_mode():
-            for rows, span, _ in itertools.product(self.batch_buckets, self.span_buckets, range(runs)):
+            buckets = buckets or list(itertools.product(self.batch_buckets, self.span_buckets))
+            for (rows, span), _ in itertools.product(buckets, range(runs)):
                 inputs = torch.zeros(rows, 4, dtype=torch.long, device=device)
                 inputs[:, 3] = self.cache.capacity
                 logits = self.decode(inputs[:, 0], inputs[:, 1:3], inputs[:, 3], span).float()
@@ -461,8 +464,6 @@ class StaticBatcher(Batcher):
                 for used in {rows, 1}:  # decode steps, and a finished prompt's first token
                     sample_rows, _ = sampling_rows([None] * used, vocab, device)
                     self.sample(logits[:used], *sample_rows, min(64, vocab))
-        for slot in range(self.cache.slots):
-            self.cache.clear(slot)
         self.stats.compile_seconds = time.monotonic() - start
         log.info("decode step %s for %d buckets in %.1f s", "compiled" if self.compiled else "run",
                  len(self.stats.graphs), self.stats.compile_seconds)
