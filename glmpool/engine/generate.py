@@ -92,6 +92,7 @@ class Sequence:
     shown: tuple[int, str] = (0, "")  # (generated tokens, text) of the latest text without a cut character
     mask_position: int = 0
     context_length: int = 0
+    seed: int = 0  # the generator's seed: the GPU path draws from it by a hash (static_decode.sample_tokens)
 
     def next_position(self) -> tuple[int, int]:
         """(position, block position) of the token about to be fed (the last generated one)."""

@@ -84,7 +84,7 @@ class StaticKV(torch.nn.Module):
 
 def decode_logits(model: ChatGLM, cache: StaticKV, tokens: torch.Tensor, positions: torch.Tensor,
                   write_at: torch.Tensor, span: int) -> torch.Tensor:
-    """One new token for each of slots 0..B-1 -> logits [B, vocab]. Fixed shapes for fixed B and span.
+    """One new token for each of slots 0..B-1 -> logits [B, vocab] in fp32. Fixed shapes for fixed B and span.
 
     tokens [B]; positions [B, 2] (position, block position); write_at [B]: where the row's key and value
     go, its cached length (a padding row: cache.capacity, the scratch column). Each row attends to
@@ -110,7 +110,7 @@ def decode_logits(model: ChatGLM, cache: StaticKV, tokens: torch.Tensor, positio
         x = attention_input * layer.alpha + project(layer.attention.dense, context.transpose(1, 2).reshape(B, 1, H))
         mlp_input = layer.post_attention_layernorm(x)
         x = mlp_input * layer.alpha + layer.mlp(mlp_input)
-    return model.output_logits(model.final_layernorm(x[:, 0]))
+    return model.output_logits(model.final_layernorm(x[:, 0])).float()
 
 
 # --- sampling on the device ---
@@ -304,10 +304,12 @@ class StaticBatcher(Batcher):
         self.compiled = compile
         if not compile:
             return decode, sample_tokens
-        cuda = self.model.device.type == "cuda"
         options = dict(fullgraph=True, dynamic=False, backend=backend or "inductor")
-        if cuda and options["backend"] == "inductor":
+        if self.model.device.type == "cuda" and options["backend"] == "inductor":
             options["mode"] = "reduce-overhead"
+            # CUDA graphs read weights and tables where they are: marked static, none is copied in a replay
+            for tensor in (*self.model.parameters(), *self.model.buffers()):
+                torch._dynamo.mark_static_address(tensor)
         graphs = len(self.batch_buckets) * (len(self.span_buckets) + 2)  # + the samplers' few shapes
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
         torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
@@ -329,8 +331,8 @@ class StaticBatcher(Batcher):
     def add_prompt(self, key: Hashable, prompt: list[int], params: SamplingParams | None = None) -> int:
         length = super().add_prompt(key, prompt, params)
         sequence = self.pending[key]
-        sequence.seed = sequence.generator.initial_seed() if sequence.generator is not None else 0
-        sequence.generator = None  # draws come from sample_tokens' hash of the seed
+        if sequence.generator is not None:  # draws come from sample_tokens' hash of the seed instead
+            sequence.seed, sequence.generator = sequence.generator.initial_seed(), None
         return length
 
     def keys(self) -> list[Hashable]:
@@ -378,6 +380,8 @@ class StaticBatcher(Batcher):
     @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
         """Advance every running sequence by one token and the prompts by at most a chunk's worth."""
+        if self.compiled:  # a new step: the graphs' outputs of the last one are dead (CUDA graph trees)
+            torch.compiler.cudagraph_mark_step_begin()
         decoding = sorted(self.running.values(), key=lambda s: s.cache.slot)
         tokens = []  # on the device, read back together: the step's one wait
         if decoding:
@@ -411,7 +415,7 @@ class StaticBatcher(Batcher):
         logits = self.decode(inputs[:, 0], inputs[:, 1:3], inputs[:, 3], span)
         self.stats.graphs.add((rows, span))
         sample_rows, candidates = sampling_rows(by_slot, self.model.config.vocab_size, device)
-        tokens = self.sample(logits.float(), *sample_rows, candidates)
+        tokens = self.sample(logits, *sample_rows, candidates)
         if len(decoding) == rows or decoding[-1].cache.slot == len(decoding) - 1:
             return tokens[:len(decoding)]
         slots = torch.tensor([s.cache.slot for s in decoding]).to(device, non_blocking=True)
@@ -457,9 +461,11 @@ class StaticBatcher(Batcher):
         with torch.inference_mode():
             buckets = buckets or list(itertools.product(self.batch_buckets, self.span_buckets))
             for (rows, span), _ in itertools.product(buckets, range(runs)):
+                if self.compiled:
+                    torch.compiler.cudagraph_mark_step_begin()
                 inputs = torch.zeros(rows, 4, dtype=torch.long, device=device)
                 inputs[:, 3] = self.cache.capacity
-                logits = self.decode(inputs[:, 0], inputs[:, 1:3], inputs[:, 3], span).float()
+                logits = self.decode(inputs[:, 0], inputs[:, 1:3], inputs[:, 3], span)
                 self.stats.graphs.add((rows, span))
                 for used in {rows, 1}:  # decode steps, and a finished prompt's first token
                     sample_rows, _ = sampling_rows([None] * used, vocab, device)
