@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .errors import PromptTooLongError
 from .generate import INVALID_SCORE_TOKEN, Batcher, SamplingParams, Sequence, TokenEvent
-from .model import ChatGLM, project, prompt_positions, queries_keys_values
+from .model import ChatGLM, prompt_positions, queries_keys_values
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +101,13 @@ def decode_logits(model: ChatGLM, cache: StaticKV, tokens: torch.Tensor, positio
     x = model.word_embeddings(tokens[:, None])  # [B, 1, H]
     for layer, data in zip(model.layers, cache.layers):
         attention_input = layer.input_layernorm(x)
-        qkv = project(layer.attention.query_key_value, attention_input).view(B, 1, n, 3, d)
+        qkv = layer.attention.query_key_value(attention_input).view(B, 1, n, 3, d)
         q, key_value, scale = queries_keys_values(qkv, cos, sin, parts, layer.attention.layer_id)
         data[:, rows, :, write_at] = key_value[:, :, :, 0]  # indexed dims first: [B, 2, n, d]
         # q is already divided by sqrt(d) * scale; scaling the scores back by `scale` is the reference's order
         context = F.scaled_dot_product_attention(q, data[0, :B, :, :span], data[1, :B, :, :span],
                                                  attn_mask=attend, scale=scale)  # [B, n, 1, d]
-        x = attention_input * layer.alpha + project(layer.attention.dense, context.transpose(1, 2).reshape(B, 1, H))
+        x = attention_input * layer.alpha + layer.attention.dense(context.transpose(1, 2).reshape(B, 1, H))
         mlp_input = layer.post_attention_layernorm(x)
         x = mlp_input * layer.alpha + layer.mlp(mlp_input)
     return model.output_logits(model.final_layernorm(x[:, 0])).float()
@@ -230,7 +230,7 @@ def prefill_pieces(model: ChatGLM, cache: StaticKV, job: PrefillJob, chunk: int,
 
     def project_chunk(layer, start, end):
         t = end - start
-        qkv = project(layer.attention.query_key_value, layer.input_layernorm(job.hidden[None, start:end]))
+        qkv = layer.attention.query_key_value(layer.input_layernorm(job.hidden[None, start:end]))
         q, key_value, scale = queries_keys_values(qkv.view(1, t, n, 3, d), cos[:, start:end], sin[:, start:end],
                                                   parts, layer.attention.layer_id)
         cache.layers[layer.attention.layer_id][:, job.sequence.cache.slot, :, start:end] = key_value[0]
@@ -242,7 +242,7 @@ def prefill_pieces(model: ChatGLM, cache: StaticKV, job: PrefillJob, chunk: int,
         context = F.scaled_dot_product_attention(queries[None, :, start:end], data[0][None], data[1][None],
                                                  attn_mask=allowed[start:end], scale=float(layer.attention.layer_id + 1))
         attention_input = layer.input_layernorm(job.hidden[None, start:end])
-        x = attention_input * layer.alpha + project(layer.attention.dense, context.transpose(1, 2).reshape(1, t, H))
+        x = attention_input * layer.alpha + layer.attention.dense(context.transpose(1, 2).reshape(1, t, H))
         mlp_input = layer.post_attention_layernorm(x)
         job.hidden[start:end] = (mlp_input * layer.alpha + layer.mlp(mlp_input))[0]
 
