@@ -123,7 +123,7 @@ def check_compiled_matches_eager(engine, backend: str = "aot_eager", max_batch: 
 def decode_step_counts(engine, lengths: list[int], max_batch: int) -> OperatorCounter:
     """The operators of one decode step (sampling and read-back included) of sequences at `lengths`."""
     batcher = engine.batcher(max_batch, static=True, compile=False)
-    params = SamplingParams(do_sample=True, seed=3, max_new_tokens=4)
+    params = SamplingParams(do_sample=True, seed=3, max_new_tokens=16)
     for key, length in enumerate(lengths):
         batcher.add_prompt(key, prompt(batcher, length, key), params)
     while batcher.pending or batcher.prefilling:

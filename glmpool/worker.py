@@ -113,7 +113,7 @@ def main(spec: WorkerSpec, tasks, results) -> None:
             batch = engine.batcher(spec.max_batch, kv_tokens, static=static, compile=False)
         else:
             log.warning("decode step %s in %.1f s", "compiled" if spec.compile else "warmed up", compile_seconds)
-    results.send(("ready", spec.wid, {"pid": os.getpid(), "kv_tokens": kv_tokens, "max_batch": spec.max_batch,
+    results.send(("ready", spec.wid, {"pid": os.getpid(), "kv_tokens": kv_tokens, "max_batch": batch.max_batch,
                                       "compile_seconds": compile_seconds}))
     try:
         Loop(spec, engine, batch, tasks, results).run()
@@ -147,7 +147,8 @@ class Loop:
         self.waiting: deque[Task] = deque()  # dispatched here, not yet admitted (batch or KV budget full)
         self.active: dict[str, Task] = {}  # in the batch
         self.tokens = 0
-        self.max_batch = spec.max_batch  # lowered after running out of memory (see recover)
+        # lowered after running out of memory (see recover); the GPU path may hold fewer slots (its KV budget)
+        self.max_batch = getattr(batch, "max_batch", spec.max_batch)
         self.last_beat = 0.0
         self.crash_marker = os.environ.get(TEST_CRASH_ENV)
         self.oom_marker = os.environ.get(TEST_OOM_ENV)

@@ -21,6 +21,9 @@ params = SamplingParams(do_sample=True, top_p=0.7, temperature=0.95, top_k=50,
 batch = engine.batcher(max_batch=16, max_kv_tokens=None, shared_cache=None)   # continuous batching; one per
                          # worker; shared_cache: one KV slab, batched decode attention (default: off the
                          # CPU, and on it where load() found the padding exact)
+batch = engine.batcher(..., static=None, compile=True, backend=None)  # static: the GPU path (static_decode.py:
+                         # static KV cache, compiled bucketed decode steps, sampling on the device, chunked
+                         # prefill; default on GPUs); batch.warm_up() compiles every bucket now -> seconds
 batch.add(key, query, history, params)   # prefill happens in the next step(); raises
                                          #   AdmissionError (no room now: retry later, nothing changed),
                                          #   PromptTooLongError / ValueError (permanent: report as error)
