@@ -12,7 +12,8 @@ The checks (importable; tests/test_static_decode.py runs each, and bench/gpu.py 
   for the device: at most one;
 - `check_mixed_lengths(engine)`: the operators of a step of mixed lengths over those of uniform ones;
 - `check_prefill_burst(engine)`: a decoding stream gains a token every step while a burst of long prompts
-  is prefilled, and no step does more than a chunk's worth of prompt work.
+  is prefilled, and no step does more than a chunk's worth of prompt work;
+- `check_inductor(engine)` (`--inductor`, minutes): inductor's generated code gives the eager tokens.
 Each returns a dict of what it found and raises AssertionError where the property fails.
 
 Timings: `time_decode(model, lengths, steps, compile)`, the median ms of a step of sequences holding
@@ -120,6 +121,17 @@ def check_compiled_matches_eager(engine, backend: str = "aot_eager", max_batch: 
     return {"sequences": len(eager), "tokens": sum(map(len, eager.values())), "graphs": graphs}
 
 
+def check_inductor(engine) -> dict:
+    """Inductor's own code (C++ on the CPU) for one bucket gives the eager step's greedy tokens. Minutes on
+    2 cores: not in the suite; `--cpu-dry-run --inductor`."""
+    prompts = [prompt(engine.batcher(1, static=True, compile=False), 9, 0)]
+    eager = run(StaticBatcher(engine.model, engine.tokenizer, 1, compile=False, capacity=64), prompts)
+    start = time.monotonic()
+    compiled = run(StaticBatcher(engine.model, engine.tokenizer, 1, compile=True, capacity=64), prompts)
+    assert compiled == eager, f"inductor {compiled} != eager {eager}"
+    return {"tokens": len(eager[0]), "seconds": round(time.monotonic() - start)}
+
+
 def decode_step_counts(engine, lengths: list[int], max_batch: int) -> OperatorCounter:
     """The operators of one decode step (sampling and read-back included) of sequences at `lengths`."""
     batcher = engine.batcher(max_batch, static=True, compile=False)
@@ -169,21 +181,24 @@ def check_prefill_burst(engine, chunk: int = 16, prompts: int = 3, prompt_tokens
     return {"steps_with_prompts": steps, "largest_step_work": most, "budget": budget}
 
 
-def dry_run(model_dir: str | None = None) -> dict:
-    """Every check on the tiny model's CPU tensors."""
+def dry_run(model_dir: str | None = None, inductor: bool = False) -> dict:
+    """Every check on the tiny model's CPU tensors (with `inductor`, check_inductor too)."""
     if model_dir is None:
         from glmpool.engine.tiny import write_tiny_checkpoint
         model_dir = Path(".cache") / "static-decode-tiny"
         if not (model_dir / "config.json").is_file():
             write_tiny_checkpoint(model_dir, seed=1, max_sequence_length=256)
     engine = load(model_dir, progress=False)
-    return {
+    found = {
         "fullgraph": check_fullgraph(engine.batcher(4, static=True, compile=False)),
         "compiled_matches_eager": check_compiled_matches_eager(engine),
         "host_syncs": check_host_syncs(engine),
         "mixed_lengths": check_mixed_lengths(engine),
         "prefill_burst": check_prefill_burst(engine),
     }
+    if inductor:
+        found["inductor"] = check_inductor(engine)
+    return found
 
 
 # --- timings (bench/gpu.py runs them on its random ChatGLM-6B) ---
@@ -234,10 +249,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-dry-run", action="store_true", help="run the checks on CPU tensors")
     parser.add_argument("--model", help="checkpoint directory for the checks (default: a tiny random one)")
+    parser.add_argument("--inductor", action="store_true", help="also compile one bucket with inductor (minutes)")
     args = parser.parse_args()
     if not args.cpu_dry_run:
         sys.exit("the timings are in bench/gpu.py; here: --cpu-dry-run")
-    print(json.dumps(dry_run(args.model), indent=2))
+    print(json.dumps(dry_run(args.model, args.inductor), indent=2))
 
 
 if __name__ == "__main__":
