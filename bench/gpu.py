@@ -162,12 +162,14 @@ def method_table(options: Options) -> list[str]:
                 x = Q.probe_activations(rows, K, generator).to(device)
                 want = x @ reference.t()
                 x16 = x.half()
-                with torch.no_grad():
+                try:
                     got = product(x16)
                     error = float((got.float() - want).abs().max() / want.abs().max())
                     finite = bool(torch.isfinite(got).all())
                     ms = milliseconds(lambda: product(x16), device, options.repeats, options.repeats)
-                cells.append(f"{error:.2%}{'' if finite else ' NOT FINITE'}, {ms:.3f}")
+                    cells.append(f"{error:.2%}{'' if finite else ' NOT FINITE'}, {ms:.3f}")
+                except Exception as error:  # noqa: BLE001 -- one failing method must not end the run
+                    cells.append(f"FAILED: {type(error).__name__}: {str(error)[:80]}")
             lines.append(f"| {name} ({N} x {K}) | {method} | " + " | ".join(cells) + " |")
             del reference, product
         del weight
@@ -258,7 +260,11 @@ def model_report(options: Options, bits: int | None) -> list[str]:
         if needed > budget:
             lines.append(f"  {name}: skipped, needs {needed} KV tokens")
             continue
-        ms, finite = decode_ms(net, lengths, options.steps, min(3, options.repeats))
+        try:
+            ms, finite = decode_ms(net, lengths, options.steps, min(3, options.repeats))
+        except Exception as error:  # noqa: BLE001 -- reported, and the run goes on
+            lines.append(f"  {name}: FAILED: {type(error).__name__}: {str(error)[:200]}")
+            continue
         lines.append(f"  {name}: {ms:.2f} ms per step, {len(lengths) * 1e3 / ms:.0f} tokens/s"
                      + ("" if finite else ", LOGITS NOT FINITE"))
     del engine, net
@@ -298,7 +304,7 @@ def check_gpu_run_at_toy_size():
     with torch.no_grad():
         gpu_report(toy_options(), out=lambda line: print(line, file=text))
     report = text.getvalue()
-    ok = "NOT FINITE" not in report and report.count("tokens/s") == 2 * (len(toy_options().batches) + 1)
+    ok = "NOT FINITE" not in report and "FAILED" not in report and report.count("tokens/s") == 2 * (len(toy_options().batches) + 1)
     rows = sum(line.startswith("| toy") for line in report.splitlines())
     return ok, f"{rows} method rows, 2 models x {len(toy_options().batches) + 1} decode cases, all finite" \
         if ok else report.replace("\n", " / ")[-600:]

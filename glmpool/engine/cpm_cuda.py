@@ -161,6 +161,8 @@ def matmul(weight: torch.Tensor, scale: torch.Tensor, bits: int, x2: torch.Tenso
     M, K = x2.shape
     N = weight.shape[0]
     x2 = x2.contiguous()
+    if x2.data_ptr() % 16:  # a view at an odd offset: the kernels read x in aligned 32-bit pairs
+        x2 = x2.clone()
     words = weight.view(torch.int32)
     if M <= MAX_ROWS:
         out = torch.empty(M, N, dtype=torch.float16, device=x2.device)
