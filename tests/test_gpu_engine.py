@@ -68,13 +68,14 @@ def test_cpm_kernels_source_compiles_for_pre_ampere_gpus():
         cpm_cuda._nvrtc()
     except OSError:
         pytest.skip("no NVRTC here (pip install nvidia-cuda-nvrtc-cu12)")
-    for arch in ("compute_61", "compute_70", "compute_75"):
-        ptx = cpm_cuda.compile_ptx(arch)
+    for arch in ("61", "70", "75"):
+        ptx = cpm_cuda.compile_source(f"compute_{arch}")
         assert ptx.endswith(b"\0") and all(f".entry quant_{k}_int{b}".encode() in ptx
                                            for k in ("gemv", "dequant") for b in (4, 8))
         assert b"ld.local" not in ptx  # the per-row sums stay in registers
+        assert cpm_cuda.compile_source(f"sm_{arch}").startswith(b"\x7fELF")  # machine code
     with pytest.raises(RuntimeError, match="compile"):
-        cpm_cuda.compile_ptx("compute_10")
+        cpm_cuda.compile_source("compute_10")
 
 
 def test_fp32_pointwise_rounds_once():

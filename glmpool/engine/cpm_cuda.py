@@ -3,7 +3,7 @@ RTX 20xx, where most int4 ChatGLM-6B users are), through cpm_kernels, as THUDM's
 
 THUDM's quantization.py ships its compiled extraction kernels inside itself and uses cpm_kernels, their
 package, only to load and launch them. glmpool does the same with kernels of its own (cpm_cuda.cu): NVRTC
-compiles them at first use for the device's architecture (torch's CUDA wheels bring NVRTC), and
+compiles them at first use for the device (torch's CUDA wheels bring NVRTC), and
 cpm_kernels loads the result and launches it on torch's stream. THUDM's stored layout is read as it is,
 nothing is re-laid out, so the matrix stays saveable and movable.
 
@@ -78,9 +78,10 @@ def _nvrtc() -> ctypes.CDLL:
     return ctypes.CDLL(path)
 
 
-def compile_ptx(arch: str) -> bytes:
-    """cpm_cuda.cu compiled by NVRTC to PTX for virtual architecture `arch` (e.g. "compute_75"), NUL-ended
-    as the CUDA driver loads it. RuntimeError with NVRTC's log if it does not compile."""
+def compile_source(arch: str) -> bytes:
+    """cpm_cuda.cu compiled by NVRTC for `arch`: machine code (CUBIN) for a real architecture ("sm_75"),
+    PTX, NUL-ended as the CUDA driver loads it, for a virtual one ("compute_75"). RuntimeError with
+    NVRTC's log if it does not compile."""
     nvrtc = _nvrtc()
     program = ctypes.c_void_p()
 
@@ -100,11 +101,12 @@ def compile_ptx(arch: str) -> bytes:
         options = [f"--gpu-architecture={arch}".encode(), b"--std=c++14"]
         check(nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options)),
               "compile")
+        kind = "CUBIN" if arch.startswith("sm_") else "PTX"
         size = ctypes.c_size_t()
-        check(nvrtc.nvrtcGetPTXSize(program, ctypes.byref(size)), "PTX size")
-        ptx = ctypes.create_string_buffer(size.value)
-        check(nvrtc.nvrtcGetPTX(program, ptx), "PTX")
-        return ptx.raw
+        check(getattr(nvrtc, f"nvrtcGet{kind}Size")(program, ctypes.byref(size)), f"{kind} size")
+        code = ctypes.create_string_buffer(size.value)
+        check(getattr(nvrtc, f"nvrtcGet{kind}")(program, code), kind)
+        return code.raw
     finally:
         nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
 
@@ -132,19 +134,24 @@ def _torch_cuda_libraries_for_cpm_kernels():
 
 
 @functools.cache
-def _kernels(arch: str) -> dict:
-    """The entry points of cpm_cuda.cu for `arch`, as cpm_kernels KernelFunctions (loaded into the current
-    device's context on first launch)."""
+def _kernels(capability: tuple[int, int]) -> dict:
+    """The entry points of cpm_cuda.cu for GPUs of `capability`, as cpm_kernels KernelFunctions (loaded into
+    the current device's context on first launch). Machine code where this NVRTC knows the GPU: PTX would
+    need the driver to be as new as NVRTC to compile it; PTX for the newest virtual architecture it knows
+    below otherwise."""
     with _torch_cuda_libraries_for_cpm_kernels():
         from cpm_kernels.kernels.base import KernelFunction, LazyKernelCModule
-    module = LazyKernelCModule(compile_ptx(arch))
+    try:
+        code = compile_source("sm_%d%d" % capability)
+    except RuntimeError:
+        code = compile_source("compute_%d%d" % capability)
+    module = LazyKernelCModule(code)
     return {f"{kind}{bits}": KernelFunction(module, f"quant_{kind}_int{bits}")
             for kind in ("gemv", "dequant") for bits in (4, 8)}
 
 
 def _launch(device: torch.device, name: str, grid: int, threads: int, *arguments) -> None:
-    major, minor = torch.cuda.get_device_capability(device)
-    kernel = _kernels(f"compute_{major}{minor}")[name]
+    kernel = _kernels(torch.cuda.get_device_capability(device))[name]
     values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int32(a) for a in arguments]
     with torch.cuda.device(device):
         kernel((grid, 1, 1), (threads, 1, 1), 0, torch.cuda.current_stream(device).cuda_stream, values)
