@@ -32,9 +32,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from glmpool.engine import cpm_cuda  # noqa: E402
-from glmpool.engine import quantize as Q  # noqa: E402
 from glmpool.engine.api import Engine  # noqa: E402
+from glmpool.engine.linear import cpm  # noqa: E402
+from glmpool.engine.linear import registry  # noqa: E402
+from glmpool.engine.linear.base import method_class, probe_activations  # noqa: E402
+from glmpool.engine.linear.quantized import QuantizedLinear, prepare, quantize_model  # noqa: E402
+from glmpool.engine.linear.thudm import quantize_weight  # noqa: E402
 from glmpool.engine.config import ModelConfig  # noqa: E402
 from glmpool.engine.model import ChatGLM  # noqa: E402
 
@@ -95,9 +98,9 @@ def random_weight(N: int, K: int, device: torch.device, generator: torch.Generat
     return (torch.randn(N, K, generator=generator) * 0.02).clamp_(-0.1, 0.1).to(device)
 
 
-def quantized(weight: torch.Tensor, bits: int) -> Q.QuantizedLinear:
-    module = Q.QuantizedLinear(weight.shape[1], weight.shape[0], bits, bias=False, device=weight.device)
-    module.set_quantized(*Q.quantize_weight(weight, bits))
+def quantized(weight: torch.Tensor, bits: int) -> QuantizedLinear:
+    module = QuantizedLinear(weight.shape[1], weight.shape[0], bits, bias=False, device=weight.device)
+    module.set_quantized(*quantize_weight(weight, bits))
     return module
 
 
@@ -119,33 +122,29 @@ def methods_for(weight: torch.Tensor, device: torch.device) -> dict[str, tuple[o
     if laid_out:
         out["int4-cuda"] = (q4.dequantize(), lambda x: q4_tinygemm.matmul(x, path="int4-cuda"))
     out["int4 dequant"] = (q4.dequantize(), lambda x: q4.matmul(x, path="dequant"))
-    product = cpm_cuda.matmul if cuda else cpm_cuda.emulate
-    if weight.shape[1] % cpm_cuda.K_MULTIPLE == 0:
+    product = cpm.matmul if cuda else cpm.emulate
+    if weight.shape[1] % cpm.K_MULTIPLE == 0:
         out["cpm int8"] = (q8.dequantize(), lambda x: product(q8.weight, q8.weight_scale, 8, x))
         out["cpm int4"] = (q4.dequantize(), lambda x: product(q4.weight, q4.weight_scale, 4, x))
     return out
 
 
 def availability(device: torch.device) -> list[str]:
-    lines = []
+    """Every registered linear method: whether it says it runs here for fp16 activations (the GPU default),
+    and on a GPU whether the cpm_kernels route's kernels work here even where they are not chosen."""
+    lines = [f"{m.name}: {'usable' if method_class(m.name).usable(device, torch.float16) else 'not here'}"
+             for m in registry.METHODS]
     if device.type == "cuda":
         capability = torch.cuda.get_device_capability(device)
-        lines.append(f"int4-cuda (tinygemm): {'sm80+, used for int4 layers' if capability >= (8, 0) else 'none: before Ampere'}")
-        lines.append(f"int8-cuda: {'present' if hasattr(torch.ops.aten, '_weight_int8pack_mm') else 'absent'} "
-                     "(used up to the rows where a load-time trial finds it faster than dequant)")
-        wanted = cpm_cuda.wanted(capability)
         try:
             for bits in (8, 4):
-                weight, scale = Q.quantize_weight(torch.randn(72, 256) * 0.05, bits)
-                cpm_cuda.check_on_device(weight.to(device), scale.to(device), bits)
-            works = "compiles, loads and multiplies right"
+                weight, scale = quantize_weight(torch.randn(72, 256) * 0.05, bits)
+                cpm.check_on_device(weight.to(device), scale.to(device), bits)
+            works = "compile, load and multiply right"
         except Exception as error:  # noqa: BLE001 -- reported
-            works = f"FAILS: {type(error).__name__}: {error}"
-        lines.append(f"cpm int8/int4 (cpm_kernels, glmpool's kernels): {works}; "
-                     f"{'chosen' if wanted else 'not chosen'} on sm{capability[0]}{capability[1]}")
-    else:
-        lines.append("CUDA routes: not here (dry run: their CPU twins below)")
-    lines.append("dequant + GEMM: always")
+            works = f"FAIL: {type(error).__name__}: {error}"
+        lines.append(f"cpm-cuda's kernels on sm{capability[0]}{capability[1]}: {works} "
+                     f"({'chosen' if cpm.wanted(capability) else 'not chosen'} here)")
     return lines
 
 
@@ -159,7 +158,7 @@ def method_table(options: Options) -> list[str]:
         for method, (reference, product) in methods_for(weight, device).items():
             cells = []
             for rows in options.rows:
-                x = Q.probe_activations(rows, K, generator).to(device)
+                x = probe_activations(rows, K, generator).to(device)
                 want = x @ reference.t()
                 x16 = x.half()
                 try:
@@ -190,7 +189,7 @@ def random_model(config: ModelConfig, device: torch.device, bits: int | None) ->
         net = ChatGLM(config)
     net = net.half()
     if bits:
-        Q.quantize_model(net, bits, empty=True)
+        quantize_model(net, bits, empty=True)
     net = net.to_empty(device=device)
     net._rotary = None
     generator = torch.Generator(device=device).manual_seed(0)
@@ -206,7 +205,7 @@ def random_model(config: ModelConfig, device: torch.device, bits: int | None) ->
             tensor.fill_(1.0 if name.endswith("weight") else 0.0)
         else:
             tensor.normal_(0, 0.02, generator=generator)
-    Q.prepare(net)
+    prepare(net)
     net.use_fp32_pointwise()  # what load() does for fp16 on a GPU
     return net.eval().requires_grad_(False)
 
@@ -304,7 +303,7 @@ def check_gpu_run_at_toy_size():
     with torch.no_grad():
         gpu_report(toy_options(), out=lambda line: print(line, file=text))
     report = text.getvalue()
-    ok = "NOT FINITE" not in report and "FAILED" not in report and report.count("tokens/s") == 2 * (len(toy_options().batches) + 1)
+    ok = "NOT FINITE" not in report and "FAIL" not in report and report.count("tokens/s") == 2 * (len(toy_options().batches) + 1)
     rows = sum(line.startswith("| toy") for line in report.splitlines())
     return ok, f"{rows} method rows, 2 models x {len(toy_options().batches) + 1} decode cases, all finite" \
         if ok else report.replace("\n", " / ")[-600:]

@@ -3,7 +3,7 @@
 // signed nibbles (the even column high); `scale` [N] fp16.
 //
 // Compiled at first use by NVRTC for the device's own architecture and launched through cpm_kernels
-// (cpm_cuda.py), THUDM's package: the same loader their quantization.py uses for its kernels, with source
+// (cpm.py), THUDM's package: the same loader their quantization.py uses for its kernels, with source
 // of our own. No header is included, so any NVRTC compiles it: fp16 travels as its 16 bits
 // (unsigned short) and is converted by the PTX conversion instructions.
 //
