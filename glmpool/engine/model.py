@@ -9,7 +9,9 @@ tanh GELU written the same way) so greedy decoding reproduces it token for token
 - 2D rotary encoding: the first half of every head rotates by the position id, the second half by
   the block position id; inverse frequencies rounded to fp16 as the reference computes them;
 - attention scores scaled down by sqrt(d) * (layer + 1) and back up by (layer + 1) in fp32;
-- the output projection is the word embedding matrix (tied).
+- the output projection is the word embedding matrix (tied);
+- on a GPU, GELU and the rotation in fp32, rounded once (use_fp32_pointwise), as TorchScript fuses the
+  reference's scripted functions there.
 """
 from __future__ import annotations
 

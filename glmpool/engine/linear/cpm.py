@@ -3,9 +3,9 @@ RTX 20xx, where most int4 ChatGLM-6B users are), through cpm_kernels, as THUDM's
 
 THUDM's quantization.py ships its compiled extraction kernels inside itself and uses cpm_kernels, their
 package, only to load and launch them. glmpool does the same with kernels of its own (cpm.cu): NVRTC
-compiles them at first use for the device (torch's CUDA wheels bring NVRTC), and
-cpm_kernels loads the result and launches it on torch's stream. THUDM's stored layout is read as it is,
-nothing is re-laid out, so the matrix stays saveable and movable.
+compiles them at first use for the device (torch's CUDA wheels bring NVRTC), and cpm_kernels loads the
+result and launches it on torch's stream. THUDM's stored layout is read as it is, nothing is re-laid
+out, so the matrix stays saveable and movable.
 
 - up to MAX_ROWS input rows (decode steps of up to 8 sequences): `quant_gemv`, which reads every quantized
   weight once and never widens the matrix: an int4 step reads a quarter of fp16's bytes;
@@ -15,10 +15,10 @@ Sums are in fp32 and scaled before the one rounding to fp16, so outlier activati
 Chosen by compute capability (`wanted`): sm80 and newer have torch's own kernels (cuda.py; int4
 "tinygemm" reads 4 bits as well). Activations must be fp16 (these GPUs have no fast bf16). Checked on the
 device with outlier activations against the dequantized matrix before use (CpmCuda.usable, at
-quantized.prepare); where that fails, dequant.py with a warning. This machine
-class has no GPU: the tests here check the selection, that NVRTC compiles the source for sm_61/70/75, and
-the kernels' arithmetic through `emulate` (the same word, byte and nibble reads, on the CPU);
-`bench/gpu.py` runs the kernels themselves.
+quantized.prepare); where that fails, dequant.py with a warning. This project's machines have no GPU:
+the tests check the selection, that NVRTC compiles the source for sm61/70/75, and the kernels'
+arithmetic through `emulate` (the same word, byte and nibble reads, on the CPU); `bench/gpu.py` runs
+the kernels themselves.
 """
 from __future__ import annotations
 
