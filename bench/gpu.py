@@ -93,9 +93,9 @@ def describe_device(device: torch.device) -> str:
 # Linear methods
 # --------------------------------------------------------------------------------------------------
 
-def random_weight(N: int, K: int, device: torch.device, generator: torch.Generator) -> torch.Tensor:
-    """fp32 [N, K] like ChatGLM-6B's: std 0.02, clipped at 0.1."""
-    return (torch.randn(N, K, generator=generator) * 0.02).clamp_(-0.1, 0.1).to(device)
+def random_weight(N: int, K: int, generator: torch.Generator) -> torch.Tensor:
+    """fp32 [N, K] like ChatGLM-6B's, on the generator's device: std 0.02, clipped at 0.1."""
+    return (torch.randn(N, K, generator=generator, device=generator.device) * 0.02).clamp_(-0.1, 0.1)
 
 
 def quantized(weight: torch.Tensor, bits: int) -> QuantizedLinear:
@@ -108,11 +108,12 @@ def methods_for(weight: torch.Tensor, device: torch.device) -> dict[str, tuple[o
     """name -> (reference fp32 weight [N, K], x -> x @ W^T) for every method that can run here."""
     w16 = weight.half()
     q8, q4, q4_tinygemm = quantized(weight, 8), quantized(weight, 4), quantized(weight, 4)
+    w8, w4 = q8.dequantize(), q4.dequantize()  # what each quantized method should multiply by, in fp32
     cuda = device.type == "cuda"
     out = {"fp16 (F.linear)": (w16.float(), lambda x: F.linear(x, w16))}
     if not cuda or hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-        out["int8-cuda"] = (q8.dequantize(), lambda x: q8.matmul(x, path="int8-cuda"))
-    out["int8 dequant"] = (q8.dequantize(), lambda x: q8.matmul(x, path="dequant"))
+        out["int8-cuda"] = (w8, lambda x: q8.matmul(x, path="int8-cuda"))
+    out["int8 dequant"] = (w8, lambda x: q8.matmul(x, path="dequant"))
     laid_out = False
     if cuda:
         try:
@@ -120,12 +121,12 @@ def methods_for(weight: torch.Tensor, device: torch.device) -> dict[str, tuple[o
         except (RuntimeError, NotImplementedError):
             pass
     if laid_out:
-        out["int4-cuda"] = (q4.dequantize(), lambda x: q4_tinygemm.matmul(x, path="int4-cuda"))
-    out["int4 dequant"] = (q4.dequantize(), lambda x: q4.matmul(x, path="dequant"))
+        out["int4-cuda"] = (w4, lambda x: q4_tinygemm.matmul(x, path="int4-cuda"))
+    out["int4 dequant"] = (w4, lambda x: q4.matmul(x, path="dequant"))
     product = cpm.matmul if cuda else cpm.emulate
     if weight.shape[1] % cpm.K_MULTIPLE == 0:
-        out["cpm int8"] = (q8.dequantize(), lambda x: product(q8.weight, q8.weight_scale, 8, x))
-        out["cpm int4"] = (q4.dequantize(), lambda x: product(q4.weight, q4.weight_scale, 4, x))
+        out["cpm int8"] = (w8, lambda x: product(q8.weight, q8.weight_scale, 8, x))
+        out["cpm int4"] = (w4, lambda x: product(q4.weight, q4.weight_scale, 4, x))
     return out
 
 
@@ -149,16 +150,16 @@ def availability(device: torch.device) -> list[str]:
 
 
 def method_table(options: Options) -> list[str]:
-    generator = torch.Generator().manual_seed(0)
     device = options.device
+    generator, inputs = torch.Generator(device).manual_seed(0), torch.Generator().manual_seed(0)
     lines = ["| matrix (N x K) | method | " + " | ".join(f"{m} rows: err, ms" for m in options.rows) + " |",
              "|---|---|" + "---|" * len(options.rows)]
     for name, (N, K) in options.shapes.items():
-        weight = random_weight(N, K, device, generator)
+        weight = random_weight(N, K, generator)
         for method, (reference, product) in methods_for(weight, device).items():
             cells = []
             for rows in options.rows:
-                x = probe_activations(rows, K, generator).to(device)
+                x = probe_activations(rows, K, inputs).to(device)
                 want = x @ reference.t()
                 x16 = x.half()
                 try:
@@ -303,10 +304,10 @@ def check_gpu_run_at_toy_size():
     with torch.no_grad():
         gpu_report(toy_options(), out=lambda line: print(line, file=text))
     report = text.getvalue()
-    ok = "NOT FINITE" not in report and "FAIL" not in report and report.count("tokens/s") == 2 * (len(toy_options().batches) + 1)
+    cases = 2 * (len(toy_options().batches) + 1)  # both models
+    ok = "NOT FINITE" not in report and "FAIL" not in report and report.count("tokens/s") == cases
     rows = sum(line.startswith("| toy") for line in report.splitlines())
-    return ok, f"{rows} method rows, 2 models x {len(toy_options().batches) + 1} decode cases, all finite" \
-        if ok else report.replace("\n", " / ")[-600:]
+    return ok, f"{rows} method rows, {cases} decode cases, all finite" if ok else report.replace("\n", " / ")[-600:]
 
 
 def dry_run() -> int:
