@@ -146,8 +146,13 @@ def place_workers(gpus: str, environ, nvml: Nvml | None) -> list[Placement]:
         entries = [str(g.index) for g in known or [] if g.index is not None]
     order = environ.get("CUDA_DEVICE_ORDER", DEVICE_ORDER)
     requested = [e.strip() for e in gpus.split(",") if e.strip()] if gpus else []
-    visible_text = (f"CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES'] or '(empty)'} makes {len(entries)} visible"
-                    if parent is not None else f"{len(entries)} visible")
+    if parent is not None:
+        value = environ["CUDA_VISIBLE_DEVICES"] or "(empty)"
+        visible_text = f"CUDA_VISIBLE_DEVICES={value} makes {len(entries)} visible"
+    elif known is not None:
+        visible_text = f"{len(entries)} visible"
+    else:
+        visible_text = "no NVIDIA driver, or no nvidia-ml-py to ask it"
     if not requested:
         requested = [str(i) for i in range(len(entries))] or ["cpu"]
     placements = []
@@ -164,7 +169,7 @@ def place_workers(gpus: str, environ, nvml: Nvml | None) -> list[Placement]:
             if index < len(entries):
                 placements.append(placement(entry, entries[index], known, order))
             else:
-                placements.append(Placement(entry, entry, entry, missing=(
+                placements.append(Placement(entry, missing=(
                     f"GPU {entry} does not exist ({visible_text}{'' if entries else '; use cpu workers'})")))
         else:
             raise DeviceError(f"--gpus {gpus}: {entry!r} is neither a GPU index, 'cpu' nor 'all'")

@@ -32,7 +32,7 @@ MAX_ATTEMPTS = 3  # a request that crashed workers this often fails
 MAX_START_FAILURES = 3  # a device that failed to start this often in a row becomes FATAL
 BACKOFF_CAP = 30.0
 PUBLISH_RETRY_FIRST, PUBLISH_RETRY_CAP = 0.5, 10.0  # backoff for a result the spool refused (full disk)
-HOST_BEAT_SECONDS = 1.0
+HOST_BEAT_SECONDS = spool.HOST_BEAT_SECONDS
 LOOP_SECONDS = 0.1  # longest sleep of the main loop: flags and signals are seen within this
 
 
@@ -762,7 +762,7 @@ class Supervisor:
         try:
             probe.touch()
             now = probe.stat().st_mtime
-            return [p for p in hosts.glob("*.json") if now - p.stat().st_mtime < 10 * HOST_BEAT_SECONDS]
+            return [p for p in hosts.glob("*.json") if now - p.stat().st_mtime < spool.HOST_FRESH_SECONDS]
         except OSError:
             return []
 
@@ -796,7 +796,7 @@ class Supervisor:
                 "tokens_generated": s.stats.get("tokens", 0) + s.tokens,
                 "rss_bytes": process_rss(s.pid) if s.process is not None else None,
                 "gpu_memory_bytes": process_gpu_memory.get(s.spec.wid),
-                "max_batch": self.capacity(s), "out_of_memory": s.out_of_memory,
+                "max_batch": self.capacity(s), "kv_tokens": s.stats.get("kv_tokens"), "out_of_memory": s.out_of_memory,
                 "compile_seconds": s.stats.get("compile_seconds"),
             } for s in self.slots],
         }

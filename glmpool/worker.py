@@ -6,7 +6,7 @@ The worker never touches the spool. It talks to the supervisor through a queue a
   results (worker -> supervisor): ("ready", wid, info) | ("fatal", wid, message) | ("beat", wid, stats)
                                   | ("token", wid, key, text, n) | ("done", wid, key, text, detail)
                                   | ("error", wid, key, message)
-                                  | ("oom", wid, {"max_batch", "error", "shed": [key, ...]})
+                                  | ("oom", wid, {"max_batch", "batch", "error", "shed": [key, ...]})
 A worker holds any number of requests at once (up to max_batch generate together, the rest wait in
 arrival order). The key is the claim's token, unique even when a client reuses a request id.
 A step that runs out of device memory costs no request anything: see Loop.recover().
@@ -80,11 +80,14 @@ def main(spec: WorkerSpec, tasks, results) -> None:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     logging.basicConfig(level=logging.WARNING, format=f"[%(levelname)s worker {spec.wid}]: %(message)s")
     from .engine import EngineError, hugepages, load
+    from .engine.api import free_memory, parse_device
     if spec.threads:
         import torch
         torch.set_num_threads(spec.threads)  # cpu workers share the cores instead of fighting over them
     try:
-        engine = load(spec.model, device="cpu" if spec.device == "cpu" else "cuda", dtype=spec.dtype,
+        device = parse_device("cpu" if spec.device == "cpu" else "cuda")
+        free_before = free_memory(device) if spec.sharing > 1 else 0  # the model's footprint, counted below
+        engine = load(spec.model, device=device, dtype=spec.dtype,
                       cache_dir=spec.cache_dir, quantize=spec.quantize, progress=True,  # tqdm; silent off a tty
                       matmul=spec.matmul)
     except EngineError as error:
@@ -94,8 +97,11 @@ def main(spec: WorkerSpec, tasks, results) -> None:
         results.send(("fatal", spec.wid, f"{type(error).__name__}: {error}"))
         return
     hugepages.reuse_freed_memory()  # after loading, whose temporary copies may go back to the system
-    kv_tokens = (int(spec.kv_cache_gb * (1 << 30)) // engine.kv_bytes_per_token() if spec.kv_cache_gb
-                 else engine.default_kv_tokens(sharing=spec.sharing))
+    if spec.kv_cache_gb:
+        kv_tokens = int(spec.kv_cache_gb * (1 << 30)) // engine.kv_bytes_per_token()
+    else:  # workers sharing the device: each counts the others' copies of the model as its own takes
+        model_bytes = max(0, free_before - free_memory(device)) if spec.sharing > 1 else None
+        kv_tokens = engine.default_kv_tokens(sharing=spec.sharing, model_bytes=model_bytes)
     # GPU workers compile every decode-step bucket now, while the supervisor counts it as loading (load_timeout),
     # not as a busy worker's silence (heartbeat_timeout)
     static = True if os.environ.get(TEST_STATIC_ENV) else None  # None: the GPU path on GPUs only
@@ -263,8 +269,8 @@ class Loop:
         release_device_memory()
         if len(in_batch) == 1:
             held.remove(in_batch[0])
-            self.results.send(("error", self.spec.wid, in_batch[0].key, f"out of device memory even alone "
-                                                                        f"({failure}): lower max_length or max_new_tokens"))
+            self.results.send(("error", self.spec.wid, in_batch[0].key,
+                               f"out of device memory even alone ({failure}): lower max_length or max_new_tokens"))
         else:
             self.max_batch = max(1, len(in_batch) // 2)
         if static is not None:  # its KV cache and compiled steps stay (a new one would compile again)

@@ -3,8 +3,10 @@ part (glmpool.engine.gpucheck), and the pieces under them."""
 import pytest
 import torch
 
-from glmpool.engine import cpm_cuda, gpucheck
-from glmpool.engine import quantize as Q
+from glmpool.engine import gpucheck
+from glmpool.engine.linear import cpm
+from glmpool.engine.linear.base import OUTLIER, probe_activations
+from glmpool.engine.linear.thudm import pack_int4
 from glmpool.engine.model import gelu, gelu_fp32, rotary_tables, rotate
 from glmpool.engine.config import ModelConfig
 
@@ -32,16 +34,16 @@ def test_the_outlier_case_overflowed_the_routes_as_they_were():
 
 
 def test_probe_activations_have_chatglm_like_outliers():
-    x = Q.probe_activations(3, 4096)
-    assert float(x.abs().max()) == Q.OUTLIER
+    x = probe_activations(3, 4096)
+    assert float(x.abs().max()) == OUTLIER
     assert int((x.abs() > 100).sum(dim=1).min()) == 4096 // 256  # the outlier channels, in every row
     assert float(x.abs().median()) < 1  # the rest is randn
 
 
 def test_the_cpm_route_is_wired_like_the_dequantized_product(monkeypatch):
-    """A matrix set to cpm_kernels (prepare, on an old GPU) multiplies through cpm_cuda.matmul with its bias;
+    """A matrix set to cpm_kernels (prepare, on an old GPU) multiplies through cpm.matmul with its bias;
     here with the kernels' CPU emulation standing in for the launch."""
-    monkeypatch.setattr(cpm_cuda, "matmul", cpm_cuda.emulate)
+    monkeypatch.setattr(cpm, "matmul", cpm.emulate)
     for bits in (8, 4):
         layer, x = gpucheck.outlier_case(bits, rows=3)
         layer.cpm = True
@@ -52,29 +54,30 @@ def test_the_cpm_route_is_wired_like_the_dequantized_product(monkeypatch):
 
 
 def test_emulated_kernel_reads_thudms_bytes():
-    """cpm_cuda.emulate reads each 32-bit word as the kernel does; for every int4 value in both nibbles and
+    """linear.cpm.emulate reads each 32-bit word as the kernel does; for every int4 value in both nibbles and
     every int8 value it gives THUDM's dequantized matrix."""
     q4 = torch.arange(-8, 8, dtype=torch.int8).repeat(8, 2)[:, torch.randperm(32)]  # [8, 32]
     q8 = torch.arange(-128, 128, dtype=torch.int16).view(8, 32).to(torch.int8)
     for bits, q in ((4, q4), (8, q8)):
-        weight = Q.pack_int4(q) if bits == 4 else q
+        weight = pack_int4(q) if bits == 4 else q
         scale = torch.full((8,), 0.5, dtype=torch.float16)
-        read = cpm_cuda.emulate(weight, scale, bits, torch.eye(32)).float().t()
+        read = cpm.emulate(weight, scale, bits, torch.eye(32)).float().t()
         assert torch.equal(read, q.float() * 0.5)
 
 
 def test_cpm_kernels_source_compiles_for_pre_ampere_gpus():
     try:
-        cpm_cuda._nvrtc()
+        cpm._nvrtc()
     except OSError:
         pytest.skip("no NVRTC here (pip install nvidia-cuda-nvrtc-cu12)")
-    for arch in ("compute_61", "compute_70", "compute_75"):
-        ptx = cpm_cuda.compile_ptx(arch)
+    for arch in ("61", "70", "75"):
+        ptx = cpm.compile_source(f"compute_{arch}")
         assert ptx.endswith(b"\0") and all(f".entry quant_{k}_int{b}".encode() in ptx
                                            for k in ("gemv", "dequant") for b in (4, 8))
         assert b"ld.local" not in ptx  # the per-row sums stay in registers
+        assert cpm.compile_source(f"sm_{arch}").startswith(b"\x7fELF")  # machine code
     with pytest.raises(RuntimeError, match="compile"):
-        cpm_cuda.compile_ptx("compute_10")
+        cpm.compile_source("compute_10")
 
 
 def test_fp32_pointwise_rounds_once():

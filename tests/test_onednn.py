@@ -1,4 +1,5 @@
-"""oneDNN fp32 matmuls (glmpool.engine.onednn): the same numbers for a row however many rows go with it."""
+"""oneDNN fp32 matmuls (glmpool.engine.linear.onednn): the same numbers for a row however many rows go with it.
+The contract every method keeps is tested in test_linear_contract.py; here what is oneDNN's own."""
 import copy
 import platform
 import shutil
@@ -7,15 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glmpool.engine import half, onednn, row_kernel
+from glmpool.engine import row_kernel
+from glmpool.engine.linear import base, fp16, onednn, reference
 
 pytestmark = pytest.mark.skipif(not onednn.available(), reason="this torch has no usable oneDNN linear")
 
 
 @pytest.mark.parametrize("shape", [(4096, 1024), (1024, 4096), (192, 64), (100, 48)])  # medium MLP; tiny qkv
-@pytest.mark.parametrize("packed", [True, False])
-@pytest.mark.parametrize("kernel", [True, False], ids=["row-kernel", "onednn-only"])
-def test_a_row_gives_the_same_bits_alone_and_in_any_batch(shape, packed, kernel, monkeypatch):
+@pytest.mark.parametrize("packed,kernel", [(True, False), (False, True), (False, False)],
+                         ids=["packed-onednn-only", "plain", "plain-onednn-only"])  # packed + kernel: the contract test
+def test_lone_row_route_keeps_a_rows_bits_on_plain_weights_and_without_the_kernel(shape, packed, kernel, monkeypatch):
     if not kernel:  # as where glmpool's row kernel is not built: lone rows through oneDNN
         monkeypatch.setattr(row_kernel, "available", lambda: False)
     torch.manual_seed(0)
@@ -78,44 +80,43 @@ def test_row_kernel_refuses_what_it_cannot_read():
     assert onednn.lone_row_route(torch.ops.mkldnn._reorder_linear_weight(weight), None).chunk is None
 
 
-def test_pack_linears_swaps_every_linear_and_keeps_what_it_computes():
+def test_pack_model_swaps_every_linear_and_keeps_what_it_computes():
     torch.manual_seed(1)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 32, bias=False))
+    model = torch.nn.Sequential(reference.Linear(64, 128), torch.nn.GELU(), reference.Linear(128, 32, bias=False))
     x = torch.randn(5, 64)
     expected = model(x)
-    assert onednn.pack_linears(model) == 2
-    assert all(type(m) is not torch.nn.Linear for m in model)
+    assert base.pack_model(model, onednn.OneDNN) == 2
+    assert all(type(m) is not reference.Linear for m in model)
     assert torch.allclose(model(x), expected, rtol=1e-5, atol=1e-5)
-    assert "0.packed" not in model.state_dict()  # opaque: never saved as if it were a checkpoint tensor
-    assert torch.equal(model[2].weight, model[2].packed.to_dense())
+    assert not model.state_dict()  # opaque: never saved as if it were a checkpoint tensor
+    assert torch.equal(model[2].weight, model[2].method.packed.to_dense())
     clone = copy.deepcopy(model)
     assert torch.equal(clone(x), model(x))
 
 
 def test_tied_embedding_looks_up_the_plain_table_and_projects_through_a_packed_copy():
     torch.manual_seed(2)
-    embedding = torch.nn.Embedding(300, 64)
-    tied = onednn.TiedEmbedding.from_embedding(embedding)
+    embedding = reference.Embedding(300, 64)
+    tied = base.TiedEmbedding(embedding.weight, onednn.OneDNN)
     ids, hidden = torch.tensor([[0, 7, 299]]), torch.randn(5, 64)
-    assert tied.weight is embedding.weight and torch.equal(tied(ids), embedding(ids))
+    assert tied.table.data_ptr() == embedding.weight.data_ptr() and torch.equal(tied(ids), embedding(ids))
     projected = tied.project(hidden)
     assert torch.allclose(projected, hidden @ embedding.weight.detach().T, rtol=1e-4, atol=1e-4)
     for rows in (1, 2, 3):
         assert torch.equal(tied.project(hidden[:rows]), projected[:rows]), rows
-    assert list(tied.state_dict()) == ["weight"]
     clone = copy.deepcopy(tied)
-    assert clone.weight is not tied.weight and torch.equal(clone.project(hidden), projected)
+    assert clone.table.data_ptr() != tied.table.data_ptr() and torch.equal(clone.project(hidden), projected)
 
 
 def test_loaded_fp32_model_is_packed_on_request(tiny_dir):
     from glmpool.engine import load
 
-    onednn_output = lambda e: isinstance(e.model.word_embeddings, onednn.TiedEmbedding)  # noqa: E731
+    onednn_output = lambda e: isinstance(getattr(e.model.word_embeddings, "method", None), onednn.OneDNN)  # noqa: E731
     assert not onednn_output(load(tiny_dir, progress=False))  # "reference" is the engine's default
     engine = load(tiny_dir, progress=False, matmul="onednn")
     assert onednn_output(engine)
     kinds = {type(m).__name__ for m in engine.model.modules()}
-    assert "PackedLinear" in kinds and "Linear" not in kinds
+    assert "PackedLinear" in kinds and "Linear" not in kinds and engine.model.layers[0].mlp.dense_h_to_4h.method.name == "onednn"
     half = load(tiny_dir, dtype="bfloat16", progress=False, matmul="onednn")  # oneDNN: fp32 only
     assert not onednn_output(half)
     assert "PackedLinear" not in {type(m).__name__ for m in half.model.modules()}
@@ -131,8 +132,8 @@ def wide_head_dir(tmp_path_factory):
 @pytest.mark.parametrize("attention", [pytest.param("kernel", marks=needs_row_kernel), "torch"])
 @pytest.mark.parametrize("head", ["tiny", "wide"])
 @pytest.mark.parametrize("matmul", ["onednn", "reference", pytest.param("fp16", marks=pytest.mark.skipif(
-    not half.kernel_available(), reason="glmpool's fp16 kernel is not built or this CPU lacks AVX-512")),
-    pytest.param("fbgemm-fp16", marks=pytest.mark.skipif(not half.fbgemm_available(), reason="no FBGEMM fp16 linear")),
+    not row_kernel.several_rows_available(), reason="glmpool's fp16 kernel is not built or this CPU lacks AVX-512")),
+    pytest.param("fbgemm-fp16", marks=pytest.mark.skipif(not fp16.fbgemm_available(), reason="no FBGEMM fp16 linear")),
     "int8-qe", "int4-qe"])
 def test_batching_keeps_every_logit_bit_for_bit_with_onednn(tiny_dir, wide_head_dir, matmul, head, attention,
                                                              monkeypatch):

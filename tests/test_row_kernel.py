@@ -11,9 +11,10 @@ from glmpool.engine import row_kernel
 
 CHILD = textwrap.dedent("""
     import torch
-    from glmpool.engine import onednn, quantize as Q, row_kernel
+    from glmpool.engine import row_kernel
+    from glmpool.engine.linear import int4, onednn, quantized
     row_kernel.library().isa = 256  # as on a CPU without AVX-512: the fp32 kernel's AVX2 variant
-    assert row_kernel.torch_isa() == 256 and Q.int4_block_rows() == 32
+    assert row_kernel.torch_isa() == 256 and int4.int4_block_rows() == 32
     assert row_kernel.int8_matches_torch() and row_kernel.int4_matches_torch(32)
     torch.manual_seed(0)
     x = torch.randn(9, 1024)
@@ -24,8 +25,8 @@ CHILD = textwrap.dedent("""
     together = onednn.linear(x, packed, bias, route)
     assert all(torch.equal(onednn.linear(x[i:i + 1], packed, bias, route), together[i:i + 1]) for i in range(9))
     for bits in (8, 4):
-        module = Q.QuantizedLinear.from_linear(torch.nn.Linear(1024, 4128), bits)  # 4128: a partial int4 block
-        Q.prepare(module)
+        module = quantized.QuantizedLinear.from_linear(torch.nn.Linear(1024, 4128), bits)  # 4128: a partial int4 block
+        quantized.prepare(module)
         assert module.own_kernels, bits
         together = module.matmul(x, module.bias)
         assert all(torch.equal(module.matmul(x[i:i + 1], module.bias), together[i:i + 1]) for i in range(9)), bits

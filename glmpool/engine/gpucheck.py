@@ -7,7 +7,7 @@ Each route runs on the CPU where its operator has a CPU implementation, with sma
   takes another layout (blocks of 32 or 64 output rows instead of tinygemm's tiles) and the same unit
   scales, and the route's code after the kernel (the row scales, in fp32 for fp16) is the same;
 - cpm-cuda (GPUs before Ampere): the kernels themselves need a GPU; NVRTC compiles their source here
-  (where NVRTC is installed), and cpm_cuda.emulate reads THUDM's bytes as they do;
+  (where NVRTC is installed), and linear.cpm.emulate reads THUDM's bytes as they do;
 - the fp16 model as load() sets it up on a GPU (fp32 GELU and rotary), against the fp32 reference.
 """
 from __future__ import annotations
@@ -20,8 +20,12 @@ from pathlib import Path
 
 import torch
 
-from . import cpm_cuda
-from . import quantize as Q
+from .agreement import greedy_agreement
+from .linear import cpm
+from .linear.base import OUTLIER, probe_activations
+from .linear.cuda import _check_like_dequantized
+from .linear.int4 import Int4
+from .linear.quantized import QuantizedLinear
 
 
 @dataclass
@@ -43,28 +47,27 @@ def _timed(name: str, run) -> Check:
 
 
 def outlier_case(bits: int, rows: int = 4, out_features: int = 64, in_features: int = 4096,
-                 seed: int = 0) -> tuple[Q.QuantizedLinear, torch.Tensor]:
+                 seed: int = 0) -> tuple[QuantizedLinear, torch.Tensor]:
     """A quantized fp16 layer of ChatGLM-6B's width whose rows' largest |W| is 0.1, as ChatGLM-6B's are, and
-    activations up to |x| = 1000 (quantize.probe_activations); row 0 of W has the signs of x's row 0, so
+    activations up to |x| = 1000 (base.probe_activations); row 0 of W has the signs of x's row 0, so
     its true |y| reaches ~1300: past fp16's range once multiplied by 127 / 0.1 (int8) or 7 / 0.1 (int4)."""
     generator = torch.Generator().manual_seed(seed)
-    x = Q.probe_activations(rows, in_features, generator)
+    x = probe_activations(rows, in_features, generator)
     linear = torch.nn.Linear(in_features, out_features)
     with torch.no_grad():
         linear.weight.copy_((torch.rand(out_features, in_features, generator=generator) * 2 - 1) * 0.1)
         linear.weight[0] = 0.1 * x[0].sign()
         linear.bias.copy_(torch.randn(out_features, generator=generator) * 0.1)
-    return Q.QuantizedLinear.from_linear(linear, bits).half(), x
+    return QuantizedLinear.from_linear(linear, bits).half(), x
 
 
-def unit_scale_sums_overflow(layer: Q.QuantizedLinear, x: torch.Tensor) -> bool:
+def unit_scale_sums_overflow(layer: QuantizedLinear, x: torch.Tensor) -> bool:
     """Whether the kernel's unscaled sums, rounded to fp16 as both routes did before scaling, overflow."""
     x16 = x.half()
     if layer.bits == 8:
         sums = torch.ops.aten._weight_int8pack_mm(x16, layer.weight, torch.ones(layer.out_features, dtype=x16.dtype))
     else:
-        assert layer._cpu_int4_ready(), "no CPU int4 kernel here"
-        sums = layer._int4_cpu(x16).half()
+        sums = Int4.apply(layer, x16).half()
     return not bool(torch.isfinite(sums).all())
 
 
@@ -77,7 +80,7 @@ def route_on_outliers(bits: int, path: str) -> tuple[bool, str]:
     error = float((got.float() - want).abs().max() / want.abs().max())
     finite = bool(torch.isfinite(got).all())
     before = "inf" if unit_scale_sums_overflow(layer, x) else "finite"
-    return finite and error < 1e-2, (f"|x| up to {Q.OUTLIER:g}, |y| up to {float(want.abs().max()):.0f}: "
+    return finite and error < 1e-2, (f"|x| up to {OUTLIER:g}, |y| up to {float(want.abs().max()):.0f}: "
                                      f"{'finite' if finite else 'NOT FINITE'}, max error {error:.2%} of max |y| "
                                      f"(unit-scale sums in fp16, as before: {before})")
 
@@ -87,18 +90,18 @@ def check_int8_cuda() -> tuple[bool, str]:
 
 
 def check_int4_cuda() -> tuple[bool, str]:
-    ok, detail = route_on_outliers(4, "int4-cpu")
+    ok, detail = route_on_outliers(4, "int4")
     return ok, f"{detail}; tinygemm's CPU twin in the CPU layout, the route's row scaling"
 
 
 def check_cpm(bits: int) -> tuple[bool, str]:
-    """The cpm route's arithmetic (cpm_cuda.emulate) on THUDM's bytes: finite on outliers and like the
+    """The cpm route's arithmetic (cpm.emulate) on THUDM's bytes: finite on outliers and like the
     dequantized product, and its reads of the words give THUDM's dequantized matrix exactly."""
-    layer, x = outlier_case(bits, rows=cpm_cuda.MAX_ROWS)
+    layer, x = outlier_case(bits, rows=cpm.MAX_ROWS)
     reference = layer.dequantize(torch.float32)
     want = x @ reference.t()
-    got = cpm_cuda.emulate(layer.weight, layer.weight_scale, bits, x.half())
-    read = cpm_cuda.emulate(layer.weight, layer.weight_scale, bits, torch.eye(layer.in_features)).float().t()
+    got = cpm.emulate(layer.weight, layer.weight_scale, bits, x.half())
+    read = cpm.emulate(layer.weight, layer.weight_scale, bits, torch.eye(layer.in_features)).float().t()
     error = float((got.float() - want).abs().max() / want.abs().max())
     finite, layout = bool(torch.isfinite(got).all()), torch.equal(read, reference.half().float())
     return finite and layout and error < 1e-2, (f"THUDM's int{bits} bytes read {'right' if layout else 'WRONG'}; "
@@ -107,18 +110,18 @@ def check_cpm(bits: int) -> tuple[bool, str]:
 
 
 def check_cpm_compiles() -> tuple[bool, str]:
-    archs = ("compute_61", "compute_70", "compute_75")
     try:
-        cpm_cuda._nvrtc()
+        cpm._nvrtc()
     except OSError as error:
         return True, f"not run: {error}"
-    sizes = [len(cpm_cuda.compile_ptx(arch)) for arch in archs]
-    return True, f"PTX for {', '.join(a.replace('compute_', 'sm') for a in archs)} ({min(sizes) // 1024} KiB each)"
+    built = [f"{kind}{arch}" for arch in ("61", "70", "75") for kind in ("sm_", "compute_")
+             if cpm.compile_source(f"{kind}{arch}")]
+    return True, f"CUBIN and PTX for sm61, sm70, sm75 ({len(built)} builds)"
 
 
 def check_selection() -> tuple[bool, str]:
     cases = {(5, 2): False, (6, 1): True, (7, 0): True, (7, 5): True, (8, 0): False, (8, 6): False, (9, 0): False}
-    chosen = {c: cpm_cuda.wanted(c) for c in cases}
+    chosen = {c: cpm.wanted(c) for c in cases}
     layer = outlier_case(4)[0]
     layer.cpm = True
     paths = {layer.kernel_path(rows, torch.device("cuda")) for rows in (1, 8, 300)}
@@ -128,14 +131,14 @@ def check_selection() -> tuple[bool, str]:
 
 
 def check_trial_refuses_overflow() -> tuple[bool, str]:
-    """The load-time trial (quantize._check_like_dequantized on probe_activations) refuses a route whose fp16
+    """The load-time trial (cuda._check_like_dequantized on probe_activations) refuses a route whose fp16
     results overflow."""
     layer, x = outlier_case(8)
     x = x.half()
     ones = torch.ones(layer.out_features, dtype=torch.float16)
     overflowing = torch.ops.aten._weight_int8pack_mm(x, layer.weight, ones) * layer.weight_scale
     try:
-        Q._check_like_dequantized(overflowing, layer.matmul(x, path="dequant"), "unit-scale int8")
+        _check_like_dequantized(overflowing, layer.matmul(x, path="dequant"), "unit-scale int8")
     except RuntimeError as error:
         return True, f"refused: {error}"
     return False, "an overflowing kernel passed the trial"
@@ -143,7 +146,7 @@ def check_trial_refuses_overflow() -> tuple[bool, str]:
 
 def greedy_agreement_fp16(model_dir: Path, prompts: int = 4, new_tokens: int = 12) -> dict[str, dict[str, float]]:
     """Greedy decoding of the fp16 model, as load() sets it up on a GPU (fp32 GELU and rotary) and without
-    that (op by op in fp16), against the fp32 reference: quantize.greedy_agreement's scores for each."""
+    that (op by op in fp16), against the fp32 reference: agreement.greedy_agreement's scores for each."""
     from .api import load
     engine = load(model_dir, progress=False)
     reference, c = engine.model, engine.config
@@ -154,8 +157,8 @@ def greedy_agreement_fp16(model_dir: Path, prompts: int = 4, new_tokens: int = 1
     gpu_path, plain = copy.deepcopy(reference).half(), copy.deepcopy(reference).half()
     gpu_path.use_fp32_pointwise()
     plain._rotary = None
-    return {"fp32 pointwise": Q.greedy_agreement(reference, gpu_path, *args),
-            "op by op": Q.greedy_agreement(reference, plain, *args)}
+    return {"fp32 pointwise": greedy_agreement(reference, gpu_path, *args),
+            "op by op": greedy_agreement(reference, plain, *args)}
 
 
 AGREEMENT_FLOOR = 0.9  # teacher-forced, fp16 GPU path vs fp32; measured 0.99 on the tiny models (docs/engine.md)

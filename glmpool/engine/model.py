@@ -9,7 +9,9 @@ tanh GELU written the same way) so greedy decoding reproduces it token for token
 - 2D rotary encoding: the first half of every head rotates by the position id, the second half by
   the block position id; inverse frequencies rounded to fp16 as the reference computes them;
 - attention scores scaled down by sqrt(d) * (layer + 1) and back up by (layer + 1) in fp32;
-- the output projection is the word embedding matrix (tied).
+- the output projection is the word embedding matrix (tied);
+- on a GPU, GELU and the rotation in fp32, rounded once (use_fp32_pointwise), as TorchScript fuses the
+  reference's scripted functions there.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from torch import nn
 
 from . import decode_attention, row_kernel
 from .config import ModelConfig
+from .linear.reference import Embedding, Linear
 
 
 class KVCache:
@@ -306,22 +309,6 @@ def queries_keys_values(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     return q, torch.stack((k, v), dim=1).transpose(2, 3), scale
 
 
-def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x) for x [B, T, in]; one decode step of several sequences takes a faster route.
-
-    MKL's GEMM for a handful of rows repacks the whole weight matrix on every call (4 rows cost 4x
-    one row); computing (W @ x^T)^T streams W once instead. A single sequence (prefill, or decoding
-    alone) keeps F.linear, the reference's exact arithmetic.
-    """
-    B, T, _ = x.shape
-    if T == 1 and B > 1 and type(layer) is nn.Linear:
-        out = (layer.weight @ x.view(B, -1).t()).t()
-        if layer.bias is not None:
-            out = out + layer.bias
-        return out.view(B, T, -1)
-    return layer(x)
-
-
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """The reference's tanh approximation, 0.5 * x * (1 + tanh(0.7978845608028654 * x * (1 + 0.044715 * x * x))),
     operation for operation (the float rounding matters), computed in place on two temporaries: a
@@ -350,17 +337,17 @@ class SelfAttention(nn.Module):
         self.n_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.position_encoding_2d = config.position_encoding_2d
-        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.query_key_value = Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache],
                 prefix_masks: list[torch.Tensor | None], lengths: list[int],
                 decode: KernelDecode | PaddedDecode | None = None) -> torch.Tensor:
         B, T, H = x.shape
-        qkv = project(self.query_key_value, x).view(B, T, self.n_heads, 3, self.head_dim)
+        qkv = self.query_key_value(x).view(B, T, self.n_heads, 3, self.head_dim)
         parts = 2 if self.position_encoding_2d else 1
         if decode is not None:  # a decode step of the sequences in a slab
-            return project(self.dense, decode.attend(self.layer_id, qkv, cos, sin, parts).view(B, T, H))
+            return self.dense(decode.attend(self.layer_id, qkv, cos, sin, parts).view(B, T, H))
         q, key_value, scale = queries_keys_values(qkv, cos, sin, parts, self.layer_id)
         # Prompts, and decode steps without a shared slab: attention per sequence, each over its own
         # cache length (the loop body is kept to a few calls).
@@ -375,18 +362,18 @@ class SelfAttention(nn.Module):
             probs = F.softmax(scores.float() * scale, dim=-1).type(scores.dtype)
             context[b, :, :t] = torch.bmm(probs, values)  # [n, t, d]
         context = context.permute(0, 2, 1, 3).reshape(B, T, H)
-        return project(self.dense, context)
+        return self.dense(context)
 
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.inner_hidden_size)
-        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size)
+        self.dense_h_to_4h = Linear(config.hidden_size, config.inner_hidden_size)
+        self.dense_4h_to_h = Linear(config.inner_hidden_size, config.hidden_size)
         self.gelu = gelu  # the reference's rounding; ChatGLM.use_gelu_kernel swaps in glmpool's kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return project(self.dense_4h_to_h, self.gelu(project(self.dense_h_to_4h, x)))
+        return self.dense_4h_to_h(self.gelu(self.dense_h_to_4h(x)))
 
 
 ALPHA_LAYERS = 28  # the reference's GLMBlock(num_layers=28) default, whatever config.json says
@@ -413,7 +400,7 @@ class ChatGLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.word_embeddings = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(GLMBlock(config, i) for i in range(config.num_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -462,11 +449,7 @@ class ChatGLM(nn.Module):
 
     def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The tied output projection: [B, H] -> [B, vocab]."""
-        if hasattr(self.word_embeddings, "project"):  # a quantized, fp16 or oneDNN table multiplies by itself
-            return self.word_embeddings.project(hidden)
-        if hidden.shape[0] > 1:  # several sequences: see project()
-            return (self.word_embeddings.weight @ hidden.t()).t()
-        return F.linear(hidden, self.word_embeddings.weight)
+        return self.word_embeddings.project(hidden)  # whatever multiplies it (linear/base.py)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, caches: list[KVCache],
                 prefix_mask: torch.Tensor | list | None = None, lengths: list[int] | None = None) -> torch.Tensor:

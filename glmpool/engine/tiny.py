@@ -232,7 +232,7 @@ def write_tiny_checkpoint(path: str | Path, layers: int = 2, hidden: int = 64, h
 
     quantize: 4, 8, "4-qe" or "8-qe" writes it pre-quantized, as THUDM's -int4 / -int4-qe checkpoints.
     """
-    from .quantize import parse_quantize
+    from .linear.thudm import parse_quantize
     bits, embeddings = parse_quantize(quantize)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -250,7 +250,7 @@ def write_tiny_checkpoint(path: str | Path, layers: int = 2, hidden: int = 64, h
     sd = {k: v.to(dtype) if v.is_floating_point() and not k.endswith("inv_freq") else v
           for k, v in random_state_dict(config, seed).items()}
     if bits:
-        from .quantize import quantize_state_dict
+        from .linear.thudm import quantize_state_dict
         sd = quantize_state_dict(sd, bits, embeddings)
     (out / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n")
     (out / "tokenizer_config.json").write_text(json.dumps({

@@ -20,15 +20,13 @@ through its multi-row form as well (AVX-512): the same sums, faster than oneDNN'
 """
 from __future__ import annotations
 
-import copy
 import functools
 from typing import NamedTuple
 
 import torch
-from torch import nn
 
-from . import row_kernel
-from .quantize import replace_module
+from .. import row_kernel
+from .base import WeightMethod
 
 
 @functools.cache
@@ -91,70 +89,30 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-class PackedLinear(nn.Module):
-    """An nn.Linear (fp32, CPU) whose weight lives only in oneDNN's layout (an opaque buffer, left out of
-    the state_dict). Inference only: load the checkpoint first, then pack (pack_linears)."""
+class OneDNN(WeightMethod):
+    """fp32 weights reordered once into oneDNN's blocked layout (an opaque tensor)."""
+
+    name = "onednn"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight.detach()), persistent=False)
+        self.out_features = weight.shape[0]
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
         self.bias = bias
         self.lone_row = lone_row_route(self.packed, bias)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """A plain copy of the weight (e.g. to quantize it)."""
-        return self.packed.to_dense()
-
-    def __deepcopy__(self, memo: dict) -> PackedLinear:  # an opaque tensor has no storage to copy
-        return PackedLinear(self.weight, copy.deepcopy(self.bias, memo))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.packed, self.bias, self.lone_row)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN layout"
-
-
-class TiedEmbedding(nn.Embedding):
-    """The word embeddings, looked up as usual in the plain table, whose output projection `project`
-    [B, H] -> [B, vocab] goes through oneDNN on a reordered copy of it (see the module docstring)."""
+    @classmethod
+    def usable(cls, device: torch.device, dtype: torch.dtype) -> bool:
+        return device.type == "cpu" and dtype == torch.float32 and available()
 
     @classmethod
-    def from_embedding(cls, embedding: nn.Embedding) -> TiedEmbedding:
-        tied = cls(embedding.num_embeddings, embedding.embedding_dim, device="meta")
-        tied.weight = embedding.weight  # shared, not copied
-        tied.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(tied.weight.detach()),
-                             persistent=False)
-        tied.lone_row = lone_row_route(tied.packed, None)
-        return tied
+    def batch_invariant(cls) -> bool:
+        return True  # by lone_row_route, per weight
 
-    def __deepcopy__(self, memo: dict) -> TiedEmbedding:  # an opaque tensor has no storage to copy
-        plain = nn.Embedding(self.num_embeddings, self.embedding_dim, device="meta")
-        plain.weight = copy.deepcopy(self.weight, memo)
-        return TiedEmbedding.from_embedding(plain)
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.packed, self.bias, self.lone_row)
 
-    def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.packed, None, self.lone_row)
+    def weight(self) -> torch.Tensor:
+        return self.packed.to_dense()
 
-
-def usable(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and dtype == torch.float32 and available()
-
-
-def pack_linears(model: nn.Module) -> int:
-    """Replace every nn.Linear of a model by a PackedLinear; returns how many. Only for fp32 on the CPU
-    (see usable())."""
-    names = [name for name, module in model.named_modules() if type(module) is nn.Linear]
-    for name in names:  # one at a time, so memory holds at most one matrix twice
-        source = model.get_submodule(name)
-        replace_module(model, name, PackedLinear(source.weight, source.bias))
-    return len(names)
-
-
-def pack_model(model: nn.Module) -> None:
-    """pack_linears, and the tied output projection through oneDNN (a quantized table projects itself)."""
-    pack_linears(model)
-    if type(model.word_embeddings) is nn.Embedding:
-        model.word_embeddings = TiedEmbedding.from_embedding(model.word_embeddings)
+    def held_tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.packed,)

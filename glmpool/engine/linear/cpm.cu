@@ -3,16 +3,17 @@
 // signed nibbles (the even column high); `scale` [N] fp16.
 //
 // Compiled at first use by NVRTC for the device's own architecture and launched through cpm_kernels
-// (cpm_cuda.py), THUDM's package: the same loader their quantization.py uses for its kernels, with source
+// (cpm.py), THUDM's package: the same loader their quantization.py uses for its kernels, with source
 // of our own. No header is included, so any NVRTC compiles it: fp16 travels as its 16 bits
 // (unsigned short) and is converted by the PTX conversion instructions.
 //
-// - quant_gemv_int8/int4: y [M, N] = x [M, K] @ W^T for a few rows (a decode step of up to MAX_ROWS sequences),
-//   reading each weight once: int4 moves a quarter of fp16's bytes, which is the point on a memory-bound
-//   step. One warp per output row; every product summed in fp32 and scaled before the one rounding to fp16,
-//   so a sum never leaves fp16's range unless the true result does (|q| up to 127 times |y| would).
-// - quant_dequant_int8/int4: W [N, K] fp16 = q * scale for more rows (prompts), then multiplied by cuBLAS:
-//   THUDM's scheme, one pass instead of torch's several element-wise kernels.
+// - quant_gemv_int8/int4: y [M, N] = x [M, K] @ W^T for a few rows (a decode step of up to MAX_ROWS
+//   sequences), reading each weight once: int4 moves a quarter of fp16's bytes, which is the point on a
+//   memory-bound step. One warp per output row; every product summed in fp32 and scaled before the one
+//   rounding to fp16, so a sum never leaves fp16's range unless the true result does (|q| up to 127
+//   times |y| would).
+// - quant_dequant_int8/int4: W [N, K] fp16 = q * scale for more rows (prompts), then multiplied by
+//   cuBLAS: THUDM's scheme, one pass instead of torch's several element-wise kernels.
 // Both need K % 8 == 0 (whole 32-bit words of weights in a row, 16-byte rows of x).
 
 #define MAX_ROWS 8
@@ -63,7 +64,8 @@ __device__ __forceinline__ void gemv(const int *__restrict__ weight, const unsig
 #pragma unroll
         for (int m = 0; m < MAX_ROWS; ++m) {
             if (m < M) {
-                const unsigned int *pairs = (const unsigned int *)(x + (long long)m * K + i * PER_WORD);  // fp16 pairs
+                // x's PER_WORD columns of this word, as fp16 pairs
+                const unsigned int *pairs = (const unsigned int *)(x + (long long)m * K + i * PER_WORD);
 #pragma unroll
                 for (int j = 0; j < PER_WORD; j += 2) {
                     const unsigned int pair = __ldg(pairs + j / 2);

@@ -2,22 +2,23 @@
 RTX 20xx, where most int4 ChatGLM-6B users are), through cpm_kernels, as THUDM's own code does.
 
 THUDM's quantization.py ships its compiled extraction kernels inside itself and uses cpm_kernels, their
-package, only to load and launch them. glmpool does the same with kernels of its own (cpm_cuda.cu): NVRTC
-compiles them at first use for the device's architecture (torch's CUDA wheels bring NVRTC), and
-cpm_kernels loads the result and launches it on torch's stream. THUDM's stored layout is read as it is,
-nothing is re-laid out, so the matrix stays saveable and movable.
+package, only to load and launch them. glmpool does the same with kernels of its own (cpm.cu): NVRTC
+compiles them at first use for the device (torch's CUDA wheels bring NVRTC), and cpm_kernels loads the
+result and launches it on torch's stream. THUDM's stored layout is read as it is, nothing is re-laid
+out, so the matrix stays saveable and movable.
 
 - up to MAX_ROWS input rows (decode steps of up to 8 sequences): `quant_gemv`, which reads every quantized
   weight once and never widens the matrix: an int4 step reads a quarter of fp16's bytes;
 - more rows (prompts, big batches): `quant_dequant` to fp16 in one pass, then cuBLAS (THUDM's scheme).
 Sums are in fp32 and scaled before the one rounding to fp16, so outlier activations cannot overflow them.
 
-Chosen by compute capability (`wanted`): sm80 and newer have torch's own kernels (int4 "tinygemm" reads
-4 bits as well, and is faster). Activations must be fp16 (these GPUs have no fast bf16). Checked at load
-on the device with outlier activations against the dequantized matrix (quantize.prepare). This machine
-class has no GPU: the tests here check the selection, that NVRTC compiles the source for sm_61/70/75, and
-the kernels' arithmetic through `emulate` (the same word, byte and nibble reads, on the CPU);
-`bench/gpu.py` runs the kernels themselves.
+Chosen by compute capability (`wanted`): sm80 and newer have torch's own kernels (cuda.py; int4
+"tinygemm" reads 4 bits as well). Activations must be fp16 (these GPUs have no fast bf16). Checked on the
+device with outlier activations against the dequantized matrix before use (CpmCuda.usable, at
+quantized.prepare); where that fails, dequant.py with a warning. This project's machines have no GPU:
+the tests check the selection, that NVRTC compiles the source for sm61/70/75, and the kernels'
+arithmetic through `emulate` (the same word, byte and nibble reads, on the CPU); `bench/gpu.py` runs
+the kernels themselves.
 """
 from __future__ import annotations
 
@@ -35,10 +36,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .base import QuantizedRoute, probe_activations
+
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpm_cuda.cu")
-MAX_ROWS = 8  # as in cpm_cuda.cu
+SOURCE = Path(__file__).with_name("cpm.cu")
+MAX_ROWS = 8  # as in cpm.cu
 WARPS_PER_BLOCK = 4  # quant_gemv: one output row per warp
 DEQUANT_THREADS, DEQUANT_BLOCKS = 256, 1024  # quant_dequant: a grid-stride loop
 TORCH_KERNELS_FROM = (8, 0)  # compute capability of torch's int4/int8 weight-only CUDA kernels (Ampere)
@@ -51,7 +54,7 @@ def wanted(capability: tuple[int, int]) -> bool:
     return (5, 3) <= tuple(capability) < TORCH_KERNELS_FROM
 
 
-def takes(bits: int, in_features: int, dtype: torch.dtype) -> bool:
+def fits(bits: int, in_features: int, dtype: torch.dtype) -> bool:
     return bits in (4, 8) and in_features % K_MULTIPLE == 0 and dtype == torch.float16
 
 
@@ -78,9 +81,10 @@ def _nvrtc() -> ctypes.CDLL:
     return ctypes.CDLL(path)
 
 
-def compile_ptx(arch: str) -> bytes:
-    """cpm_cuda.cu compiled by NVRTC to PTX for virtual architecture `arch` (e.g. "compute_75"), NUL-ended
-    as the CUDA driver loads it. RuntimeError with NVRTC's log if it does not compile."""
+def compile_source(arch: str) -> bytes:
+    """cpm.cu compiled by NVRTC for `arch`: machine code (CUBIN) for a real architecture ("sm_75"),
+    PTX, NUL-ended as the CUDA driver loads it, for a virtual one ("compute_75"). RuntimeError with
+    NVRTC's log if it does not compile."""
     nvrtc = _nvrtc()
     program = ctypes.c_void_p()
 
@@ -100,11 +104,12 @@ def compile_ptx(arch: str) -> bytes:
         options = [f"--gpu-architecture={arch}".encode(), b"--std=c++14"]
         check(nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options)),
               "compile")
+        kind = "CUBIN" if arch.startswith("sm_") else "PTX"
         size = ctypes.c_size_t()
-        check(nvrtc.nvrtcGetPTXSize(program, ctypes.byref(size)), "PTX size")
-        ptx = ctypes.create_string_buffer(size.value)
-        check(nvrtc.nvrtcGetPTX(program, ptx), "PTX")
-        return ptx.raw
+        check(getattr(nvrtc, f"nvrtcGet{kind}Size")(program, ctypes.byref(size)), f"{kind} size")
+        code = ctypes.create_string_buffer(size.value)
+        check(getattr(nvrtc, f"nvrtcGet{kind}")(program, code), kind)
+        return code.raw
     finally:
         nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
 
@@ -132,19 +137,24 @@ def _torch_cuda_libraries_for_cpm_kernels():
 
 
 @functools.cache
-def _kernels(arch: str) -> dict:
-    """The entry points of cpm_cuda.cu for `arch`, as cpm_kernels KernelFunctions (loaded into the current
-    device's context on first launch)."""
+def _kernels(capability: tuple[int, int]) -> dict:
+    """The entry points of cpm.cu for GPUs of `capability`, as cpm_kernels KernelFunctions (loaded into
+    the current device's context on first launch). Machine code where this NVRTC knows the GPU: PTX would
+    need the driver to be as new as NVRTC to compile it; PTX for the newest virtual architecture it knows
+    below otherwise."""
     with _torch_cuda_libraries_for_cpm_kernels():
         from cpm_kernels.kernels.base import KernelFunction, LazyKernelCModule
-    module = LazyKernelCModule(compile_ptx(arch))
+    try:
+        code = compile_source("sm_%d%d" % capability)
+    except RuntimeError:
+        code = compile_source("compute_%d%d" % capability)
+    module = LazyKernelCModule(code)
     return {f"{kind}{bits}": KernelFunction(module, f"quant_{kind}_int{bits}")
             for kind in ("gemv", "dequant") for bits in (4, 8)}
 
 
 def _launch(device: torch.device, name: str, grid: int, threads: int, *arguments) -> None:
-    major, minor = torch.cuda.get_device_capability(device)
-    kernel = _kernels(f"compute_{major}{minor}")[name]
+    kernel = _kernels(torch.cuda.get_device_capability(device))[name]
     values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int32(a) for a in arguments]
     with torch.cuda.device(device):
         kernel((grid, 1, 1), (threads, 1, 1), 0, torch.cuda.current_stream(device).cuda_stream, values)
@@ -161,6 +171,8 @@ def matmul(weight: torch.Tensor, scale: torch.Tensor, bits: int, x2: torch.Tenso
     M, K = x2.shape
     N = weight.shape[0]
     x2 = x2.contiguous()
+    if x2.data_ptr() % 16:  # a view at an odd offset: the kernels read x in aligned 32-bit pairs
+        x2 = x2.clone()
     words = weight.view(torch.int32)
     if M <= MAX_ROWS:
         out = torch.empty(M, N, dtype=torch.float16, device=x2.device)
@@ -196,8 +208,9 @@ def emulate(weight: torch.Tensor, scale: torch.Tensor, bits: int, x2: torch.Tens
 
 def check_on_device(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> None:
     """The kernels on this matrix's GPU against the dequantized product, for a lone row and a prompt's worth,
-    fed outlier activations (quantize.probe_activations): RuntimeError where they differ or overflow."""
-    from .quantize import _check_like_dequantized, dequantize_weight, probe_activations
+    fed outlier activations (base.probe_activations): RuntimeError where they differ or overflow."""
+    from .cuda import _check_like_dequantized
+    from .thudm import dequantize_weight
     K = weight.shape[1] * 8 // bits
     reference = dequantize_weight(weight, scale, bits, torch.float32)
     for rows in (1, MAX_ROWS, MAX_ROWS + 1):
@@ -207,20 +220,36 @@ def check_on_device(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> Non
 
 
 @functools.cache
-def usable(device: torch.device) -> bool:
-    """Whether this GPU takes quantized matrices through these kernels: wanted for its compute capability,
-    and they compile, load and multiply right there (logged once where not)."""
-    capability = torch.cuda.get_device_capability(device)
-    if not wanted(capability):
-        return False
+def _works_on(device: torch.device) -> bool:
+    """Whether the kernels compile, load and multiply right on this GPU (logged once where not)."""
+    from .thudm import quantize_weight
     try:
         generator = torch.Generator().manual_seed(0)
         for bits in (8, 4):
-            from .quantize import quantize_weight
             weight, scale = quantize_weight(torch.randn(72, 256, generator=generator) * 0.05, bits)
             check_on_device(weight.to(device), scale.to(device), bits)
     except (OSError, RuntimeError, ImportError, AttributeError) as error:
-        log.warning("sm%d%d has no int4/int8 kernel in torch, and glmpool's for it (cpm_kernels) cannot be "
-                    "used (%s): quantized matrices are dequantized for every product", *capability, error)
+        log.warning("%s has no int4/int8 kernel in torch, and glmpool's for it (cpm_kernels) cannot be used "
+                    "(%s): quantized matrices are dequantized for every product", device, error)
         return False
     return True
+
+
+class CpmCuda(QuantizedRoute):
+    """Every product of a matrix that quantized.prepare gave to these kernels (`matrix.cpm`)."""
+
+    name = "cpm-cuda"
+    scaled = True
+
+    @classmethod
+    def usable(cls, device: torch.device, dtype: torch.dtype) -> bool:
+        return (device.type == "cuda" and dtype == torch.float16 and torch.cuda.is_available()
+                and wanted(torch.cuda.get_device_capability(device)) and _works_on(torch.device(device)))
+
+    @classmethod
+    def takes(cls, matrix, rows: int, tokens: int, device: torch.device) -> bool:
+        return device.type == "cuda" and matrix.cpm
+
+    @classmethod
+    def apply(cls, matrix, x2: torch.Tensor) -> torch.Tensor:
+        return matmul(matrix.weight, matrix.weight_scale, matrix.bits, x2)

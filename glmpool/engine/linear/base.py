@@ -1,0 +1,274 @@
+"""The interface every way of multiplying a weight implements, and the modules that carry one in a model.
+
+Shaped after vLLM's linear methods: the model is built from plain layers (reference.Linear and
+reference.Embedding, THUDM's arithmetic) and never names a kernel; after the checkpoint is read,
+pack_model() swaps each float matrix, one at a time, for a PackedLinear or TiedEmbedding holding the
+chosen method's packed form of it. Matrices stored quantized are QuantizedLinear / QuantizedEmbedding
+(quantized.py), whose routes implement the same interface per call. Which method runs where is data in
+registry.py; method_class() and choose() are the only code that reads it.
+"""
+from __future__ import annotations
+
+import copy
+import ctypes
+import importlib
+import logging
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import hugepages
+from . import registry
+
+log = logging.getLogger(__name__)
+
+
+class LinearMethod:
+    """One way of computing x @ W^T (+ bias). `name` is its registry entry."""
+
+    name: ClassVar[str] = ""
+
+    @classmethod
+    def usable(cls, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether it runs, and computes what it should, on `device` for activations of `dtype`, on this
+        CPU and torch build (kernels built, instruction sets, the load-time probes)."""
+        raise NotImplementedError
+
+    @classmethod
+    def batch_invariant(cls) -> bool:
+        """Whether it promises, here, that a row gets the same bits alone and among any other rows."""
+        return False
+
+
+class WeightMethod(LinearMethod):
+    """A float weight packed once at load (from the checkpoint's tensor, as stored) into the layout its
+    kernel reads; the packed form is all that is kept of it."""
+
+    table_dtype: ClassVar[torch.dtype | None] = None  # a tied embedding's lookup table, if not as loaded
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        raise NotImplementedError
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> x @ W^T + bias [..., out]."""
+        raise NotImplementedError
+
+    def weight(self) -> torch.Tensor:
+        """A plain copy of the weight as packed (e.g. to quantize it, or to check it)."""
+        raise NotImplementedError
+
+    def held_tensors(self) -> tuple[torch.Tensor, ...]:
+        """The packed weight where it is an ordinary tensor (for hugepages.weights_on_huge_pages)."""
+        return ()
+
+    @classmethod
+    def packing_bytes(cls, out_features: int, in_features: int) -> int:
+        """Memory packing a matrix of this shape holds besides the stored and the packed weight (the peak)."""
+        return 0
+
+
+class QuantizedRoute(LinearMethod):
+    """A way of multiplying by a matrix stored in THUDM's int8/int4 format (quantized.QuantizedMatrix),
+    chosen per call: the first route in registry.QUANTIZED_ORDER that takes the call. Stateless: the
+    matrix holds the weight (and the layout a route gave it in place at load)."""
+
+    scaled: ClassVar[bool] = False  # apply() applies the row scales itself; else the matrix does, after
+
+    @classmethod
+    def takes(cls, matrix, rows: int, tokens: int, device: torch.device) -> bool:
+        """Whether it multiplies `rows` input rows, `tokens` of them per sequence, by `matrix` here."""
+        raise NotImplementedError
+
+    @classmethod
+    def apply(cls, matrix, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [M, K] -> x2 @ W^T [M, N] (with unit scales unless `scaled`; no bias)."""
+        raise NotImplementedError
+
+
+OUTLIER = 1000.0  # the largest |activation| a kernel trial feeds: ChatGLM's outlier channels reach hundreds
+
+
+def probe_activations(rows: int, features: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """fp32 [rows, features] like ChatGLM's hidden states: randn, except a few outlier channels (one in 256,
+    at least two) whose values reach +-OUTLIER; kernels are tried on these, since randn alone never
+    reaches the magnitudes where a product leaves fp16's range."""
+    generator = generator or torch.Generator().manual_seed(0)
+    x = torch.randn(rows, features, generator=generator)
+    channels = torch.randperm(features, generator=generator)[:max(2, features // 256)]
+    magnitudes = OUTLIER * (0.2 + 0.8 * torch.rand(rows, len(channels), generator=generator))
+    signs = torch.randint(0, 2, (rows, len(channels)), generator=generator) * 2 - 1
+    x[:, channels] = magnitudes * signs
+    x[:, channels[0]] = OUTLIER  # the extreme itself, in every row
+    return x
+
+
+def scaling_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where a unit-scale kernel's sums are scaled: fp16 cannot hold them (|q| up to 127 times the true
+    |y|: a row whose largest |W| is 0.1 overflows once |y| passes ~64), bf16 and fp32 can."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def apply_row_scales(unscaled: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """A unit-scale kernel's [M, N] sums -> sums x row scales (+ bias) in `dtype`, computed in scale's dtype
+    (see scaling_dtype) and rounded to `dtype` once."""
+    out = unscaled.to(scale.dtype)
+    out = torch.addcmul(bias.to(scale.dtype), out, scale) if bias is not None else out * scale
+    return out.to(dtype)
+
+
+def kernel_check(kind: str, probe: Callable[[torch.Generator], bool]) -> bool:
+    """Run `probe` (does torch's CPU `kind` kernel compute what we expect?), warning when it does not."""
+    try:
+        ok = probe(torch.Generator().manual_seed(0))
+    except (RuntimeError, AttributeError) as error:
+        log.warning("torch's CPU %s kernel is unavailable (%s); %s uses dequantize + matmul", kind, error, kind)
+        return False
+    if not ok:
+        log.warning("torch's CPU %s kernel does not give the expected results; %s uses dequantize + matmul",
+                    kind, kind)
+    return ok
+
+
+_constants: dict[tuple, torch.Tensor] = {}
+
+
+def unit_scales(kind: str, shape: tuple[int, ...], device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Shared read-only tensors: ones [N] (int8 kernel), or (scale 1, zero 0) pairs [G, N, 2] (int4)."""
+    key = (kind, shape, str(device), dtype)
+    tensor = _constants.get(key)
+    if tensor is None:
+        tensor = torch.ones(shape, dtype=dtype, device=device)
+        if kind == "int4":
+            tensor[..., 1] = 0
+        _constants[key] = tensor
+    return tensor
+
+
+
+INT4_GROUP_SIZES = (256, 128, 64, 32)  # allowed by the int4 kernels, CPU and CUDA (all groups share the row scale)
+
+
+def int4_unit_groups(in_features: int, rows: int, device: torch.device) -> tuple[int, torch.Tensor]:
+    """The int4 kernels' group size along K (the largest they take: all groups share the row scale) and
+    unit (scale 1, zero 0) pairs [K / group, rows, 2]; the row scales are applied after the product."""
+    group = next(g for g in INT4_GROUP_SIZES if in_features % g == 0)
+    return group, unit_scales("int4", (in_features // group, rows, 2), device)
+
+
+def method_class(name: str) -> type[LinearMethod]:
+    """The class that implements registry entry `name` (its module imported now)."""
+    module, _, cls = registry.BY_NAME[name].implementation.partition(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), cls)
+
+
+def choose(name: str, device: torch.device, dtype: torch.dtype) -> type[LinearMethod]:
+    """Matmul method `name`, or the first usable one along its fallback chain (registry.fallbacks)."""
+    for candidate in registry.fallbacks(name):
+        method = method_class(candidate)
+        if method.usable(device, dtype):
+            if candidate != name and device.type == "cpu" and dtype == torch.float32:
+                log.info("matmul %s cannot run here (kernel not built, CPU features, torch build); using %s",
+                            name, candidate)
+            return method
+    raise AssertionError("the last method of every chain is usable everywhere")
+
+
+def replace_module(parent: nn.Module, dotted: str, new: nn.Module) -> None:
+    """Put `new` where `parent.<dotted>` is (e.g. "attention.dense")."""
+    *path, name = dotted.split(".")
+    for part in path:
+        parent = getattr(parent, part)
+    setattr(parent, name, new)
+
+
+class PackedLinear(nn.Module):
+    """An nn.Linear whose weight lives only in its method's packed form (left out of the state_dict).
+    Inference only: load the checkpoint first, then pack."""
+
+    def __init__(self, method: WeightMethod, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.method = method
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.method.weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(x)
+
+    def held_tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.method.held_tensors()
+
+    def __deepcopy__(self, memo: dict) -> PackedLinear:  # a packed form may be opaque: pack a copy anew
+        bias = getattr(self.method, "bias", None)
+        method = type(self.method)(self.weight, copy.deepcopy(bias, memo))
+        return PackedLinear(method, self.in_features, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.method.name}"
+
+
+class TiedEmbedding(nn.Module):
+    """The word embeddings: rows looked up in a plain table (in the method's table_dtype), widened to the
+    method's fp32, and the tied output projection `project` [..., H] -> [..., vocab] by the method on its
+    packed copy. The table is a plain attribute: no cast of the model may widen it."""
+
+    def __init__(self, weight: torch.Tensor, method_class: type[WeightMethod]):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.table = weight.detach().to(method_class.table_dtype or weight.dtype)
+        self.method = method_class(weight.detach(), None)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.table).float()
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(hidden)
+
+    def held_tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.table, *self.method.held_tensors())
+
+    def __deepcopy__(self, memo: dict) -> TiedEmbedding:
+        return TiedEmbedding(copy.deepcopy(self.table, memo), type(self.method))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, projection by {self.method.name}"
+
+
+def release_free_memory() -> None:
+    """Give freed heap pages back to the OS. glibc keeps them, and a packed copy, a little larger than its
+    original, does not fit the hole the original leaves: without this, a packed model keeps its own size
+    again in free pages."""
+    trim = hugepages.libc_function("malloc_trim", (ctypes.c_size_t,))
+    if trim is not None:
+        trim(0)
+
+
+def pack_model(model: nn.Module, method: type[WeightMethod]) -> int:
+    """Replace every float Linear and the word Embedding (reference.Linear / reference.Embedding; what is
+    quantized stays so) by its form packed for `method`, one matrix at a time: each original is dropped
+    from the model before its packed copy is made and its pages given back after, so memory holds at most
+    one matrix twice. Layer norms become fp32 (a model may be loaded in fp16 to spare memory). Returns how
+    many matrices were packed."""
+    from .reference import Embedding, Linear
+
+    names = [name for name, module in model.named_modules() if type(module) in (Linear, Embedding)]
+    for name in names:
+        source = model.get_submodule(name)
+        weight = source.weight.detach()
+        bias = None if isinstance(source, Embedding) or source.bias is None else source.bias.detach()
+        replace_module(model, name, nn.Identity())
+        packed = TiedEmbedding(weight, method) if isinstance(source, Embedding) else \
+            PackedLinear(method(weight, bias), source.in_features, source.out_features)
+        del source, weight, bias
+        replace_module(model, name, packed)
+        release_free_memory()
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.float()
+    return len(names)
