@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from glmpool.engine import half, row_kernel
 
-KERNELS = [pytest.param(True, id="own-kernel", marks=pytest.mark.skipif(
-               not half.kernel_available(), reason="glmpool's fp16 kernel is not built or this CPU lacks AVX-512")),
+NO_KERNEL = "glmpool's fp16 kernel is not built or this CPU has neither AVX-512 nor AVX2"
+KERNELS = [pytest.param(True, id="own-kernel", marks=pytest.mark.skipif(not half.kernel_available(), reason=NO_KERNEL)),
            pytest.param(False, id="fbgemm", marks=pytest.mark.skipif(
                not half.fbgemm_available(), reason="this torch has no FBGEMM fp16 linear (not x86?)"))]
 
@@ -18,14 +18,16 @@ KERNELS = [pytest.param(True, id="own-kernel", marks=pytest.mark.skipif(
 @pytest.mark.parametrize("shape", [(4096, 1024), (1024, 4096), (192, 64), (130, 1100)])
 @pytest.mark.parametrize("own_kernel", KERNELS)
 def test_a_row_gives_the_same_bits_alone_and_in_any_batch(shape, own_kernel):
+    """glmpool's kernel always; FBGEMM exactly where fbgemm_batch_invariant() says so (with AVX-512, not with
+    AVX2), the engine's test before it uses FBGEMM."""
     torch.manual_seed(0)
     weight, bias = torch.randn(shape).half().float(), torch.randn(shape[0])  # fp16 values, as THUDM ships them
     matrix = half.HalfMatrix(weight, bias, own_kernel)
     x = torch.randn(33, shape[1])
     together = matrix.times(x)
-    for rows in (1, 2, 3, 6, 7, 16, 17):  # the kernel's tiles: 1-6 rows
-        assert torch.equal(matrix.times(x[:rows]), together[:rows]), rows
-        assert torch.equal(matrix.times(x[rows:rows + 1]), together[rows:rows + 1]), rows
+    same = [torch.equal(matrix.times(x[:rows]), together[:rows]) for rows in range(1, 33)]  # tiles of any height
+    same += [torch.equal(matrix.times(x[row:row + 1]), together[row:row + 1]) for row in range(33)]
+    assert all(same) == (own_kernel or half.fbgemm_batch_invariant()), same
     assert torch.equal(matrix.times(x.view(3, 11, -1)), together.view(3, 11, -1))
     assert torch.allclose(together, F.linear(x, weight, bias), rtol=1e-4, atol=1e-3)  # fp32 sums, fp16-exact weights
     assert torch.equal(matrix.weight(), weight)
@@ -33,7 +35,7 @@ def test_a_row_gives_the_same_bits_alone_and_in_any_batch(shape, own_kernel):
         assert matrix.times(x[:0]).shape == (0, shape[0])
 
 
-@pytest.mark.skipif(not half.kernel_available(), reason="glmpool's fp16 kernel is not built or this CPU lacks AVX-512")
+@pytest.mark.skipif(not half.kernel_available(), reason=NO_KERNEL)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_own_kernel_sums_each_output_in_chunks_in_input_order(threads):
     """Terms that give other bits in another order: in the first chunk 2, 2**33, -2**33, 2**24 (in input
@@ -54,7 +56,7 @@ def test_own_kernel_sums_each_output_in_chunks_in_input_order(threads):
         torch.set_num_threads(old)
 
 
-@pytest.mark.skipif(not half.kernel_available(), reason="glmpool's fp16 kernel is not built or this CPU lacks AVX-512")
+@pytest.mark.skipif(not half.kernel_available(), reason=NO_KERNEL)
 def test_pack_half_lays_out_blocks_of_64_outputs_input_major():
     weight = torch.arange(130 * 3, dtype=torch.float32).view(130, 3)
     packed = row_kernel.pack_half(weight)
@@ -93,12 +95,15 @@ def test_loaded_model_keeps_fp16_weights_and_matches_fp32(tiny_dir, own_kernel):
     from glmpool.engine import load
     from glmpool.engine.model import prompt_positions
 
+    by_own_kernel = own_kernel or not half.fbgemm_batch_invariant()  # fbgemm-fp16 only where batch-invariant
+    if by_own_kernel and not half.kernel_available():
+        pytest.skip("FBGEMM is not batch-invariant here and glmpool's kernel is missing: oneDNN (the next test)")
     reference = load(tiny_dir, progress=False)
     engine = load(tiny_dir, progress=False, matmul="fp16" if own_kernel else "fbgemm-fp16")
     kinds = {type(m).__name__ for m in engine.model.modules()}
     assert {"HalfLinear", "HalfEmbedding"} <= kinds and not kinds & {"Linear", "Embedding"}
     assert engine.model.dtype == torch.float32
-    assert engine.model.word_embeddings.matrix.own_kernel == own_kernel
+    assert engine.model.word_embeddings.matrix.own_kernel == by_own_kernel
 
     def logits(e):
         ids = e.tokenizer.build_prompt("hello there, how are you?", [])
@@ -117,13 +122,19 @@ def test_without_the_kernel_fp16_goes_through_fbgemm_and_without_either_through_
                                                                                      monkeypatch):
     from glmpool.engine import load, onednn
 
-    monkeypatch.setattr(half, "kernel_available", lambda: False)  # no C compiler at install, or no AVX-512
-    if half.fbgemm_available():
+    monkeypatch.setattr(half, "kernel_available", lambda: False)  # no C compiler at install, or an old CPU
+    if half.fbgemm_batch_invariant():
         with caplog.at_level(logging.INFO):
             engine = load(tiny_dir, progress=False, matmul="fp16")
         assert not engine.model.word_embeddings.matrix.own_kernel
         assert "using FBGEMM" in caplog.text
+    elif half.fbgemm_available():  # FBGEMM here gives a row other bits in a batch: oneDNN, fp32
+        with caplog.at_level(logging.WARNING):
+            engine = load(tiny_dir, progress=False, matmul="fp16")
+        assert "HalfLinear" not in {type(m).__name__ for m in engine.model.modules()}
+        assert "other bits alone than in a batch" in caplog.text and "using onednn" in caplog.text
     monkeypatch.setattr(half, "fbgemm_available", lambda: False)  # as on an ARM build of torch
+    monkeypatch.setattr(half, "fbgemm_batch_invariant", lambda: False)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         engine = load(tiny_dir, progress=False, matmul="fp16")

@@ -156,7 +156,7 @@ def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | tor
     batched with, but they are rounded differently from the reference's; "fp16" keeps the weights in fp16
     (exact for THUDM's fp16 checkpoints) and does fp32 arithmetic by glmpool's kernel, or FBGEMM's where
     that is not built (see half.py): half the memory, faster still, batch-invariant too; "fbgemm-fp16"
-    the same through FBGEMM always.
+    the same through FBGEMM wherever FBGEMM is batch-invariant (half.fbgemm_batch_invariant).
     """
     if matmul not in MATMULS:
         raise EngineError(f"unknown matmul {matmul!r}: use one of {', '.join(MATMULS)}")
@@ -181,14 +181,19 @@ def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | tor
 
     # Quantizing at load time works on the host, one matrix at a time, so a GPU never holds the fp copy.
     load_device = torch.device("cpu") if quantize_layers or quantize_embeddings else device
+    cpu_fp32 = device.type == "cpu" and dtype == torch.float32
     own_half = matmul == "fp16" and half.usable(device, dtype, own_kernel=True)
-    if matmul == "fp16" and not own_half and device.type == "cpu" and dtype == torch.float32:
-        log.info("matmul fp16: glmpool's kernel is not built or this CPU lacks AVX-512; using FBGEMM's")
+    if matmul == "fp16" and not own_half and cpu_fp32:
+        log.info("matmul fp16: glmpool's kernel is not built (or this CPU has neither AVX-512 nor AVX2); "
+                 "using FBGEMM's")
         matmul = "fbgemm-fp16"
     half_weights = own_half or (matmul == "fbgemm-fp16" and half.usable(device, dtype, own_kernel=False))
-    if matmul == "fbgemm-fp16" and not half_weights and device.type == "cpu" and dtype == torch.float32:
-        log.warning("matmul fbgemm-fp16: this torch has no FBGEMM (not an x86 build?); using onednn")
-        matmul = "onednn"
+    if matmul == "fbgemm-fp16" and not half_weights and cpu_fp32:
+        why = ("its fp16 GEMM gives a row other bits alone than in a batch on this CPU" if half.fbgemm_available()
+               else "this torch has no FBGEMM (not an x86 build?)")
+        own_half = half_weights = half.usable(device, dtype, own_kernel=True)
+        log.warning("matmul fbgemm-fp16: %s; using %s", why, "glmpool's fp16 kernel" if own_half else "onednn")
+        matmul = "fp16" if own_half else "onednn"
     with torch.device("meta"):
         net = ChatGLM(config)
     # fp16 weights from an fp16 checkpoint: read them as fp16, never holding an fp32 copy of the model; and

@@ -1,5 +1,5 @@
-"""fp16 weights, fp32 arithmetic, on the CPU: by glmpool's kernel where it is built (AVX-512), else
-through FBGEMM (bundled with torch's x86 builds).
+"""fp16 weights, fp32 arithmetic, on the CPU: by glmpool's kernel where it is built (AVX-512 or AVX2), else
+through FBGEMM (bundled with torch's x86 builds) where it is batch-invariant.
 
 Decoding one sequence reads every weight once per token, so bytes per weight set its speed. THUDM
 publishes ChatGLM-6B in fp16: held as fp16, the weights lose nothing and take half the memory of fp32
@@ -11,8 +11,13 @@ sequence's decode step, a batch's, a prompt. Each output is summed in the same o
 so batching cannot change a result by construction. Measured on this project's 2-core machine against
 FBGEMM: 1.3-1.9x for one row on the layers' shapes (1.06x on the output projection, where both stream at
 memory speed), 1.1-1.25x at 16 rows (~210 against ~150-190 GFLOP/s), 1.04-1.07x for a 944-row prefill.
-FBGEMM (`matmul="fbgemm-fp16"`, and wherever the kernel is missing) is batch-invariant too, found by test
-(tests/test_half.py checks both; tests/test_onednn.py every logit, batched and alone).
+FBGEMM (`matmul="fbgemm-fp16"`, and wherever the kernel is missing) splits the rows into tiles of 1-6
+(AVX2) or 1-14 (AVX-512) and picks one micro-kernel per tile height: with AVX-512 they all sum alike, but
+its AVX2 kernels for tiles of 1 and 2 rows sum in another order than those for 3-6, so there a row's bits
+depend on how many rows go with it. fbgemm_batch_invariant() finds that out once per process, and the
+engine uses FBGEMM only where it holds (tests/test_half.py checks the kernels; tests/test_onednn.py every
+logit, batched and alone). FBGEMM picks its kernels from the CPU alone (no switch, unlike oneDNN and
+torch's own), so only an AVX2 machine runs its AVX2 path.
 
 The tied embedding table is kept twice in fp16: plain for the lookup and packed for the output
 projection (together the size of one fp32 copy).
@@ -41,13 +46,27 @@ def fbgemm_available() -> bool:
         return False
 
 
+@functools.cache
+def fbgemm_batch_invariant() -> bool:
+    """Whether FBGEMM's fp16 linear gives each row the same bits alone and among any number of rows (up to
+    two blocks of its 120-row partition, split over this process's threads)."""
+    if not fbgemm_available():
+        return False
+    generator = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(64, 64, generator=generator).half().float(), torch.randn(250, 64, generator=generator)
+    packed = torch.ops.quantized.linear_prepack_fp16(weight, None)
+    together = torch.ops.quantized.linear_dynamic_fp16(x, packed)
+    return all(torch.equal(torch.ops.quantized.linear_dynamic_fp16(x[:rows], packed), together[:rows])
+               for rows in range(1, len(x)))
+
+
 def kernel_available() -> bool:
-    return row_kernel.several_rows_available()
+    return row_kernel.available()
 
 
 def usable(device: torch.device, dtype: torch.dtype, own_kernel: bool) -> bool:
-    """Whether fp16 weights can be multiplied here, by glmpool's kernel (own_kernel) or FBGEMM."""
-    ready = kernel_available() if own_kernel else fbgemm_available()
+    """Whether fp16 weights can be multiplied here, batch-invariant, by glmpool's kernel (own_kernel) or FBGEMM."""
+    ready = kernel_available() if own_kernel else fbgemm_batch_invariant()
     return device.type == "cpu" and dtype == torch.float32 and ready
 
 
