@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from glmpool.engine import row_kernel
-from glmpool.engine.linear import base, fp16, reference
+from glmpool.engine.linear import fp16, layers, reference
 
 NO_KERNEL = "glmpool's fp16 kernel is not built or this CPU has neither AVX-512 nor AVX2"
 OWN_KERNEL = fp16.OwnFp16.usable(torch.device("cpu"), torch.float32)
@@ -83,7 +83,7 @@ def test_pack_model_swaps_linears_and_embeddings_and_keeps_what_they_compute(met
     expected_rows = model["embed"](ids).float()
     weight = model["proj"].weight.float()
     expected = F.linear(x, weight, model["proj"].bias.float())
-    assert base.pack_model(model, method) == 2
+    assert layers.pack_model(model, method) == 2
     assert {type(m).__name__ for m in model.values()} == {"TiedEmbedding", "PackedLinear", "LayerNorm"}
     assert model["norm"].weight.dtype == torch.float32  # loaded in fp16 to spare memory, computed in fp32
     assert torch.equal(model["embed"](ids), expected_rows) and model["embed"](ids).dtype == torch.float32

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from glmpool.engine import row_kernel
-from glmpool.engine.linear import base, fp16, onednn, reference
+from glmpool.engine.linear import fp16, layers, onednn, reference
 
 pytestmark = pytest.mark.skipif(not onednn.available(), reason="this torch has no usable oneDNN linear")
 
@@ -93,7 +93,7 @@ def test_pack_model_swaps_every_linear_and_keeps_what_it_computes():
     model = torch.nn.Sequential(reference.Linear(64, 128), torch.nn.GELU(), reference.Linear(128, 32, bias=False))
     x = torch.randn(5, 64)
     expected = model(x)
-    assert base.pack_model(model, onednn.OneDNN) == 2
+    assert layers.pack_model(model, onednn.OneDNN) == 2
     assert all(type(m) is not reference.Linear for m in model)
     assert torch.allclose(model(x), expected, rtol=1e-5, atol=1e-5)
     assert not model.state_dict()  # opaque: never saved as if it were a checkpoint tensor
@@ -105,7 +105,7 @@ def test_pack_model_swaps_every_linear_and_keeps_what_it_computes():
 def test_tied_embedding_looks_up_the_plain_table_and_projects_through_a_packed_copy():
     torch.manual_seed(2)
     embedding = reference.Embedding(300, 64)
-    tied = base.TiedEmbedding(embedding.weight, onednn.OneDNN)
+    tied = layers.TiedEmbedding(embedding.weight, onednn.OneDNN)
     ids, hidden = torch.tensor([[0, 7, 299]]), torch.randn(5, 64)
     assert tied.table.data_ptr() == embedding.weight.data_ptr() and torch.equal(tied(ids), embedding(ids))
     projected = tied.project(hidden)

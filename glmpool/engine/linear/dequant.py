@@ -26,7 +26,6 @@ def _gemm(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x2 [M, K] @ weight [N, K]^T. On the CPU in fp32 through oneDNN, which sums each row alike for any
     M >= 2 (the prompts that come here are long), so a prompt's numbers do not depend on the others
     prefilled with it; MKL's (F.linear) change with M."""
-    from . import onednn  # onednn imports this module
     if x2.device.type == "cpu" and x2.dtype == torch.float32 and x2.shape[0] > 1 and onednn.available():
         return onednn.linear(x2, weight, None)
     return F.linear(x2, weight)

@@ -69,6 +69,19 @@ def fallbacks(name: str) -> tuple[str, ...]:
     return (name, *BY_NAME[name].fallbacks)
 
 
+def matmul_comment(width: int = 100) -> str:
+    """deploy/glmpool.toml's comment on `matmul` (tests/test_imports.py holds the template to it)."""
+    import textwrap
+
+    lines = ["Matrix products on cpu workers (fp32 arithmetic); where one cannot run, the first of its fallbacks:"]
+    for m in METHODS:
+        if not m.quantized:
+            text = f'"{m.name}"{" (default)" if m.name == DEFAULT_MATMUL else ""}: {m.summary}' + \
+                (f"; else {', '.join(m.fallbacks)}" if m.fallbacks else "")
+            lines += textwrap.wrap(text, width - 2, initial_indent="- ", subsequent_indent="  ", break_on_hyphens=False)
+    return "\n".join("# " + line for line in lines)
+
+
 def matmul_help() -> str:
     """The --matmul help: every choice with its summary (config.py; the TOML template says the same)."""
     return "fp32 on CPU (elsewhere it changes nothing): " + "; ".join(
