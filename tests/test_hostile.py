@@ -361,11 +361,17 @@ def test_forged_claim_record_cannot_escape_the_spool(pool, tmp_path):
 def jail_script() -> str:
     """sh -c script: $1 is the spool root, then the command, run as nobody in a private mount namespace."""
     lines = ["set -e"]
-    prefix = Path(sys.prefix).resolve().parts
-    if prefix[:2] == ("/", "root"):  # python lives where nobody cannot enter: open up only its tree
-        tree = "/root/" + prefix[2]
-        lines += ['stage="$1/.stage"', 'mkdir -p "$stage"', f"mount --bind {tree} \"$stage\"",
-                  "mount -t tmpfs -o mode=0755 tmpfs /root", f"mkdir -p {tree}", f"mount --move \"$stage\" {tree}"]
+    # Python may live where nobody cannot enter (root's home): open up only its trees. A venv's interpreter,
+    # which its pool spawns again for the workers and multiprocess's resource tracker, is the base one.
+    places = (sys.prefix, sys.base_prefix, os.path.realpath(sys.executable))
+    trees = sorted({"/root/" + parts[2] for parts in (Path(p).resolve().parts for p in places)
+                    if parts[:2] == ("/", "root") and len(parts) > 2})
+    if trees:
+        for n, tree in enumerate(trees):
+            lines += [f'mkdir -p "$1/.stage{n}"', f'mount --bind {tree} "$1/.stage{n}"']
+        lines.append("mount -t tmpfs -o mode=0755 tmpfs /root")
+        for n, tree in enumerate(trees):
+            lines += [f"mkdir -p {tree}", f'mount --move "$1/.stage{n}" {tree}']
     lines += ['mount -t tmpfs -o size=1m,mode=0777 tmpfs "$1/requests"', "shift",
               'exec setpriv --reuid=nobody --regid=nogroup --clear-groups "$@"']
     return "\n".join(lines)
