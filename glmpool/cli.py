@@ -1,4 +1,4 @@
-"""The `glmpool` command: serve (the default), ask, status, quit, tiny-model, selftest."""
+"""The `glmpool` command: serve (the default), ask, status, quit, http, tiny-model, selftest."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ from pathlib import Path
 from . import __version__
 from .engine.linear import registry
 
-COMMANDS = ("serve", "ask", "status", "quit", "tiny-model", "selftest")
+COMMANDS = ("serve", "ask", "status", "quit", "http", "tiny-model", "selftest")
 
 
 class Formatter(logging.Formatter):
@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     quit_ = sub.add_parser("quit", help="ask every supervisor on the directory to stop")
     quit_.add_argument("--dir", default=".")
+
+    http_ = sub.add_parser("http", help="an OpenAI-compatible HTTP gateway onto the spool (extra: glmpool[http])")
+    config.add_arguments(http_, "http")
 
     tiny = sub.add_parser("tiny-model", help="write a random-weight checkpoint in THUDM's layout")
     tiny.add_argument("path")
@@ -184,6 +187,22 @@ def quit_command(args) -> int:
     return 0
 
 
+def http(args) -> int:
+    from . import config
+    try:
+        settings = config.resolve(args)
+    except config.ConfigError as error:
+        print(f"glmpool http: {error}", file=sys.stderr)
+        return 2
+    try:
+        from .gateway import serve as run_gateway
+    except ImportError as error:
+        print(f"glmpool http needs the http extra: pip install 'glmpool[http]' ({error})", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level, settings.log_format)
+    return run_gateway(settings)
+
+
 def tiny_model(args) -> int:
     from .engine import EngineError
     from .engine.tiny import write_tiny_checkpoint
@@ -199,5 +218,5 @@ def tiny_model(args) -> int:
 
 
 
-COMMAND_FUNCTIONS = {"serve": serve, "ask": ask, "status": status, "quit": quit_command,
+COMMAND_FUNCTIONS = {"serve": serve, "ask": ask, "status": status, "quit": quit_command, "http": http,
                      "tiny-model": tiny_model}

@@ -54,8 +54,10 @@ class Setting:
     default: Any
     help: str
     metavar: str = "VALUE"
+    commands: tuple[str, ...] = ("serve",)  # the commands taking it as a flag; the file may hold any setting
 
 
+BOTH = ("serve", "http")
 SETTINGS = [
     Setting("model", str, "THUDM/chatglm-6b-int4",
             "hub id (THUDM/chatglm-6b, -int4, -int4-qe), checkpoint directory, or tiny-random", "ID|DIR"),
@@ -66,9 +68,9 @@ SETTINGS = [
     Setting("matmul", _choice(*registry.MATMULS), registry.DEFAULT_MATMUL, registry.matmul_help(), "KIND"),
     Setting("dtype", _choice("float16", "bfloat16", "float32"), None,
             "compute dtype (default float16 on GPUs, float32 on cpu)", "DTYPE"),
-    Setting("dir", str, ".", "spool root; requests/ and flags/ are created in it", "DIR"),
+    Setting("dir", str, ".", "spool root; requests/ and flags/ are created in it", "DIR", commands=BOTH),
     Setting("cache_dir", str, str(Path.home() / ".cache" / "glmpool"), "where models are downloaded/built", "DIR"),
-    Setting("host_id", str, socket.gethostname(), "this host's identity in claims and status", "NAME"),
+    Setting("host_id", str, socket.gethostname(), "this host's identity in claims and status", "NAME", commands=BOTH),
     Setting("max_batch", int, 16, "sequences one worker generates together (16 measured best on CPU: 8 loses "
                                   "40%% of the throughput, 64 adds little and slows every request; see README "
                                   "Throughput; GPUs may profit from 32-64)", "N"),
@@ -80,17 +82,31 @@ SETTINGS = [
     Setting("partial_seconds", float, 0.25,
             "rewrite a request's .partial at most this often (seconds; the first token is written at once)", "S"),
     Setting("partial_tokens", int, 1, "... and at most every N generated tokens (0: no .partial files)", "N"),
-    Setting("poll_interval", float, 0.5, "seconds between directory scans (inotify wakes earlier locally)", "S"),
+    Setting("poll_interval", float, 0.5, "seconds between directory scans (inotify wakes earlier locally)", "S",
+            commands=BOTH),
     Setting("lease_seconds", float, 60.0, "a claim not renewed for this long is taken over by another host", "S"),
     Setting("grace_seconds", float, 300.0, "on stop, how long in-flight generations may finish", "S"),
     Setting("heartbeat_timeout", float, 120.0, "a busy worker silent this long is killed and restarted", "S"),
     Setting("load_timeout", float, 3600.0, "a worker still loading the model (download included) after this "
             "long is killed and counted as a failed start (0: wait forever)", "S"),
-    Setting("umask", _octal, 0o022, "umask for files created in the spool (octal)", "OCTAL"),
-    Setting("log_level", _log_level, "INFO", "DEBUG, INFO, WARNING or ERROR", "LEVEL"),
-    Setting("log_format", _choice("plain", "json"), "plain", "plain lines or JSON lines (journald)", "FORMAT"),
+    Setting("umask", _octal, 0o022, "umask for files created in the spool (octal)", "OCTAL", commands=BOTH),
+    Setting("log_level", _log_level, "INFO", "DEBUG, INFO, WARNING or ERROR", "LEVEL", commands=BOTH),
+    Setting("log_format", _choice("plain", "json"), "plain", "plain lines or JSON lines (journald)", "FORMAT",
+            commands=BOTH),
     Setting("metrics_file", str, "", "Prometheus textfile to rewrite every few seconds", "FILE"),
     Setting("metrics_port", int, 0, "serve the same metrics on 127.0.0.1:PORT (0: off)", "PORT"),
+    # `glmpool http`, the OpenAI-compatible gateway (glmpool/gateway.py)
+    Setting("http_host", str, "127.0.0.1", "address the gateway listens on", "ADDR", commands=("http",)),
+    Setting("http_port", int, 8000, "port the gateway listens on (0: any free port, logged)", "PORT",
+            commands=("http",)),
+    Setting("http_api_keys_file", str, "", "file of accepted API keys, one a line, sent as `Authorization: "
+            "Bearer KEY` (re-read when it changes; empty: no keys asked)", "FILE", commands=("http",)),
+    Setting("http_max_body", int, 1 << 20, "largest request body in bytes (413 beyond)", "BYTES",
+            commands=("http",)),
+    Setting("http_queue_limit", int, 256, "at most N requests wait unclaimed in requests/; beyond, new ones "
+            "are answered 429 with Retry-After (0: no limit)", "N", commands=("http",)),
+    Setting("http_timeout", float, 600.0, "a chat completion not answered within this many seconds is "
+            "cancelled and answered 504", "S", commands=("http",)),
 ]
 BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -122,15 +138,23 @@ class Config:
     log_format: str
     metrics_file: str
     metrics_port: int
+    http_host: str
+    http_port: int
+    http_api_keys_file: str
+    http_max_body: int
+    http_queue_limit: int
+    http_timeout: float
     sources: dict = field(default_factory=dict, compare=False)  # setting -> where its value came from
 
 
 assert [f.name for f in fields(Config)][:-1] == [s.name for s in SETTINGS], "Config and SETTINGS disagree"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, command: str = "serve") -> None:
     parser.add_argument("--config", metavar="FILE", help=f"TOML config file (default {DEFAULT_CONFIG_FILE} if present)")
     for s in SETTINGS:
+        if command not in s.commands:
+            continue
         default = "" if s.default is None else f" (default: {s.default if s.name != 'umask' else oct(s.default)})"
         parser.add_argument("--" + s.name.replace("_", "-"), dest=s.name, metavar=s.metavar,
                             default=argparse.SUPPRESS, help=s.help + default + f"; env GLMPOOL_{s.name.upper()}")

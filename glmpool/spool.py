@@ -35,6 +35,8 @@ MAX_ID_BYTES = 255 - len(".request")
 MAX_HISTORY_DEPTH = 3  # [[q, a], ...]
 SETTLE_SECONDS = 0.5  # a file unchanged this long is complete even without a final newline
 HISTORY_GRACE_SECONDS = 1.0  # a missing .history counts as empty once the .request is this old
+HOST_BEAT_SECONDS = 1.0  # a supervisor rewrites flags/.hosts/<host>.<pid>.json this often
+HOST_FRESH_SECONDS = 10 * HOST_BEAT_SECONDS  # a heartbeat younger than this (spool clock) is a live supervisor
 JSON_PARAMETERS = {"max_length": int, "max_new_tokens": int, "top_p": float, "temperature": float,
                    "do_sample": bool, "seed": int, "top_k": int, "priority": int, "timeout": float}
 

@@ -31,7 +31,7 @@ MAX_ATTEMPTS = 3  # a request that crashed workers this often fails
 MAX_START_FAILURES = 3  # a device that failed to start this often in a row becomes FATAL
 BACKOFF_CAP = 30.0
 PUBLISH_RETRY_FIRST, PUBLISH_RETRY_CAP = 0.5, 10.0  # backoff for a result the spool refused (full disk)
-HOST_BEAT_SECONDS = 1.0
+HOST_BEAT_SECONDS = spool.HOST_BEAT_SECONDS
 LOOP_SECONDS = 0.1  # longest sleep of the main loop: flags and signals are seen within this
 
 
@@ -737,7 +737,7 @@ class Supervisor:
         try:
             probe.touch()
             now = probe.stat().st_mtime
-            return [p for p in hosts.glob("*.json") if now - p.stat().st_mtime < 10 * HOST_BEAT_SECONDS]
+            return [p for p in hosts.glob("*.json") if now - p.stat().st_mtime < spool.HOST_FRESH_SECONDS]
         except OSError:
             return []
 

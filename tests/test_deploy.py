@@ -86,7 +86,8 @@ def _systemd_analyze() -> str:
 
 
 @pytest.mark.parametrize("name,load_as", [("glmpool.service", "glmpool.service"),
-                                          ("glmpool@.service", "glmpool@gpu01.service")])
+                                          ("glmpool@.service", "glmpool@gpu01.service"),
+                                          ("glmpool-http.service", "glmpool-http.service")])
 def test_systemd_analyze_verify(name, load_as, tmp_path):
     tool = _systemd_analyze()
     # verify insists that ExecStart exists: a temp copy runs a stub instead of the venv path.
@@ -103,6 +104,15 @@ def test_systemd_analyze_verify(name, load_as, tmp_path):
     # Unknown keys and unparsable values are only warnings (exit 0): fail on any mention of the unit.
     problems = [line for line in proc.stderr.splitlines() if "glmpool" in line]
     assert proc.returncode == 0 and not problems, proc.stderr
+
+
+def test_http_unit_runs_the_gateway_on_the_pools_config():
+    d = _directives(DEPLOY / "glmpool-http.service")
+    one = {k: v[-1] for k, v in d.items()}
+    assert one["Service.ExecStart"] == VENV_BIN + " http --config /etc/glmpool/glmpool.toml"
+    assert one["Service.Type"] == "notify" and one["Service.User"] == "glmpool"
+    assert one["Unit.RequiresMountsFor"] == "/srv/glmpool" and "/srv/glmpool" in d["Service.ReadWritePaths"]
+    assert one["Service.PrivateDevices"] == "yes"  # no GPU
 
 
 # ---------------------------------------------------------------- sd_notify

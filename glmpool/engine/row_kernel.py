@@ -23,7 +23,9 @@ against ~6.5.
 A batch's decode step multiplies a few rows by every weight and is bound by arithmetic instead. With
 AVX-512, rows_times_packed (fp32), rows_times_half (fp16 weights in glmpool's layout, half.py) and
 int4_times take tiles of up to 6 rows, each 64 weights loaded once per tile: ~200-220 GFLOP/s, 1.1-1.5x
-oneDNN, FBGEMM and torch's int4 kernel at 2-64 rows, every output summed as for a lone row.
+oneDNN, FBGEMM and torch's int4 kernel at 2-64 rows, every output summed as for a lone row. The fp32 and fp16
+ones have AVX2 variants (tiles of 1-3 rows) that sum alike: fp16 weights go through them on AVX2 CPUs, where
+FBGEMM is not batch-invariant (half.py).
 
 The kernels are compiled when glmpool is installed (setup.py; an optional extension needing a C compiler
 with OpenMP, and an x86-64 CPU with AVX-512 or AVX2 to run). Where they are missing, available() says so, and
