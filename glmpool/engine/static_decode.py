@@ -165,6 +165,9 @@ def sample_tokens(logits: torch.Tensor, greedy: torch.Tensor, temperature: torch
     return torch.where(finite, chosen, INVALID_SCORE_TOKEN)
 
 
+PADDING = SamplingParams(do_sample=False)  # a padding row's sampling: greedy
+
+
 def sampling_rows(sequences: list[Sequence | None], vocab: int, device) -> tuple[list[torch.Tensor], int]:
     """The per-row tensors of sample_tokens for a row per sequence (None: a padding row, greedy), and the
     candidates count: a power of two covering every sampled row's top_k (all of the vocabulary for 0)."""
@@ -176,9 +179,6 @@ def sampling_rows(sequences: list[Sequence | None], vocab: int, device) -> tuple
     ints = torch.tensor([[not p.do_sample, k, seed, count] for (p, seed, count), k in zip(rows, top_k)])
     floats, ints = floats.to(device, non_blocking=True), ints.to(device, non_blocking=True)
     return [ints[:, 0].bool(), floats[:, 0], ints[:, 1], floats[:, 1], ints[:, 2], ints[:, 3]], candidates
-
-
-PADDING = SamplingParams(do_sample=False)
 
 
 def read_back(tokens: torch.Tensor) -> list[int]:
