@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from glmpool.engine import SamplingParams, load  # noqa: E402
 from glmpool.engine import agreement, decode_attention, hugepages, row_kernel  # noqa: E402
-from glmpool.engine.linear import base  # noqa: E402
+from glmpool.engine.linear import layers  # noqa: E402
 
 MEDIUM = dict(layers=8, hidden=1024, heads=16, inner=4096, vocab=130528, seed=0)
 PROMPT_TOKENS = 32
@@ -78,7 +78,7 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     projection; the embedding lookup reads one row). That is what one decode step streams from memory."""
     seen, total = set(), 0
     for module in model.modules():  # packed matrices are no parameters (a lookup table is not read)
-        if isinstance(module, (base.PackedLinear, base.TiedEmbedding)):
+        if isinstance(module, (layers.PackedLinear, layers.TiedEmbedding)):
             seen.update(t.untyped_storage().data_ptr() for t in module.held_tensors() if not t.is_mkldnn)
             weight = module.method.weight()  # its size as packed: the bytes a product streams
             total += weight.numel() * (2 if type(module.method).table_dtype == torch.float16 else 4)

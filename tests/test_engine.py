@@ -78,6 +78,24 @@ def test_every_layout_loads_to_identical_logits(tiny_dir, tiny_engine, tmp_path,
     assert torch.equal(prompt_logits(tiny_engine, ids), prompt_logits(other, ids))
 
 
+def test_a_tiny_checkpoint_that_fails_to_write_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    """As without numpy, which safetensors needs: exit 2 with the error, no half-written directory."""
+    from glmpool.cli import main
+    from glmpool.engine import tiny
+
+    def fail(*args):
+        raise ImportError("No module named 'numpy'")
+
+    monkeypatch.setattr(tiny, "save_state_dict", fail)
+    assert main(["tiny-model", str(tmp_path / "ckpt"), "--safetensors"]) == 2
+    assert "numpy" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    assert main(["tiny-model", str(tmp_path / "ckpt")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert (tmp_path / "ckpt" / "pytorch_model.bin").is_file()
+
+
 def test_tied_output_projection_kept_once(tiny_engine):
     names = [n for n, _ in tiny_engine.model.named_parameters()]
     assert "word_embeddings.weight" in names and not any("lm_head" in n for n in names)

@@ -7,13 +7,28 @@ import torch
 import torch.nn.functional as F
 
 from glmpool.engine import row_kernel
-from glmpool.engine.linear import base, fp16, reference
+from glmpool.engine.linear import fp16, layers, reference
 
-OWN_KERNEL = row_kernel.several_rows_available()
-KERNELS = [pytest.param(fp16.OwnFp16, id="own-kernel", marks=pytest.mark.skipif(
-               not OWN_KERNEL, reason="glmpool's fp16 kernel is not built or this CPU lacks AVX-512")),
+NO_KERNEL = "glmpool's fp16 kernel is not built or this CPU has neither AVX-512 nor AVX2"
+OWN_KERNEL = fp16.OwnFp16.usable(torch.device("cpu"), torch.float32)
+KERNELS = [pytest.param(fp16.OwnFp16, id="own-kernel", marks=pytest.mark.skipif(not OWN_KERNEL, reason=NO_KERNEL)),
            pytest.param(fp16.FbgemmFp16, id="fbgemm", marks=pytest.mark.skipif(
                not fp16.fbgemm_available(), reason="this torch has no FBGEMM fp16 linear (not x86?)"))]
+
+
+@pytest.mark.parametrize("shape", [(4096, 1024), (192, 64), (130, 1100)])
+def test_fbgemm_batch_invariant_tells_the_truth(shape):
+    """FBGEMM's AVX2 micro-kernels for tiles of 1 and 2 rows sum in another order than those for 3-6 (with
+    AVX-512 all alike): fbgemm-fp16 is usable exactly where its probe finds a row's bits the same in any batch."""
+    if not fp16.fbgemm_available():
+        pytest.skip("this torch has no FBGEMM fp16 linear (not x86?)")
+    torch.manual_seed(0)
+    matrix = fp16.FbgemmFp16(torch.randn(shape).half(), torch.randn(shape[0]))
+    x = torch.randn(33, shape[1])
+    together = matrix.apply(x)
+    same = [torch.equal(matrix.apply(x[:rows]), together[:rows]) for rows in range(1, 33)]  # tiles of any height
+    same += [torch.equal(matrix.apply(x[row:row + 1]), together[row:row + 1]) for row in range(33)]
+    assert all(same) == fp16.fbgemm_batch_invariant() == fp16.FbgemmFp16.usable(torch.device("cpu"), torch.float32)
 
 
 def test_fbgemm_packs_a_large_matrix_in_slices_and_gives_the_whole_matrixs_bits(monkeypatch):
@@ -28,7 +43,7 @@ def test_fbgemm_packs_a_large_matrix_in_slices_and_gives_the_whole_matrixs_bits(
     assert torch.equal(sliced.apply(x), whole) and torch.equal(sliced.weight(), weight.float())
 
 
-@pytest.mark.skipif(not OWN_KERNEL, reason="glmpool's fp16 kernel is not built or this CPU lacks AVX-512")
+@pytest.mark.skipif(not OWN_KERNEL, reason=NO_KERNEL)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_own_kernel_sums_each_output_in_chunks_in_input_order(threads):
     """Terms that give other bits in another order: in the first chunk 2, 2**33, -2**33, 2**24 (in input
@@ -49,7 +64,7 @@ def test_own_kernel_sums_each_output_in_chunks_in_input_order(threads):
         torch.set_num_threads(old)
 
 
-@pytest.mark.skipif(not OWN_KERNEL, reason="glmpool's fp16 kernel is not built or this CPU lacks AVX-512")
+@pytest.mark.skipif(not OWN_KERNEL, reason=NO_KERNEL)
 def test_pack_half_lays_out_blocks_of_64_outputs_input_major():
     weight = torch.arange(130 * 3, dtype=torch.float32).view(130, 3)
     packed = row_kernel.pack_half(weight)
@@ -68,7 +83,7 @@ def test_pack_model_swaps_linears_and_embeddings_and_keeps_what_they_compute(met
     expected_rows = model["embed"](ids).float()
     weight = model["proj"].weight.float()
     expected = F.linear(x, weight, model["proj"].bias.float())
-    assert base.pack_model(model, method) == 2
+    assert layers.pack_model(model, method) == 2
     assert {type(m).__name__ for m in model.values()} == {"TiedEmbedding", "PackedLinear", "LayerNorm"}
     assert model["norm"].weight.dtype == torch.float32  # loaded in fp16 to spare memory, computed in fp32
     assert torch.equal(model["embed"](ids), expected_rows) and model["embed"](ids).dtype == torch.float32
@@ -88,12 +103,16 @@ def test_loaded_model_keeps_fp16_weights_and_matches_fp32(tiny_dir, method):
     from glmpool.engine import load
     from glmpool.engine.model import prompt_positions
 
+    usable = method.usable(torch.device("cpu"), torch.float32)  # fbgemm-fp16 only where batch-invariant
+    if not usable and not OWN_KERNEL:
+        pytest.skip("FBGEMM is not batch-invariant here and glmpool's kernel is missing: oneDNN (the next test)")
     reference = load(tiny_dir, progress=False)
     engine = load(tiny_dir, progress=False, matmul=method.name)
     kinds = {type(m).__name__ for m in engine.model.modules()}
     assert {"PackedLinear", "TiedEmbedding"} <= kinds and not kinds & {"Linear", "Embedding"}
     assert engine.model.dtype == torch.float32 and engine.model.word_embeddings.table.dtype == torch.float16
-    assert type(engine.model.word_embeddings.method) is method
+    assert type(engine.model.word_embeddings.method) is (method if method.usable(torch.device("cpu"), torch.float32)
+                                                         else fp16.OwnFp16)
 
     def logits(e):
         ids = e.tokenizer.build_prompt("hello there, how are you?", [])
@@ -113,13 +132,20 @@ def test_without_the_kernel_fp16_goes_through_fbgemm_and_without_either_through_
     from glmpool.engine import load
     from glmpool.engine.linear import onednn
 
-    monkeypatch.setattr(fp16.OwnFp16, "usable", classmethod(lambda cls, *a: False))  # no C compiler, no AVX-512
-    if fp16.fbgemm_available():
+    monkeypatch.setattr(fp16.OwnFp16, "usable", classmethod(lambda cls, *a: False))  # no C compiler, an old CPU
+    if fp16.fbgemm_batch_invariant():
         with caplog.at_level(logging.INFO):
             engine = load(tiny_dir, progress=False, matmul="fp16")
         assert type(engine.model.word_embeddings.method) is fp16.FbgemmFp16
         assert "matmul fp16 cannot run here" in caplog.text and "using fbgemm-fp16" in caplog.text
+    elif fp16.fbgemm_available():  # FBGEMM here gives a row other bits in a batch: oneDNN, fp32
+        with caplog.at_level(logging.INFO):
+            engine = load(tiny_dir, progress=False, matmul="fp16")
+        assert "PackedLinear" not in {type(m).__name__ for m in engine.model.modules()} or \
+            isinstance(engine.model.word_embeddings.method, onednn.OneDNN)
+        assert "using onednn" in caplog.text
     monkeypatch.setattr(fp16, "fbgemm_available", lambda: False)  # as on an ARM build of torch
+    monkeypatch.setattr(fp16, "fbgemm_batch_invariant", lambda: False)
     caplog.clear()
     with caplog.at_level(logging.INFO):
         engine = load(tiny_dir, progress=False, matmul="fp16")

@@ -11,7 +11,7 @@ from . import checkpoint, decode_attention, hugepages, row_kernel
 from .config import ModelConfig
 from .errors import CheckpointError, EngineError
 from .generate import Batcher, SamplingParams
-from .linear import base as linear, reference, registry
+from .linear import base, layers, reference, registry
 from .linear.quantized import prepare, quantize_model
 from .linear.thudm import parse_quantize
 from .model import ChatGLM, padded_attention_exact
@@ -79,7 +79,7 @@ def cgroup_room(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path
 
 
 def check_memory(net: torch.nn.Module, device: torch.device, quantizing: bool,
-                 method: type[linear.WeightMethod] | None = None) -> None:
+                 method: type[base.WeightMethod] | None = None) -> None:
     """Refuse a model that cannot fit before allocating it: a host out of memory kills the process without
     a word (the kernel's OOM killer), where this says what is missing. `net` is still on the meta device.
     Counts the peak of the load: the weights, the packed copy of the tied output projection `method` makes,
@@ -187,7 +187,7 @@ def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | tor
 
     # Quantizing at load time works on the host, one matrix at a time, so a GPU never holds the fp copy.
     load_device = torch.device("cpu") if quantize_layers or quantize_embeddings else device
-    method = linear.choose(matmul, device, dtype)
+    method = base.choose(matmul, device, dtype)
     with torch.device("meta"):
         net = ChatGLM(config)
     # fp16 weights from an fp16 checkpoint: read them as fp16, never holding an fp32 copy of the model; and
@@ -206,7 +206,7 @@ def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | tor
         net = net.to(device, dtype)  # what was not quantized (norms, biases, embeddings) in the model's dtype
     prepare(net)
     if method.name != "reference":
-        linear.pack_model(net, method)
+        layers.pack_model(net, method)
     net.eval().requires_grad_(False)
     if device.type == "cpu":
         hugepages.weights_on_huge_pages(net)

@@ -23,7 +23,9 @@ against ~6.5.
 A batch's decode step multiplies a few rows by every weight and is bound by arithmetic instead. With
 AVX-512, rows_times_packed (fp32), rows_times_half (fp16 weights in glmpool's layout, half.py) and
 int4_times take tiles of up to 6 rows, each 64 weights loaded once per tile: ~200-220 GFLOP/s, 1.1-1.5x
-oneDNN, FBGEMM and torch's int4 kernel at 2-64 rows, every output summed as for a lone row.
+oneDNN, FBGEMM and torch's int4 kernel at 2-64 rows, every output summed as for a lone row. The fp32 and fp16
+ones have AVX2 variants (tiles of 1-3 rows) that sum alike: fp16 weights go through them on AVX2 CPUs, where
+FBGEMM is not batch-invariant (half.py).
 
 The kernels are compiled when glmpool is installed (setup.py; an optional extension needing a C compiler
 with OpenMP, and an x86-64 CPU with AVX-512 or AVX2 to run). Where they are missing, available() says so, and
@@ -35,6 +37,7 @@ import ctypes
 import functools
 import importlib.machinery
 import logging
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -54,6 +57,20 @@ def library_path() -> Path | None:
     return None
 
 
+ISA_ENV = "GLMPOOL_KERNEL_ISA"  # avx512 (the default: the CPU's best), avx2 or none, as ATEN_CPU_CAPABILITY
+ISA_NAMES = {"avx512": 512, "avx2": 256, "none": 0}
+
+
+def isa_cap() -> int:
+    """The widest variant of glmpool's kernels that $GLMPOOL_KERNEL_ISA lets run (to run and test the AVX2
+    variants on a CPU with AVX-512; none: torch's kernels only)."""
+    name = os.environ.get(ISA_ENV, "avx512").strip().lower()
+    if name not in ISA_NAMES:
+        log.warning("%s=%s is none of %s: ignored", ISA_ENV, name, ", ".join(ISA_NAMES))
+        return 512
+    return ISA_NAMES[name]
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     path = library_path()
@@ -61,12 +78,14 @@ def library() -> ctypes.CDLL | None:
         log.info("glmpool's CPU kernels are not built (no C compiler at install?): torch's kernels are used")
         return None
     kernels = ctypes.CDLL(str(path))  # after torch: it shares torch's OpenMP runtime (same soname)
-    kernels.isa = kernels.glmpool_isa()
+    kernels.isa = min(kernels.glmpool_isa(), isa_cap())
     if not kernels.isa:
-        log.info("this CPU has neither AVX-512 nor AVX2 with FMA: glmpool's CPU kernels are not used")
+        log.info("this CPU has neither AVX-512 nor AVX2 with FMA (or %s=none): glmpool's CPU kernels are not used",
+                 ISA_ENV)
         return None
-    for rows_times in (kernels.glmpool_row_times_packed, kernels.glmpool_rows_times_packed,  # one signature
-                       kernels.glmpool_rows_times_half, kernels.glmpool_rows_times_int4, kernels.glmpool_row_times_int4):
+    for rows_times in (kernels.glmpool_rows_times_packed, kernels.glmpool_rows_times_packed_avx2,  # one signature
+                       kernels.glmpool_rows_times_half, kernels.glmpool_rows_times_half_avx2,
+                       kernels.glmpool_rows_times_int4, kernels.glmpool_row_times_int4):
         rows_times.restype = None
         rows_times.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
     kernels.glmpool_rows_times_int8.restype = None
@@ -106,8 +125,8 @@ def fits(packed: torch.Tensor, out_features: int, in_features: int) -> bool:
 
 
 def several_rows_available() -> bool:
-    """Whether the tiled kernels (rows_times_packed, rows_times_half, int4_times of 64-row blocks) run here:
-    AVX-512 only."""
+    """Whether glmpool's kernels beat torch's for several fp32 or int4 rows here (rows_times_packed, int4_times
+    of 64-row blocks): AVX-512 only."""
     return available() and library().isa == 512
 
 
@@ -124,17 +143,16 @@ def _rows_times(entry: Callable, x: torch.Tensor, weight_address: int, bias: tor
 def rows_times_packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
                       chunk: int) -> torch.Tensor:
     """x [M, in] (fp32) @ weight^T + bias -> [M, out], each row summed as oneDNN's multi-row matmul sums it,
-    with this chunk (row_kernel.c); `packed` must pass fits(). Needs several_rows_available()."""
-    return _rows_times(library().glmpool_rows_times_packed, x, torch.ops.mkldnn.data_ptr(packed), bias,
-                       out_features, chunk)
+    with this chunk (row_kernel.c; the AVX-512 and AVX2 variants alike); `packed` must pass fits()."""
+    kernels = library()
+    entry = kernels.glmpool_rows_times_packed if kernels.isa == 512 else kernels.glmpool_rows_times_packed_avx2
+    return _rows_times(entry, x, torch.ops.mkldnn.data_ptr(packed), bias, out_features, chunk)
 
 
 def row_times_packed(row: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
                      out_features: int, chunk: int) -> torch.Tensor:
-    """row [in] (fp32) @ weight^T + bias -> [out], as rows_times_packed: by the tiled kernel with AVX-512 (a
-    lone row as fast as a loop of its own), else by the AVX2 lone-row kernel, which sums alike."""
-    entry = library().glmpool_rows_times_packed if several_rows_available() else library().glmpool_row_times_packed
-    return _rows_times(entry, row[None], torch.ops.mkldnn.data_ptr(packed), bias, out_features, chunk)[0]
+    """row [in] -> [out], as rows_times_packed."""
+    return rows_times_packed(row[None], packed, bias, out_features, chunk)[0]
 
 
 HALF_CHUNK = 512  # inputs per chunk of the fp16 kernel's sums: 64 KB of a block, L2-resident
@@ -162,10 +180,12 @@ def rows_times_half(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | 
                     out_features: int) -> torch.Tensor:
     """x [M, in] (fp32) @ weight^T + bias -> [M, out] in fp32, the weight fp16 from pack_half: each output
     summed in chunks of HALF_CHUNK inputs (fused multiply-adds in input order, chunk sums in order), the
-    same for any M. Needs several_rows_available()."""
+    same for any M and on any CPU (the AVX-512 and AVX2 variants alike). Needs available()."""
     assert packed.dtype == torch.float16 and packed.is_contiguous() and packed.shape[2] == BLOCK
     assert packed.shape[0] * BLOCK >= out_features and x.shape[-1] == packed.shape[1]
-    return _rows_times(library().glmpool_rows_times_half, x, packed.data_ptr(), bias, out_features, HALF_CHUNK)
+    kernels = library()
+    entry = kernels.glmpool_rows_times_half if kernels.isa == 512 else kernels.glmpool_rows_times_half_avx2
+    return _rows_times(entry, x, packed.data_ptr(), bias, out_features, HALF_CHUNK)
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:

@@ -82,7 +82,7 @@ class Int4Cuda(QuantizedRoute):
 
     @classmethod
     def usable(cls, device: torch.device, dtype: torch.dtype) -> bool:
-        return device.type == "cuda" and hasattr(torch.ops.aten, "_weight_int4pack_mm")
+        return device.type == "cuda" and torch.cuda.is_available() and hasattr(torch.ops.aten, "_weight_int4pack_mm")
 
     @classmethod
     def takes(cls, matrix, rows: int, tokens: int, device: torch.device) -> bool:
@@ -99,7 +99,7 @@ class Int8Cuda(QuantizedRoute):
 
     @classmethod
     def usable(cls, device: torch.device, dtype: torch.dtype) -> bool:
-        return device.type == "cuda" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+        return device.type == "cuda" and torch.cuda.is_available() and hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
     @classmethod
     def takes(cls, matrix, rows: int, tokens: int, device: torch.device) -> bool:

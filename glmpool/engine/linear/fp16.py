@@ -1,5 +1,5 @@
-"""fp16 weights, fp32 arithmetic, on the CPU: by glmpool's kernel where it is built (AVX-512), else
-through FBGEMM (bundled with torch's x86 builds).
+"""fp16 weights, fp32 arithmetic, on the CPU: by glmpool's kernel where it is built (AVX-512 or AVX2), else
+through FBGEMM (bundled with torch's x86 builds) where it is batch-invariant.
 
 Decoding one sequence reads every weight once per token, so bytes per weight set its speed. THUDM
 publishes ChatGLM-6B in fp16: held as fp16, the weights lose nothing and take half the memory of fp32;
@@ -8,7 +8,11 @@ stays fp32.
 
 glmpool's kernel (row_kernel.rows_times_half) multiplies any number of rows: one sequence's decode step,
 a batch's, a prompt. Each output is summed in the same order whatever the rows, so batching cannot change
-a result by construction. FBGEMM's promise is only what the probe finds on this CPU.
+a result by construction. FBGEMM splits the rows into tiles and picks one micro-kernel per tile height;
+with AVX-512 they all sum alike, but its AVX2 kernels for tiles of 1 and 2 rows sum in another order than
+those for 3-6, so there a row's bits depend on how many rows go with it. fbgemm_batch_invariant() finds
+that out once per process, and FBGEMM is usable only where it holds. FBGEMM picks its kernels from the CPU
+alone (no switch, unlike oneDNN and torch's own), so only an AVX2 machine runs its AVX2 path.
 
 FBGEMM packs only from fp32, so a large matrix is packed in slices of rows (PACK_SLICE_BYTES of fp32 at a
 time) and multiplied slice by slice: an fp32 copy of the whole 130528-row output projection would double
@@ -37,6 +41,20 @@ def fbgemm_available() -> bool:
         return False
 
 
+@functools.cache
+def fbgemm_batch_invariant() -> bool:
+    """Whether FBGEMM's fp16 linear gives each row the same bits alone and among any number of rows (up to
+    two blocks of its 120-row partition, split over this process's threads)."""
+    if not fbgemm_available():
+        return False
+    generator = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(64, 64, generator=generator).half().float(), torch.randn(250, 64, generator=generator)
+    packed = torch.ops.quantized.linear_prepack_fp16(weight, None)
+    together = torch.ops.quantized.linear_dynamic_fp16(x, packed)
+    return all(torch.equal(torch.ops.quantized.linear_dynamic_fp16(x[:rows], packed), together[:rows])
+               for rows in range(1, len(x)))
+
+
 PACK_SLICE_BYTES = 64 << 20  # fp32 bytes FBGEMM packs at a time
 
 
@@ -53,7 +71,7 @@ class OwnFp16(WeightMethod):
 
     @classmethod
     def usable(cls, device: torch.device, dtype: torch.dtype) -> bool:
-        return device.type == "cpu" and dtype == torch.float32 and row_kernel.several_rows_available()
+        return device.type == "cpu" and dtype == torch.float32 and row_kernel.available()
 
     @classmethod
     def batch_invariant(cls) -> bool:
@@ -91,11 +109,11 @@ class FbgemmFp16(WeightMethod):
 
     @classmethod
     def usable(cls, device: torch.device, dtype: torch.dtype) -> bool:
-        return device.type == "cpu" and dtype == torch.float32 and fbgemm_available()
+        return device.type == "cpu" and dtype == torch.float32 and fbgemm_batch_invariant()
 
     @classmethod
     def batch_invariant(cls) -> bool:
-        return True
+        return fbgemm_batch_invariant()
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])

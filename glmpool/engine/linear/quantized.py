@@ -22,7 +22,8 @@ from torch import nn
 from .. import row_kernel
 from ..errors import EngineError
 from . import cpm, cuda, registry
-from .base import apply_row_scales, method_class, replace_module, scaling_dtype
+from .base import apply_row_scales, method_class, scaling_dtype
+from .layers import replace_module
 from .int4 import _cpu_int4_layout_ok, _cpu_int4_pack, _cpu_int4_unpack, int4_block_rows
 from .int8 import KERNEL_K_MULTIPLE
 from .dequant import DEQUANT_CHUNK_BYTES
