@@ -16,8 +16,8 @@ FBGEMM (`matmul="fbgemm-fp16"`, and wherever the kernel is missing) splits the r
 its AVX2 kernels for tiles of 1 and 2 rows sum in another order than those for 3-6, so there a row's bits
 depend on how many rows go with it. fbgemm_batch_invariant() finds that out once per process, and the
 engine uses FBGEMM only where it holds (tests/test_half.py checks the kernels; tests/test_onednn.py every
-logit, batched and alone). FBGEMM picks its kernels from the CPU alone (no switch, unlike oneDNN and
-torch's own), so only an AVX2 machine runs its AVX2 path.
+logit, batched and alone). FBGEMM_ENABLE_INSTRUCTIONS=AVX2 makes FBGEMM use its AVX2 kernels on an AVX-512
+CPU (.ci/run's second pass).
 
 The tied embedding table is kept twice in fp16: plain for the lookup and packed for the output
 projection (together the size of one fp32 copy).
