@@ -338,8 +338,8 @@ def dry_run() -> int:
     from glmpool.engine.tiny import cached_tiny_checkpoint
     cache = Path(tempfile.gettempdir()) / "glmpool-gpucheck"
     checks = engine_checks.run_all(cached_tiny_checkpoint(cache))
-    checks.append(engine_checks._timed("bench/gpu.py's GPU run, toy size on the CPU", check_gpu_run_at_toy_size))
-    checks.append(engine_checks._timed("the static decode step (bench/static_decode.py)", check_static_decode))
+    checks.append(engine_checks.run_check("bench/gpu.py's GPU run, toy size on the CPU", check_gpu_run_at_toy_size))
+    checks.append(engine_checks.run_check("the static decode step (bench/static_decode.py)", check_static_decode))
     try:
         from glmpool import gpucheck as pool_checks
     except ImportError as error:

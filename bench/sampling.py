@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import time
-from pathlib import Path
 from unittest import mock
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from glmpool.engine import generate  # noqa: E402
-from glmpool.engine.generate import SamplingParams, next_tokens  # noqa: E402
+from glmpool.engine import generate
+from glmpool.engine.generate import SamplingParams, next_tokens
+from harness import interleaved
 
 VOCAB = 130528
 
@@ -45,16 +42,11 @@ def main() -> None:
             return next_tokens(logits, params, generators)
 
     ways = {"glmpool": lambda: next_tokens(logits, params, generators), "torch-topk": torch_topk, "per-row": per_row}
-    times: dict[str, list[float]] = {name: [] for name in ways}
-    for _ in range(args.rounds):
-        for name, way in ways.items():
-            start = time.perf_counter()
-            way()
-            times[name].append((time.perf_counter() - start) * 1e3)
+    times = interleaved(ways, args.rounds)
     print(f"token choice of {args.batch} sampled rows of {VOCAB} logits, {torch.get_num_threads()} threads, "
           f"medians of {args.rounds} rounds")
     for name, values in times.items():
-        print(f"  {name:10s} {statistics.median(values):7.2f} ms")
+        print(f"  {name:10s} {statistics.median(values) * 1e3:7.2f} ms")
 
 
 if __name__ == "__main__":

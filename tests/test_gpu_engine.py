@@ -22,7 +22,7 @@ CHECKS = {
 
 @pytest.mark.parametrize("name", CHECKS)
 def test_dry_run_check(name):
-    check = gpucheck._timed(name, CHECKS[name])
+    check = gpucheck.run_check(name, CHECKS[name])
     assert check.ok, check.detail
 
 
@@ -99,7 +99,7 @@ def test_fp16_gpu_path_agrees_with_the_fp32_reference(tiny_dir):
     reference on the tiny test model (hidden 64). Measured: 100% of tokens teacher-forced, all 4
     continuations identical (op by op in fp16: 98%, 3 of 4); 16 prompts x 32 tokens: 99.0% / 69% of
     continuations, op by op 98.4% / 56% (hidden 128: 98.2% / 62% op by op)."""
-    check = gpucheck._timed("fp16", lambda: gpucheck.check_fp16_numerics(tiny_dir))
+    check = gpucheck.run_check("fp16", lambda: gpucheck.check_fp16_numerics(tiny_dir))
     assert check.ok, check.detail
 
 

@@ -10,7 +10,7 @@ engine = load(model, device="cpu", dtype=None, cache_dir=".cache", quantize=None
 #   model: local dir | hub id | "tiny-random" (built once into cache_dir, answers are noise)
 #   device: "cpu" | "cuda" | "cuda:N"; dtype: None (float16 on GPUs, float32 on the CPU) | "float32" | ...
 #   quantize: None | 4 | 8 | "4-qe" | "8-qe" (-qe: the embeddings = output projection too)
-#   matmul: one of glmpool.engine.linear.registry.MATMULS (how the float weights are multiplied)
+#   matmul (CPU fp32 only): one of glmpool.engine.linear.registry.MATMULS, each described there
 engine.config          # ModelConfig dataclass (hidden_size, num_layers, ... from config.json)
 engine.tokenizer       # .encode(text)->list[int], .decode(ids)->str, .build_prompt(query, history)->list[int]
 engine.chat(query, history=None, max_length=2048, do_sample=True, top_p=0.7, temperature=0.95, seed=None) -> (response, history)

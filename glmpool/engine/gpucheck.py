@@ -36,7 +36,7 @@ class Check:
     seconds: float = 0.0
 
 
-def _timed(name: str, run) -> Check:
+def run_check(name: str, run) -> Check:
     """run() -> (ok, detail); an exception is a failed check, not a crashed run."""
     started = time.monotonic()
     try:
@@ -174,12 +174,12 @@ def check_fp16_numerics(model_dir: Path) -> tuple[bool, str]:
 def run_all(model_dir: Path) -> list[Check]:
     """Every engine check; model_dir: a small checkpoint (the tiny model) for the fp16 numerics."""
     return [
-        _timed("int8-cuda route, outlier activations", check_int8_cuda),
-        _timed("int4-cuda route, outlier activations", check_int4_cuda),
-        _timed("cpm_kernels int8 route (emulated), outliers and layout", lambda: check_cpm(8)),
-        _timed("cpm_kernels int4 route (emulated), outliers and layout", lambda: check_cpm(4)),
-        _timed("cpm_kernels source compiles (NVRTC)", check_cpm_compiles),
-        _timed("quantized route chosen by compute capability", check_selection),
-        _timed("load-time kernel trial refuses an overflowing route", check_trial_refuses_overflow),
-        _timed("fp16 GPU numerics vs fp32 reference (greedy)", lambda: check_fp16_numerics(model_dir)),
+        run_check("int8-cuda route, outlier activations", check_int8_cuda),
+        run_check("int4-cuda route, outlier activations", check_int4_cuda),
+        run_check("cpm_kernels int8 route (emulated), outliers and layout", lambda: check_cpm(8)),
+        run_check("cpm_kernels int4 route (emulated), outliers and layout", lambda: check_cpm(4)),
+        run_check("cpm_kernels source compiles (NVRTC)", check_cpm_compiles),
+        run_check("quantized route chosen by compute capability", check_selection),
+        run_check("load-time kernel trial refuses an overflowing route", check_trial_refuses_overflow),
+        run_check("fp16 GPU numerics vs fp32 reference (greedy)", lambda: check_fp16_numerics(model_dir)),
     ]

@@ -1,31 +1,25 @@
-"""Rows times a weight, by glmpool's own kernels (row_kernel.c), where torch's are slow.
+"""Rows times a weight, by glmpool's own kernels (row_kernel.c), where torch's are slow; the ctypes
+binding every linear method that uses them goes through (linear/onednn.py, fp16.py, int8.py, int4.py).
 
-Decoding one sequence multiplies one row by every weight, and streaming the weights is its speed. On this
-project's 2-core machines:
-- fp32: torch's kernels stream ~21-24 GB/s, row_times_packed ~27-33. It reads the buffer oneDNN
-  reordered the weight into (no second copy) and sums in the order oneDNN's multi-row matmul does;
-  onednn.py checks that per weight before using it.
-- int8 (THUDM's row-major bytes): torch's weight-only kernel streams ~14 GB/s of 1024-byte rows, ~23 of
-  4096-byte and ~26 of 16384-byte ones; int8_times a lone row ~26, ~30 and ~29. For several rows (a
-  batch's decode step) it widens each block of weights once for 4 or 8 rows: 1.2-1.5x torch's
-  multi-row kernel at 6-32 rows, the same sums.
-- int4 (torch's CPU layout, 64-row blocks): torch's kernel ~17.5 GB/s of packed bytes, int4_times a lone
-  row ~22-24 (it leaves out the scale-and-zero multiply-add, which unit scales make exact anyway; bound
-  by decoding the nibbles, not by the memory), several rows 1.1-1.3x torch's multi-row kernel.
+Decoding one sequence multiplies one row by every weight, and streaming the weights is its speed; torch's
+kernels for a lone row stream well below the memory's bandwidth (docs/benchmarks.md has the figures):
+- fp32: row_times_packed reads the buffer oneDNN reordered the weight into (no second copy) and sums in
+  the order oneDNN's multi-row matmul does; linear/onednn.py checks that per weight before using it.
+- int8 (THUDM's row-major bytes): int8_times; for several rows (a batch's decode step) it widens each
+  block of weights once for 4 or 8 rows.
+- int4 (torch's CPU layout): int4_times leaves out the scale-and-zero multiply-add, which unit scales
+  make exact anyway (bound by decoding the nibbles, not by the memory).
   Both sum as torch's kernels do, which int8_matches_torch() and int4_matches_torch() check once per
   process on inputs built to expose any other order.
 Either way a row gets the same bits alone as among others, so batching still changes no result.
 Each kernel has an AVX2 variant for CPUs without AVX-512, which mirrors torch's AVX2 kernels (8 lanes for
-int8, 32-row blocks for int4; fp32 sums the same either way). Measured on this machine with torch and
-oneDNN made to use their AVX2 kernels: fp32 ~29 against ~19 GB/s, int8 12-17 against 9-11, int4 ~12
-against ~6.5.
+int8, 32-row blocks for int4; fp32 sums the same either way).
 
 A batch's decode step multiplies a few rows by every weight and is bound by arithmetic instead. With
-AVX-512, rows_times_packed (fp32), rows_times_half (fp16 weights in glmpool's layout, half.py) and
-int4_times take tiles of up to 6 rows, each 64 weights loaded once per tile: ~200-220 GFLOP/s, 1.1-1.5x
-oneDNN, FBGEMM and torch's int4 kernel at 2-64 rows, every output summed as for a lone row. The fp32 and fp16
-ones have AVX2 variants (tiles of 1-3 rows) that sum alike: fp16 weights go through them on AVX2 CPUs, where
-FBGEMM is not batch-invariant (half.py).
+AVX-512, rows_times_packed (fp32), rows_times_half (fp16 weights in glmpool's layout, linear/fp16.py) and
+int4_times take tiles of up to 6 rows, each 64 weights loaded once per tile, every output summed as for a
+lone row. The fp32 and fp16 ones have AVX2 variants (tiles of 1-3 rows) that sum alike: fp16 weights go
+through them on AVX2 CPUs, where FBGEMM is not batch-invariant (linear/fp16.py).
 
 The kernels are compiled when glmpool is installed (setup.py; an optional extension needing a C compiler
 with OpenMP, and an x86-64 CPU with AVX-512 or AVX2 to run). Where they are missing, available() says so, and

@@ -11,8 +11,8 @@ a batch's, a prompt. Each output is summed in the same order whatever the rows, 
 a result by construction. FBGEMM splits the rows into tiles and picks one micro-kernel per tile height;
 with AVX-512 they all sum alike, but its AVX2 kernels for tiles of 1 and 2 rows sum in another order than
 those for 3-6, so there a row's bits depend on how many rows go with it. fbgemm_batch_invariant() finds
-that out once per process, and FBGEMM is usable only where it holds. FBGEMM picks its kernels from the CPU
-alone (no switch, unlike oneDNN and torch's own), so only an AVX2 machine runs its AVX2 path.
+that out once per process, and FBGEMM is usable only where it holds. FBGEMM_ENABLE_INSTRUCTIONS=AVX2 makes
+FBGEMM use its AVX2 kernels on an AVX-512 CPU (.ci/run's second pass).
 
 FBGEMM packs only from fp32, so a large matrix is packed in slices of rows (PACK_SLICE_BYTES of fp32 at a
 time) and multiplied slice by slice: an fp32 copy of the whole 130528-row output projection would double

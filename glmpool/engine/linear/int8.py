@@ -32,7 +32,7 @@ def _cpu_int8_kernel_ok() -> bool:
 
 def int8_times(x_bf16: torch.Tensor, weight: torch.Tensor, own_kernels: bool) -> torch.Tensor:
     """bf16 [M, K] x int8 [N, K]^T -> bf16 [M, N], unit scales; through glmpool's kernels if asked (the same
-    bits): a lone row ~2x faster on short rows, OWN_INT8_ROWS_FROM rows or more 1.2-1.5x."""
+    bits, faster for a lone row and from OWN_INT8_ROWS_FROM rows)."""
     if own_kernels and (x_bf16.shape[0] == 1 or x_bf16.shape[0] >= OWN_INT8_ROWS_FROM):
         return row_kernel.int8_times(x_bf16, weight)
     return torch.ops.aten._weight_int8pack_mm(x_bf16, weight, unit_scales("int8", (weight.shape[0],)))

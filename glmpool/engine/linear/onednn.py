@@ -1,22 +1,17 @@
-"""fp32 matmuls on CPU through oneDNN (bundled with torch), with weights reordered once at load.
+"""fp32 weights reordered once at load into oneDNN's blocked layout (oneDNN is bundled with torch).
 
-y = x W^T + b for the medium model's shapes, measured on this project's 2-core machines: MKL's GEMM
-(F.linear) repacks the whole of W on every call, so 2-16 rows cost 2-4x one row; oneDNN with W
-reordered once into its blocked layout multiplies 4-16 rows 2-5x faster than MKL, and one row faster
-too. The tied embedding table is kept twice: plain for the lookup and reordered for the output
-projection. The second copy costs vocab x hidden floats (+8.6% of the 6B model, +57% of the medium one),
-and the projection is the largest matmul: for the medium model it takes 27 ms instead of 38 ms for 16
-rows, and 20 ms instead of 25 ms for one row, since a lone row on the plain table has to be computed as
-two (below).
+MKL's GEMM (F.linear) repacks the whole weight on every call, so a batch's few rows cost several times
+one row; oneDNN with the weight reordered once does not. The tied embedding table is kept twice: plain
+for the lookup and reordered for the output projection, the largest matmul (docs/benchmarks.md, "Moved
+from the code", has the figures).
 
 Batching must not change results: a row's output must not depend on how many rows are multiplied with
 it. From 2 rows up oneDNN sums every row in the same order, but a lone row takes a GEMV kernel that sums
-in another, and streams the weight slower (~21-24 GB/s here). So a lone row goes, per weight, by the
-first of these that gives it the bits it gets among others (lone_row_route, probed once at setup):
-glmpool's own row kernel (row_kernel.py: oneDNN's multi-row order, ~27-33 GB/s), oneDNN's GEMV where it
-happens to agree (seen for K = 1024, not for K = 4096), or oneDNN with the row computed as two (itself
-twice), which costs time, but only there. Where the row kernel is used, up to OWN_KERNEL_ROWS rows go
-through its multi-row form as well (AVX-512): the same sums, faster than oneDNN's for a batch's step.
+in another (and streams the weight slower). So a lone row goes, per weight, by the first of these that
+gives it the bits it gets among others (lone_row_route, probed once at load): glmpool's own row kernel
+(row_kernel.py, in oneDNN's multi-row order), oneDNN's GEMV where it happens to agree, or oneDNN with
+the row computed as two (itself twice), which costs time, but only there. Where the row kernel is used,
+up to OWN_KERNEL_ROWS rows go through its multi-row form as well (AVX-512): the same sums, faster.
 """
 from __future__ import annotations
 
@@ -68,8 +63,7 @@ def lone_row_route(weight: torch.Tensor, bias: torch.Tensor | None) -> LoneRow:
 
 
 # Up to this many rows (a batch's decode step, a short prompt) glmpool's multi-row kernel, which sums as
-# oneDNN does (the same chunk), beats oneDNN here: 1.1-1.5x at 2-16 rows, 1.02-1.07x at 128, 0.93-0.97x
-# at 944 (row_kernel.c).
+# oneDNN does (the same chunk), beats oneDNN; beyond, oneDNN's GEMM wins (docs/benchmarks.md).
 OWN_KERNEL_ROWS = 128
 
 
