@@ -44,8 +44,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from glmpool.engine import SamplingParams, load  # noqa: E402
-from glmpool.engine import decode_attention, half, hugepages, onednn, row_kernel  # noqa: E402
-from glmpool.engine import quantize as Q  # noqa: E402
+from glmpool.engine import agreement, decode_attention, hugepages, row_kernel  # noqa: E402
+from glmpool.engine.linear import layers  # noqa: E402
 
 MEDIUM = dict(layers=8, hidden=1024, heads=16, inner=4096, vocab=130528, seed=0)
 PROMPT_TOKENS = 32
@@ -77,17 +77,13 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes of every parameter and buffer, each storage once (the tied matrix is read once, as the output
     projection; the embedding lookup reads one row). That is what one decode step streams from memory."""
     seen, total = set(), 0
-    for module in model.modules():  # packed fp16 matrices are no parameters (the lookup table is not read)
-        if isinstance(module, half.HalfLinear):
-            total += 2 * module.out_features * module.in_features + 4 * module.out_features  # + fp32 bias
-        elif isinstance(module, half.HalfEmbedding):
-            total += 2 * module.num_embeddings * module.embedding_dim
-        elif isinstance(module, onednn.TiedEmbedding):  # projected through its packed copy (counted below)
-            seen.add(module.weight.untyped_storage().data_ptr())
+    for module in model.modules():  # packed matrices are no parameters (a lookup table is not read)
+        if isinstance(module, (layers.PackedLinear, layers.TiedEmbedding)):
+            seen.update(t.untyped_storage().data_ptr() for t in module.held_tensors() if not t.is_mkldnn)
+            weight = module.method.weight()  # its size as packed: the bytes a product streams
+            total += weight.numel() * (2 if type(module.method).table_dtype == torch.float16 else 4)
+            total += 4 * module.out_features if getattr(module.method, "bias", None) is not None else 0
     for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.layout == torch._mkldnn:  # oneDNN's opaque layout (onednn.PackedLinear): no storage to share
-            total += tensor.numel() * tensor.element_size()
-            continue
         key = tensor.untyped_storage().data_ptr()
         if key not in seen:
             seen.add(key)
@@ -193,7 +189,7 @@ def agreement_table(engines: dict, reference: str, prompts: int, new_tokens: int
     for name, engine in engines.items():
         if name == reference:
             continue
-        s = Q.greedy_agreement(ref.model, engine.model, sample, new_tokens, c.bos_token_id, c.mask_token_id,
+        s = agreement.greedy_agreement(ref.model, engine.model, sample, new_tokens, c.bos_token_id, c.mask_token_id,
                                c.gmask_token_id)
         rows.append(f"| {name} | {s['teacher_forced']:.3f} | {s['prefix']:.3f} | {s['exact']:.2f} |")
     return rows

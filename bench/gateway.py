@@ -25,16 +25,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT))
 from pooltools import Gateway, Pool  # noqa: E402
 
 from glmpool import spool  # noqa: E402
 from glmpool.watch import DirWatch  # noqa: E402
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+from harness import percentile  # noqa: E402
 
 
 def direct_first_token(root: Path, watch: DirWatch, rid: str, body: dict) -> float:

@@ -4,7 +4,7 @@
 
 The variants run interleaved (round-robin, several rounds) so a noisy neighbour slows them alike;
 the table gives each variant's speed relative to fp32 in the same run (min over rounds, and median),
-which is how the kernels compare with dequantize + GEMM as rows grow (glmpool/engine/quantize.py uses the
+which is how the kernels compare with dequantize + GEMM as rows grow (glmpool/engine/linear/quantized.py uses the
 kernels for one row per sequence at any count and dequantize + GEMM for prompts, so that batching does
 not change results).
 """
@@ -12,28 +12,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from glmpool.engine.quantize import QuantizedLinear  # noqa: E402
-
-
-def interleaved(fns: dict, rounds: int, inner: int) -> dict[str, list[float]]:
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, f in fns.items():
-            start = time.perf_counter()
-            for _ in range(inner):
-                f()
-            times[name].append((time.perf_counter() - start) / inner)
-    return times
+from glmpool.engine.linear.quantized import QuantizedLinear
+from harness import interleaved
 
 
 def main() -> None:
@@ -61,9 +45,9 @@ def main() -> None:
             x = torch.randn(M, K)
             fns = {"fp32": (lambda: F.linear(x, weight, bias)) if M == 1
                    else (lambda: (weight @ x.t()).t() + bias) if M <= 16 else (lambda: F.linear(x, weight, bias)),
-                   "i8k": lambda: q8.matmul(x, q8.bias, path="int8-cpu"),
+                   "i8k": lambda: q8.matmul(x, q8.bias, path="int8"),
                    "i8d": lambda: q8.matmul(x, q8.bias, path="dequant"),
-                   "i4k": lambda: q4.matmul(x, q4.bias, path="int4-cpu"),
+                   "i4k": lambda: q4.matmul(x, q4.bias, path="int4"),
                    "i4d": lambda: q4.matmul(x, q4.bias, path="dequant")}
             big = N * K > 50e6
             with torch.no_grad():

@@ -35,10 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-sys.path.insert(0, str(BENCH))
-from spool import Server, bar_chart, machine, percentile, write_request  # noqa: E402  (bench/spool.py)
+from harness import ROOT, Server, bar_chart, machine, medium_checkpoint, percentile, write_request
 
 END_NEVER = -1  # an end-of-answer token id no model produces
 
@@ -46,7 +43,6 @@ END_NEVER = -1  # an end-of-answer token id no model produces
 def medium_view(cache: Path) -> Path:
     """The medium checkpoint (built by bench/decode.py if missing) as a directory whose config.json has no
     reachable end token; everything else is a symlink to the real files."""
-    from decode import medium_checkpoint
     source = medium_checkpoint(cache)
     view = cache / f"{source.name}-no-eos"
     view.mkdir(exist_ok=True)

@@ -33,16 +33,12 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-sys.path.insert(0, str(ROOT))
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+from harness import ENV, Server, bar_chart, machine, percentile, write_request  # bench/harness.py
 
 
 # --- the engine stand-in (runs inside the bench's own server and its worker processes) -------------
@@ -113,59 +109,6 @@ def serve_instant(argv: list[str]) -> int:
 
 # --- driving a pool from the outside -------------------------------------------------------------
 
-class Server:
-    """A pool process in its own session (killpg by its pid reaches its workers), bounded and cleaned up."""
-
-    def __init__(self, root: Path, args: list[str], instant: bool = True, env: dict | None = None):
-        self.root = root
-        if instant:
-            code = f"import sys; sys.path.insert(0, {str(BENCH)!r}); import spool; sys.exit(spool.serve_instant(sys.argv[1:]))"
-        else:
-            code = "import sys; from glmpool.cli import main; sys.exit(main())"
-        self.cmd = [sys.executable, "-c", code, "--dir", str(root), "--log-level", "WARNING", *args]
-        self.env = {**ENV, **(env or {})}
-        self.process: subprocess.Popen | None = None
-        self.log_path = root / "server.log"
-
-    def __enter__(self) -> "Server":
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
-                                        cwd=self.root, start_new_session=True)
-        return self
-
-    def wait_running(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while "Running..." not in self.log_path.read_text(errors="replace"):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"pool did not start:\n{self.log_path.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.05)
-
-    def __exit__(self, *exc) -> None:
-        if self.process is None:
-            return
-        (self.root / "flags").mkdir(parents=True, exist_ok=True)
-        (self.root / "flags" / "quit.flag").touch()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)  # whatever is left of this pool, by its session id
-        except ProcessLookupError:
-            pass
-        self.process.wait(10)
-        self.log.close()
-
-
-def write_request(requests: Path, rid: str, body: dict) -> None:
-    """Atomically, as new clients should: temp file in requests/, then rename."""
-    temp = requests / f".{rid}.tmp"
-    with open(temp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(body) + "\n")
-    os.rename(temp, requests / f"{rid}.json")
-
-
 def wait_answers(requests: Path, ids: list[str], timeout: float, poll: float = 0.02) -> None:
     wanted = {f"{rid}.back" for rid in ids}
     deadline = time.monotonic() + timeout
@@ -190,11 +133,6 @@ def clear_outputs(requests: Path) -> None:
     for entry in os.scandir(requests):
         if entry.name.endswith((".back", ".meta")):
             os.unlink(entry.path)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 def burst(server: Server, count: int, tag: str) -> dict:
@@ -267,14 +205,6 @@ def drain(base: Path, pending: int, tag: str, args: list[str]) -> dict:
     return {"drain_per_s": pending / elapsed, **cost}
 
 
-def bar_chart(bars: list[tuple[str, float]], number: str) -> None:
-    """Print labelled ASCII bars scaled to the largest value (the README's charts)."""
-    top = max(value for _, value in bars)
-    width = max(len(label) for label, _ in bars)
-    for label, value in bars:
-        print(f"    {label:<{width}} {'#' * max(1, round(40 * value / top)):<40} {number.format(value)}")
-
-
 def filesystem(path: Path) -> str:
     """The filesystem type under `path`, and for ext4 whether it has a journal: without one, ext4 skips
     recently deleted inodes when it allocates a new one, so in a spool that deletes thousands of files a
@@ -302,13 +232,6 @@ def create_cost(directory: Path, files: int = 300) -> float:
         costs.append(time.perf_counter() - start)
     shutil.rmtree(probe)
     return statistics.median(costs) * 1e6
-
-
-def machine() -> str:
-    import platform
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    return (f"{os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), {model}, Linux {platform.release()}, "
-            f"Python {platform.python_version()}, load average {os.getloadavg()[0]:.1f} at the end")
 
 
 def main() -> None:

@@ -54,7 +54,7 @@ def convert(checkpoint: Path, out: Path, kind: str) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
     from glmpool.engine import checkpoint as ckpt
-    from glmpool.engine.quantize import dequantize_weight
+    from glmpool.engine.linear.thudm import dequantize_weight
 
     config = ckpt.read_config(checkpoint)
     sd = {}

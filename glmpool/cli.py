@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .engine.linear import registry
 
 COMMANDS = ("serve", "ask", "status", "quit", "http", "tiny-model", "selftest")
 
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--shards", type=int, default=1)
     tiny.add_argument("--safetensors", action="store_true")
-    tiny.add_argument("--quantize", choices=("4", "8", "4-qe", "8-qe"), default=None,
+    tiny.add_argument("--quantize", choices=[str(q) for q in registry.QUANTIZE_CHOICES], default=None,
                       help="write it pre-quantized like THUDM's -int4 (-qe: embeddings too, like -int4-qe)")
 
     sub.add_parser("selftest", help="check this installation end to end with a tiny model", add_help=False)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
+from .engine.linear import registry
+
 try:
     import tomllib
 except ImportError:  # Python < 3.11
@@ -61,14 +63,9 @@ SETTINGS = [
             "hub id (THUDM/chatglm-6b, -int4, -int4-qe), checkpoint directory, or tiny-random", "ID|DIR"),
     Setting("gpus", str, "", "workers: CUDA indices '0,1' (counted in CUDA_VISIBLE_DEVICES when set), 'cpu' "
                              "entries ('cpu,cpu'), or 'all' (default: every visible GPU, else one cpu worker)", "LIST"),
-    Setting("quantize", _choice(4, 8, "4-qe", "8-qe"), None,
+    Setting("quantize", _choice(*registry.QUANTIZE_CHOICES), None,
             "quantize weights at load to 4 or 8 bits; -qe: the embeddings (= output projection) too", "BITS"),
-    Setting("matmul", _choice("fp16", "fbgemm-fp16", "onednn", "reference"), "fp16",
-            "fp32 on CPU: 'fp16' (weights kept in fp16 as THUDM ships them, fp32 arithmetic by glmpool's "
-            "kernel, or FBGEMM's where it is not built: half the memory and the fastest; batching never changes "
-            "a sequence's numbers), 'fbgemm-fp16' (the same through FBGEMM always), 'onednn' (fp32 weights, "
-            "batch-invariant too) or 'reference' (THUDM's own F.linear: greedy output bit-identical to their "
-            "code when run alone)", "KIND"),
+    Setting("matmul", _choice(*registry.MATMULS), registry.DEFAULT_MATMUL, registry.matmul_help(), "KIND"),
     Setting("dtype", _choice("float16", "bfloat16", "float32"), None,
             "compute dtype (default float16 on GPUs, float32 on cpu)", "DTYPE"),
     Setting("dir", str, ".", "spool root; requests/ and flags/ are created in it", "DIR", commands=BOTH),
@@ -77,6 +74,10 @@ SETTINGS = [
     Setting("max_batch", int, 16, "sequences one worker generates together (16 measured best on CPU: 8 loses "
                                   "40%% of the throughput, 64 adds little and slows every request; see README "
                                   "Throughput; GPUs may profit from 32-64)", "N"),
+    Setting("compile", _choice("on", "off"), "on",
+            "GPU workers: compile the decode step with torch.compile and replay it as CUDA graphs, one per batch "
+            "and attention-span bucket, compiled while the worker loads ('off': run it eagerly, for debugging or "
+            "where compiling fails; cpu workers never compile)", "on|off"),
     Setting("worker_threads", int, 0, "CPU threads of each worker's torch (0: the usable cores shared out "
                                       "among cpu workers; torch's own default on GPU workers)", "N"),
     Setting("kv_cache_gb", float, None, "KV-cache budget per worker in GiB (default: sized from free memory)", "GIB"),
@@ -125,6 +126,7 @@ class Config:
     cache_dir: str
     host_id: str
     max_batch: int
+    compile: str
     worker_threads: int
     kv_cache_gb: float | None
     max_length: int

@@ -169,7 +169,7 @@ class Supervisor:
             threads = max(1, len(os.sched_getaffinity(0)) // sum(p.device == "cpu" for p in placements))
         slot = Slot(WorkerSpec(wid, placement.device, c.model, c.dtype, c.quantize, c.cache_dir, c.max_batch,
                                c.kv_cache_gb, threads, c.partial_seconds, c.partial_tokens, c.matmul,
-                               placement.visible, placement.sharing))
+                               placement.visible, placement.sharing, c.compile == "on"))
         slot.gpu = None if placement.device == "cpu" or placement.missing else placement.key
         if placement.missing:
             slot.state, slot.last_error = "FATAL", placement.missing
@@ -867,6 +867,7 @@ class Supervisor:
                 "rss_bytes": process_rss(s.pid) if s.process is not None else None,
                 "gpu_memory_bytes": process_gpu_memory.get(s.spec.wid),
                 "max_batch": self.capacity(s), "kv_tokens": s.stats.get("kv_tokens"), "out_of_memory": s.out_of_memory,
+                "compile_seconds": s.stats.get("compile_seconds"),
             } for s in self.slots],
         }
 

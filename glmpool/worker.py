@@ -38,6 +38,7 @@ GATHER_MAX_SECONDS = 0.05
 TEST_CRASH_ENV = "GLMPOOL_TEST_CRASH_ON"  # test-only: a worker exits abruptly on a query containing this
 # test-only: a step of a batch of two or more that holds a query containing this runs out of memory
 TEST_OOM_ENV = "GLMPOOL_TEST_OOM_ON"
+TEST_STATIC_ENV = "GLMPOOL_TEST_STATIC"  # test-only: cpu workers take the GPU path (engine.static_decode)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class WorkerSpec:
     matmul: str = BY_NAME["matmul"].default
     visible: str = ""  # the worker's CUDA_VISIBLE_DEVICES: the entry of the supervisor's that `device` counts to
     sharing: int = 1  # workers on the same physical device: they split its free memory for KV caches
+    compile: bool = BY_NAME["compile"].default == "on"  # GPU workers: the decode step compiled (engine.static_decode)
 
     @property
     def label(self) -> str:
@@ -100,9 +102,27 @@ def main(spec: WorkerSpec, tasks, results) -> None:
     else:  # workers sharing the device: each counts the others' copies of the model as its own takes
         model_bytes = max(0, free_before - free_memory(device)) if spec.sharing > 1 else None
         kv_tokens = engine.default_kv_tokens(sharing=spec.sharing, model_bytes=model_bytes)
-    results.send(("ready", spec.wid, {"pid": os.getpid(), "kv_tokens": kv_tokens, "max_batch": spec.max_batch}))
+    # GPU workers compile every decode-step bucket now, while the supervisor counts it as loading (load_timeout),
+    # not as a busy worker's silence (heartbeat_timeout)
+    static = True if os.environ.get(TEST_STATIC_ENV) else None  # None: the GPU path on GPUs only
+    batch = engine.batcher(spec.max_batch, kv_tokens, static=static, compile=spec.compile)
+    compile_seconds = None
+    if hasattr(batch, "warm_up"):
+        try:
+            compile_seconds = round(batch.warm_up(), 1)
+        except Exception as error:  # a compiler that fails here: the same steps, eagerly
+            log.warning("compiling the decode step failed (%s: %s): running it eagerly (--compile off)",
+                        type(error).__name__, error)
+            import torch
+            batch = None
+            torch._dynamo.reset()  # its compiled steps hold the first cache
+            batch = engine.batcher(spec.max_batch, kv_tokens, static=static, compile=False)
+        else:
+            log.warning("decode step %s in %.1f s", "compiled" if spec.compile else "warmed up", compile_seconds)
+    results.send(("ready", spec.wid, {"pid": os.getpid(), "kv_tokens": kv_tokens, "max_batch": batch.max_batch,
+                                      "compile_seconds": compile_seconds}))
     try:
-        Loop(spec, engine, engine.batcher(spec.max_batch, kv_tokens), tasks, results).run()
+        Loop(spec, engine, batch, tasks, results).run()
     except (BrokenPipeError, ConnectionResetError, EOFError):  # the supervisor is gone: so are we
         pass
 
@@ -133,7 +153,8 @@ class Loop:
         self.waiting: deque[Task] = deque()  # dispatched here, not yet admitted (batch or KV budget full)
         self.active: dict[str, Task] = {}  # in the batch
         self.tokens = 0
-        self.max_batch = spec.max_batch  # lowered after running out of memory (see recover)
+        # lowered after running out of memory (see recover); the GPU path may hold fewer slots (its KV budget)
+        self.max_batch = getattr(batch, "max_batch", spec.max_batch)
         self.last_beat = 0.0
         self.crash_marker = os.environ.get(TEST_CRASH_ENV)
         self.oom_marker = os.environ.get(TEST_OOM_ENV)
@@ -244,7 +265,7 @@ class Loop:
         held = sorted([*in_batch, *self.waiting], key=lambda task: task.received)
         self.active.clear()
         self.waiting.clear()
-        kv_tokens, self.batch = self.batch.max_kv_tokens, None
+        kv_tokens, static, self.batch = self.batch.max_kv_tokens, self.batch if hasattr(self.batch, "reset") else None, None
         release_device_memory()
         if len(in_batch) == 1:
             held.remove(in_batch[0])
@@ -252,7 +273,10 @@ class Loop:
                                f"out of device memory even alone ({failure}): lower max_length or max_new_tokens"))
         else:
             self.max_batch = max(1, len(in_batch) // 2)
-        self.batch = self.engine.batcher(self.max_batch, kv_tokens)
+        if static is not None:  # its KV cache and compiled steps stay (a new one would compile again)
+            self.batch = static.reset(self.max_batch)
+        else:
+            self.batch = self.engine.batcher(self.max_batch, kv_tokens)
         kept, shed = held[:self.max_batch], held[self.max_batch:]
         for task in kept:
             task.reported, task.reported_tokens = float("-inf"), 0

@@ -2,6 +2,7 @@
 what they look for (a checker that cannot fail would prove nothing)."""
 import importlib.util
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -69,9 +70,12 @@ def test_the_checks_catch_lost_duplicated_and_leftover_work(tmp_path):
 
 def test_short_randomized_fault_run(tmp_path, cache_dir):
     """3 supervisors x 2 cpu workers, requests arriving while workers and supervisors are SIGKILLed and
-    restarted: every request answered exactly once, nothing left behind. (bench/faults.py runs it long.)"""
+    restarted: every request answered exactly once, nothing left behind. (bench/faults.py runs it long.)
+    A new schedule of faults each run; a failure prints its seed, and FAULTS_SEED=<seed> replays it."""
+    seed = int(os.environ.get("FAULTS_SEED", time.time_ns() % 10000))
+    print(f"fault schedule: FAULTS_SEED={seed}")
     result = faults.run_trial(tmp_path / "spool", cache_dir, requests=60, supervisors=3, workers=2, interval=0.5,
-                              submit_seconds=10, lease=3.0, seed=int(time.time()) % 10000, timeout=280, min_kills=4)
+                              submit_seconds=10, lease=3.0, seed=seed, timeout=280, min_kills=4)
     print(json.dumps(result))
     assert result["violations"] == [], result
     assert result["kills"] >= 4, result  # faults really happened

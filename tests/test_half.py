@@ -1,39 +1,49 @@
-"""fp16 weights with fp32 arithmetic (glmpool.engine.half): glmpool's kernel (`matmul="fp16"`) and FBGEMM's
-(`matmul="fbgemm-fp16"`)."""
+"""fp16 weights with fp32 arithmetic (glmpool.engine.linear.fp16): glmpool's kernel (`matmul="fp16"`) and
+FBGEMM's (`matmul="fbgemm-fp16"`). The contract every method keeps is tested in test_linear_contract.py."""
 import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from glmpool.engine import half, row_kernel
+from glmpool.engine import row_kernel
+from glmpool.engine.linear import fp16, layers, reference
 
-KERNELS = [pytest.param(True, id="own-kernel", marks=pytest.mark.skipif(
-               not half.kernel_available(), reason="glmpool's fp16 kernel is not built or this CPU lacks AVX-512")),
-           pytest.param(False, id="fbgemm", marks=pytest.mark.skipif(
-               not half.fbgemm_available(), reason="this torch has no FBGEMM fp16 linear (not x86?)"))]
+NO_KERNEL = "glmpool's fp16 kernel is not built or this CPU has neither AVX-512 nor AVX2"
+OWN_KERNEL = fp16.OwnFp16.usable(torch.device("cpu"), torch.float32)
+KERNELS = [pytest.param(fp16.OwnFp16, id="own-kernel", marks=pytest.mark.skipif(not OWN_KERNEL, reason=NO_KERNEL)),
+           pytest.param(fp16.FbgemmFp16, id="fbgemm", marks=pytest.mark.skipif(
+               not fp16.fbgemm_available(), reason="this torch has no FBGEMM fp16 linear (not x86?)"))]
 
 
-# the medium model's MLP; tiny's qkv; outputs not a multiple of 64 with inputs in three chunks (512, 512, 76)
-@pytest.mark.parametrize("shape", [(4096, 1024), (1024, 4096), (192, 64), (130, 1100)])
-@pytest.mark.parametrize("own_kernel", KERNELS)
-def test_a_row_gives_the_same_bits_alone_and_in_any_batch(shape, own_kernel):
+@pytest.mark.parametrize("shape", [(4096, 1024), (192, 64), (130, 1100)])
+def test_fbgemm_batch_invariant_tells_the_truth(shape):
+    """FBGEMM's AVX2 micro-kernels for tiles of 1 and 2 rows sum in another order than those for 3-6 (with
+    AVX-512 all alike): fbgemm-fp16 is usable exactly where its probe finds a row's bits the same in any batch."""
+    if not fp16.fbgemm_available():
+        pytest.skip("this torch has no FBGEMM fp16 linear (not x86?)")
     torch.manual_seed(0)
-    weight, bias = torch.randn(shape).half().float(), torch.randn(shape[0])  # fp16 values, as THUDM ships them
-    matrix = half.HalfMatrix(weight, bias, own_kernel)
+    matrix = fp16.FbgemmFp16(torch.randn(shape).half(), torch.randn(shape[0]))
     x = torch.randn(33, shape[1])
-    together = matrix.times(x)
-    for rows in (1, 2, 3, 6, 7, 16, 17):  # the kernel's tiles: 1-6 rows
-        assert torch.equal(matrix.times(x[:rows]), together[:rows]), rows
-        assert torch.equal(matrix.times(x[rows:rows + 1]), together[rows:rows + 1]), rows
-    assert torch.equal(matrix.times(x.view(3, 11, -1)), together.view(3, 11, -1))
-    assert torch.allclose(together, F.linear(x, weight, bias), rtol=1e-4, atol=1e-3)  # fp32 sums, fp16-exact weights
-    assert torch.equal(matrix.weight(), weight)
-    if own_kernel:  # no rows: an empty result (the kernel once divided by its zero tiles)
-        assert matrix.times(x[:0]).shape == (0, shape[0])
+    together = matrix.apply(x)
+    same = [torch.equal(matrix.apply(x[:rows]), together[:rows]) for rows in range(1, 33)]  # tiles of any height
+    same += [torch.equal(matrix.apply(x[row:row + 1]), together[row:row + 1]) for row in range(33)]
+    assert all(same) == fp16.fbgemm_batch_invariant() == fp16.FbgemmFp16.usable(torch.device("cpu"), torch.float32)
 
 
-@pytest.mark.skipif(not half.kernel_available(), reason="glmpool's fp16 kernel is not built or this CPU lacks AVX-512")
+def test_fbgemm_packs_a_large_matrix_in_slices_and_gives_the_whole_matrixs_bits(monkeypatch):
+    if not fp16.fbgemm_available():
+        pytest.skip("this torch has no FBGEMM fp16 linear (not x86?)")
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(5000, 1024).half(), torch.randn(5000), torch.randn(7, 1024)
+    whole = torch.ops.quantized.linear_dynamic_fp16(x, torch.ops.quantized.linear_prepack_fp16(weight.float(), bias))
+    monkeypatch.setattr(fp16, "PACK_SLICE_BYTES", 1 << 20)
+    sliced = fp16.FbgemmFp16(weight, bias)
+    assert len(sliced.slices) == 20
+    assert torch.equal(sliced.apply(x), whole) and torch.equal(sliced.weight(), weight.float())
+
+
+@pytest.mark.skipif(not OWN_KERNEL, reason=NO_KERNEL)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_own_kernel_sums_each_output_in_chunks_in_input_order(threads):
     """Terms that give other bits in another order: in the first chunk 2, 2**33, -2**33, 2**24 (in input
@@ -48,13 +58,13 @@ def test_own_kernel_sums_each_output_in_chunks_in_input_order(threads):
         x[:, list(terms)] = torch.tensor(list(terms.values()))
         weight = torch.zeros(70, 2 * chunk)
         weight[:, list(terms)] = 1.0
-        got = half.HalfMatrix(weight, None, own_kernel=True).times(x)
+        got = fp16.OwnFp16(weight, None).apply(x)
         assert torch.equal(got, torch.full((7, 70), 2.0 ** 24 + 2))
     finally:
         torch.set_num_threads(old)
 
 
-@pytest.mark.skipif(not half.kernel_available(), reason="glmpool's fp16 kernel is not built or this CPU lacks AVX-512")
+@pytest.mark.skipif(not OWN_KERNEL, reason=NO_KERNEL)
 def test_pack_half_lays_out_blocks_of_64_outputs_input_major():
     weight = torch.arange(130 * 3, dtype=torch.float32).view(130, 3)
     packed = row_kernel.pack_half(weight)
@@ -64,17 +74,17 @@ def test_pack_half_lays_out_blocks_of_64_outputs_input_major():
     assert torch.equal(row_kernel.unpack_half(packed, 130), weight)
 
 
-@pytest.mark.parametrize("own_kernel", KERNELS)
-def test_pack_model_swaps_linears_and_embeddings_and_keeps_what_they_compute(own_kernel):
+@pytest.mark.parametrize("method", KERNELS)
+def test_pack_model_swaps_linears_and_embeddings_and_keeps_what_they_compute(method):
     torch.manual_seed(1)
-    model = torch.nn.ModuleDict({"embed": torch.nn.Embedding(50, 64), "proj": torch.nn.Linear(64, 32),
+    model = torch.nn.ModuleDict({"embed": reference.Embedding(50, 64), "proj": reference.Linear(64, 32),
                                  "norm": torch.nn.LayerNorm(32)}).half()
     ids, x = torch.tensor([[3, 7, 49]]), torch.randn(5, 64)
     expected_rows = model["embed"](ids).float()
     weight = model["proj"].weight.float()
     expected = F.linear(x, weight, model["proj"].bias.float())
-    assert half.pack_model(model, own_kernel) == 2
-    assert {type(m).__name__ for m in model.values()} == {"HalfEmbedding", "HalfLinear", "LayerNorm"}
+    assert layers.pack_model(model, method) == 2
+    assert {type(m).__name__ for m in model.values()} == {"TiedEmbedding", "PackedLinear", "LayerNorm"}
     assert model["norm"].weight.dtype == torch.float32  # loaded in fp16 to spare memory, computed in fp32
     assert torch.equal(model["embed"](ids), expected_rows) and model["embed"](ids).dtype == torch.float32
     assert torch.allclose(model["proj"](x), expected, rtol=1e-5, atol=1e-5)
@@ -83,22 +93,26 @@ def test_pack_model_swaps_linears_and_embeddings_and_keeps_what_they_compute(own
     model.float()  # a cast of the whole model leaves the fp16 tables alone
     assert model["embed"].table.dtype == torch.float16
     assert torch.allclose(model["proj"](x), expected, rtol=1e-5, atol=1e-5)
-    assert len(model["proj"].held_tensors()) == int(own_kernel)  # what hugepages moves
+    assert len(model["proj"].held_tensors()) == int(method is fp16.OwnFp16)  # what hugepages moves
 
 
-@pytest.mark.parametrize("own_kernel", KERNELS)
-def test_loaded_model_keeps_fp16_weights_and_matches_fp32(tiny_dir, own_kernel):
+@pytest.mark.parametrize("method", KERNELS)
+def test_loaded_model_keeps_fp16_weights_and_matches_fp32(tiny_dir, method):
     """The tiny checkpoint is stored in fp16 (as THUDM's): fp16 weights lose nothing, only the order of
     the fp32 sums differs from the reference's."""
     from glmpool.engine import load
     from glmpool.engine.model import prompt_positions
 
+    usable = method.usable(torch.device("cpu"), torch.float32)  # fbgemm-fp16 only where batch-invariant
+    if not usable and not OWN_KERNEL:
+        pytest.skip("FBGEMM is not batch-invariant here and glmpool's kernel is missing: oneDNN (the next test)")
     reference = load(tiny_dir, progress=False)
-    engine = load(tiny_dir, progress=False, matmul="fp16" if own_kernel else "fbgemm-fp16")
+    engine = load(tiny_dir, progress=False, matmul=method.name)
     kinds = {type(m).__name__ for m in engine.model.modules()}
-    assert {"HalfLinear", "HalfEmbedding"} <= kinds and not kinds & {"Linear", "Embedding"}
-    assert engine.model.dtype == torch.float32
-    assert engine.model.word_embeddings.matrix.own_kernel == own_kernel
+    assert {"PackedLinear", "TiedEmbedding"} <= kinds and not kinds & {"Linear", "Embedding"}
+    assert engine.model.dtype == torch.float32 and engine.model.word_embeddings.table.dtype == torch.float16
+    assert type(engine.model.word_embeddings.method) is (method if method.usable(torch.device("cpu"), torch.float32)
+                                                         else fp16.OwnFp16)
 
     def logits(e):
         ids = e.tokenizer.build_prompt("hello there, how are you?", [])
@@ -110,23 +124,30 @@ def test_loaded_model_keeps_fp16_weights_and_matches_fp32(tiny_dir, own_kernel):
         assert torch.allclose(logits(engine), logits(reference), rtol=1e-4, atol=1e-4)
 
     bf16 = load(tiny_dir, dtype="bfloat16", progress=False, matmul="fp16")  # fp32 on the CPU only
-    assert "HalfLinear" not in {type(m).__name__ for m in bf16.model.modules()}
+    assert "PackedLinear" not in {type(m).__name__ for m in bf16.model.modules()}
 
 
 def test_without_the_kernel_fp16_goes_through_fbgemm_and_without_either_through_onednn(tiny_dir, caplog,
                                                                                      monkeypatch):
-    from glmpool.engine import load, onednn
+    from glmpool.engine import load
+    from glmpool.engine.linear import onednn
 
-    monkeypatch.setattr(half, "kernel_available", lambda: False)  # no C compiler at install, or no AVX-512
-    if half.fbgemm_available():
+    monkeypatch.setattr(fp16.OwnFp16, "usable", classmethod(lambda cls, *a: False))  # no C compiler, an old CPU
+    if fp16.fbgemm_batch_invariant():
         with caplog.at_level(logging.INFO):
             engine = load(tiny_dir, progress=False, matmul="fp16")
-        assert not engine.model.word_embeddings.matrix.own_kernel
-        assert "using FBGEMM" in caplog.text
-    monkeypatch.setattr(half, "fbgemm_available", lambda: False)  # as on an ARM build of torch
+        assert type(engine.model.word_embeddings.method) is fp16.FbgemmFp16
+        assert "matmul fp16 cannot run here" in caplog.text and "using fbgemm-fp16" in caplog.text
+    elif fp16.fbgemm_available():  # FBGEMM here gives a row other bits in a batch: oneDNN, fp32
+        with caplog.at_level(logging.INFO):
+            engine = load(tiny_dir, progress=False, matmul="fp16")
+        assert "PackedLinear" not in {type(m).__name__ for m in engine.model.modules()} or \
+            isinstance(engine.model.word_embeddings.method, onednn.OneDNN)
+        assert "using onednn" in caplog.text
+    monkeypatch.setattr(fp16, "fbgemm_available", lambda: False)  # as on an ARM build of torch
+    monkeypatch.setattr(fp16, "fbgemm_batch_invariant", lambda: False)
     caplog.clear()
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         engine = load(tiny_dir, progress=False, matmul="fp16")
-    kinds = {type(m).__name__ for m in engine.model.modules()}
-    assert "HalfLinear" not in kinds and ("PackedLinear" in kinds) == onednn.available()
-    assert "no FBGEMM" in caplog.text
+    assert "using onednn" in caplog.text or not onednn.available()
+    assert isinstance(getattr(engine.model.word_embeddings, "method", None), onednn.OneDNN) == onednn.available()

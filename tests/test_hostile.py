@@ -172,17 +172,16 @@ def test_growing_file_is_taken_whole(pool):
 
 def test_100_mb_request_is_refused_without_reading_it(pool):
     supervisor = psutil.Process(pool.process.pid)
-    before = supervisor.memory_info().rss
+    before, read_before = supervisor.memory_info().rss, supervisor.io_counters().read_chars
     chunk = b"x" * MB
     with open(pool.root / "requests" / ".big.tmp", "wb") as f:
         for _ in range(100):
             f.write(chunk)
         f.write(b"\n")
     os.rename(pool.root / "requests" / ".big.tmp", pool.root / "requests" / "big.request")
-    start = time.monotonic()
     text = assert_error(pool.root, "big", "over the 1048576-byte limit", 10)
     assert "104857601 bytes" in text.splitlines()[0]
-    assert time.monotonic() - start < 5
+    assert supervisor.io_counters().read_chars - read_before < 10 * MB  # judged by its size, not read
     assert supervisor.memory_info().rss - before < 20 * MB
     assert (pool.root / "requests" / "failed" / "big.request").stat().st_size == 100 * MB + 1
     (pool.root / "requests" / "failed" / "big.request").unlink()
@@ -284,12 +283,22 @@ def test_requests_dir_deleted_and_recreated(pool):
         if case == "server-first":
             wait_for(lambda: (requests / ".claims").is_dir(), 5, "the supervisor recreating requests/")
         requests.mkdir(exist_ok=True)  # what a client does
-        for n in range(3):  # claimed at once each time (the poll interval is 5 s): inotify watches the new directory
+        for n in range(3):
             rid = f"{case}-{n}"
             json_request(pool.root, rid, {"query": "q", "max_new_tokens": 4})
-            sent = time.time()
             assert outcome(pool.root, rid, 30)[0] == "back"
-            assert meta(pool.root, rid)["timings"]["claimed"] - sent < 2.0
+        assert requests.stat().st_ino in inotify_watches(pool.process.pid)  # the new directory, not the deleted one
+
+
+def inotify_watches(pid: int) -> set[int]:
+    """The inode numbers a process watches through inotify (its /proc fdinfo: "inotify wd:1 ino:1a2b ...")."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        if os.readlink(fd) == "anon_inode:inotify":
+            for line in Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().splitlines():
+                if line.startswith("inotify "):
+                    inodes.add(int(dict(f.split(":", 1) for f in line.split()[1:])["ino"], 16))
+    return inodes
 
 
 def mode(path: Path) -> int:
@@ -365,11 +374,17 @@ def test_forged_claim_record_cannot_escape_the_spool(pool, tmp_path):
 def jail_script() -> str:
     """sh -c script: $1 is the spool root, then the command, run as nobody in a private mount namespace."""
     lines = ["set -e"]
-    prefix = Path(sys.prefix).resolve().parts
-    if prefix[:2] == ("/", "root"):  # python lives where nobody cannot enter: open up only its tree
-        tree = "/root/" + prefix[2]
-        lines += ['stage="$1/.stage"', 'mkdir -p "$stage"', f"mount --bind {tree} \"$stage\"",
-                  "mount -t tmpfs -o mode=0755 tmpfs /root", f"mkdir -p {tree}", f"mount --move \"$stage\" {tree}"]
+    # Python may live where nobody cannot enter (root's home): open up only its trees. A venv's interpreter,
+    # which its pool spawns again for the workers and multiprocess's resource tracker, is the base one.
+    places = (sys.prefix, sys.base_prefix, os.path.realpath(sys.executable))
+    trees = sorted({"/root/" + parts[2] for parts in (Path(p).resolve().parts for p in places)
+                    if parts[:2] == ("/", "root") and len(parts) > 2})
+    if trees:
+        for n, tree in enumerate(trees):
+            lines += [f'mkdir -p "$1/.stage{n}"', f'mount --bind {tree} "$1/.stage{n}"']
+        lines.append("mount -t tmpfs -o mode=0755 tmpfs /root")
+        for n, tree in enumerate(trees):
+            lines += [f"mkdir -p {tree}", f'mount --move "$1/.stage{n}" {tree}']
     lines += ['mount -t tmpfs -o size=1m,mode=0777 tmpfs "$1/requests"',
               'mount -t tmpfs -o size=1m,mode=0777 tmpfs "$1/flags"', "shift",
               'exec setpriv --reuid=nobody --regid=nogroup --clear-groups "$@"']

@@ -1,4 +1,5 @@
-"""oneDNN fp32 matmuls (glmpool.engine.onednn): the same numbers for a row however many rows go with it."""
+"""oneDNN fp32 matmuls (glmpool.engine.linear.onednn): the same numbers for a row however many rows go with it.
+The contract every method keeps is tested in test_linear_contract.py; here what is oneDNN's own."""
 import copy
 import platform
 import shutil
@@ -7,15 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glmpool.engine import half, onednn, row_kernel
+from glmpool.engine import row_kernel
+from glmpool.engine.linear import fp16, layers, onednn, reference
 
 pytestmark = pytest.mark.skipif(not onednn.available(), reason="this torch has no usable oneDNN linear")
 
 
 @pytest.mark.parametrize("shape", [(4096, 1024), (1024, 4096), (192, 64), (100, 48)])  # medium MLP; tiny qkv
-@pytest.mark.parametrize("packed", [True, False])
-@pytest.mark.parametrize("kernel", [True, False], ids=["row-kernel", "onednn-only"])
-def test_a_row_gives_the_same_bits_alone_and_in_any_batch(shape, packed, kernel, monkeypatch):
+@pytest.mark.parametrize("packed,kernel", [(True, False), (False, True), (False, False)],
+                         ids=["packed-onednn-only", "plain", "plain-onednn-only"])  # packed + kernel: the contract test
+def test_lone_row_route_keeps_a_rows_bits_on_plain_weights_and_without_the_kernel(shape, packed, kernel, monkeypatch):
     if not kernel:  # as where glmpool's row kernel is not built: lone rows through oneDNN
         monkeypatch.setattr(row_kernel, "available", lambda: False)
     torch.manual_seed(0)
@@ -23,10 +25,11 @@ def test_a_row_gives_the_same_bits_alone_and_in_any_batch(shape, packed, kernel,
     operand = torch.ops.mkldnn._reorder_linear_weight(weight) if packed else weight
     x = torch.randn(33, shape[1])
     lone_row = onednn.lone_row_route(operand, bias)
-    assert bool(lone_row.chunk) == (packed and row_kernel.available())  # the kernel reads packed weights only
+    assert packed and row_kernel.available() or not lone_row.chunk  # the kernel reads packed weights only
     assert lone_row.several == (bool(lone_row.chunk) and row_kernel.several_rows_available())  # 2-128 rows too
-    if shape == (1024, 4096) and not lone_row.chunk:
-        assert lone_row.pad  # oneDNN's lone-row GEMV sums these otherwise
+    if not lone_row.chunk:  # padded exactly where oneDNN sums a lone row otherwise (its GEMV, on plain weights)
+        assert lone_row.pad == (not torch.equal(onednn._matmul(x[:1], operand, bias), onednn._matmul(x[:2], operand,
+                                                                                                      bias)[:1]))
     together = onednn.linear(x, operand, bias, lone_row)
     for rows in (1, 2, 3, 16, 17):
         assert torch.equal(onednn.linear(x[:rows], operand, bias, lone_row), together[:rows]), rows
@@ -34,8 +37,8 @@ def test_a_row_gives_the_same_bits_alone_and_in_any_batch(shape, packed, kernel,
     assert torch.allclose(together, F.linear(x, weight, bias), rtol=1e-4, atol=1e-3)
 
 
-needs_row_kernel = pytest.mark.skipif(not row_kernel.available(),
-                                      reason="glmpool's row kernel is not built or this CPU lacks AVX-512")
+needs_row_kernel = pytest.mark.skipif(not row_kernel.available(), reason="glmpool's row kernel is not built "
+                                      "or this CPU has neither AVX-512 nor AVX2")
 
 
 def test_row_kernel_is_built_where_a_c_compiler_is():
@@ -47,6 +50,9 @@ def test_row_kernel_is_built_where_a_c_compiler_is():
 @needs_row_kernel
 @pytest.mark.parametrize("threads", [1, 2])
 def test_row_kernel_sums_as_onednn_does_among_other_rows_and_only_with_its_chunk(threads):
+    """Where the probe finds the kernel's chunk, every row count gets oneDNN's bits (the AVX-512 or the AVX2
+    variant, whichever runs here). Where it finds none (oneDNN's AVX2 kernels with 2 threads sum an odd
+    number of 64-output blocks otherwise), a lone row goes through oneDNN, which gave it those bits."""
     torch.manual_seed(3)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -56,14 +62,18 @@ def test_row_kernel_sums_as_onednn_does_among_other_rows_and_only_with_its_chunk
             packed = torch.ops.mkldnn._reorder_linear_weight(weight)
             x = torch.randn(17, inner)
             among_others = onednn._matmul(x, packed, bias)  # oneDNN itself
-            chunk = onednn.lone_row_route(packed, bias).chunk
+            route = onednn.lone_row_route(packed, bias)
+            chunk = route.chunk
+            assert chunk or out != 4096, "the kernel never sums as oneDNN does here: it would never be used"
+            if not chunk:
+                assert torch.equal(onednn.linear(x[:1], packed, bias, route), among_others[:1])
+                continue
             for row in (0, 16):
                 assert torch.equal(row_kernel.row_times_packed(x[row], packed, bias, out, chunk), among_others[row])
-            if row_kernel.several_rows_available():  # 2-17 rows: tiles of 1-6 rows, all sums as oneDNN's
-                for rows in (2, 5, 7, 16, 17):
-                    got = row_kernel.rows_times_packed(x[:rows], packed, bias, out, chunk)
-                    assert torch.equal(got, among_others[:rows]), (out, inner, rows)
-                assert row_kernel.rows_times_packed(x[:0], packed, bias, out, chunk).shape == (0, out)
+            for rows in (2, 5, 7, 16, 17):  # tiles of 1-6 rows (AVX-512) or 1-3 (AVX2), all sums as oneDNN's
+                got = row_kernel.rows_times_packed(x[:rows], packed, bias, out, chunk)
+                assert torch.equal(got, among_others[:rows]), (out, inner, rows)
+            assert row_kernel.rows_times_packed(x[:0], packed, bias, out, chunk).shape == (0, out)
             others = [c for c in (inner, inner // 2, inner // 4) if c != chunk]
             assert not torch.equal(row_kernel.row_times_packed(x[0], packed, bias, out, others[0]), among_others[0])
     finally:
@@ -78,44 +88,43 @@ def test_row_kernel_refuses_what_it_cannot_read():
     assert onednn.lone_row_route(torch.ops.mkldnn._reorder_linear_weight(weight), None).chunk is None
 
 
-def test_pack_linears_swaps_every_linear_and_keeps_what_it_computes():
+def test_pack_model_swaps_every_linear_and_keeps_what_it_computes():
     torch.manual_seed(1)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 32, bias=False))
+    model = torch.nn.Sequential(reference.Linear(64, 128), torch.nn.GELU(), reference.Linear(128, 32, bias=False))
     x = torch.randn(5, 64)
     expected = model(x)
-    assert onednn.pack_linears(model) == 2
-    assert all(type(m) is not torch.nn.Linear for m in model)
+    assert layers.pack_model(model, onednn.OneDNN) == 2
+    assert all(type(m) is not reference.Linear for m in model)
     assert torch.allclose(model(x), expected, rtol=1e-5, atol=1e-5)
-    assert "0.packed" not in model.state_dict()  # opaque: never saved as if it were a checkpoint tensor
-    assert torch.equal(model[2].weight, model[2].packed.to_dense())
+    assert not model.state_dict()  # opaque: never saved as if it were a checkpoint tensor
+    assert torch.equal(model[2].weight, model[2].method.packed.to_dense())
     clone = copy.deepcopy(model)
     assert torch.equal(clone(x), model(x))
 
 
 def test_tied_embedding_looks_up_the_plain_table_and_projects_through_a_packed_copy():
     torch.manual_seed(2)
-    embedding = torch.nn.Embedding(300, 64)
-    tied = onednn.TiedEmbedding.from_embedding(embedding)
+    embedding = reference.Embedding(300, 64)
+    tied = layers.TiedEmbedding(embedding.weight, onednn.OneDNN)
     ids, hidden = torch.tensor([[0, 7, 299]]), torch.randn(5, 64)
-    assert tied.weight is embedding.weight and torch.equal(tied(ids), embedding(ids))
+    assert tied.table.data_ptr() == embedding.weight.data_ptr() and torch.equal(tied(ids), embedding(ids))
     projected = tied.project(hidden)
     assert torch.allclose(projected, hidden @ embedding.weight.detach().T, rtol=1e-4, atol=1e-4)
     for rows in (1, 2, 3):
         assert torch.equal(tied.project(hidden[:rows]), projected[:rows]), rows
-    assert list(tied.state_dict()) == ["weight"]
     clone = copy.deepcopy(tied)
-    assert clone.weight is not tied.weight and torch.equal(clone.project(hidden), projected)
+    assert clone.table.data_ptr() != tied.table.data_ptr() and torch.equal(clone.project(hidden), projected)
 
 
 def test_loaded_fp32_model_is_packed_on_request(tiny_dir):
     from glmpool.engine import load
 
-    onednn_output = lambda e: isinstance(e.model.word_embeddings, onednn.TiedEmbedding)  # noqa: E731
+    onednn_output = lambda e: isinstance(getattr(e.model.word_embeddings, "method", None), onednn.OneDNN)  # noqa: E731
     assert not onednn_output(load(tiny_dir, progress=False))  # "reference" is the engine's default
     engine = load(tiny_dir, progress=False, matmul="onednn")
     assert onednn_output(engine)
     kinds = {type(m).__name__ for m in engine.model.modules()}
-    assert "PackedLinear" in kinds and "Linear" not in kinds
+    assert "PackedLinear" in kinds and "Linear" not in kinds and engine.model.layers[0].mlp.dense_h_to_4h.method.name == "onednn"
     half = load(tiny_dir, dtype="bfloat16", progress=False, matmul="onednn")  # oneDNN: fp32 only
     assert not onednn_output(half)
     assert "PackedLinear" not in {type(m).__name__ for m in half.model.modules()}
@@ -131,8 +140,8 @@ def wide_head_dir(tmp_path_factory):
 @pytest.mark.parametrize("attention", [pytest.param("kernel", marks=needs_row_kernel), "torch"])
 @pytest.mark.parametrize("head", ["tiny", "wide"])
 @pytest.mark.parametrize("matmul", ["onednn", "reference", pytest.param("fp16", marks=pytest.mark.skipif(
-    not half.kernel_available(), reason="glmpool's fp16 kernel is not built or this CPU lacks AVX-512")),
-    pytest.param("fbgemm-fp16", marks=pytest.mark.skipif(not half.fbgemm_available(), reason="no FBGEMM fp16 linear")),
+    not fp16.OwnFp16.usable(torch.device("cpu"), torch.float32), reason="glmpool's fp16 kernel is not built or this CPU has no AVX2")),
+    pytest.param("fbgemm-fp16", marks=pytest.mark.skipif(not fp16.fbgemm_available(), reason="no FBGEMM fp16 linear")),
     "int8-qe", "int4-qe"])
 def test_batching_keeps_every_logit_bit_for_bit_with_onednn(tiny_dir, wide_head_dir, matmul, head, attention,
                                                              monkeypatch):
@@ -153,6 +162,9 @@ def test_batching_keeps_every_logit_bit_for_bit_with_onednn(tiny_dir, wide_head_
     quantize = matmul.removeprefix("int") if matmul.endswith("-qe") else None
     engine = load(tiny_dir if head == "tiny" else wide_head_dir, progress=False,
                   matmul="onednn" if quantize else matmul, quantize=quantize)
+    if matmul == "fbgemm-fp16":  # where FBGEMM would change bits with the batch: glmpool's kernel, else oneDNN
+        through = type(getattr(engine.model.word_embeddings, "method", None))
+        assert (through is fp16.FbgemmFp16) == fp16.fbgemm_batch_invariant()
     slab = engine.model.slab_is_exact
     padded = slab and attention == "torch"
     if attention == "kernel":

@@ -440,3 +440,27 @@ def test_a_burst_through_a_shared_kv_slab_answers_as_one_at_a_time(tmp_path, cac
         assert {meta(pool.root, f"burst{i}")["generated_tokens"] for i in range(len(bodies))} != {4}
     finally:
         pool.kill()
+
+
+def test_the_gpu_path_in_a_pool_answers_a_burst_as_one_at_a_time(tmp_path, cache_dir):
+    """A cpu worker on the GPU path (engine.static_decode, eagerly: --compile off), as GPU workers run: it
+    warms every bucket before it is ready, says how long in its log and the status, and answers each
+    request of a burst (sampled with seeds, or greedy; leaving at different steps) as alone."""
+    pool = Pool(tmp_path / "spool", cache_dir, "--gpus", "cpu", "--max-batch", "4", "--compile", "off",
+                "--kv-cache-gb", "0.05", env={"GLMPOOL_TEST_STATIC": "1"}).start()
+    try:
+        pool.wait_running()
+        assert "decode step warmed up in" in pool.output()
+        assert isinstance(pool.status()["workers"][0]["compile_seconds"], float)
+        bodies = [{"query": "你好", "do_sample": False, "max_new_tokens": 4},
+                  {"query": "hello there, how are you?", "seed": 7, "max_new_tokens": 9},
+                  {"query": "what is the time", "seed": 8, "top_k": 3, "max_new_tokens": 14}]
+        alone = []
+        for i, body in enumerate(bodies):
+            json_request(pool.root, f"alone{i}", body)
+            alone.append(outcome(pool.root, f"alone{i}"))
+        for i, body in enumerate(bodies):
+            json_request(pool.root, f"burst{i}", body)
+        assert [outcome(pool.root, f"burst{i}") for i in range(len(bodies))] == alone
+    finally:
+        pool.kill()

@@ -7,14 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glmpool.engine import quantize as Q
+from glmpool.engine import agreement
+from glmpool.engine.linear import cuda, dequant, int4, int8, quantized, registry, thudm
 from glmpool.engine import row_kernel
 from glmpool.engine.config import ModelConfig
 from glmpool.engine.model import ChatGLM, prefix_attention_mask, prompt_positions
-from glmpool.engine.quantize import (QuantizedEmbedding, QuantizedLinear, dequantize_weight, pack_int4,
-                                     quantize_model, quantize_state_dict, quantize_weight, unpack_int4)
+from glmpool.engine.linear.quantized import QuantizedEmbedding, QuantizedLinear, quantize_model
+from glmpool.engine.linear.thudm import dequantize_weight, pack_int4, quantize_state_dict, quantize_weight, unpack_int4
 
-KERNEL = {8: "int8-cpu", 4: "int4-cpu"}
+KERNEL = {8: "int8", 4: "int4"}
 
 
 def thudm_dequantize_reference(qweight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
@@ -73,14 +74,14 @@ def test_quantize_weight_format_and_error_bound(bits):
 
 
 def test_cpu_int4_layout_matches_torchs_packer_blockwise():
-    block = Q.int4_block_rows()
-    assert block in Q.INT4_BLOCK_CANDIDATES  # 64 on AVX-512 machines, 32 on AVX2 ones
+    block = int4.int4_block_rows()
+    assert block in int4.INT4_BLOCK_CANDIDATES  # 64 on AVX-512 machines, 32 on AVX2 ones
     q = torch.randint(-8, 8, (192, 256), dtype=torch.int8)
     theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu((q + 8).to(torch.int32), 1).view(torch.uint8)
-    assert torch.equal(Q._cpu_int4_pack(q), theirs)
-    assert torch.equal(Q._cpu_int4_pack(q[block:2 * block]), theirs[block:2 * block])  # blocks are independent
-    assert torch.equal(Q._cpu_int4_unpack(theirs), q)
-    assert Q._cpu_int4_layout_ok() and Q._cpu_int8_kernel_ok()
+    assert torch.equal(int4._cpu_int4_pack(q), theirs)
+    assert torch.equal(int4._cpu_int4_pack(q[block:2 * block]), theirs[block:2 * block])  # blocks are independent
+    assert torch.equal(int4._cpu_int4_unpack(theirs), q)
+    assert int4._cpu_int4_layout_ok() and int8._cpu_int8_kernel_ok()
 
 
 def reference_linear(module: QuantizedLinear, x: torch.Tensor, path: str) -> torch.Tensor:
@@ -105,8 +106,8 @@ def test_quantized_linear_paths_equal_dequantize_then_linear(bits, rows):
         assert float((out - expected).abs().max()) <= tolerance, path
     assert module(x.view(1, rows, 128)).shape == (1, rows, 192)  # any leading shape
     assert module.kernel_path(rows, x.device) == KERNEL[bits]  # decode rows: the kernel, at any count
-    assert module.kernel_path(rows, x.device, tokens=Q.PROMPT_KERNEL_MAX_TOKENS) == KERNEL[bits]
-    assert module.kernel_path(rows, x.device, tokens=Q.PROMPT_KERNEL_MAX_TOKENS + 1) == "dequant"
+    assert module.kernel_path(rows, x.device, tokens=registry.PROMPT_KERNEL_MAX_TOKENS) == KERNEL[bits]
+    assert module.kernel_path(rows, x.device, tokens=registry.PROMPT_KERNEL_MAX_TOKENS + 1) == "dequant"
 
 
 @pytest.mark.skipif(not row_kernel.available(), reason="glmpool's row kernel is not built or this CPU lacks AVX-512")
@@ -114,7 +115,7 @@ def test_quantized_linear_paths_equal_dequantize_then_linear(bits, rows):
 def test_a_lone_row_goes_through_glmpools_kernel_with_the_bits_it_gets_in_a_batch(bits, shape, monkeypatch):
     torch.manual_seed(4)
     module = QuantizedLinear.from_linear(torch.nn.Linear(shape[1], shape[0]), bits)
-    Q.prepare(module)  # as load() does: it decides
+    quantized.prepare(module)  # as load() does: it decides
     assert module.own_kernels
     x = torch.randn(17, shape[1])
     together = module.matmul(x, module.bias)
@@ -132,29 +133,29 @@ def test_several_int8_rows_go_through_glmpools_kernel_with_torchs_bits(shape, mo
     """More than 4 rows (a batch's decode step): glmpool's multi-row int8 kernel, the bits of torch's."""
     torch.manual_seed(5)
     module = QuantizedLinear.from_linear(torch.nn.Linear(shape[1], shape[0]), 8)
-    Q.prepare(module)
+    quantized.prepare(module)
     calls, kernel = [], row_kernel.int8_times
     monkeypatch.setattr(row_kernel, "int8_times", lambda *a: calls.append(1) or kernel(*a))
     for rows in (4, 5, 16, 37):
         x = torch.randn(rows, shape[1])
         theirs = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), module.weight,
                                                     torch.ones(shape[0], dtype=torch.bfloat16))
-        assert torch.equal(Q._int8_times(x.to(torch.bfloat16), module.weight, module.own_kernels), theirs), rows
+        assert torch.equal(int8.int8_times(x.to(torch.bfloat16), module.weight, module.own_kernels), theirs), rows
     assert len(calls) == 3  # not for 4 rows: torch's kernel is as fast there
 
 
-@pytest.mark.skipif(not row_kernel.int4_rows_available(Q.int4_block_rows()),
+@pytest.mark.skipif(not row_kernel.int4_rows_available(int4.int4_block_rows()),
                     reason="glmpool's kernels are not built or this CPU lacks AVX-512")
 @pytest.mark.parametrize("shape", [(4160, 1024), (128, 4096)])
 def test_several_int4_rows_go_through_glmpools_kernel_with_torchs_bits(shape, monkeypatch):
     """A batch's decode step, a short prompt: glmpool's tiled int4 kernel, the bits of torch's."""
     torch.manual_seed(6)
     module = QuantizedLinear.from_linear(torch.nn.Linear(shape[1], shape[0]), 4)
-    Q.prepare(module)
+    quantized.prepare(module)
     assert module.own_kernels and module.own_int4_rows
     calls, kernel = [], row_kernel.int4_times
     monkeypatch.setattr(row_kernel, "int4_times", lambda *a: calls.append(1) or kernel(*a))
-    head, block = module._blocked_rows(), Q.int4_block_rows()
+    head, block = module._blocked_rows(), int4.int4_block_rows()
     group, unit = module._int4_unit_groups(head, "cpu")
     for rows in (2, 5, 16, 37):
         x = torch.randn(rows, shape[1]).to(torch.bfloat16)
@@ -164,7 +165,7 @@ def test_several_int4_rows_go_through_glmpools_kernel_with_torchs_bits(shape, mo
 
 
 def test_dequant_path_in_chunks_and_without_bias(monkeypatch):
-    monkeypatch.setattr(Q, "DEQUANT_CHUNK_BYTES", 128 * 128 * 4)  # 128 rows per chunk
+    monkeypatch.setattr(dequant, "DEQUANT_CHUNK_BYTES", 128 * 128 * 4)  # 128 rows per chunk
     for bits in (8, 4):
         module = QuantizedLinear.from_linear(torch.nn.Linear(128, 320, bias=False), bits)
         assert module.bias is None
@@ -181,22 +182,22 @@ def test_shapes_the_kernels_cannot_take_fall_back():
     x = torch.randn(2, 40)
     assert torch.allclose(odd(x), F.linear(x, odd.dequantize(), odd.bias), atol=1e-5)
     with pytest.raises(RuntimeError):
-        odd.matmul(x, path="int4-cpu")
+        odd.matmul(x, path="int4")
 
 
 def test_int4_rows_past_the_last_layout_block_are_multiplied_apart():
     # The 130528-row embedding table is not a multiple of the 64-row blocks of AVX-512 machines: the
     # kernel takes the whole blocks, the last rows stay in THUDM's layout (here 8 of them, on any machine).
-    if not Q._cpu_int4_layout_ok():
+    if not int4._cpu_int4_layout_ok():
         pytest.skip("this torch has no usable CPU int4 kernel")
     torch.manual_seed(2)
-    block = Q.int4_block_rows()
+    block = int4.int4_block_rows()
     embedding = QuantizedEmbedding.from_embedding(torch.nn.Embedding(2 * block + 8, 128), 4)
     original = embedding.weight.clone()
     table = embedding.dequantize()
     hidden = torch.randn(3, 128)
     expected = F.linear(hidden.bfloat16().float(), table)
-    assert embedding.kernel_path(3, hidden.device) == "int4-cpu"
+    assert embedding.kernel_path(3, hidden.device) == "int4"
     assert torch.allclose(embedding.project(hidden), expected, rtol=1e-2, atol=1e-2)
     assert embedding._current_layout() == embedding.LAYOUT_CPU_INT4
     assert torch.equal(embedding.weight[-8:], original[-8:])  # the tail kept THUDM's layout
@@ -295,7 +296,7 @@ def test_quantize_model_matches_dequantized_weights(bits, embeddings):
     reference = copy.deepcopy(model)
     quantize_model(model, bits, embeddings=embeddings)
     for i, layer in enumerate(model.layers):
-        for name in Q.LINEAR_NAMES:
+        for name in thudm.LINEAR_NAMES:
             assert isinstance(layer.get_submodule(name), QuantizedLinear)
             reference.layers[i].get_submodule(name).weight.data = layer.get_submodule(name).dequantize()
     if embeddings:
@@ -345,7 +346,7 @@ def test_prequantized_checkpoint_loads_and_matches_quantize_at_load(tiny_dir, tm
     assert main(["tiny-model", str(tmp_path / "q"), "--seed", "1", "--quantize", str(spec)]) == 0
     stored = load(tmp_path / "q", progress=False)
     at_load = load(tiny_dir, quantize=spec, progress=False)
-    bits, embeddings = Q.parse_quantize(spec)
+    bits, embeddings = thudm.parse_quantize(spec)
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert (config["quantization_bit"], config["quantization_embeddings"]) == (bits, embeddings)
     for engine in (stored, at_load):
@@ -363,7 +364,7 @@ def test_quantize_spec_errors_and_mismatches(tiny_dir, tmp_path):
     from glmpool.engine import EngineError, load
     from glmpool.engine.tiny import write_tiny_checkpoint
 
-    assert Q.parse_quantize("int4-qe") == (4, True) and Q.parse_quantize(None) == (None, False)
+    assert thudm.parse_quantize("int4-qe") == (4, True) and thudm.parse_quantize(None) == (None, False)
     for bad in (3, "16", "4qe", "qe"):
         with pytest.raises(EngineError, match="4, 8, 4-qe or 8-qe"):
             load(tiny_dir, quantize=bad, progress=False)
@@ -387,11 +388,11 @@ def test_embeddings_quantized_at_load_on_a_layers_only_checkpoint(tiny_dir, tmp_
 def test_int4_weights_are_laid_out_for_the_cpu_kernel_at_load(tiny_dir):
     from glmpool.engine import load
 
-    if not Q._cpu_int4_layout_ok():
+    if not int4._cpu_int4_layout_ok():
         pytest.skip("this torch has no usable CPU int4 kernel: int4 runs dequantize + matmul")
     model = load(tiny_dir, quantize="4-qe", progress=False).model
-    layouts = {name: m._current_layout() for name, m in Q.quantized_modules(model)}
-    assert set(layouts.values()) == {Q.QuantizedMatrix.LAYOUT_CPU_INT4}, layouts
+    layouts = {name: m._current_layout() for name, m in quantized.quantized_modules(model)}
+    assert set(layouts.values()) == {quantized.QuantizedMatrix.LAYOUT_CPU_INT4}, layouts
 
 
 @pytest.mark.parametrize("stored_as", ["both", "lm_head only"])
@@ -427,9 +428,9 @@ def test_greedy_agreement_on_the_tiny_model(tiny_engine):
     prompts = [[rng.randrange(6, c.mask_token_id) for _ in range(rng.randint(4, 20))]
                + [c.gmask_token_id, c.bos_token_id] for _ in range(4)]
     args = (prompts, 12, c.bos_token_id, c.mask_token_id, c.gmask_token_id)
-    assert Q.greedy_agreement(reference, reference, *args) == {"teacher_forced": 1.0, "prefix": 1.0, "exact": 1.0}
+    assert agreement.greedy_agreement(reference, reference, *args) == {"teacher_forced": 1.0, "prefix": 1.0, "exact": 1.0}
     int8 = quantize_model(copy.deepcopy(reference), 8)
-    scores = Q.greedy_agreement(reference, int8, *args)
+    scores = agreement.greedy_agreement(reference, int8, *args)
     assert scores["teacher_forced"] >= 0.5, scores  # measured ~0.85 on this model; README has the figures
 
 
@@ -439,7 +440,7 @@ def test_cuda_int4_input_is_unsigned_nibbles_even_column_high():
     q = torch.randint(-8, 8, (16, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
     unsigned = (q + 8).to(torch.uint8)
     expected = (unsigned[:, 0::2] << 4) | unsigned[:, 1::2]
-    assert torch.equal(Q.cuda_int4_input(Q.pack_int4(q)), expected)
+    assert torch.equal(cuda.cuda_int4_input(thudm.pack_int4(q)), expected)
 
 
 def test_a_matrix_in_the_cuda_int4_layout_refuses_what_it_cannot_do():
@@ -449,16 +450,16 @@ def test_a_matrix_in_the_cuda_int4_layout_refuses_what_it_cannot_do():
     from glmpool.engine import EngineError
     linear = QuantizedLinear.from_linear(torch.nn.Linear(128, 64), 4)
     assert not linear.to_cuda_int4_layout()  # not on a GPU
-    Q.prepare(torch.nn.Sequential(linear))
+    quantized.prepare(torch.nn.Sequential(linear))
     assert linear._current_layout() == linear.LAYOUT_CPU_INT4  # what a CPU lays out instead
-    linear._layout, linear._layout_key = linear.LAYOUT_CUDA_INT4, Q._tensor_key(linear.weight)
+    linear._layout, linear._layout_key = linear.LAYOUT_CUDA_INT4, quantized._tensor_key(linear.weight)
     assert linear.kernel_path(1, torch.device("cpu")) == linear.kernel_path(500, torch.device("cpu")) == "int4-cuda"
     for action in (linear.state_dict, linear.float, linear.cpu, linear.dequantize):
         with pytest.raises(EngineError, match="cannot be saved or moved"):
             action()
     with torch.no_grad():
-        linear.weight.copy_(Q.pack_int4(torch.zeros(64, 128, dtype=torch.int8)))  # a checkpoint copied in
-    assert linear.kernel_path(1, torch.device("cpu")) == "int4-cpu" and "weight" in linear.state_dict()
+        linear.weight.copy_(thudm.pack_int4(torch.zeros(64, 128, dtype=torch.int8)))  # a checkpoint copied in
+    assert linear.kernel_path(1, torch.device("cpu")) == "int4" and "weight" in linear.state_dict()
 
 
 def test_a_kernel_is_chosen_only_where_it_is_right_and_faster(monkeypatch):
@@ -476,10 +477,11 @@ def test_a_kernel_is_chosen_only_where_it_is_right_and_faster(monkeypatch):
             return matmul(x, bias, path)
         return run
 
-    for slow, rows in (([("int8-cpu", 1), ("int8-cpu", 16)], 0), ([("dequant", 1), ("dequant", 16)], 16),
-                       ([("dequant", 1), ("int8-cpu", 16)], 1), ([("int8-cpu", 1), ("dequant", 16)], 0)):
+    for slow, rows in (([("int8", 1), ("int8", 16)], 0), ([("dequant", 1), ("dequant", 16)], 16),
+                       ([("dequant", 1), ("int8", 16)], 1), ([("int8", 1), ("dequant", 16)], 0)):
         monkeypatch.setattr(module, "matmul", slowed(*slow))
-        assert Q.kernel_rows(module, "int8-cpu", torch.float32, repeats=3) == rows, slow
-    monkeypatch.setattr(module, "_int8_cpu", lambda x2: torch.zeros(x2.shape[0], 192, dtype=torch.bfloat16))
+        assert cuda.kernel_rows(module, "int8", torch.float32, repeats=3) == rows, slow
+    monkeypatch.setattr(int8.Int8, "apply", classmethod(lambda cls, matrix, x2: torch.zeros(x2.shape[0], 192,
+                                                                                               dtype=torch.bfloat16)))
     with pytest.raises(RuntimeError, match="differ"):
-        Q.kernel_rows(module, "int8-cpu", torch.float32)
+        cuda.kernel_rows(module, "int8", torch.float32)

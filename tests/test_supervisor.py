@@ -117,6 +117,48 @@ def test_dispatch_claims_a_round_together_and_answers_are_published_together(tmp
     s.watch.close()
 
 
+class Queue(list):
+    """A worker's task queue, as the supervisor uses it."""
+    put = list.append
+
+    def close(self):
+        pass
+
+    def cancel_join_thread(self):
+        pass
+
+
+class DeadProcess:
+    exitcode = -9  # SIGKILL
+
+    def is_alive(self):
+        return False
+
+    def join(self, timeout=None):
+        pass
+
+
+def test_a_dead_workers_requests_stay_claimed_and_run_again_one_at_a_time(tmp_path):
+    """The unit behind tests/test_pool.py's SIGKILL cases: a worker's death puts its requests back in the
+    queue, still claimed (no other supervisor may take them), each to run again alone on the next worker;
+    nothing new is claimed meanwhile."""
+    s = one_worker_pool(tmp_path, requests=4, tasks=[])
+    s.slots[0].tasks = Queue()
+    s.dispatch()
+    assert len(s.slots[0].tasks) == 4
+    s.slots[0].process = DeadProcess()
+    s.reap()
+    assert s.slots[0].state == "BACKOFF" and not s.slots[0].jobs
+    assert sorted(job.request.id for job in s.pending) == ["r0", "r1", "r2", "r3"]
+    assert all(job.claim.attempts == 1 and s.claims.holds(job.claim) for job in s.pending)
+    s.slots[0].state, s.slots[0].process, s.slots[0].tasks = "RUNNING", object(), Queue()  # restarted
+    (s.requests / "new.json").write_text('{"query": "q"}\n')
+    s.dispatch()
+    assert len(s.slots[0].tasks) == 1 and s.slots[0].isolating  # one, alone
+    assert len(s.pending) == 3 and (s.requests / "new.json").exists()  # nothing new claimed before them
+    s.watch.close()
+
+
 def test_an_answer_the_spool_refuses_is_kept_and_published_alone_later(tmp_path, monkeypatch):
     """Of three answers read together, the one whose files the disk refuses is retried alone with backoff;
     the others are published at once, and nothing is run again."""

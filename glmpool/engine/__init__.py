@@ -10,7 +10,7 @@ engine = load(model, device="cpu", dtype=None, cache_dir=".cache", quantize=None
 #   model: local dir | hub id | "tiny-random" (built once into cache_dir, answers are noise)
 #   device: "cpu" | "cuda" | "cuda:N"; dtype: None (float16 on GPUs, float32 on the CPU) | "float32" | ...
 #   quantize: None | 4 | 8 | "4-qe" | "8-qe" (-qe: the embeddings = output projection too)
-#   matmul (CPU fp32 only): "reference" (THUDM's F.linear) | "onednn" | "fp16" | "fbgemm-fp16" (see load())
+#   matmul (CPU fp32 only): one of glmpool.engine.linear.registry.MATMULS, each described there
 engine.config          # ModelConfig dataclass (hidden_size, num_layers, ... from config.json)
 engine.tokenizer       # .encode(text)->list[int], .decode(ids)->str, .build_prompt(query, history)->list[int]
 engine.chat(query, history=None, max_length=2048, do_sample=True, top_p=0.7, temperature=0.95, seed=None) -> (response, history)
@@ -21,6 +21,9 @@ params = SamplingParams(do_sample=True, top_p=0.7, temperature=0.95, top_k=50,
 batch = engine.batcher(max_batch=16, max_kv_tokens=None, shared_cache=None)   # continuous batching; one per
                          # worker; shared_cache: one KV slab, batched decode attention (default: off the
                          # CPU, and on it where load() found the padding exact)
+batch = engine.batcher(..., static=None, compile=True, backend=None)  # static: the GPU path (static_decode.py:
+                         # static KV cache, compiled bucketed decode steps, sampling on the device, chunked
+                         # prefill; default on GPUs); batch.warm_up() compiles every bucket now -> seconds
 batch.add(key, query, history, params)   # prefill happens in the next step(); raises
                                          #   AdmissionError (no room now: retry later, nothing changed),
                                          #   PromptTooLongError / ValueError (permanent: report as error)
@@ -39,11 +42,18 @@ Errors all derive from `EngineError`, each with a one-line human message.
 safetensors=False, quantize=None, max_sequence_length=2048, shards=1, dtype=torch.float16)` writes a random-weight checkpoint in THUDM's
 exact layout (used by `glmpool tiny-model DIR ...`).
 """
-from .api import Engine, load
-from .config import ModelConfig
-from .errors import AdmissionError, CheckpointError, EngineError, ModelNotFoundError, PromptTooLongError
-from .generate import Batcher, SamplingParams, TokenEvent
-from .tokenizer import ChatGLMTokenizer
+import importlib
 
-__all__ = ["load", "Engine", "ModelConfig", "ChatGLMTokenizer", "Batcher", "SamplingParams", "TokenEvent",
-           "EngineError", "CheckpointError", "ModelNotFoundError", "PromptTooLongError", "AdmissionError"]
+# Imported on first use (PEP 562), so that glmpool.engine.linear.registry, the names of the ways a weight
+# is multiplied, can be read without torch (the supervisor never imports it).
+_EXPORTS = {"load": "api", "Engine": "api", "ModelConfig": "config", "ChatGLMTokenizer": "tokenizer",
+            "Batcher": "generate", "SamplingParams": "generate", "TokenEvent": "generate",
+            "EngineError": "errors", "CheckpointError": "errors", "ModelNotFoundError": "errors",
+            "PromptTooLongError": "errors", "AdmissionError": "errors"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -7,10 +7,13 @@ from typing import Iterator
 
 import torch
 
-from . import checkpoint, decode_attention, half, hugepages, onednn, row_kernel
+from . import checkpoint, decode_attention, hugepages, row_kernel
 from .config import ModelConfig
 from .errors import CheckpointError, EngineError
 from .generate import Batcher, SamplingParams
+from .linear import base, layers, reference, registry
+from .linear.quantized import prepare, quantize_model
+from .linear.thudm import parse_quantize
 from .model import ChatGLM, padded_attention_exact
 from .tokenizer import ChatGLMTokenizer
 
@@ -75,12 +78,18 @@ def cgroup_room(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path
     return None
 
 
-def check_memory(net: torch.nn.Module, device: torch.device, quantizing: bool) -> None:
+def check_memory(net: torch.nn.Module, device: torch.device, quantizing: bool,
+                 method: type[base.WeightMethod] | None = None) -> None:
     """Refuse a model that cannot fit before allocating it: a host out of memory kills the process without
     a word (the kernel's OOM killer), where this says what is missing. `net` is still on the meta device.
-    A lower bound: the packed copy of the output projection made later for fp16 weights or onednn (5% of
-    ChatGLM-6B) and the KV cache come on top."""
+    Counts the peak of the load: the weights, the packed copy of the tied output projection `method` makes,
+    and what packing one matrix holds besides; the KV cache comes on top."""
     needed = sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()))
+    if method is not None and method.name != "reference":
+        floats = [m.weight for m in net.modules() if isinstance(m, (reference.Linear, reference.Embedding))]
+        if isinstance(net.word_embeddings, reference.Embedding):  # its packed copy, for the output projection
+            needed += net.word_embeddings.weight.numel() * (2 if method.table_dtype == torch.float16 else 4)
+        needed += max((method.packing_bytes(*weight.shape) for weight in floats), default=0)
     free = free_memory(device)
     if needed > free:
         advice = ("quantizing at load time holds the whole model unquantized first: load a checkpoint stored "
@@ -119,8 +128,16 @@ class Engine:
         room = free_memory(self.device) - (sharing - 1) * model_bytes
         return max(1, int(room * fraction / sharing) // self.kv_bytes_per_token())
 
-    def batcher(self, max_batch: int = 16, max_kv_tokens: int | None = None,
-                shared_cache: bool | None = None) -> Batcher:
+    def batcher(self, max_batch: int = 16, max_kv_tokens: int | None = None, shared_cache: bool | None = None,
+                static: bool | None = None, compile: bool = True, backend: str | None = None) -> Batcher:
+        """static: the GPU path (static_decode.StaticBatcher: a static KV cache, compiled decode steps unless
+        compile is False, sampling on the device, chunked prefill); None = on GPUs only. backend: torch.compile's
+        (None: inductor; "eager"/"aot_eager" check the graphs without generating code)."""
+        if static is None:
+            static = self.device.type != "cpu"
+        if static:
+            from .static_decode import StaticBatcher
+            return StaticBatcher(self.model, self.tokenizer, max_batch, max_kv_tokens, compile, backend)
         return Batcher(self.model, self.tokenizer, max_batch, max_kv_tokens, shared_cache)
 
     def stream_chat(self, query: str, history: list | None = None, max_length: int = 2048,
@@ -145,30 +162,21 @@ class Engine:
         return response, new_history
 
 
-MATMULS = ("reference", "onednn", "fp16", "fbgemm-fp16")
-
-
 def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          cache_dir: str | Path = ".cache", quantize: int | str | None = None, progress: bool = True,
          matmul: str = "reference") -> Engine:
     """Load a ChatGLM-6B checkpoint (directory, hub id, or "tiny-random") into an Engine.
 
-    quantize: 4, 8, "4-qe", "8-qe" (see quantize.parse_quantize), or None to run the checkpoint as stored.
+    quantize: 4, 8, "4-qe", "8-qe" (see thudm.parse_quantize), or None to run the checkpoint as stored.
     A pre-quantized checkpoint keeps its bits; "-qe" on one stored without quantized embeddings
     quantizes them at load.
-    matmul (fp32 on the CPU; elsewhere it changes nothing): "reference" multiplies a single sequence with
-    F.linear exactly as THUDM's code does, so greedy output is bit-identical to theirs; "onednn" packs the
-    weights for oneDNN (see onednn.py): faster, and a sequence's numbers do not depend on what it is
-    batched with, but they are rounded differently from the reference's; "fp16" keeps the weights in fp16
-    (exact for THUDM's fp16 checkpoints) and does fp32 arithmetic by glmpool's kernel, or FBGEMM's where
-    that is not built (see half.py): half the memory, faster still, batch-invariant too; "fbgemm-fp16"
-    the same through FBGEMM always.
+    matmul: how the float weights are multiplied, one of linear/registry.py's MATMULS (each entry says
+    what it is for); where it cannot run here, the first usable one along its fallback chain.
     """
-    if matmul not in MATMULS:
-        raise EngineError(f"unknown matmul {matmul!r}: use one of {', '.join(MATMULS)}")
+    if matmul not in registry.MATMULS:
+        raise EngineError(f"unknown matmul {matmul!r}: use one of {', '.join(registry.MATMULS)}")
     device = parse_device(device)
     dtype = parse_dtype(dtype, device)
-    from .quantize import parse_quantize, prepare, quantize_model
     bits, embeddings = parse_quantize(quantize)
     model_dir = checkpoint.resolve(str(model), cache_dir)
     config = checkpoint.read_config(model_dir)
@@ -187,23 +195,17 @@ def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | tor
 
     # Quantizing at load time works on the host, one matrix at a time, so a GPU never holds the fp copy.
     load_device = torch.device("cpu") if quantize_layers or quantize_embeddings else device
-    own_half = matmul == "fp16" and half.usable(device, dtype, own_kernel=True)
-    if matmul == "fp16" and not own_half and device.type == "cpu" and dtype == torch.float32:
-        log.info("matmul fp16: glmpool's kernel is not built or this CPU lacks AVX-512; using FBGEMM's")
-        matmul = "fbgemm-fp16"
-    half_weights = own_half or (matmul == "fbgemm-fp16" and half.usable(device, dtype, own_kernel=False))
-    if matmul == "fbgemm-fp16" and not half_weights and device.type == "cpu" and dtype == torch.float32:
-        log.warning("matmul fbgemm-fp16: this torch has no FBGEMM (not an x86 build?); using onednn")
-        matmul = "onednn"
+    method = base.choose(matmul, device, dtype)
     with torch.device("meta"):
         net = ChatGLM(config)
     # fp16 weights from an fp16 checkpoint: read them as fp16, never holding an fp32 copy of the model; and
     # matrices about to be quantized stay as stored until then (the values are the same, the peak half).
     stored_half = config.torch_dtype == "float16"
+    half_weights = method.table_dtype == torch.float16
     net = net.to(torch.float16 if (half_weights and not bits) or (quantize_layers and stored_half) else dtype)
     if stored_bits:
         quantize_model(net, stored_bits, embeddings=stored_embeddings, empty=True)
-    check_memory(net, load_device, quantizing=quantize_layers or quantize_embeddings)
+    check_memory(net, load_device, quantizing=quantize_layers or quantize_embeddings, method=method)
     net = net.to_empty(device=load_device)
     net._rotary = None
     checkpoint.load_weights(net, model_dir, progress)
@@ -211,14 +213,14 @@ def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | tor
         quantize_model(net, bits, layers=quantize_layers, embeddings=quantize_embeddings)
         net = net.to(device, dtype)  # what was not quantized (norms, biases, embeddings) in the model's dtype
     prepare(net)
-    if half_weights:
-        half.pack_model(net, own_kernel=own_half)
-    elif matmul == "onednn" and onednn.usable(device, dtype):
-        onednn.pack_model(net)
+    if method.name != "reference":
+        layers.pack_model(net, method)
     net.eval().requires_grad_(False)
     if device.type == "cpu":
         hugepages.weights_on_huge_pages(net)
     net.attention_kernel = decode_attention.usable(net.dtype, device, config.head_dim)
+    if device.type == "cuda" and net.dtype in (torch.float16, torch.bfloat16):
+        net.use_fp32_pointwise()  # THUDM's numerics on a GPU
     if device.type == "cpu" and net.dtype == torch.float32 and matmul != "reference" and row_kernel.available():
         net.use_gelu_kernel()  # batch-invariant like the rest, its own rounding
     if device.type == "cpu" and matmul != "reference":  # batch-invariant: so must be the decode attention

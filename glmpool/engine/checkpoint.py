@@ -113,7 +113,7 @@ def iter_tensors(model_dir: Path, progress: bool = True) -> Iterator[tuple[str, 
         del shard
 
 
-def copy_into(target: torch.Tensor, source: torch.Tensor, mapped: bool, chunk_bytes: int = 64 << 20) -> None:
+def copy_into(target: torch.Tensor, source: torch.Tensor, mapped: bool, chunk_bytes: int = 16 << 20) -> None:
     """target <- source (converting dtype); a memory-mapped source is released chunk by chunk."""
     rows = max(1, chunk_bytes // max(1, source[0].numel() * source.element_size())) if source.dim() else 1
     with torch.no_grad():

@@ -2,7 +2,7 @@
 
 Each step prefills the sequences added since the last step (together, right-padded to the longest
 prompt, up to PREFILL_TOKENS padded tokens per forward pass; prompts of up to and of over
-quantize.PROMPT_KERNEL_MAX_TOKENS tokens apart, since a quantized model multiplies them differently)
+linear/registry.py's PROMPT_KERNEL_MAX_TOKENS tokens apart, since a quantized model multiplies them differently)
 and advances every running sequence by one token in a single batched forward pass: the weights are
 read once for the whole batch, which is what makes batching nearly free while decoding is bound by
 memory bandwidth. Each sequence keeps its own sampling parameters and random generator, and its KV
@@ -26,7 +26,7 @@ import torch
 
 from .errors import AdmissionError, PromptTooLongError
 from .model import ChatGLM, KVCache, SlotCache, prefix_attention_mask, prompt_positions, round_up
-from .quantize import PROMPT_KERNEL_MAX_TOKENS
+from .linear.registry import PROMPT_KERNEL_MAX_TOKENS
 from .tokenizer import ChatGLMTokenizer, process_response
 
 INVALID_SCORE_TOKEN = 5  # where the reference puts all probability when logits are NaN/inf
@@ -92,6 +92,7 @@ class Sequence:
     shown: tuple[int, str] = (0, "")  # (generated tokens, text) of the latest text without a cut character
     mask_position: int = 0
     context_length: int = 0
+    seed: int = 0  # the generator's seed: the GPU path draws from it by a hash (static_decode.sample_tokens)
 
     def next_position(self) -> tuple[int, int]:
         """(position, block position) of the token about to be fed (the last generated one)."""

@@ -1,9 +1,7 @@
 """A CPU model's weights moved onto 2 MB pages (Linux transparent huge pages).
 
 Decoding streams every weight once per token. On 4 KB pages that is a TLB miss every 4 KB of it, and
-the page walks cost the stream: measured on this project's 2-core machines, a lone fp32 row times a
-oneDNN-packed weight streamed 18-25% faster once the weight sat on 2 MB pages, and the medium model
-decoded fp32 1.05x and 1.13x faster in two alternating runs (no measurable change for int8 and int4).
+the page walks cost the stream (docs/benchmarks.md: a row's product up to a quarter faster on 2 MB pages).
 Linux backs memory with 2 MB pages only where a program asks when THP is set to "madvise" (a common
 default): madvise(MADV_HUGEPAGE) asks, and madvise(MADV_COLLAPSE) (Linux 6.1+) moves memory that is
 already filled, as loaded weights are. Where either is refused (an older kernel, THP off, no memory to
@@ -38,8 +36,8 @@ def reuse_freed_memory() -> bool:
     """Have glibc serve allocations of up to 32 MB from its heap and keep freed memory there, so that
     activations reuse pages instead of faulting fresh ones in. With THP_MEM_ALLOC_ENABLE=1, torch aligns
     every tensor of 2 MB or more to 2 MB and advises it huge; glibc then maps and unmaps each one, and
-    a batch-16 decode step's 8.4 MB of logits cost ~0.9 ms to allocate and fill instead of ~0.06 (a
-    prompt's activations, many such tensors, more). The price: the heap keeps its high-water mark.
+    every step's logits and a prompt's activations are faulted in afresh. The price: the heap keeps its
+    high-water mark.
     False where this is no glibc (nothing changes)."""
     mallopt = libc_function("mallopt", (ctypes.c_int, ctypes.c_int))
     return bool(mallopt and mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) and mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))

@@ -9,7 +9,9 @@ tanh GELU written the same way) so greedy decoding reproduces it token for token
 - 2D rotary encoding: the first half of every head rotates by the position id, the second half by
   the block position id; inverse frequencies rounded to fp16 as the reference computes them;
 - attention scores scaled down by sqrt(d) * (layer + 1) and back up by (layer + 1) in fp32;
-- the output projection is the word embedding matrix (tied).
+- the output projection is the word embedding matrix (tied);
+- on a GPU, GELU and the rotation in fp32, rounded once (use_fp32_pointwise), as TorchScript fuses the
+  reference's scripted functions there.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from torch import nn
 
 from . import decode_attention, row_kernel
 from .config import ModelConfig
+from .linear.reference import Embedding, Linear
 
 
 class KVCache:
@@ -292,7 +295,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, parts: 
     swapped = x.unflatten(-1, (parts, 2, -1)).flip(-2).flatten(-3)  # each part's halves swapped
     out = x * cos
     out += swapped * signed_sin
-    return out
+    return out.to(x.dtype)  # fp32 tables (ChatGLM.use_fp32_pointwise): computed in fp32, rounded once
 
 
 def queries_keys_values(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, parts: int,
@@ -304,22 +307,6 @@ def queries_keys_values(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     scale = float(layer + 1)
     q = (q / (math.sqrt(qkv.shape[-1]) * scale)).transpose(1, 2)
     return q, torch.stack((k, v), dim=1).transpose(2, 3), scale
-
-
-def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x) for x [B, T, in]; one decode step of several sequences takes a faster route.
-
-    MKL's GEMM for a handful of rows repacks the whole weight matrix on every call (4 rows cost 4x
-    one row); computing (W @ x^T)^T streams W once instead. A single sequence (prefill, or decoding
-    alone) keeps F.linear, the reference's exact arithmetic.
-    """
-    B, T, _ = x.shape
-    if T == 1 and B > 1 and type(layer) is nn.Linear:
-        out = (layer.weight @ x.view(B, -1).t()).t()
-        if layer.bias is not None:
-            out = out + layer.bias
-        return out.view(B, T, -1)
-    return layer(x)
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -338,6 +325,11 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return inner.copy_(x).mul_(0.5).mul_(outer)
 
 
+def gelu_fp32(x: torch.Tensor) -> torch.Tensor:
+    """gelu computed in fp32 and rounded once to x's dtype, as THUDM's TorchScript-fused GELU runs on a GPU."""
+    return gelu(x.float()).to(x.dtype)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
@@ -345,17 +337,17 @@ class SelfAttention(nn.Module):
         self.n_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.position_encoding_2d = config.position_encoding_2d
-        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.query_key_value = Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache],
                 prefix_masks: list[torch.Tensor | None], lengths: list[int],
                 decode: KernelDecode | PaddedDecode | None = None) -> torch.Tensor:
         B, T, H = x.shape
-        qkv = project(self.query_key_value, x).view(B, T, self.n_heads, 3, self.head_dim)
+        qkv = self.query_key_value(x).view(B, T, self.n_heads, 3, self.head_dim)
         parts = 2 if self.position_encoding_2d else 1
         if decode is not None:  # a decode step of the sequences in a slab
-            return project(self.dense, decode.attend(self.layer_id, qkv, cos, sin, parts).view(B, T, H))
+            return self.dense(decode.attend(self.layer_id, qkv, cos, sin, parts).view(B, T, H))
         q, key_value, scale = queries_keys_values(qkv, cos, sin, parts, self.layer_id)
         # Prompts, and decode steps without a shared slab: attention per sequence, each over its own
         # cache length (the loop body is kept to a few calls).
@@ -370,18 +362,18 @@ class SelfAttention(nn.Module):
             probs = F.softmax(scores.float() * scale, dim=-1).type(scores.dtype)
             context[b, :, :t] = torch.bmm(probs, values)  # [n, t, d]
         context = context.permute(0, 2, 1, 3).reshape(B, T, H)
-        return project(self.dense, context)
+        return self.dense(context)
 
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.inner_hidden_size)
-        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size)
+        self.dense_h_to_4h = Linear(config.hidden_size, config.inner_hidden_size)
+        self.dense_4h_to_h = Linear(config.inner_hidden_size, config.hidden_size)
         self.gelu = gelu  # the reference's rounding; ChatGLM.use_gelu_kernel swaps in glmpool's kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return project(self.dense_4h_to_h, self.gelu(project(self.dense_h_to_4h, x)))
+        return self.dense_4h_to_h(self.gelu(self.dense_h_to_4h(x)))
 
 
 ALPHA_LAYERS = 28  # the reference's GLMBlock(num_layers=28) default, whatever config.json says
@@ -408,7 +400,7 @@ class ChatGLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.word_embeddings = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(GLMBlock(config, i) for i in range(config.num_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -416,6 +408,7 @@ class ChatGLM(nn.Module):
         # decoding through one KV slab gives a sequence its bits alone: the CPU kernel, or padding checked exact
         # (padded_attention_exact); set by load() for a batch-invariant model
         self.slab_is_exact = False
+        self.fp32_pointwise = False  # GELU and rotary in fp32 as THUDM's fused GPU kernels (use_fp32_pointwise)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -431,6 +424,16 @@ class ChatGLM(nn.Module):
         for layer in self.layers:
             layer.mlp.gelu = row_kernel.gelu
 
+    def use_fp32_pointwise(self) -> None:
+        """GELU and the rotary encoding in fp32, each rounded once to the model's dtype: what THUDM's code
+        computes on a GPU, where TorchScript fuses both functions into one kernel each that works in fp32
+        (on a CPU its functions run unfused, op by op in the model's dtype, as glmpool does by default).
+        Set by load() for fp16 and bf16 on CUDA; the rotary tables keep their fp16/bf16 values."""
+        self.fp32_pointwise = True
+        self._rotary = None
+        for layer in self.layers:
+            layer.mlp.gelu = gelu_fp32
+
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(self.config, capacity, self.dtype, self.device)
 
@@ -440,16 +443,13 @@ class ChatGLM(nn.Module):
     def rotary(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rotary is None or self._rotary[0].shape[0] < length:
             size = max(length, self.config.max_sequence_length)
-            self._rotary = rotary_tables(self.config, size, self.dtype, self.device)
+            tables = rotary_tables(self.config, size, self.dtype, self.device)
+            self._rotary = tuple(t.float() for t in tables) if self.fp32_pointwise else tables
         return self._rotary
 
     def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The tied output projection: [B, H] -> [B, vocab]."""
-        if hasattr(self.word_embeddings, "project"):  # a quantized, fp16 or oneDNN table multiplies by itself
-            return self.word_embeddings.project(hidden)
-        if hidden.shape[0] > 1:  # several sequences: see project()
-            return (self.word_embeddings.weight @ hidden.t()).t()
-        return F.linear(hidden, self.word_embeddings.weight)
+        return self.word_embeddings.project(hidden)  # whatever multiplies it (linear/base.py)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, caches: list[KVCache],
                 prefix_mask: torch.Tensor | list | None = None, lengths: list[int] | None = None) -> torch.Tensor:

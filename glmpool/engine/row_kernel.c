@@ -35,43 +35,7 @@ int glmpool_isa(void) {
  * chunks of `chunk`; within a chunk the products are accumulated by fused multiply-adds in input order
  * from zero, and the chunks' sums are then added in order; the bias, if any, last. The chunk is oneDNN's
  * choice (here 512 for 1024 inputs and 1024 for 4096 and 16384; 1024 for all three with its AVX2
- * kernels): probed per weight (row_kernel.probe).
- *
- * For CPUs without AVX-512, rows one at a time, 8 lanes (the same fused multiply-adds in the same order as
- * the tiled kernel below, which takes them with AVX-512, so the same bits; the chunks' totals wait in
- * `out`). */
-__attribute__((target("avx2,fma")))
-static void block_times_row(const float *block, const float *x, float *out, int64_t in, int64_t chunk) {
-    for (int64_t start = 0; start < in; start += chunk) {
-        int64_t stop = start + chunk < in ? start + chunk : in;
-        __m256 part[BLOCK / 8];
-        for (int i = 0; i < BLOCK / 8; i++) part[i] = _mm256_setzero_ps();
-        const float *w = block + start * BLOCK;
-        for (int64_t k = start; k < stop; k++, w += BLOCK) {
-            __m256 xk = _mm256_set1_ps(x[k]);
-            for (int i = 0; i < BLOCK / 8; i++) part[i] = _mm256_fmadd_ps(xk, _mm256_loadu_ps(w + 8 * i), part[i]);
-        }
-        for (int i = 0; i < BLOCK / 8; i++)
-            _mm256_storeu_ps(out + 8 * i, start == 0 ? part[i] : _mm256_add_ps(_mm256_loadu_ps(out + 8 * i), part[i]));
-    }
-}
-
-/* The tiled kernels' signature; blocks of 64 outputs spread over the threads. */
-void glmpool_row_times_packed(const float *packed, const float *x, const float *bias, float *y, int64_t rows,
-                              int64_t out, int64_t in, int64_t chunk) {
-    int64_t blocks = (out + BLOCK - 1) / BLOCK;
-    #pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        int64_t first = b * BLOCK, count = out - first < BLOCK ? out - first : BLOCK;
-        for (int64_t m = 0; m < rows; m++) {
-            float result[BLOCK];
-            block_times_row(packed + b * in * BLOCK, x + m * in, result, in, chunk);
-            if (bias)
-                for (int64_t i = 0; i < count; i++) result[i] += bias[first + i];
-            memcpy(y + m * out + first, result, count * sizeof(float));
-        }
-    }
-}
+ * kernels): probed per weight (row_kernel.probe). */
 
 /* Several rows (or one): y[rows, out] = x[rows, in] @ weight^T (+ bias), the weight in 64-output blocks,
  * for each input k the block's 64 weights in turn: fp32 in oneDNN's AB16b64a (as above), fp16 in glmpool's
@@ -139,7 +103,7 @@ static void NAME(const WEIGHT *block, const float *x, float *y, int64_t rows, in
 }
 
 /* The blocks spread over the threads; the last block's padding outputs go to a scratch block, not past
- * y's rows. AVX-512 only (isa 512). */
+ * y's rows. Any width: BLOCK_FN is the AVX-512 or the AVX2 variant. */
 #define ROWS_TIMES_BLOCKS(NAME, BLOCK_FN, WEIGHT, STEP)                                                     \
 void NAME(const WEIGHT *packed, const float *x, const float *bias, float *y, int64_t rows, int64_t out,     \
           int64_t in, int64_t chunk) {                                                                      \
@@ -188,6 +152,63 @@ BLOCK_TIMES_ROWS(block_times_rows_int4, chunk_times_tile_int4, uint8_t, 32)
 ROWS_TIMES_BLOCKS(glmpool_rows_times_packed, block_times_rows, float, BLOCK)
 ROWS_TIMES_BLOCKS(glmpool_rows_times_half, block_times_rows_half, uint16_t, BLOCK)
 ROWS_TIMES_BLOCKS(glmpool_rows_times_int4, block_times_rows_int4, uint8_t, 32)
+
+/* The same for CPUs without AVX-512 (fp32 and fp16; isa 256), the same sums in the same order, so the same
+ * bits: 16 vector registers hold the sums of a lone row's 64 outputs (8 x 8 lanes), or of up to 3 rows'
+ * 32 outputs, each 8 weights loaded once per tile. */
+#define CHUNK_TIMES_TILE_AVX2(NAME, WEIGHT, LOAD8)                                                          \
+__attribute__((target("avx2,fma,f16c"), always_inline))                                                    \
+static inline void NAME(const WEIGHT *w, const float *x, float *y, int64_t in, int64_t y_stride,           \
+                        int64_t start, int64_t stop, const int rows, const int vectors) {                  \
+    __m256 part[3][8];                                                                                      \
+    for (int r = 0; r < rows; r++) for (int i = 0; i < vectors; i++) part[r][i] = _mm256_setzero_ps();    \
+    for (int64_t k = start; k < stop; k++, w += BLOCK) {                                                    \
+        __m256 xk[3];                                                                                       \
+        for (int r = 0; r < rows; r++) xk[r] = _mm256_set1_ps(x[r * in + k]);                               \
+        for (int i = 0; i < vectors; i++) {                                                                 \
+            __m256 wk = LOAD8(w + 8 * i);                                                                   \
+            for (int r = 0; r < rows; r++) part[r][i] = _mm256_fmadd_ps(xk[r], wk, part[r][i]);             \
+        }                                                                                                   \
+    }                                                                                                       \
+    for (int r = 0; r < rows; r++)                                                                          \
+        for (int i = 0; i < vectors; i++) {                                                                 \
+            float *out = y + r * y_stride + 8 * i;                                                          \
+            _mm256_storeu_ps(out, start == 0 ? part[r][i] : _mm256_add_ps(_mm256_loadu_ps(out), part[r][i])); \
+        }                                                                                                   \
+}
+
+#define BLOCK_TIMES_ROWS_AVX2(NAME, TILE_FN, WEIGHT)                                                        \
+__attribute__((target("avx2,fma,f16c")))                                                                   \
+static void NAME(const WEIGHT *block, const float *x, float *y, int64_t rows, int64_t in, int64_t y_stride, \
+                 int64_t chunk) {                                                                           \
+    for (int64_t start = 0; start < in; start += chunk) {                                                   \
+        int64_t stop = start + chunk < in ? start + chunk : in;                                             \
+        const WEIGHT *w = block + start * BLOCK;                                                            \
+        if (rows == 1) {                                                                                    \
+            TILE_FN(w, x, y, in, y_stride, start, stop, 1, 8);                                              \
+            continue;                                                                                       \
+        }                                                                                                   \
+        for (int half = 0; half < BLOCK; half += 32)                                                        \
+            for (int64_t m = 0; m < rows; m += 3) {                                                         \
+                const float *xm = x + m * in;                                                               \
+                float *ym = y + m * y_stride + half;                                                        \
+                switch (rows - m) {                                                                         \
+                case 1: TILE_FN(w + half, xm, ym, in, y_stride, start, stop, 1, 4); break;                  \
+                case 2: TILE_FN(w + half, xm, ym, in, y_stride, start, stop, 2, 4); break;                  \
+                default: TILE_FN(w + half, xm, ym, in, y_stride, start, stop, 3, 4);                        \
+                }                                                                                           \
+            }                                                                                               \
+    }                                                                                                       \
+}
+
+#define LOAD8_FLOAT(p) _mm256_loadu_ps(p)
+#define LOAD8_HALF(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+CHUNK_TIMES_TILE_AVX2(chunk_times_tile_avx2, float, LOAD8_FLOAT)
+CHUNK_TIMES_TILE_AVX2(chunk_times_tile_half_avx2, uint16_t, LOAD8_HALF)
+BLOCK_TIMES_ROWS_AVX2(block_times_rows_avx2, chunk_times_tile_avx2, float)
+BLOCK_TIMES_ROWS_AVX2(block_times_rows_half_avx2, chunk_times_tile_half_avx2, uint16_t)
+ROWS_TIMES_BLOCKS(glmpool_rows_times_packed_avx2, block_times_rows_avx2, float, BLOCK)
+ROWS_TIMES_BLOCKS(glmpool_rows_times_half_avx2, block_times_rows_half_avx2, uint16_t, BLOCK)
 
 /* y[out] = int8 weight[out, in] (THUDM's row-major bytes, unit scales) @ x[in], summed as torch's
  * weight-only int8 matmul (_weight_int8pack_mm, AVX-512, bf16 input) sums one output: 16 lanes, lane j
@@ -359,9 +380,10 @@ void NAME(const WEIGHT *packed, const float *x, const float *bias, float *y, int
           int64_t in, int64_t chunk) {                                                                      \
     (void)packed; (void)x; (void)bias; (void)y; (void)rows; (void)out; (void)in; (void)chunk;               \
 }
-STUB(glmpool_row_times_packed, float)
+STUB(glmpool_rows_times_packed_avx2, float)
 STUB(glmpool_rows_times_packed, float)
 STUB(glmpool_rows_times_half, uint16_t)
+STUB(glmpool_rows_times_half_avx2, uint16_t)
 STUB(glmpool_rows_times_int4, uint8_t)
 STUB(glmpool_row_times_int4, uint8_t)
 

@@ -1,29 +1,25 @@
-"""Rows times a weight, by glmpool's own kernels (row_kernel.c), where torch's are slow.
+"""Rows times a weight, by glmpool's own kernels (row_kernel.c), where torch's are slow; the ctypes
+binding every linear method that uses them goes through (linear/onednn.py, fp16.py, int8.py, int4.py).
 
-Decoding one sequence multiplies one row by every weight, and streaming the weights is its speed. On this
-project's 2-core machines:
-- fp32: torch's kernels stream ~21-24 GB/s, row_times_packed ~27-33. It reads the buffer oneDNN
-  reordered the weight into (no second copy) and sums in the order oneDNN's multi-row matmul does;
-  onednn.py checks that per weight before using it.
-- int8 (THUDM's row-major bytes): torch's weight-only kernel streams ~14 GB/s of 1024-byte rows, ~23 of
-  4096-byte and ~26 of 16384-byte ones; int8_times a lone row ~26, ~30 and ~29. For several rows (a
-  batch's decode step) it widens each block of weights once for 4 or 8 rows: 1.2-1.5x torch's
-  multi-row kernel at 6-32 rows, the same sums.
-- int4 (torch's CPU layout, 64-row blocks): torch's kernel ~17.5 GB/s of packed bytes, int4_times a lone
-  row ~22-24 (it leaves out the scale-and-zero multiply-add, which unit scales make exact anyway; bound
-  by decoding the nibbles, not by the memory), several rows 1.1-1.3x torch's multi-row kernel.
+Decoding one sequence multiplies one row by every weight, and streaming the weights is its speed; torch's
+kernels for a lone row stream well below the memory's bandwidth (docs/benchmarks.md has the figures):
+- fp32: row_times_packed reads the buffer oneDNN reordered the weight into (no second copy) and sums in
+  the order oneDNN's multi-row matmul does; linear/onednn.py checks that per weight before using it.
+- int8 (THUDM's row-major bytes): int8_times; for several rows (a batch's decode step) it widens each
+  block of weights once for 4 or 8 rows.
+- int4 (torch's CPU layout): int4_times leaves out the scale-and-zero multiply-add, which unit scales
+  make exact anyway (bound by decoding the nibbles, not by the memory).
   Both sum as torch's kernels do, which int8_matches_torch() and int4_matches_torch() check once per
   process on inputs built to expose any other order.
 Either way a row gets the same bits alone as among others, so batching still changes no result.
 Each kernel has an AVX2 variant for CPUs without AVX-512, which mirrors torch's AVX2 kernels (8 lanes for
-int8, 32-row blocks for int4; fp32 sums the same either way). Measured on this machine with torch and
-oneDNN made to use their AVX2 kernels: fp32 ~29 against ~19 GB/s, int8 12-17 against 9-11, int4 ~12
-against ~6.5.
+int8, 32-row blocks for int4; fp32 sums the same either way).
 
 A batch's decode step multiplies a few rows by every weight and is bound by arithmetic instead. With
-AVX-512, rows_times_packed (fp32), rows_times_half (fp16 weights in glmpool's layout, half.py) and
-int4_times take tiles of up to 6 rows, each 64 weights loaded once per tile: ~200-220 GFLOP/s, 1.1-1.5x
-oneDNN, FBGEMM and torch's int4 kernel at 2-64 rows, every output summed as for a lone row.
+AVX-512, rows_times_packed (fp32), rows_times_half (fp16 weights in glmpool's layout, linear/fp16.py) and
+int4_times take tiles of up to 6 rows, each 64 weights loaded once per tile, every output summed as for a
+lone row. The fp32 and fp16 ones have AVX2 variants (tiles of 1-3 rows) that sum alike: fp16 weights go
+through them on AVX2 CPUs, where FBGEMM is not batch-invariant (linear/fp16.py).
 
 The kernels are compiled when glmpool is installed (setup.py; an optional extension needing a C compiler
 with OpenMP, and an x86-64 CPU with AVX-512 or AVX2 to run). Where they are missing, available() says so, and
@@ -35,6 +31,7 @@ import ctypes
 import functools
 import importlib.machinery
 import logging
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -54,6 +51,20 @@ def library_path() -> Path | None:
     return None
 
 
+ISA_ENV = "GLMPOOL_KERNEL_ISA"  # avx512 (the default: the CPU's best), avx2 or none, as ATEN_CPU_CAPABILITY
+ISA_NAMES = {"avx512": 512, "avx2": 256, "none": 0}
+
+
+def isa_cap() -> int:
+    """The widest variant of glmpool's kernels that $GLMPOOL_KERNEL_ISA lets run (to run and test the AVX2
+    variants on a CPU with AVX-512; none: torch's kernels only)."""
+    name = os.environ.get(ISA_ENV, "avx512").strip().lower()
+    if name not in ISA_NAMES:
+        log.warning("%s=%s is none of %s: ignored", ISA_ENV, name, ", ".join(ISA_NAMES))
+        return 512
+    return ISA_NAMES[name]
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     path = library_path()
@@ -61,12 +72,14 @@ def library() -> ctypes.CDLL | None:
         log.info("glmpool's CPU kernels are not built (no C compiler at install?): torch's kernels are used")
         return None
     kernels = ctypes.CDLL(str(path))  # after torch: it shares torch's OpenMP runtime (same soname)
-    kernels.isa = kernels.glmpool_isa()
+    kernels.isa = min(kernels.glmpool_isa(), isa_cap())
     if not kernels.isa:
-        log.info("this CPU has neither AVX-512 nor AVX2 with FMA: glmpool's CPU kernels are not used")
+        log.info("this CPU has neither AVX-512 nor AVX2 with FMA (or %s=none): glmpool's CPU kernels are not used",
+                 ISA_ENV)
         return None
-    for rows_times in (kernels.glmpool_row_times_packed, kernels.glmpool_rows_times_packed,  # one signature
-                       kernels.glmpool_rows_times_half, kernels.glmpool_rows_times_int4, kernels.glmpool_row_times_int4):
+    for rows_times in (kernels.glmpool_rows_times_packed, kernels.glmpool_rows_times_packed_avx2,  # one signature
+                       kernels.glmpool_rows_times_half, kernels.glmpool_rows_times_half_avx2,
+                       kernels.glmpool_rows_times_int4, kernels.glmpool_row_times_int4):
         rows_times.restype = None
         rows_times.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
     kernels.glmpool_rows_times_int8.restype = None
@@ -106,8 +119,8 @@ def fits(packed: torch.Tensor, out_features: int, in_features: int) -> bool:
 
 
 def several_rows_available() -> bool:
-    """Whether the tiled kernels (rows_times_packed, rows_times_half, int4_times of 64-row blocks) run here:
-    AVX-512 only."""
+    """Whether glmpool's kernels beat torch's for several fp32 or int4 rows here (rows_times_packed, int4_times
+    of 64-row blocks): AVX-512 only."""
     return available() and library().isa == 512
 
 
@@ -124,17 +137,16 @@ def _rows_times(entry: Callable, x: torch.Tensor, weight_address: int, bias: tor
 def rows_times_packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
                       chunk: int) -> torch.Tensor:
     """x [M, in] (fp32) @ weight^T + bias -> [M, out], each row summed as oneDNN's multi-row matmul sums it,
-    with this chunk (row_kernel.c); `packed` must pass fits(). Needs several_rows_available()."""
-    return _rows_times(library().glmpool_rows_times_packed, x, torch.ops.mkldnn.data_ptr(packed), bias,
-                       out_features, chunk)
+    with this chunk (row_kernel.c; the AVX-512 and AVX2 variants alike); `packed` must pass fits()."""
+    kernels = library()
+    entry = kernels.glmpool_rows_times_packed if kernels.isa == 512 else kernels.glmpool_rows_times_packed_avx2
+    return _rows_times(entry, x, torch.ops.mkldnn.data_ptr(packed), bias, out_features, chunk)
 
 
 def row_times_packed(row: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
                      out_features: int, chunk: int) -> torch.Tensor:
-    """row [in] (fp32) @ weight^T + bias -> [out], as rows_times_packed: by the tiled kernel with AVX-512 (a
-    lone row as fast as a loop of its own), else by the AVX2 lone-row kernel, which sums alike."""
-    entry = library().glmpool_rows_times_packed if several_rows_available() else library().glmpool_row_times_packed
-    return _rows_times(entry, row[None], torch.ops.mkldnn.data_ptr(packed), bias, out_features, chunk)[0]
+    """row [in] -> [out], as rows_times_packed."""
+    return rows_times_packed(row[None], packed, bias, out_features, chunk)[0]
 
 
 HALF_CHUNK = 512  # inputs per chunk of the fp16 kernel's sums: 64 KB of a block, L2-resident
@@ -162,10 +174,12 @@ def rows_times_half(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | 
                     out_features: int) -> torch.Tensor:
     """x [M, in] (fp32) @ weight^T + bias -> [M, out] in fp32, the weight fp16 from pack_half: each output
     summed in chunks of HALF_CHUNK inputs (fused multiply-adds in input order, chunk sums in order), the
-    same for any M. Needs several_rows_available()."""
+    same for any M and on any CPU (the AVX-512 and AVX2 variants alike). Needs available()."""
     assert packed.dtype == torch.float16 and packed.is_contiguous() and packed.shape[2] == BLOCK
     assert packed.shape[0] * BLOCK >= out_features and x.shape[-1] == packed.shape[1]
-    return _rows_times(library().glmpool_rows_times_half, x, packed.data_ptr(), bias, out_features, HALF_CHUNK)
+    kernels = library()
+    entry = kernels.glmpool_rows_times_half if kernels.isa == 512 else kernels.glmpool_rows_times_half_avx2
+    return _rows_times(entry, x, packed.data_ptr(), bias, out_features, HALF_CHUNK)
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:

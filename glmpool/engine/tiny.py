@@ -231,13 +231,29 @@ def write_tiny_checkpoint(path: str | Path, layers: int = 2, hidden: int = 64, h
     """Write a deterministic random-weight checkpoint in THUDM's layout into `path`; return it.
 
     quantize: 4, 8, "4-qe" or "8-qe" writes it pre-quantized, as THUDM's -int4 / -int4-qe checkpoints.
+    Written beside `path` first and moved into it when whole: a failure leaves no partial checkpoint.
     """
-    from .quantize import parse_quantize
+    from .linear.thudm import parse_quantize
     bits, embeddings = parse_quantize(quantize)
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
     if hidden % (heads * 4):
         raise ValueError("hidden must be a multiple of 4 * heads (2D rotary halves of each head)")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        _write_checkpoint(staging, layers, hidden, heads, inner, vocab, seed, safetensors, bits, embeddings,
+                          max_sequence_length, shards, dtype)
+        out.mkdir(exist_ok=True)
+        for file in staging.iterdir():
+            os.replace(file, out / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _write_checkpoint(out: Path, layers: int, hidden: int, heads: int, inner: int | None, vocab: int, seed: int,
+                      safetensors: bool, bits: int | None, embeddings: bool, max_sequence_length: int, shards: int,
+                      dtype: torch.dtype) -> None:
     model_file = train_ice_text_model(vocab, seed)
     (out / "ice_text.model").write_bytes(model_file)
     base = vocab - FIXED_PIECES + 6  # id of [MASK]
@@ -250,7 +266,7 @@ def write_tiny_checkpoint(path: str | Path, layers: int = 2, hidden: int = 64, h
     sd = {k: v.to(dtype) if v.is_floating_point() and not k.endswith("inv_freq") else v
           for k, v in random_state_dict(config, seed).items()}
     if bits:
-        from .quantize import quantize_state_dict
+        from .linear.thudm import quantize_state_dict
         sd = quantize_state_dict(sd, bits, embeddings)
     (out / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n")
     (out / "tokenizer_config.json").write_text(json.dumps({
@@ -259,7 +275,6 @@ def write_tiny_checkpoint(path: str | Path, layers: int = 2, hidden: int = 64, h
         "gmask_token": "[gMASK]", "pad_token": "<pad>", "unk_token": "<unk>", "num_image_tokens": 0,
         "tokenizer_class": "ChatGLMTokenizer"}, indent=2) + "\n")
     save_state_dict(sd, out, shards, safetensors)
-    return out
 
 
 def cached_tiny_checkpoint(cache_dir: Path) -> Path:

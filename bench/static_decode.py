@@ -1,0 +1,260 @@
+"""The GPU path's generation (glmpool/engine/static_decode.py): checks that run anywhere, and the timing
+of its decode step that bench/gpu.py runs on a GPU.
+
+    python bench/static_decode.py --cpu-dry-run    # the checks on the tiny model's CPU tensors (JSON)
+    python bench/gpu.py [--cpu-dry-run]            # runs them too, and times the step on a GPU
+
+The checks (importable; tests/test_static_decode.py runs each, and bench/gpu.py --cpu-dry-run):
+- `check_fullgraph(batcher)`: every (batch, span) bucket's decode step is one graph, no break
+  (torch._dynamo.explain on the eager step);
+- `check_compiled_matches_eager(engine, backend)`: the same greedy tokens from compiled and eager steps;
+- `check_host_syncs(engine)`: operators dispatched a step (TorchDispatchMode), and how many of them wait
+  for the device: at most one;
+- `check_mixed_lengths(engine)`: the operators of a step of mixed lengths over those of uniform ones;
+- `check_prefill_burst(engine)`: a decoding stream gains a token every step while a burst of long prompts
+  is prefilled, and no step does more than a chunk's worth of prompt work;
+- `check_inductor(engine)` (`--inductor`, minutes): inductor's generated code gives the eager tokens.
+Each returns a dict of what it found and raises AssertionError where the property fails.
+
+Timings: `time_decode(model, lengths, steps, compile)`, the median ms of a step of sequences holding
+`lengths` tokens, and `memory_bound_ms(model, lengths, GB/s)`, the step's bytes (weights + KV) over a
+bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from glmpool.engine import SamplingParams, load  # noqa: E402
+from glmpool.engine.static_decode import StaticBatcher  # noqa: E402
+
+
+# operators that make the host wait for the device: a scalar read, data-dependent shapes, a copy to the host
+WAITING_OPERATORS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique",
+                     "aten._unique2", "aten.equal", "aten.is_nonzero", "aten.item")
+GREEDY = SamplingParams(do_sample=False, max_new_tokens=8)
+
+
+class OperatorCounter(TorchDispatchMode):
+    """Counts the aten operators dispatched inside it, and those that wait for the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.operators = collections.Counter()
+        self.waits = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func.overloadpacket)
+        self.operators[name] += 1
+        if name in WAITING_OPERATORS or copies_to_host(name, args, kwargs):
+            self.waits[name] += 1
+        return func(*args, **kwargs)
+
+
+def copies_to_host(name: str, args: tuple, kwargs: dict) -> bool:
+    """Whether an operator copies a device's tensor to the host. With CPU tensors (the dry run), a copy to
+    the CPU asked for explicitly (static_decode.read_back's copy=True) stands for it."""
+    if name not in ("aten.to", "aten._to_copy"):
+        return False
+    device = kwargs.get("device") or next((a for a in args if isinstance(a, torch.device)), None)
+    if device is None or torch.device(device).type != "cpu":
+        return False
+    copy = kwargs.get("copy") or (name == "aten.to" and len(args) > 4 and args[4] is True)
+    return args[0].device.type != "cpu" or bool(copy)
+
+
+def prompt(batcher: StaticBatcher, length: int, seed: int = 0) -> list[int]:
+    """A prompt of `length` tokens ending as ChatGLM's do ([gMASK] <sop>), random text before."""
+    tokenizer = batcher.tokenizer
+    generator = torch.Generator().manual_seed(seed)
+    text = torch.randint(10, 200, (length - 2,), generator=generator).tolist()
+    return text + [tokenizer.gmask_id, tokenizer.bos_id]
+
+
+def run(batcher, prompts: list[list[int]], params: SamplingParams = GREEDY) -> dict:
+    """Every prompt to the end, each admitted as soon as there is room; key -> its tokens."""
+    waiting = list(enumerate(prompts))
+    tokens = collections.defaultdict(list)
+    while waiting or len(batcher):
+        while waiting and batcher.has_room(len(waiting[0][1]), params):
+            batcher.add_prompt(*waiting.pop(0), params)
+        for event in batcher.step():
+            tokens[event.key].append(event.token_id)
+    return dict(tokens)
+
+
+def check_fullgraph(batcher: StaticBatcher) -> dict:
+    """batcher: built with compile=False (its decode step is then the plain function)."""
+    device, found = batcher.model.device, {}
+    for rows in batcher.batch_buckets:
+        for span in batcher.span_buckets:
+            inputs = torch.zeros(rows, 4, dtype=torch.long, device=device)
+            inputs[:, 3] = batcher.cache.capacity
+            with torch.inference_mode():
+                explained = torch._dynamo.explain(batcher.decode)(inputs[:, 0], inputs[:, 1:3], inputs[:, 3], span)
+            found[f"{rows}x{span}"] = explained.graph_break_count
+            assert explained.graph_count == 1 and explained.graph_break_count == 0, \
+                f"batch {rows}, span {span}: {explained.graph_count} graphs, breaks: {explained.break_reasons}"
+    return {"buckets": len(found), "graph_breaks": sum(found.values())}
+
+
+def check_compiled_matches_eager(engine, backend: str = "aot_eager", max_batch: int = 2) -> dict:
+    prompts = [prompt(engine.batcher(1, static=True, compile=False), n, seed) for seed, n in enumerate((9, 30, 5))]
+    eager = run(engine.batcher(max_batch, static=True, compile=False), prompts)
+    from torch._dynamo.utils import counters
+    graphs_before = counters["stats"]["unique_graphs"]
+    compiled = run(engine.batcher(max_batch, static=True, compile=True, backend=backend), prompts)
+    graphs = counters["stats"]["unique_graphs"] - graphs_before  # decode steps and samplers
+    assert graphs > 0, "nothing was compiled"
+    assert compiled == eager, f"compiled {compiled} != eager {eager}"
+    return {"sequences": len(eager), "tokens": sum(map(len, eager.values())), "graphs": graphs}
+
+
+def check_inductor(engine) -> dict:
+    """Inductor's own code (C++ on the CPU) for one bucket gives the eager step's greedy tokens. Minutes on
+    2 cores: not in the suite; `--cpu-dry-run --inductor`."""
+    prompts = [prompt(engine.batcher(1, static=True, compile=False), 9, 0)]
+    eager = run(StaticBatcher(engine.model, engine.tokenizer, 1, compile=False, capacity=64), prompts)
+    start = time.monotonic()
+    compiled = run(StaticBatcher(engine.model, engine.tokenizer, 1, compile=True, capacity=64), prompts)
+    assert compiled == eager, f"inductor {compiled} != eager {eager}"
+    return {"tokens": len(eager[0]), "seconds": round(time.monotonic() - start)}
+
+
+def decode_step_counts(engine, lengths: list[int], max_batch: int) -> OperatorCounter:
+    """The operators of one decode step (sampling and read-back included) of sequences at `lengths`."""
+    batcher = engine.batcher(max_batch, static=True, compile=False)
+    params = SamplingParams(do_sample=True, seed=3, max_new_tokens=16)
+    for key, length in enumerate(lengths):
+        batcher.add_prompt(key, prompt(batcher, length, key), params)
+    while batcher.pending or batcher.prefilling:
+        batcher.step()
+    counter = OperatorCounter()
+    with counter:
+        batcher.step()
+    return counter
+
+
+def check_host_syncs(engine) -> dict:
+    counter = decode_step_counts(engine, [12, 40, 7], max_batch=4)
+    waits = sum(counter.waits.values())
+    assert waits <= 1, f"{waits} host synchronisations in a decode step: {dict(counter.waits)}"
+    return {"operators": sum(counter.operators.values()), "host_syncs": waits}
+
+
+def check_mixed_lengths(engine, batch: int = 8, short: int = 10, long: int = 200) -> dict:
+    """One long sequence among short ones against all short (the issue's 2,000 among 100s, scaled down)."""
+    uniform = sum(decode_step_counts(engine, [short] * batch, batch).operators.values())
+    mixed = sum(decode_step_counts(engine, [long] + [short] * (batch - 1), batch).operators.values())
+    assert mixed <= 1.3 * uniform, f"mixed lengths: {mixed} operators a step, uniform {uniform}"
+    return {"uniform_operators": uniform, "mixed_operators": mixed, "ratio": round(mixed / uniform, 3)}
+
+
+def check_prefill_burst(engine, chunk: int = 16, prompts: int = 3, prompt_tokens: int = 80) -> dict:
+    """A stream decodes; then long prompts arrive at once. Each step must still give the stream its token
+    and do at most `chunk` tokens' worth of prompt work."""
+    batcher = StaticBatcher(engine.model, engine.tokenizer, prompts + 1, compile=False, prefill_chunk=chunk)
+    batcher.add_prompt("stream", prompt(batcher, 6), SamplingParams(do_sample=False, max_new_tokens=200))
+    batcher.step()
+    for i in range(prompts):
+        batcher.add_prompt(i, prompt(batcher, prompt_tokens, i + 1), SamplingParams(do_sample=False, max_new_tokens=2))
+    budget = 4 * chunk * engine.config.num_layers
+    steps = most = 0
+    while batcher.pending or batcher.prefilling:
+        events = batcher.step()
+        steps += 1
+        most = max(most, batcher.stats.prefill_cost)
+        assert any(e.key == "stream" for e in events), f"step {steps}: the decoding stream got no token"
+        assert batcher.stats.prefill_cost <= budget, f"step {steps}: {batcher.stats.prefill_cost} > budget {budget}"
+    assert steps >= prompts * prompt_tokens // chunk, f"{prompts} prompts of {prompt_tokens} in {steps} steps"
+    return {"steps_with_prompts": steps, "largest_step_work": most, "budget": budget}
+
+
+def dry_run(model_dir: str | None = None, inductor: bool = False) -> dict:
+    """Every check on the tiny model's CPU tensors (with `inductor`, check_inductor too)."""
+    if model_dir is None:
+        from glmpool.engine.tiny import write_tiny_checkpoint
+        model_dir = Path(".cache") / "static-decode-tiny"
+        if not (model_dir / "config.json").is_file():
+            write_tiny_checkpoint(model_dir, seed=1, max_sequence_length=256)
+    engine = load(model_dir, progress=False)
+    found = {
+        "fullgraph": check_fullgraph(engine.batcher(4, static=True, compile=False)),
+        "compiled_matches_eager": check_compiled_matches_eager(engine),
+        "host_syncs": check_host_syncs(engine),
+        "mixed_lengths": check_mixed_lengths(engine),
+        "prefill_burst": check_prefill_burst(engine),
+    }
+    if inductor:
+        found["inductor"] = check_inductor(engine)
+    return found
+
+
+# --- timings (bench/gpu.py runs them on its random ChatGLM-6B) ---
+
+def occupy(batcher: StaticBatcher, lengths: list[int], steps: int) -> None:
+    """Running sequences holding `lengths` tokens each (their cache as it is: timings only), greedy, with
+    room for `steps` more."""
+    config = batcher.model.config
+    for key, length in enumerate(lengths):
+        params = SamplingParams(do_sample=False, max_length=min(batcher.cache.capacity, length + steps + 8))
+        batcher.add_prompt(key, [config.gmask_token_id, config.bos_token_id], params)
+        sequence = batcher.pending.pop(key)
+        batcher._attach(sequence)
+        sequence.cache.length = length
+        sequence.prompt = [config.gmask_token_id] * (length - 1) + [config.bos_token_id]
+        sequence.context_length = sequence.mask_position = length - 1
+        sequence.generated = [5]
+        batcher.running[key] = sequence
+
+
+def memory_bound_ms(model, lengths: list[int], gigabytes_per_second: float) -> float:
+    """A decode step's bytes (every weight once, and each sequence's KV cache) over the bandwidth."""
+    c = model.config
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    kv = sum(lengths) * c.num_layers * 2 * c.hidden_size * torch.finfo(model.dtype).bits // 8
+    return (weights + kv) / (gigabytes_per_second * 1e6)
+
+
+def time_decode(model, lengths: list[int], steps: int, compile: bool) -> dict:
+    """Median ms of a StaticBatcher step (sampling and read-back included) of sequences at `lengths`,
+    after compiling (and recording) the buckets it meets; the compile seconds."""
+    from types import SimpleNamespace
+    c = model.config
+    tokenizer = SimpleNamespace(bos_id=c.bos_token_id, mask_id=c.mask_token_id, gmask_id=c.gmask_token_id)
+    batcher = StaticBatcher(model, tokenizer, len(lengths), compile=compile, capacity=max(lengths) + steps + 8)
+    spans = {min(s for s in batcher.span_buckets if s > max(lengths) + i) for i in range(steps)}
+    compile_seconds = batcher.warm_up([(batcher.batch_buckets[-1], span) for span in sorted(spans)])
+    occupy(batcher, lengths, steps)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        batcher.step()  # ends reading its tokens back: the device is done
+        times.append(time.perf_counter() - start)
+    return {"ms": 1e3 * statistics.median(times), "compile_seconds": compile_seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu-dry-run", action="store_true", help="run the checks on CPU tensors")
+    parser.add_argument("--model", help="checkpoint directory for the checks (default: a tiny random one)")
+    parser.add_argument("--inductor", action="store_true", help="also compile one bucket with inductor (minutes)")
+    args = parser.parse_args()
+    if not args.cpu_dry_run:
+        sys.exit("the timings are in bench/gpu.py; here: --cpu-dry-run")
+    print(json.dumps(dry_run(args.model, args.inductor), indent=2))
+
+
+if __name__ == "__main__":
+    main()

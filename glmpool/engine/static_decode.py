@@ -1,0 +1,476 @@
+"""The GPU path's generation: static shapes, one compiled graph per bucket, chunked prefill.
+
+A decode step on a GPU is bound by launches, not by arithmetic, when run op by op (~35 operators a layer,
+~1,000 kernel launches a token for ChatGLM-6B). Here it is one function of fixed shapes, compiled with
+torch.compile (fullgraph, on CUDA mode="reduce-overhead": replayed as a CUDA graph):
+- the KV cache is allocated once, sized by the KV budget: [2, slots, n, capacity + 1, d] per layer, the
+  running and prefilling sequences in slots 0..N-1 (a finished one's slot takes the last one's sequence);
+  column `capacity` is scratch, where padding rows write;
+- the batch is padded to a bucket (powers of two up to the slot count) and attention spans a bucket of
+  the longest sequence's length (the capacity divided by 1, 2, 4, 8): one graph per (batch, span);
+- attention is torch's scaled_dot_product_attention with a mask over the span, the same operators
+  whatever the lengths (no sequence-by-sequence fallback);
+- sampling is on the device for the whole batch (`sample_tokens`): each row its own temperature, top-k,
+  top-p, and random numbers from a counter-based hash of its seed and its token count, so a sequence
+  draws the same tokens alone or batched; one copy to the host a step (the tokens) is the only wait.
+
+Prompts are prefilled in pieces of bounded work between decode steps (`PrefillJob`): ChatGLM's prompt
+attends both ways, so a piece is a layer's projections or the rest of a layer for at most `chunk`
+tokens, never a token range through all layers. A step runs at most `chunk` tokens' worth of a full
+forward pass of prompts, so a burst of long prompts delays each decoding stream by one chunk a step.
+
+The CPU path (generate.Batcher, model.forward) is unchanged: it keeps its kernels and its bits.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .errors import PromptTooLongError
+from .generate import INVALID_SCORE_TOKEN, Batcher, SamplingParams, Sequence, TokenEvent
+from .model import ChatGLM, prompt_positions, queries_keys_values
+
+log = logging.getLogger(__name__)
+
+PREFILL_CHUNK = 512  # prompt tokens a step may push through the whole model (its prefill budget)
+SPAN_DIVISORS = (8, 4, 2, 1)  # attention spans: the capacity divided by these
+MIN_SPAN = 64
+
+
+def batch_buckets(slots: int) -> list[int]:
+    """Padded batch sizes: powers of two below `slots`, and `slots`."""
+    return [b for b in (1 << i for i in range(slots.bit_length())) if b < slots] + [slots]
+
+
+def span_buckets(capacity: int) -> list[int]:
+    return sorted({max(min(MIN_SPAN, capacity), capacity // d) for d in SPAN_DIVISORS})
+
+
+def bucket(n: int, buckets: list[int]) -> int:
+    return next(b for b in buckets if b >= n)
+
+
+class StaticKV(torch.nn.Module):
+    """The batch's keys and values, allocated once: one buffer per layer [2, slots, n, capacity + 1, d].
+    Buffers at fixed addresses (marked static for the compiler), so a CUDA graph writes them in place."""
+
+    def __init__(self, model: ChatGLM, slots: int, capacity: int):
+        super().__init__()
+        c = model.config
+        self.slots, self.capacity = slots, capacity
+        for i in range(c.num_layers):
+            buffer = torch.zeros(2, slots, c.num_attention_heads, capacity + 1, c.head_dim, dtype=model.dtype,
+                                 device=model.device)
+            torch._dynamo.mark_static_address(buffer)
+            self.register_buffer(f"layer{i}", buffer, persistent=False)
+        self.layers = [getattr(self, f"layer{i}") for i in range(c.num_layers)]
+
+    def clear(self, slot: int) -> None:
+        """Zero a slot for a new occupant: a masked position gets probability 0, and 0 x a stale NaN is NaN."""
+        for layer in self.layers:
+            layer[:, slot].zero_()
+
+    def move(self, source: int, target: int) -> None:
+        for layer in self.layers:
+            layer[:, target] = layer[:, source]
+
+
+def decode_logits(model: ChatGLM, cache: StaticKV, tokens: torch.Tensor, positions: torch.Tensor,
+                  write_at: torch.Tensor, span: int) -> torch.Tensor:
+    """One new token for each of slots 0..B-1 -> logits [B, vocab] in fp32. Fixed shapes for fixed B and span.
+
+    tokens [B]; positions [B, 2] (position, block position); write_at [B]: where the row's key and value
+    go, its cached length (a padding row: cache.capacity, the scratch column). Each row attends to
+    positions 0..write_at of its slot's first `span`."""
+    B = tokens.shape[0]
+    c = model.config
+    n, d, H = c.num_attention_heads, c.head_dim, c.hidden_size
+    parts = 2 if c.position_encoding_2d else 1
+    cos_table, sin_table = model._rotary
+    ids = positions if c.position_encoding_2d else positions[:, :1]
+    cos, sin = (F.embedding(ids, table).reshape(B, 1, 1, 1, -1) for table in (cos_table, sin_table))
+    rows = torch.arange(B, device=tokens.device)
+    attend = (torch.arange(span, device=tokens.device) <= write_at[:, None])[:, None, None, :]  # [B, 1, 1, span]
+    x = model.word_embeddings(tokens[:, None])  # [B, 1, H]
+    for layer, data in zip(model.layers, cache.layers):
+        attention_input = layer.input_layernorm(x)
+        qkv = layer.attention.query_key_value(attention_input).view(B, 1, n, 3, d)
+        q, key_value, scale = queries_keys_values(qkv, cos, sin, parts, layer.attention.layer_id)
+        data[:, rows, :, write_at] = key_value[:, :, :, 0]  # indexed dims first: [B, 2, n, d]
+        # q is already divided by sqrt(d) * scale; scaling the scores back by `scale` is the reference's order
+        context = F.scaled_dot_product_attention(q, data[0, :B, :, :span], data[1, :B, :, :span],
+                                                 attn_mask=attend, scale=scale)  # [B, n, 1, d]
+        x = attention_input * layer.alpha + layer.attention.dense(context.transpose(1, 2).reshape(B, 1, H))
+        mlp_input = layer.post_attention_layernorm(x)
+        x = mlp_input * layer.alpha + layer.mlp(mlp_input)
+    return model.output_logits(model.final_layernorm(x[:, 0])).float()
+
+
+# --- sampling on the device ---
+
+def _times(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """x * constant mod 2^32 for x in [0, 2^32), in int64 without overflow (products stay below 2^49)."""
+    low = x * (constant & 0xFFFF)
+    high = ((x * (constant >> 16)) & 0xFFFF) << 16
+    return (low + high) & 0xFFFFFFFF
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply, Murmur3's finaliser constants) on int64 tensors."""
+    x = x ^ (x >> 16)
+    x = _times(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _times(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def uniform(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """A number in [0, 1) for each (seed, counter) [B] (int64, seeds up to 2^63): the same on any device, in
+    any batch, compiled or not (integer arithmetic only)."""
+    x = _mix(seeds & 0xFFFFFFFF)
+    x = _mix(x ^ ((seeds >> 32) & 0x7FFFFFFF))
+    x = _mix(x ^ (counters & 0xFFFFFFFF))
+    return (x >> 8).float() * (1.0 / (1 << 24))
+
+
+def sample_tokens(logits: torch.Tensor, greedy: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                  top_p: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor, candidates: int) -> torch.Tensor:
+    """One token per row of logits [B, vocab] (float32), all on the device, each row alone.
+
+    Per row [B]: greedy (bool), temperature, top_k (1..candidates), top_p (> 1: keep all), seed and
+    counter (its generated tokens: a fresh number each step). Sampling follows the CPU path's order
+    (temperature, top-k, top-p within the top k, the most likely always kept), then draws by inverting the
+    cumulative distribution at uniform(seed, counter). A row with NaN/inf anywhere gets INVALID_SCORE_TOKEN,
+    as the reference does."""
+    finite = torch.isfinite(logits).all(-1)
+    logits = torch.where(finite[:, None], logits, 0.0)
+    values, indices = logits.topk(candidates)  # [B, k], descending
+    ranks = torch.arange(candidates, device=logits.device)
+    values = (values / temperature[:, None]).masked_fill(ranks >= top_k[:, None], -math.inf)
+    probs = values.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs
+    probs = probs.masked_fill(mass_before >= top_p[:, None], 0.0)
+    cumulative = probs.cumsum(-1)
+    threshold = uniform(seeds, counters) * cumulative[:, -1]
+    pick = (cumulative <= threshold[:, None]).sum(-1).clamp(max=candidates - 1)
+    drawn = indices.gather(1, pick[:, None])[:, 0]
+    chosen = torch.where(greedy, logits.argmax(-1), drawn)
+    return torch.where(finite, chosen, INVALID_SCORE_TOKEN)
+
+
+PADDING = SamplingParams(do_sample=False)  # a padding row's sampling: greedy
+
+
+def sampling_rows(sequences: list[Sequence | None], vocab: int, device) -> tuple[list[torch.Tensor], int]:
+    """The per-row tensors of sample_tokens for a row per sequence (None: a padding row, greedy), and the
+    candidates count: a power of two covering every sampled row's top_k (all of the vocabulary for 0)."""
+    rows = [(s.params, s.seed, len(s.generated)) if s is not None else (PADDING, 0, 0) for s in sequences]
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p, _, _ in rows]
+    wanted = max([k for k, (p, _, _) in zip(top_k, rows) if p.do_sample], default=1)
+    candidates = min(vocab, 1 << (wanted - 1).bit_length())
+    floats = torch.tensor([[p.temperature, p.top_p if p.top_p < 1.0 else math.inf] for p, _, _ in rows])
+    ints = torch.tensor([[not p.do_sample, k, seed, count] for (p, seed, count), k in zip(rows, top_k)])
+    floats, ints = floats.to(device, non_blocking=True), ints.to(device, non_blocking=True)
+    return [ints[:, 0].bool(), floats[:, 0], ints[:, 1], floats[:, 1], ints[:, 2], ints[:, 3]], candidates
+
+
+def read_back(tokens: torch.Tensor) -> list[int]:
+    """The step's one wait for the device: its tokens, copied to the host (copy=True: a copy the dispatcher
+    sees even for CPU tensors, which is how bench/static_decode.py counts the host synchronisations)."""
+    return tokens.to("cpu", copy=True).tolist()
+
+
+# --- prefill in bounded pieces ---
+
+@dataclass
+class PrefillJob:
+    """A prompt on its way through the model, a piece at a time (see the module docstring)."""
+    sequence: Sequence
+    hidden: torch.Tensor  # [P, H]: the prompt's activations between layers
+    pieces: Iterator[tuple[int, Callable[[], None]]] = None  # (cost, work); cost in quarter token-layers
+    next_piece: tuple[int, Callable[[], None]] | None = None
+    logits: torch.Tensor | None = None  # [1, vocab] once done
+
+    def advance(self, budget: int, force: bool) -> int:
+        """Run pieces while they fit in `budget` (with `force`, at least one); return the cost spent."""
+        spent = 0
+        while self.next_piece is not None and ((force and spent == 0) or spent + self.next_piece[0] <= budget):
+            cost, work = self.next_piece
+            work()
+            spent += cost
+            self.next_piece = next(self.pieces, None)
+        return spent
+
+
+def prefill_pieces(model: ChatGLM, cache: StaticKV, job: PrefillJob, chunk: int, context_length: int,
+                   positions: torch.Tensor) -> Iterator[tuple[int, Callable[[], None]]]:
+    """The pieces of job's prompt, layer by layer. A layer of P <= chunk tokens is one piece (cost 4P);
+    longer prompts take the layer's projections chunk by chunk (cost t each), then attention and the rest
+    chunk by chunk (3t: three quarters of a layer's weights), as every query may attend every prompt key.
+    positions [2, P] on the device."""
+    c = model.config
+    n, d, H = c.num_attention_heads, c.head_dim, c.hidden_size
+    parts = 2 if c.position_encoding_2d else 1
+    P, device = job.hidden.shape[0], job.hidden.device
+    cos_table, sin_table = model._rotary
+    ids = positions if c.position_encoding_2d else positions[:1]
+    cos, sin = (F.embedding(ids, table).transpose(0, 1).reshape(1, P, 1, 1, -1) for table in (cos_table, sin_table))
+    keys_at = torch.arange(P, device=device)
+    # [P, P] True = may attend: the context both ways, the rest causally
+    allowed = (keys_at[None, :] < context_length) | (keys_at[None, :] <= keys_at[:, None])
+    queries = torch.empty(n, P, d, dtype=model.dtype, device=device)
+    chunks = [(start, min(P, start + chunk)) for start in range(0, P, chunk)]
+
+    def project_chunk(layer, start, end):
+        t = end - start
+        qkv = layer.attention.query_key_value(layer.input_layernorm(job.hidden[None, start:end]))
+        q, key_value, scale = queries_keys_values(qkv.view(1, t, n, 3, d), cos[:, start:end], sin[:, start:end],
+                                                  parts, layer.attention.layer_id)
+        cache.layers[layer.attention.layer_id][:, job.sequence.cache.slot, :, start:end] = key_value[0]
+        queries[:, start:end] = q[0]
+
+    def finish_chunk(layer, start, end):
+        t = end - start
+        data = cache.layers[layer.attention.layer_id][:, job.sequence.cache.slot, :, :P]
+        context = F.scaled_dot_product_attention(queries[None, :, start:end], data[0][None], data[1][None],
+                                                 attn_mask=allowed[start:end], scale=float(layer.attention.layer_id + 1))
+        attention_input = layer.input_layernorm(job.hidden[None, start:end])
+        x = attention_input * layer.alpha + layer.attention.dense(context.transpose(1, 2).reshape(1, t, H))
+        mlp_input = layer.post_attention_layernorm(x)
+        job.hidden[start:end] = (mlp_input * layer.alpha + layer.mlp(mlp_input))[0]
+
+    for layer in model.layers:
+        if len(chunks) == 1:
+            yield 4 * P, lambda layer=layer: (project_chunk(layer, 0, P), finish_chunk(layer, 0, P))
+            continue
+        for start, end in chunks:
+            yield end - start, lambda layer=layer, start=start, end=end: project_chunk(layer, start, end)
+        for start, end in chunks:
+            yield 3 * (end - start), lambda layer=layer, start=start, end=end: finish_chunk(layer, start, end)
+
+    def output():
+        job.logits = model.output_logits(model.final_layernorm(job.hidden[P - 1:]))
+    yield 0, output
+
+
+@dataclass
+class StaticSlot:
+    """A sequence's place in the StaticKV (generate.Sequence.cache)."""
+    slot: int
+    length: int = 0
+
+
+@dataclass
+class StepStats:
+    prefill_cost: int = 0  # quarter token-layers of prompt work done in the last step
+    compile_seconds: float = 0.0
+    graphs: set = field(default_factory=set)  # (batch, span) buckets compiled
+
+
+class StaticBatcher(Batcher):
+    """generate.Batcher's interface (add, step, cancel, admission) on the GPU path: see the module docstring.
+
+    Slots: max_batch, fewer where the KV budget cannot give each `capacity` tokens (default the model's
+    window: requests ask for up to max_length 2048; the whole budget for one slot when that is less)."""
+
+    def __init__(self, model: ChatGLM, tokenizer, max_batch: int = 16, max_kv_tokens: int | None = None,
+                 compile: bool = True, backend: str | None = None, prefill_chunk: int = PREFILL_CHUNK,
+                 capacity: int | None = None):
+        window = model.config.max_sequence_length
+        capacity = min(window, capacity or window, max_kv_tokens or window)
+        slots = max_batch if max_kv_tokens is None else max(1, min(max_batch, max_kv_tokens // capacity))
+        super().__init__(model, tokenizer, slots, max_kv_tokens, shared_cache=False)
+        self.cache = StaticKV(model, slots, capacity)
+        self.occupants: list[Sequence] = []  # slot i's sequence
+        self.prefilling: dict[Hashable, PrefillJob] = {}
+        self.prefill_chunk = prefill_chunk
+        self.stats = StepStats()
+        model.rotary(window)
+        for table in model._rotary:
+            torch._dynamo.mark_static_address(table)
+        self.batch_buckets, self.span_buckets = batch_buckets(slots), span_buckets(capacity)
+        self.decode, self.sample = self._compiled(compile, backend)
+
+    def _compiled(self, compile: bool, backend: str | None):
+        def decode(tokens, positions, write_at, span):
+            return decode_logits(self.model, self.cache, tokens, positions, write_at, span)
+        self.compiled = compile
+        if not compile:
+            return decode, sample_tokens
+        options = dict(fullgraph=True, dynamic=False, backend=backend or "inductor")
+        if self.model.device.type == "cuda" and options["backend"] == "inductor":
+            options["mode"] = "reduce-overhead"
+            # CUDA graphs read weights and tables where they are: marked static, none is copied in a replay
+            for tensor in (*self.model.parameters(), *self.model.buffers()):
+                torch._dynamo.mark_static_address(tensor)
+        graphs = len(self.batch_buckets) * (len(self.span_buckets) + 2)  # + the samplers' few shapes
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
+                                                               4 * graphs)
+        return torch.compile(decode, **options), torch.compile(sample_tokens, **options)
+
+    # --- admission: a slot each, up to capacity tokens ---
+
+    def _footprint(self, stop_lengths: list[int]) -> int:
+        return len(stop_lengths) * self.cache.capacity
+
+    def stop_length(self, prompt_tokens: int, params: SamplingParams) -> int:
+        stop = super().stop_length(prompt_tokens, params)
+        if stop > self.cache.capacity:
+            raise PromptTooLongError(f"request may need {stop} tokens of KV cache, this worker holds "
+                                     f"{self.cache.capacity} a sequence: lower max_length or max_new_tokens")
+        return stop
+
+    def add_prompt(self, key: Hashable, prompt: list[int], params: SamplingParams | None = None) -> int:
+        length = super().add_prompt(key, prompt, params)
+        sequence = self.pending[key]
+        if sequence.generator is not None:  # draws come from sample_tokens' hash of the seed instead
+            sequence.seed, sequence.generator = sequence.generator.initial_seed(), None
+        return length
+
+    def keys(self) -> list[Hashable]:
+        return [*self.running, *self.prefilling, *self.pending]
+
+    def __len__(self) -> int:
+        return len(self.pending) + len(self.prefilling) + len(self.running)
+
+    def reset(self, max_batch: int) -> "StaticBatcher":
+        """Drop every sequence and admit at most `max_batch` from now on (after running out of memory: the
+        cache and the compiled steps are kept); returns itself."""
+        self.pending.clear()
+        self.prefilling.clear()
+        self.running.clear()
+        self.occupants.clear()
+        self.max_batch = min(self.max_batch, max_batch)
+        return self
+
+    # --- slots ---
+
+    def _attach(self, sequence: Sequence) -> None:
+        slot = len(self.occupants)
+        self.cache.clear(slot)
+        self.occupants.append(sequence)
+        sequence.cache = StaticSlot(slot)
+
+    def _free(self, sequence: Sequence) -> None:
+        if isinstance(sequence.cache, StaticSlot):
+            last = self.occupants.pop()
+            if last is not sequence:
+                self.cache.move(last.cache.slot, sequence.cache.slot)
+                last.cache.slot = sequence.cache.slot
+                self.occupants[last.cache.slot] = last
+        sequence.cache = None
+
+    @torch.inference_mode()
+    def cancel(self, key: Hashable) -> TokenEvent | None:
+        job = self.prefilling.pop(key, None)
+        if job is not None:
+            self.running[key] = job.sequence  # freed the usual way
+        return super().cancel(key)
+
+    # --- steps ---
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        """Advance every running sequence by one token and the prompts by at most a chunk's worth."""
+        if self.compiled:  # a new step: the graphs' outputs of the last one are dead (CUDA graph trees)
+            torch.compiler.cudagraph_mark_step_begin()
+        decoding = sorted(self.running.values(), key=lambda s: s.cache.slot)
+        tokens = []  # on the device, read back together: the step's one wait
+        if decoding:
+            tokens.append(self._decode(decoding))
+        finished_prefills = self._prefill()
+        for job in finished_prefills:
+            rows, candidates = sampling_rows([job.sequence], self.model.config.vocab_size, self.model.device)
+            tokens.append(self.sample(job.logits.float(), *rows, candidates))
+        if not tokens:
+            return []
+        chosen = read_back(torch.cat(tokens))
+        events = [self._advance(s, token) for s, token in zip(decoding, chosen)]
+        for job, token in zip(finished_prefills, chosen[len(decoding):]):
+            self.running[job.sequence.key] = job.sequence
+            events.append(self._advance(job.sequence, token))
+        return events
+
+    def _decode(self, decoding: list[Sequence]) -> torch.Tensor:
+        """Sampled tokens [B] of the decoding sequences (in slot order), by one decode step of every slot up
+        to the batch bucket (prefilling slots and padding write to the scratch column; their tokens dropped)."""
+        device = self.model.device
+        rows = bucket(len(self.occupants), self.batch_buckets)
+        span = bucket(max(s.cache.length for s in decoding) + 1, self.span_buckets)
+        by_slot: list[Sequence | None] = [None] * rows
+        inputs = [[0, 0, 0, self.cache.capacity]] * rows  # token, position, block position, write_at
+        for s in decoding:
+            by_slot[s.cache.slot] = s
+            inputs[s.cache.slot] = [s.generated[-1], *s.next_position(), s.cache.length]
+            s.cache.length += 1
+        inputs = torch.tensor(inputs).to(device, non_blocking=True)
+        logits = self.decode(inputs[:, 0], inputs[:, 1:3], inputs[:, 3], span)
+        self.stats.graphs.add((rows, span))
+        sample_rows, candidates = sampling_rows(by_slot, self.model.config.vocab_size, device)
+        tokens = self.sample(logits, *sample_rows, candidates)
+        if len(decoding) == rows or decoding[-1].cache.slot == len(decoding) - 1:
+            return tokens[:len(decoding)]
+        slots = torch.tensor([s.cache.slot for s in decoding]).to(device, non_blocking=True)
+        return tokens[slots]
+
+    def _prefill(self) -> list[PrefillJob]:
+        """Prompt work of one step (at most a chunk's worth through the whole model); the jobs finished."""
+        budget = 4 * self.prefill_chunk * self.model.config.num_layers
+        spent, finished = 0, []
+        while self.prefilling or self.pending:  # one prompt at a time, in arrival order
+            if not self.prefilling:
+                self._start(self.pending.pop(next(iter(self.pending))))
+            job = next(iter(self.prefilling.values()))
+            spent += job.advance(budget - spent, force=spent == 0)
+            if job.next_piece is not None:  # the rest waits for the next step
+                break
+            finished.append(self.prefilling.pop(job.sequence.key))
+        self.stats.prefill_cost = spent
+        return finished
+
+    def _start(self, sequence: Sequence) -> None:
+        device = self.model.device
+        position, block, context_length, _ = prompt_positions(
+            sequence.prompt, self.tokenizer.bos_id, self.tokenizer.mask_id, self.tokenizer.gmask_id)
+        self._attach(sequence)
+        sequence.cache.length = len(sequence.prompt)
+        prompt = torch.tensor(sequence.prompt).to(device, non_blocking=True)
+        positions = torch.tensor([position, block]).to(device, non_blocking=True)
+        job = PrefillJob(sequence, self.model.word_embeddings(prompt))
+        job.pieces = prefill_pieces(self.model, self.cache, job, self.prefill_chunk, context_length, positions)
+        job.next_piece = next(job.pieces)
+        self.prefilling[sequence.key] = job
+
+    # --- compilation ---
+
+    def warm_up(self, buckets: list[tuple[int, int]] | None = None) -> float:
+        """Compile (or, eager, just run) the decode step and the sampler for every (batch, span) bucket (or
+        those given) now, writing only the scratch column, so no request waits for a compiler; returns the
+        seconds it took. Run it before sequences are added."""
+        start = time.monotonic()
+        device, vocab = self.model.device, self.model.config.vocab_size
+        runs = 3 if self.compiled and device.type == "cuda" else 1  # CUDA graphs are recorded on a later run
+        with torch.inference_mode():
+            buckets = buckets or list(itertools.product(self.batch_buckets, self.span_buckets))
+            for (rows, span), _ in itertools.product(buckets, range(runs)):
+                if self.compiled:
+                    torch.compiler.cudagraph_mark_step_begin()
+                inputs = torch.zeros(rows, 4, dtype=torch.long, device=device)
+                inputs[:, 3] = self.cache.capacity
+                logits = self.decode(inputs[:, 0], inputs[:, 1:3], inputs[:, 3], span)
+                self.stats.graphs.add((rows, span))
+                for used in {rows, 1}:  # decode steps, and a finished prompt's first token
+                    sample_rows, _ = sampling_rows([None] * used, vocab, device)
+                    self.sample(logits[:used], *sample_rows, min(64, vocab))
+        self.stats.compile_seconds = time.monotonic() - start
+        log.info("decode step %s for %d buckets in %.1f s", "compiled" if self.compiled else "run",
+                 len(self.stats.graphs), self.stats.compile_seconds)
+        return self.stats.compile_seconds

@@ -1,0 +1,168 @@
+"""The GPU path's generation (engine/static_decode.py) on CPU tensors: one graph per bucket, compiled ==
+eager, one host synchronisation a step, mixed lengths at the cost of uniform ones, chunked prefill,
+sampling on the device that a batch does not change. The checks themselves live in bench/static_decode.py
+(also run by `python bench/static_decode.py --cpu-dry-run`)."""
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from glmpool.engine import SamplingParams, load
+from glmpool.engine.generate import INVALID_SCORE_TOKEN
+from glmpool.engine.static_decode import StaticBatcher, batch_buckets, sample_tokens, span_buckets, uniform
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def checks():
+    spec = importlib.util.spec_from_file_location("glmpool_bench_static_decode", REPO / "bench" / "static_decode.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    from glmpool.engine.tiny import write_tiny_checkpoint
+    return load(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny256") / "ckpt", seed=1, max_sequence_length=256),
+                progress=False)
+
+
+def test_buckets():
+    assert batch_buckets(16) == [1, 2, 4, 8, 16] and batch_buckets(12) == [1, 2, 4, 8, 12] and batch_buckets(1) == [1]
+    assert span_buckets(2048) == [256, 512, 1024, 2048] and span_buckets(100) == [64, 100]
+
+
+def test_every_bucket_is_one_graph(engine, checks):
+    found = checks.check_fullgraph(engine.batcher(2, static=True, compile=False))
+    assert found == {"buckets": 6, "graph_breaks": 0}
+
+
+def test_bfloat16_steps_are_one_graph_and_decode(tmp_path, checks):
+    from glmpool.engine.tiny import write_tiny_checkpoint
+    engine = load(write_tiny_checkpoint(tmp_path / "ckpt", seed=1, max_sequence_length=128), dtype="bfloat16",
+                  progress=False)
+    batcher = engine.batcher(1, static=True, compile=False)
+    assert checks.check_fullgraph(batcher) == {"buckets": 2, "graph_breaks": 0}
+    tokens = checks.run(batcher, [checks.prompt(batcher, 20)])[0]
+    assert len(tokens) == checks.GREEDY.max_new_tokens or tokens[-1] == engine.config.eos_token_id
+
+
+def test_a_graph_break_is_caught(engine, checks, monkeypatch):
+    batcher = engine.batcher(1, static=True, compile=False)
+    decode = batcher.decode
+    monkeypatch.setattr(batcher, "decode", lambda *args: decode(*args) + int(args[0].sum()))  # a host read
+    with pytest.raises(AssertionError, match="breaks"):
+        checks.check_fullgraph(batcher)
+
+
+def test_compiled_steps_give_the_eager_tokens(engine, checks):
+    found = checks.check_compiled_matches_eager(engine, backend="aot_eager")
+    assert found["tokens"] == 24 and found["graphs"] >= 2
+
+
+def test_greedy_tokens_as_the_cpu_path(engine, checks):
+    static = engine.batcher(3, static=True, compile=False)
+    prompts = [checks.prompt(static, n, seed) for seed, n in enumerate((9, 30, 5))]
+    assert checks.run(static, prompts) == checks.run(engine.batcher(3, static=False), prompts)
+
+
+def test_one_host_synchronisation_a_step(engine, checks):
+    assert checks.check_host_syncs(engine)["host_syncs"] == 1
+    # the counter sees the waits of the CPU path's step (a scalar read for the rotary tables, the tokens)
+    batcher = engine.batcher(2, static=False)
+    batcher.add_prompt(0, checks.prompt(batcher, 8), SamplingParams(do_sample=True, seed=1))
+    batcher.step()
+    counter = checks.OperatorCounter()
+    with counter:
+        batcher.step()
+    assert sum(counter.waits.values()) >= 2
+
+
+def test_mixed_lengths_cost_the_operators_of_uniform_ones(engine, checks):
+    found = checks.check_mixed_lengths(engine, batch=4, short=10, long=200)
+    assert found["ratio"] == 1.0
+
+
+def test_long_prompts_delay_a_stream_by_a_chunk_a_step(engine, checks):
+    found = checks.check_prefill_burst(engine, chunk=16, prompts=2, prompt_tokens=50)
+    assert found["largest_step_work"] <= found["budget"] and found["steps_with_prompts"] >= 6
+
+
+def test_chunked_prefill_gives_the_tokens_of_a_whole_one(engine, checks):
+    whole = StaticBatcher(engine.model, engine.tokenizer, 1, compile=False, prefill_chunk=512)
+    chunked = StaticBatcher(engine.model, engine.tokenizer, 1, compile=False, prefill_chunk=7)
+    prompts = [checks.prompt(whole, 40, 3)]
+    assert checks.run(chunked, prompts) == checks.run(whole, prompts)
+
+
+def test_a_sequence_draws_the_same_tokens_alone_or_batched(engine, checks):
+    mine = SamplingParams(do_sample=True, seed=11, top_k=5, top_p=0.9, temperature=0.8, max_new_tokens=10)
+    alone = StaticBatcher(engine.model, engine.tokenizer, 1, compile=False)
+    ids = checks.prompt(alone, 12, 7)
+    expected = checks.run(alone, [ids], mine)[0]
+    batch = StaticBatcher(engine.model, engine.tokenizer, 4, compile=False)
+    others = [(SamplingParams(do_sample=True, seed=1, top_k=0, top_p=1.0, max_new_tokens=6), 30),
+              (SamplingParams(do_sample=False, max_new_tokens=3), 5),
+              (SamplingParams(do_sample=True, seed=2, temperature=2.0, max_new_tokens=20), 70)]
+    for key, (params, length) in enumerate(others, 1):
+        batch.add_prompt(key, checks.prompt(batch, length, key), params)
+    batch.step()
+    batch.add_prompt(0, ids, mine)  # joins a running batch, in a slot that others leave and fill
+    got = []
+    while len(batch):
+        got += [e.token_id for e in batch.step() if e.key == 0]
+        if 1 in batch.running:
+            batch.cancel(1)
+    assert got == expected
+
+
+def test_a_reused_slot_forgets_its_former_occupant(engine, checks):
+    batcher = StaticBatcher(engine.model, engine.tokenizer, 2, compile=False)
+    ids = checks.prompt(batcher, 20, 5)
+    expected = checks.run(batcher, [ids])[0]
+    for layer in batcher.cache.layers:
+        layer.fill_(math.nan)  # what a stale slot may hold
+    assert checks.run(batcher, [ids])[0] == expected
+    assert not batcher.occupants and not len(batcher)
+
+
+def test_device_sampling():
+    vocab = 50
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(0))
+    logits[4, 3] = math.nan
+    greedy = torch.tensor([True, False, False, False, False, True])
+    rows = [greedy, torch.tensor([1.0] * 6), torch.tensor([vocab, 1, vocab, 2, vocab, vocab]),
+            torch.tensor([math.inf] * 6), torch.arange(6), torch.zeros(6, dtype=torch.long)]
+    tokens = sample_tokens(logits, *rows, vocab)
+    assert tokens[0] == logits[0].argmax() and tokens[1] == logits[1].argmax() and tokens[5] == logits[5].argmax()
+    assert tokens[3] in logits[3].topk(2).indices and tokens[4] == INVALID_SCORE_TOKEN
+    # draws follow the distribution: two equal logits, the rest impossible
+    two = torch.full((1, vocab), -1e4)  # (an infinite logit would make the row invalid)
+    two[0, [7, 9]] = 0.0
+    seven = sum(int(sample_tokens(two, torch.tensor([False]), torch.tensor([1.0]), torch.tensor([vocab]),
+                                  torch.tensor([math.inf]), torch.tensor([5]), torch.tensor([n]), 8)[0] == 7)
+                for n in range(400))
+    assert 150 < seven < 250
+    numbers = uniform(torch.full((4096,), 2 ** 62 + 5), torch.arange(4096))
+    assert 0.0 <= float(numbers.min()) and float(numbers.max()) < 1.0 and abs(float(numbers.mean()) - 0.5) < 0.02
+
+
+def test_warm_up_runs_every_bucket_writing_only_the_scratch_column(engine):
+    batcher = engine.batcher(2, static=True, compile=False)
+    assert batcher.warm_up() >= 0.0
+    assert batcher.stats.graphs == {(b, s) for b in (1, 2) for s in (64, 128, 256)}
+    assert all(int(layer[..., :batcher.cache.capacity, :].count_nonzero()) == 0 for layer in batcher.cache.layers)
+
+
+def test_kv_budget_sizes_the_static_cache(engine):
+    batcher = engine.batcher(8, 600, static=True, compile=False)  # 2 sequences of the 256-token window
+    assert (batcher.cache.slots, batcher.cache.capacity, batcher.max_batch) == (2, 256, 2)
+    small = engine.batcher(8, 100, static=True, compile=False)  # one slot of 100 tokens
+    assert (small.cache.slots, small.cache.capacity) == (1, 100)
+    from glmpool.engine import PromptTooLongError
+    with pytest.raises(PromptTooLongError):
+        small.add_prompt(0, list(range(10, 60)), SamplingParams(max_length=200))
