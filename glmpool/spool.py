@@ -335,6 +335,24 @@ def touch(directory: Path, name: str) -> float:
         os.close(dir_fd)
 
 
+HOST_BEAT_SECONDS = 1.0  # how often a supervisor rewrites its heartbeat, flags/.hosts/<host>.<pid>.json
+HOST_ALIVE_SECONDS = 10 * HOST_BEAT_SECONDS  # a heartbeat older than this is a supervisor gone
+
+
+def live_heartbeats(flags: Path, prober: str) -> list[Path]:
+    """Heartbeat files of supervisors (any host) alive within HOST_ALIVE_SECONDS, judged by the filesystem's
+    clock (a probe file named after `prober` is touched for "now"), by this host's when it cannot be."""
+    hosts = flags / ".hosts"
+    try:
+        now = touch(hosts, f".probe-{prober}")
+    except OSError:
+        now = time.time()
+    try:
+        return [p for p in hosts.glob("*.json") if now - p.stat().st_mtime < HOST_ALIVE_SECONDS]
+    except OSError:
+        return []
+
+
 def error_text(sentence: str, detail: dict) -> str:
     return sentence.rstrip(".") + ".\n" + json.dumps(detail, ensure_ascii=False, indent=1) + "\n"
 

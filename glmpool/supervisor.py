@@ -31,7 +31,7 @@ MAX_ATTEMPTS = 3  # a request that crashed workers this often fails
 MAX_START_FAILURES = 3  # a device that failed to start this often in a row becomes FATAL
 BACKOFF_CAP = 30.0
 PUBLISH_RETRY_FIRST, PUBLISH_RETRY_CAP = 0.5, 10.0  # backoff for a result the spool refused (full disk)
-HOST_BEAT_SECONDS = 1.0
+HOST_BEAT_SECONDS = spool.HOST_BEAT_SECONDS
 LOOP_SECONDS = 0.1  # longest sleep of the main loop: flags and signals are seen within this
 
 
@@ -108,9 +108,8 @@ def worker_devices(gpus: str) -> list[str]:
 
 
 class Supervisor:
-    def __init__(self, config: Config, echo=print):
+    def __init__(self, config: Config):
         self.config = config
-        self.echo = echo  # the original server's two console lines
         self.root = Path(config.dir).resolve()
         self.requests = self.root / "requests"
         self.flags = self.root / "flags"
@@ -172,7 +171,8 @@ class Supervisor:
         if not threads and device == "cpu":  # cpu workers share the cores instead of fighting over them
             threads = max(1, len(os.sched_getaffinity(0)) // devices.count("cpu"))
         return WorkerSpec(wid, device, c.model, c.dtype, c.quantize, c.cache_dir, c.max_batch, c.kv_cache_gb,
-                          threads, c.partial_seconds, c.partial_tokens, c.matmul)
+                          threads, c.partial_seconds, c.partial_tokens, c.matmul, revision=c.revision,
+                          log_level=c.log_level, log_format=c.log_format)
 
     def manage(self) -> bool:
         """One round of the main loop; True when it is time to exit."""
@@ -220,9 +220,9 @@ class Supervisor:
         return all(s.state in ("RUNNING", "FATAL") for s in self.slots) and any(s.state == "RUNNING" for s in self.slots)
 
     def announce(self) -> None:
-        self.echo(f"[Info {now_text()}]: Loaded.")
+        log.info("Loaded.")  # the original server's two console lines
         self.status = "running"
-        self.echo(f"[Info {now_text()}]: Running...")
+        log.info("Running...")
         self.run_hooks("ready")
 
     def run_hooks(self, event: str, status: dict | None = None) -> None:
@@ -732,14 +732,7 @@ class Supervisor:
 
     def peer_files(self) -> list[Path]:
         """Heartbeat files of supervisors (any host) seen alive within a few beats, by the filesystem clock."""
-        hosts = self.flags / ".hosts"
-        probe = hosts / f".probe-{self.config.host_id}"
-        try:
-            probe.touch()
-            now = probe.stat().st_mtime
-            return [p for p in hosts.glob("*.json") if now - p.stat().st_mtime < 10 * HOST_BEAT_SECONDS]
-        except OSError:
-            return []
+        return spool.live_heartbeats(self.flags, self.config.host_id)
 
     def live_peers(self) -> list[Path]:
         own = self.host_file()
@@ -804,7 +797,3 @@ def exit_text(code: int | None) -> str:
     if code < 0:
         return f"signal {signal.Signals(-code).name}"
     return f"code {code}"
-
-
-def now_text() -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S")

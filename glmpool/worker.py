@@ -43,13 +43,16 @@ class WorkerSpec:
     model: str
     dtype: str | None
     quantize: int | str | None
-    cache_dir: str
+    cache_dir: str | None
     max_batch: int
     kv_cache_gb: float | None
     threads: int = 0  # torch intra-op threads (0: torch's default)
     progress_seconds: float = BY_NAME["partial_seconds"].default
     progress_tokens: int = BY_NAME["partial_tokens"].default
     matmul: str = BY_NAME["matmul"].default
+    revision: str | None = None
+    log_level: str = BY_NAME["log_level"].default
+    log_format: str = BY_NAME["log_format"].default
 
     @property
     def label(self) -> str:
@@ -70,15 +73,16 @@ def main(spec: WorkerSpec, tasks, results) -> None:
     # torch then allocates tensors of 2 MB and more on huge pages, so the weights load straight onto them
     # instead of being moved there afterwards (engine/hugepages.py); read once, before torch allocates.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    logging.basicConfig(level=logging.WARNING, format=f"[%(levelname)s worker {spec.wid}]: %(message)s")
+    from . import logs
+    logs.setup(spec.log_level, spec.log_format, worker=spec.wid)
     from .engine import EngineError, hugepages, load
     if spec.threads:
         import torch
         torch.set_num_threads(spec.threads)  # cpu workers share the cores instead of fighting over them
     try:
         engine = load(spec.model, device="cpu" if spec.device == "cpu" else "cuda", dtype=spec.dtype,
-                      cache_dir=spec.cache_dir, quantize=spec.quantize, progress=True,  # tqdm; silent off a tty
-                      matmul=spec.matmul)
+                      cache_dir=spec.cache_dir, quantize=spec.quantize, progress=True,  # bars only on a tty
+                      matmul=spec.matmul, revision=spec.revision)
     except EngineError as error:
         results.send(("fatal", spec.wid, str(error)))
         return

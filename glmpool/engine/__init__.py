@@ -5,8 +5,9 @@ Self-contained: it knows nothing of files of the spool or of processes.
 ## API
 ```python
 from glmpool.engine import load, SamplingParams, EngineError, PromptTooLongError, AdmissionError
-engine = load(model, device="cpu", dtype=None, cache_dir=".cache", quantize=None)
+engine = load(model, device="cpu", dtype=None, cache_dir=None, quantize=None, revision=None)
 #   model: local dir | hub id | "tiny-random" (built once into cache_dir, answers are noise)
+#   cache_dir: None: the standard Hugging Face cache (and ./.cache, where the original server kept models)
 #   device: "cpu" | "cuda" | "cuda:N"; quantize: None | 4 | 8
 engine.config          # ModelConfig dataclass (hidden_size, num_layers, ... from config.json)
 engine.tokenizer       # .encode(text)->list[int], .decode(ids)->str, .build_prompt(query, history)->list[int]
