@@ -76,14 +76,15 @@ def _bounded(value, low, high):
 
 
 def _octal(value: Any) -> int:
-    if isinstance(value, str):
-        try:
-            value = int(value.strip(), 8)
-        except ValueError:
-            raise ValueError("expected octal digits, like \"0022\"") from None
-    elif isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError("expected octal digits in a string, like \"0022\"")
-    return _bounded(value, 0, 0o777)
+    if not isinstance(value, str):  # a TOML number does not keep its radix: 18 or 0o22?
+        raise ValueError('expected octal digits in a string, like "0022"')
+    try:
+        mask = int(value.strip(), 8)
+    except ValueError:
+        raise ValueError('expected octal digits, like "0022"') from None
+    if not 0 <= mask <= 0o777:
+        raise ValueError("must be at most 0777")
+    return mask
 
 
 def _log_level(value: Any) -> str:
