@@ -122,9 +122,9 @@ def install_hooks(supervisor, settings):
             elif event == "stopping":
                 notify.stopping("finishing in-flight requests")
             elif status.get("status") == "starting":  # downloading or loading: more time, while we live
-                notify.extend_timeout(EXTEND_START_SECONDS)
                 loading = [w["device"] for w in status.get("workers", []) if w.get("state") != "RUNNING"]
-                notify.status(f"starting: loading {settings.model} on {', '.join(loading) or 'no worker'}")
+                notify.extend_timeout(EXTEND_START_SECONDS, f"starting: loading {settings.model} on "
+                                                            f"{', '.join(loading) or 'no worker'}")
             else:
                 queue = status.get("queue", {})
                 notify.status(f"{status.get('status')}: {queue.get('in_progress', 0)} in progress, "
