@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from pooltools import ENV, GLMPOOL, glmpool, wait_for
+from pooltools import ENV, GLMPOOL, wait_for
 
 REPO = "THUDM/chatglm-6b"
 MAIN, TAGGED = "a" * 40, "b" * 40
