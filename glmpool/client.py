@@ -71,7 +71,10 @@ def wait(root: str | Path, request_id: str, timeout: float = 600.0,
 
 def cancel(root: str | Path, request_id: str) -> bool:
     """Withdraw a request: its inputs are removed while no supervisor has claimed them (True); once claimed,
-    a `.cancel` asks the pool to stop it, and it ends with an `.error` "the request was cancelled" (False)."""
+    a `.cancel` asks the pool to stop it, and it ends with an `.error` "the request was cancelled" (False).
+    A request already answered is left alone (False)."""
+    if answered(root, request_id):
+        return False
     requests = Path(root) / "requests"
     withdrawn = False
     for suffix in (".json", ".request"):  # a claim renames the main input away: only one of us wins
