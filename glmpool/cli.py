@@ -1,4 +1,4 @@
-"""The `glmpool` command: serve (the default), ask, chat, status, quit, pull, tiny-model, selftest."""
+"""The `glmpool` command: serve (the default), ask, chat, status, quit, pull, http, tiny-model, selftest."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import __version__
 
-COMMANDS = ("serve", "ask", "chat", "status", "quit", "pull", "tiny-model", "selftest")
+COMMANDS = ("serve", "ask", "chat", "status", "quit", "pull", "http", "tiny-model", "selftest")
 EXTEND_START_SECONDS = 120  # while workers load, systemd's start timeout is pushed this far ahead every second
 
 
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help_text, description=help_text + ". The spool is found as serve "
                                  "finds it: --dir, else $GLMPOOL_DIR, else the config file's dir.")
-        config.add_arguments(command, config.CLIENT_SETTINGS)
+        config.add_arguments(command, name)
         return command
 
     ask = client_command("ask", "send a question and print the answer as it grows")
@@ -51,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Download a hub model (or build tiny-random) where serve will look for it.")
     pull.add_argument("model", nargs="?", default=argparse.SUPPRESS,
                       help="hub id (default: the configured model)")
-    config.add_arguments(pull, ("revision", "cache_dir"))
+    config.add_arguments(pull, "pull")
+
+    http_ = sub.add_parser("http", help="an OpenAI-compatible HTTP gateway onto the spool (extra: glmpool[http])")
+    config.add_arguments(http_, "http")
 
     tiny = sub.add_parser("tiny-model", help="write a random-weight checkpoint in THUDM's layout")
     tiny.add_argument("path")
@@ -288,6 +291,20 @@ def pull(args) -> int:
     return 0
 
 
+def http(args) -> int:
+    from . import logs
+    settings = settings_of(args)
+    if settings is None:
+        return 2
+    try:
+        from .gateway import serve as run_gateway
+    except ImportError as error:
+        print(f"glmpool http needs the http extra: pip install 'glmpool[http]' ({error})", file=sys.stderr)
+        return 2
+    logs.setup(settings.log_level, settings.log_format)
+    return run_gateway(settings)
+
+
 def tiny_model(args) -> int:
     from .engine import EngineError
     from .engine.tiny import write_tiny_checkpoint
@@ -303,4 +320,4 @@ def tiny_model(args) -> int:
 
 
 COMMAND_FUNCTIONS = {"serve": serve, "ask": ask, "chat": chat, "status": status, "quit": quit_command,
-                     "pull": pull, "tiny-model": tiny_model}
+                     "pull": pull, "http": http, "tiny-model": tiny_model}

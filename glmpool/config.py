@@ -112,6 +112,7 @@ class Setting:
     default: Any
     help: str
     metavar: str = "VALUE"
+    commands: tuple[str, ...] = ("serve",)  # the commands taking it as a flag; the file may hold any setting
     show: Callable[[Any], str] = str  # a value as written in a flag or the file
 
     @property
@@ -123,11 +124,13 @@ class Setting:
         return "GLMPOOL_" + self.name.upper()
 
 
+BOTH = ("serve", "http")
+CLIENTS = ("ask", "chat", "status", "quit")  # they find the spool as serve does
 SETTINGS = [
     Setting("model", _text, "THUDM/chatglm-6b-int4",
             "hub id (THUDM/chatglm-6b, -int4, -int4-qe), checkpoint directory, or tiny-random", "ID|DIR"),
     Setting("revision", _text, None, "the hub revision (branch, tag or commit) to use: pin the one a "
-            "deployment was tested with (default: main)", "REV"),
+            "deployment was tested with (default: main)", "REV", commands=("serve", "pull")),
     Setting("gpus", _text, "", "workers: CUDA indices '0,1', 'cpu' entries ('cpu,cpu'), or 'all' "
                                "(default: every visible GPU, else one cpu worker)", "LIST"),
     Setting("quantize", _choice(4, 8, "4-qe", "8-qe"), None,
@@ -141,11 +144,13 @@ SETTINGS = [
             "code when run alone)", "KIND"),
     Setting("dtype", _choice("float16", "bfloat16", "float32"), None,
             "compute dtype (default float16 on GPUs, float32 on cpu)", "DTYPE"),
-    Setting("dir", _text, ".", "spool root; requests/ and flags/ are created in it", "DIR"),
+    Setting("dir", _text, ".", "spool root; requests/ and flags/ are created in it", "DIR",
+            commands=BOTH + CLIENTS),
     Setting("cache_dir", _text, None, "where hub models are downloaded, instead of the standard Hugging Face "
             "cache (default: $HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub; a model the original "
-            "server cached under ./.cache is found too)", "DIR"),
-    Setting("host_id", _text, socket.gethostname(), "this host's identity in claims and status", "NAME"),
+            "server cached under ./.cache is found too)", "DIR", commands=("serve", "pull")),
+    Setting("host_id", _text, socket.gethostname(), "this host's identity in claims and status", "NAME",
+            commands=BOTH),
     Setting("max_batch", _integer(1), 16, "sequences one worker generates together (16 measured best on CPU: "
             "8 loses 40%% of the throughput, 64 adds little and slows every request; see README "
             "Throughput; GPUs may profit from 32-64)", "N"),
@@ -160,7 +165,7 @@ SETTINGS = [
     Setting("partial_tokens", _integer(0), 1, "... and at most every N generated tokens (0: no .partial files)",
             "N"),
     Setting("poll_interval", _seconds(0.0, above=True), 0.5,
-            "seconds between directory scans (inotify wakes earlier locally)", "S"),
+            "seconds between directory scans (inotify wakes earlier locally)", "S", commands=BOTH),
     Setting("lease_seconds", _seconds(0.0, above=True), 60.0,
             "a claim not renewed for this long is taken over by another host", "S"),
     Setting("grace_seconds", _seconds(0.0), 300.0, "on stop, how long in-flight generations may finish", "S"),
@@ -168,16 +173,27 @@ SETTINGS = [
             "a busy worker silent this long is killed and restarted", "S"),
     Setting("load_timeout", _seconds(0.0), 3600.0, "a worker still loading the model (download included) "
             "after this long is killed and counted as a failed start (0: wait forever)", "S"),
-    Setting("umask", _octal, 0o022, "umask for files created in the spool (octal)", "OCTAL",
+    Setting("umask", _octal, 0o022, "umask for files created in the spool (octal)", "OCTAL", commands=BOTH,
             show=lambda value: f"{value:04o}"),
-    Setting("log_level", _log_level, "INFO", "DEBUG, INFO, WARNING or ERROR", "LEVEL"),
+    Setting("log_level", _log_level, "INFO", "DEBUG, INFO, WARNING or ERROR", "LEVEL", commands=BOTH),
     Setting("log_format", _choice("plain", "json"), "plain",
-            "plain lines or JSON lines (one object per line, tracebacks included)", "FORMAT"),
+            "plain lines or JSON lines (one object per line, tracebacks included)", "FORMAT", commands=BOTH),
     Setting("metrics_file", _text, "", "Prometheus textfile to rewrite every few seconds", "FILE"),
     Setting("metrics_port", _integer(0, 65535), 0, "serve the same metrics on 127.0.0.1:PORT (0: off)", "PORT"),
+    # `glmpool http`, the OpenAI-compatible gateway (glmpool/gateway.py)
+    Setting("http_host", _text, "127.0.0.1", "address the gateway listens on", "ADDR", commands=("http",)),
+    Setting("http_port", _integer(0, 65535), 8000, "port the gateway listens on (0: any free port, logged)", "PORT",
+            commands=("http",)),
+    Setting("http_api_keys_file", _text, "", "file of accepted API keys, one a line, sent as `Authorization: "
+            "Bearer KEY` (re-read when it changes; empty: no keys asked)", "FILE", commands=("http",)),
+    Setting("http_max_body", _integer(1), 1 << 20, "largest request body in bytes (413 beyond)", "BYTES",
+            commands=("http",)),
+    Setting("http_queue_limit", _integer(0), 256, "at most N requests wait unclaimed in requests/; beyond, new "
+            "ones are answered 429 with Retry-After (0: no limit)", "N", commands=("http",)),
+    Setting("http_timeout", _seconds(0.0, above=True), 600.0, "a chat completion not answered within this many "
+            "seconds is cancelled and answered 504", "S", commands=("http",)),
 ]
 BY_NAME = {s.name: s for s in SETTINGS}
-CLIENT_SETTINGS = ("dir",)  # what the client commands (ask, chat, status, quit) take as flags
 
 
 @dataclass(frozen=True)
@@ -208,18 +224,24 @@ class Config:
     log_format: str
     metrics_file: str
     metrics_port: int
+    http_host: str
+    http_port: int
+    http_api_keys_file: str
+    http_max_body: int
+    http_queue_limit: int
+    http_timeout: float
     sources: dict = field(default_factory=dict, compare=False)  # setting -> where its value came from
 
 
 assert [f.name for f in fields(Config)][:-1] == [s.name for s in SETTINGS], "Config and SETTINGS disagree"
 
 
-def add_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
-    """--config and a flag per setting (or per setting in `names`), with its default and variable."""
+def add_arguments(parser: argparse.ArgumentParser, command: str = "serve") -> None:
+    """--config and a flag for each setting `command` takes, with its default and variable."""
     parser.add_argument("--config", metavar="FILE",
                         help=f"TOML config file (default: $GLMPOOL_CONFIG, else {DEFAULT_CONFIG_FILE} if present)")
     for s in SETTINGS:
-        if names is not None and s.name not in names:
+        if command not in s.commands:
             continue
         default = "" if s.default in (None, "") or "(default" in s.help else f" (default: {s.show(s.default)})"
         parser.add_argument(s.flag, dest=s.name, metavar=s.metavar, default=argparse.SUPPRESS,

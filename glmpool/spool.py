@@ -35,6 +35,8 @@ MAX_ID_BYTES = 255 - len(".request")
 MAX_HISTORY_DEPTH = 3  # [[q, a], ...]
 SETTLE_SECONDS = 0.5  # a file unchanged this long is complete even without a final newline
 HISTORY_GRACE_SECONDS = 1.0  # a missing .history counts as empty once the .request is this old
+HOST_BEAT_SECONDS = 1.0  # a supervisor rewrites flags/.hosts/<host>.<pid>.json this often
+HOST_FRESH_SECONDS = 10 * HOST_BEAT_SECONDS  # a heartbeat younger than this (spool clock) is a live supervisor
 JSON_PARAMETERS = {"max_length": int, "max_new_tokens": int, "top_p": float, "temperature": float,
                    "do_sample": bool, "seed": int, "top_k": int, "priority": int, "timeout": float}
 
@@ -335,12 +337,8 @@ def touch(directory: Path, name: str) -> float:
         os.close(dir_fd)
 
 
-HOST_BEAT_SECONDS = 1.0  # how often a supervisor rewrites its heartbeat, flags/.hosts/<host>.<pid>.json
-HOST_ALIVE_SECONDS = 10 * HOST_BEAT_SECONDS  # a heartbeat older than this is a supervisor gone
-
-
 def live_heartbeats(flags: Path, prober: str) -> list[Path]:
-    """Heartbeat files of supervisors (any host) alive within HOST_ALIVE_SECONDS, judged by the filesystem's
+    """Heartbeat files of supervisors (any host) alive within HOST_FRESH_SECONDS, judged by the filesystem's
     clock (a probe file named after `prober` is touched for "now"), by this host's when it cannot be."""
     hosts = flags / ".hosts"
     try:
@@ -348,7 +346,7 @@ def live_heartbeats(flags: Path, prober: str) -> list[Path]:
     except OSError:
         now = time.time()
     try:
-        return [p for p in hosts.glob("*.json") if now - p.stat().st_mtime < HOST_ALIVE_SECONDS]
+        return [p for p in hosts.glob("*.json") if now - p.stat().st_mtime < HOST_FRESH_SECONDS]
     except OSError:
         return []
 

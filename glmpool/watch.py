@@ -54,29 +54,37 @@ class DirWatch:
 
     def changed(self) -> bool:
         """True if something we care about happened since the last call (always True without inotify)."""
+        names = self.names()
+        return names is None or bool(names)
+
+    def names(self) -> list[str] | None:
+        """The names we care about that changed since the last call, or None when anything may have
+        changed (no inotify, events lost to an overflow, a watched directory deleted or moved)."""
         if self.fd is None:
-            return True
+            return None
         data = b""
         try:
             while chunk := os.read(self.fd, 65536):
                 data += chunk
         except BlockingIOError:
             pass
-        relevant = False
+        names: list[str] | None = []
         offset = 0
         while offset + EVENT.size <= len(data):
             _, mask, _, length = EVENT.unpack_from(data, offset)
-            name = data[offset + EVENT.size:offset + EVENT.size + length].rstrip(b"\0").decode("utf-8", "replace")
+            name = data[offset + EVENT.size:offset + EVENT.size + length].rstrip(b"\0")
             offset += EVENT.size + length
             if mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_Q_OVERFLOW):
-                relevant = True
+                names = None
                 try:
                     self.rearm()
                 except OSError:  # gone for now: the scan recreates it and rearms
                     pass
-            elif not self.suffixes or name.endswith(self.suffixes):
-                relevant = True
-        return relevant
+            elif names is not None:
+                text = os.fsdecode(name)  # surrogateescape: an undecodable name is its own bytes, as ids are
+                if not self.suffixes or text.endswith(self.suffixes):
+                    names.append(text)
+        return names
 
     def close(self) -> None:
         if self.fd is not None:

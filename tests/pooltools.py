@@ -101,3 +101,43 @@ def outcome(root: Path, rid: str, timeout: float = 60) -> tuple[str, str]:
 
 def meta(root: Path, rid: str) -> dict:
     return json.loads((root / "requests" / f"{rid}.meta").read_text(encoding="utf-8"))
+
+
+class Gateway:
+    """`glmpool http` on `root` (any free port on 127.0.0.1), in its own session; url once listening."""
+
+    def __init__(self, root: Path, *args: str, name: str = "gateway"):
+        self.root = root
+        self.log_path = root / f"{name}.log"
+        self.cmd = GLMPOOL + ["http", "--dir", str(root), "--http-port", "0", "--poll-interval", "0.2", *args]
+        self.process: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 60) -> "Gateway":
+        import re
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=ENV,
+                                        start_new_session=True, cwd=self.root)
+        found = wait_for(lambda: re.search(r"listening on (http://127\.0\.0\.1:\d+)", self.output())
+                         or self.process.poll() is not None, timeout, "the gateway listening")
+        assert self.process.poll() is None, self.output()
+        self.url = found.group(1)
+        return self
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def client(self, **options):
+        import openai
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=options.pop("api_key", "unused"),
+                             max_retries=0, timeout=options.pop("timeout", 60), **options)
+
+    def kill(self) -> None:
+        if self.process is not None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait(10)
+            self.log.close()

@@ -39,9 +39,11 @@ def test_unknown_keys_and_bad_values_are_errors(tmp_path):
 
 
 def test_every_setting_has_a_flag_and_help():
-    parser = argparse.ArgumentParser()
-    config.add_arguments(parser)
-    text = parser.format_help()
+    text = ""
+    for command in ("serve", "http"):  # each command has the flags of its own settings
+        parser = argparse.ArgumentParser()
+        config.add_arguments(parser, command)
+        text += parser.format_help()
     for setting in config.SETTINGS:
         assert "--" + setting.name.replace("_", "-") in text
         assert f"GLMPOOL_{setting.name.upper()}" in text

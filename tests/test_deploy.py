@@ -92,7 +92,8 @@ def _systemd_analyze() -> str:
 
 
 @pytest.mark.parametrize("name,load_as", [("glmpool.service", "glmpool.service"),
-                                          ("glmpool@.service", "glmpool@gpu01.service")])
+                                          ("glmpool@.service", "glmpool@gpu01.service"),
+                                          ("glmpool-http.service", "glmpool-http.service")])
 def test_systemd_analyze_verify(name, load_as, tmp_path):
     tool = _systemd_analyze()
     # verify insists that ExecStart exists: a temp copy runs a stub instead of the venv path.
@@ -123,6 +124,15 @@ def test_sysusers_file_creates_the_account_the_units_run_as(tmp_path):
     users = {line.split(":")[0]: line.split(":") for line in (tmp_path / "etc" / "passwd").read_text().splitlines()}
     assert users["glmpool"][2:4] == ["970", "970"]  # the ids deploy/README.md asks for on every host
     assert "glmpool:x:970:" in (tmp_path / "etc" / "group").read_text()
+
+
+def test_http_unit_runs_the_gateway_on_the_pools_config():
+    d = _directives(DEPLOY / "glmpool-http.service")
+    one = {k: v[-1] for k, v in d.items()}
+    assert one["Service.ExecStart"] == VENV_BIN + " http --config /etc/glmpool/glmpool.toml"
+    assert one["Service.Type"] == "notify" and one["Service.User"] == "glmpool"
+    assert one["Unit.RequiresMountsFor"] == "/srv/glmpool" and "/srv/glmpool" in d["Service.ReadWritePaths"]
+    assert one["Service.PrivateDevices"] == "yes"  # no GPU
 
 
 # ---------------------------------------------------------------- sd_notify

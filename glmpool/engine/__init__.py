@@ -5,10 +5,14 @@ Self-contained: it knows nothing of files of the spool or of processes.
 ## API
 ```python
 from glmpool.engine import load, SamplingParams, EngineError, PromptTooLongError, AdmissionError
-engine = load(model, device="cpu", dtype=None, cache_dir=None, quantize=None, revision=None)
+engine = load(model, device="cpu", dtype=None, cache_dir=None, quantize=None, progress=True,
+              matmul="reference", revision=None)
 #   model: local dir | hub id | "tiny-random" (built once into cache_dir, answers are noise)
 #   cache_dir: None: the standard Hugging Face cache (and ./.cache, where the original server kept models)
-#   device: "cpu" | "cuda" | "cuda:N"; quantize: None | 4 | 8
+#   revision: the hub revision (None: main)
+#   device: "cpu" | "cuda" | "cuda:N"; dtype: None (float16 on GPUs, float32 on the CPU) | "float32" | ...
+#   quantize: None | 4 | 8 | "4-qe" | "8-qe" (-qe: the embeddings = output projection too)
+#   matmul (CPU fp32 only): "reference" (THUDM's F.linear) | "onednn" | "fp16" | "fbgemm-fp16" (see load())
 engine.config          # ModelConfig dataclass (hidden_size, num_layers, ... from config.json)
 engine.tokenizer       # .encode(text)->list[int], .decode(ids)->str, .build_prompt(query, history)->list[int]
 engine.chat(query, history=None, max_length=2048, do_sample=True, top_p=0.7, temperature=0.95, seed=None) -> (response, history)
@@ -22,6 +26,7 @@ batch = engine.batcher(max_batch=16, max_kv_tokens=None, shared_cache=None)   # 
 batch.add(key, query, history, params)   # prefill happens in the next step(); raises
                                          #   AdmissionError (no room now: retry later, nothing changed),
                                          #   PromptTooLongError / ValueError (permanent: report as error)
+batch.add_prompt(key, token_ids, params)  # the same for a prompt already tokenized (build_prompt's output)
 events = batch.step()    # advances every running sequence by one token (new ones are prefilled first);
                          # -> list[TokenEvent], one per sequence that produced a token this step:
                          #   TokenEvent(key, token_id, render, finished, finish_reason, prompt_tokens, generated_tokens)
@@ -32,8 +37,8 @@ batch.cancel(key) -> TokenEvent | None   # finished event with finish_reason "ca
 len(batch); batch.keys(); batch.has_room(prompt_tokens, params) -> bool
 ```
 Errors all derive from `EngineError`, each with a one-line human message.
-`glmpool.engine.tiny.write_tiny_checkpoint(path, layers=2, hidden=64, heads=4, inner=None, vocab=..., seed=0,
-safetensors=False, quantize=None, max_sequence_length=2048)` writes a random-weight checkpoint in THUDM's
+`glmpool.engine.tiny.write_tiny_checkpoint(path, layers=2, hidden=64, heads=4, inner=None, vocab=1024, seed=0,
+safetensors=False, quantize=None, max_sequence_length=2048, shards=1, dtype=torch.float16)` writes a random-weight checkpoint in THUDM's
 exact layout (used by `glmpool tiny-model DIR ...`).
 """
 from .api import Engine, load
