@@ -51,7 +51,7 @@ def _integer(low: int, high: int | None = None) -> Callable[[Any], int]:
     return parse
 
 
-def _seconds(low: float, above: bool = False) -> Callable[[Any], float]:
+def _number(low: float, above: bool = False) -> Callable[[Any], float]:
     """A finite number >= low (> low when `above`)."""
     def parse(value: Any) -> float:
         if isinstance(value, str):
@@ -156,22 +156,22 @@ SETTINGS = [
             "Throughput; GPUs may profit from 32-64)", "N"),
     Setting("worker_threads", _integer(0), 0, "CPU threads of each worker's torch (0: the usable cores shared "
             "out among cpu workers; torch's own default on GPU workers)", "N"),
-    Setting("kv_cache_gb", _seconds(0.0, above=True), None,
+    Setting("kv_cache_gb", _number(0.0, above=True), None,
             "KV-cache budget per worker in GiB (default: sized from free memory)", "GIB"),
     Setting("max_length", _integer(1), 2048, "default max_length (prompt + answer tokens) of a request", "N"),
-    Setting("request_timeout", _seconds(0.0), 0.0, "default per-request deadline in seconds (0: none)", "S"),
-    Setting("partial_seconds", _seconds(0.0), 0.25,
+    Setting("request_timeout", _number(0.0), 0.0, "default per-request deadline in seconds (0: none)", "S"),
+    Setting("partial_seconds", _number(0.0), 0.25,
             "rewrite a request's .partial at most this often (seconds; the first token is written at once)", "S"),
     Setting("partial_tokens", _integer(0), 1, "... and at most every N generated tokens (0: no .partial files)",
             "N"),
-    Setting("poll_interval", _seconds(0.0, above=True), 0.5,
+    Setting("poll_interval", _number(0.0, above=True), 0.5,
             "seconds between directory scans (inotify wakes earlier locally)", "S", commands=BOTH),
-    Setting("lease_seconds", _seconds(0.0, above=True), 60.0,
+    Setting("lease_seconds", _number(0.0, above=True), 60.0,
             "a claim not renewed for this long is taken over by another host", "S"),
-    Setting("grace_seconds", _seconds(0.0), 300.0, "on stop, how long in-flight generations may finish", "S"),
-    Setting("heartbeat_timeout", _seconds(0.0, above=True), 120.0,
+    Setting("grace_seconds", _number(0.0), 300.0, "on stop, how long in-flight generations may finish", "S"),
+    Setting("heartbeat_timeout", _number(0.0, above=True), 120.0,
             "a busy worker silent this long is killed and restarted", "S"),
-    Setting("load_timeout", _seconds(0.0), 3600.0, "a worker still loading the model (download included) "
+    Setting("load_timeout", _number(0.0), 3600.0, "a worker still loading the model (download included) "
             "after this long is killed and counted as a failed start (0: wait forever)", "S"),
     Setting("umask", _octal, 0o022, "umask for files created in the spool (octal)", "OCTAL", commands=BOTH,
             show=lambda value: f"{value:04o}"),
@@ -190,7 +190,7 @@ SETTINGS = [
             commands=("http",)),
     Setting("http_queue_limit", _integer(0), 256, "at most N requests wait unclaimed in requests/; beyond, new "
             "ones are answered 429 with Retry-After (0: no limit)", "N", commands=("http",)),
-    Setting("http_timeout", _seconds(0.0, above=True), 600.0, "a chat completion not answered within this many "
+    Setting("http_timeout", _number(0.0, above=True), 600.0, "a chat completion not answered within this many "
             "seconds is cancelled and answered 504", "S", commands=("http",)),
 ]
 BY_NAME = {s.name: s for s in SETTINGS}

@@ -154,7 +154,7 @@ def test_a_bad_setting_exits_2_before_anything_starts(tmp_path):
     from pooltools import glmpool
     toml = tmp_path / "glmpool.toml"
     toml.write_text(f'dir = "{tmp_path / "spool"}"\nmax_batch = 16.7\n')
-    for command in (["serve"], ["ask", "hi"], ["status"], ["quit"], ["pull"]):
+    for command in (["serve"], ["ask", "hi"], ["chat"], ["status"], ["quit"], ["pull"], ["http"]):
         run = glmpool(*command, "--config", str(toml))
         assert run.returncode == 2, (command, run.stderr)
         assert "max_batch" in run.stderr and "Traceback" not in run.stderr and not run.stdout
