@@ -2,8 +2,10 @@
 original server kept them, before anything is downloaded; `glmpool pull` prepares them."""
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -82,3 +84,31 @@ def test_serve_loads_the_model_from_the_standard_cache(tmp_path, tiny_dir):
             os.killpg(serve.pid, signal.SIGKILL)
             serve.wait(10)
     assert not (tmp_path / "home").exists() or not any((tmp_path / "home").rglob("*.bin"))  # nothing downloaded
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("stderr,bars", [(io.StringIO, False), (Terminal, True)])
+def test_download_progress_bars_only_on_a_terminal(tmp_path, monkeypatch, stderr, bars):
+    import huggingface_hub
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+
+    from glmpool.engine import checkpoint
+    seen = []
+
+    def snapshot_download(repo_id, local_files_only=False, **options):
+        if local_files_only:
+            raise huggingface_hub.utils.LocalEntryNotFoundError("not cached")
+        seen.append(not are_progress_bars_disabled())
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(sys, "stderr", stderr())
+    try:
+        assert checkpoint.download(REPO, cache_dir=tmp_path / "cache") == tmp_path
+    finally:
+        enable_progress_bars()
+    assert seen == [bars]  # the journal or a log file gets no bars
