@@ -131,8 +131,9 @@ SETTINGS = [
             "hub id (THUDM/chatglm-6b, -int4, -int4-qe), checkpoint directory, or tiny-random", "ID|DIR"),
     Setting("revision", _text, None, "the hub revision (branch, tag or commit) to use: pin the one a "
             "deployment was tested with (default: main)", "REV", commands=("serve", "pull")),
-    Setting("gpus", _text, "", "workers: CUDA indices '0,1', 'cpu' entries ('cpu,cpu'), or 'all' "
-                               "(default: every visible GPU, else one cpu worker)", "LIST"),
+    Setting("gpus", _text, "", "workers: CUDA indices '0,1' (counted in CUDA_VISIBLE_DEVICES when set), 'cpu' "
+                               "entries ('cpu,cpu'), or 'all' (default: every visible GPU, else one cpu worker)",
+            "LIST"),
     Setting("quantize", _choice(4, 8, "4-qe", "8-qe"), None,
             "quantize weights at load to 4 or 8 bits; -qe: the embeddings (= output projection) too",
             "{4,8,4-qe,8-qe}"),

@@ -1,28 +1,31 @@
-"""Status helpers the supervisor can use without torch: GPU count (NVML), process memory, a readable table."""
+"""Status helpers the supervisor can use without torch: GPU memory (NVML), process memory, a readable table."""
 from __future__ import annotations
-
-import ctypes
-import os
 
 import psutil
 
 
-def visible_gpu_count() -> int:
-    """GPUs a worker could use: CUDA_VISIBLE_DEVICES if set, else what NVML counts (0 without a driver)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return len([d for d in visible.split(",") if d.strip() and not d.strip().startswith("-")])
-    try:
-        nvml = ctypes.CDLL("libnvidia-ml.so.1")
-    except OSError:
-        return 0
-    count = ctypes.c_uint(0)
-    if nvml.nvmlInit_v2() != 0:
-        return 0
-    try:
-        return count.value if nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) == 0 else 0
-    finally:
-        nvml.nvmlShutdown()
+def gpu_status(nvml, slots) -> tuple[list[dict], dict[int, int]]:
+    """Each GPU the workers use, once, with its memory as NVML counts it (None without NVML); and
+    per live worker on a GPU, what its process holds there: NVML's count where NVML sees the pid (not in a
+    pid namespace), else what the worker's torch allocator reported."""
+    devices: dict[str, dict] = {}
+    held = {}
+    for slot in slots:
+        if slot.gpu is None:
+            continue
+        device = devices.get(slot.gpu)
+        if device is None:
+            used, total = (nvml.memory(slot.gpu) if nvml is not None else None) or (None, None)
+            name = next((g.name for g in nvml.gpus() if g.uuid == slot.gpu), None) if nvml is not None else None
+            device = devices[slot.gpu] = {"device": slot.gpu, "name": name, "memory_used": used,
+                                          "memory_total": total, "workers": [],
+                                          "processes": nvml.processes(slot.gpu) if nvml is not None else {}}
+        device["workers"].append(slot.spec.wid)
+        if slot.process is not None:
+            held[slot.spec.wid] = device["processes"].get(slot.pid, slot.stats.get("gpu_memory_reserved"))
+    for device in devices.values():
+        del device["processes"]
+    return list(devices.values()), held
 
 
 def process_rss(pid: int | None) -> int | None:
@@ -52,10 +55,15 @@ def render_table(status: dict) -> str:
         lines.append(f"{host.get('host')} pid {host.get('pid')}  {host.get('status')}  model {host.get('model')}  "
                      f"pending {queue.get('pending')}  in progress {queue.get('in_progress')}  "
                      f"served {host.get('served')}  failed {host.get('failed')}")
+        for gpu in host.get("gpus") or []:
+            memory = "-" if gpu.get("memory_total") is None else \
+                f"{_size(gpu.get('memory_used'))} / {_size(gpu.get('memory_total'))}"
+            lines.append(f"  GPU {gpu.get('device')} {gpu.get('name') or ''}  memory {memory}  "
+                         f"workers {', '.join(map(str, gpu.get('workers', [])))}")
         header = ("worker", "device", "pid", "state", "in flight", "served", "failed", "restarts", "tok/s", "RSS", "GPU memory")
         rows = [header]
         for w in host.get("workers", []):
-            gpu = "-" if w.get("gpu_memory_total") is None else f"{_size(w.get('gpu_memory_used'))} / {_size(w.get('gpu_memory_total'))}"
+            gpu = _size(w.get("gpu_memory_bytes"))
             rows.append((str(w.get("id")), str(w.get("device")), str(w.get("pid") or "-"), str(w.get("state")),
                          str(w.get("in_flight")), str(w.get("served")), str(w.get("failed")), str(w.get("restarts")),
                          str(w.get("tokens_per_s")), _size(w.get("rss_bytes")), gpu))

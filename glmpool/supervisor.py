@@ -4,7 +4,8 @@ Shaped like gunicorn's arbiter: signal handlers only enqueue; one loop manages e
 collect worker messages, reap dead workers, murder hung ones, spawn replacements after a capped
 exponential backoff, look at the flags, claim and dispatch requests, renew leases, publish status.
 Worker states follow supervisord: STARTING -> RUNNING, BACKOFF after a crash, FATAL when a device keeps
-failing to start (the other workers keep serving). The supervisor never imports torch.
+failing to start (the other workers keep serving), or a GPU missing at start. The supervisor never
+imports torch; what it knows of the GPUs comes from NVML (gpus.py).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__, spool
+from . import __version__, gpus, spool
 from .claims import Claim, Claims
 from .config import Config
 from .watch import DirWatch
@@ -75,6 +76,8 @@ class Slot:
     tokens: int = 0
     rate: float = 0.0
     stats: dict = field(default_factory=dict)
+    out_of_memory: int = 0  # steps that ran out of device memory (the worker survived them)
+    gpu: str | None = None  # its physical GPU (gpus.Placement.key); None for a cpu worker
 
     @property
     def isolating(self) -> bool:
@@ -82,29 +85,12 @@ class Slot:
         return any(job.claim.attempts for job in self.jobs.values())
 
 
-def worker_devices(gpus: str) -> list[str]:
-    """The device of each worker from --gpus, checked against the GPUs that exist (without torch)."""
-    from .status import visible_gpu_count
-    count = visible_gpu_count()
-    entries = [e.strip() for e in gpus.split(",") if e.strip()] if gpus else []
-    if not entries:
-        return [str(i) for i in range(count)] or ["cpu"]
-    devices = []
-    for entry in entries:
-        if entry == "all":
-            if not count:
-                raise StartupError("--gpus all: no GPU is visible (no NVIDIA driver, or CUDA_VISIBLE_DEVICES is empty)")
-            devices += [str(i) for i in range(count)]
-        elif entry == "cpu":
-            devices.append("cpu")
-        elif entry.isdigit():
-            if int(entry) >= count:
-                raise StartupError(f"--gpus {gpus}: GPU {entry} does not exist "
-                                   f"({count} visible{'' if count else '; use cpu workers'})")
-            devices.append(entry)
-        else:
-            raise StartupError(f"--gpus {gpus}: {entry!r} is neither a GPU index, 'cpu' nor 'all'")
-    return devices
+def place_workers(gpus_setting: str, nvml: gpus.Nvml | None, environ=os.environ) -> list[gpus.Placement]:
+    """Where each worker runs (gpus.place_workers), a layout that cannot serve at all a StartupError."""
+    try:
+        return gpus.place_workers(gpus_setting, environ, nvml)
+    except gpus.DeviceError as error:
+        raise StartupError(str(error)) from None
 
 
 class Supervisor:
@@ -132,13 +118,15 @@ class Supervisor:
         self.watch: DirWatch | None = None
         self.unpublished: list = []  # [due, delay, claim, what, action]: results the spool refused, retried
         self.answers: list = []  # (slot, job, text, meta) read from a worker, to publish together
+        self.nvml: gpus.Nvml | None = None
 
     # --- life cycle ------------------------------------------------------------------------------
 
     def run(self) -> int:
         """Serve until asked to stop; the exit code (0, or 1 when no worker could start)."""
         os.umask(self.config.umask)
-        devices = worker_devices(self.config.gpus)
+        self.nvml = gpus.Nvml.open()
+        placements = place_workers(self.config.gpus, self.nvml)
         try:
             self.claims.ensure_dirs()
         except NotADirectoryError as error:
@@ -148,7 +136,7 @@ class Supervisor:
         self.clear_stale_quit_flag()
         import multiprocess
         self.context = multiprocess.get_context("spawn")
-        self.slots = [Slot(self.worker_spec(i, device, devices)) for i, device in enumerate(devices)]
+        self.slots = [self.slot(i, placement, placements) for i, placement in enumerate(placements)]
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda signum, frame: self.signals.append(signum))
         self.watch = DirWatch(self.requests, self.flags, suffixes=spool.INPUT_SUFFIXES + (".cancel", ".flag"))
@@ -165,14 +153,24 @@ class Supervisor:
             self.shutdown()
         return self.exit_code
 
-    def worker_spec(self, wid: int, device: str, devices: list[str]) -> WorkerSpec:
+    def slot(self, wid: int, placement: gpus.Placement, placements: list[gpus.Placement]) -> Slot:
+        """A worker's slot; one on a GPU missing at start is FATAL from the outset, as after its GPU died."""
         c = self.config
         threads = c.worker_threads
-        if not threads and device == "cpu":  # cpu workers share the cores instead of fighting over them
-            threads = max(1, len(os.sched_getaffinity(0)) // devices.count("cpu"))
-        return WorkerSpec(wid, device, c.model, c.dtype, c.quantize, c.cache_dir, c.max_batch, c.kv_cache_gb,
-                          threads, c.partial_seconds, c.partial_tokens, c.matmul, revision=c.revision,
-                          log_level=c.log_level, log_format=c.log_format)
+        if not threads and placement.device == "cpu":  # cpu workers share the cores instead of fighting over them
+            threads = max(1, len(os.sched_getaffinity(0)) // sum(p.device == "cpu" for p in placements))
+        slot = Slot(WorkerSpec(wid, placement.device, c.model, c.dtype, c.quantize, c.cache_dir, c.max_batch,
+                               c.kv_cache_gb, threads, c.partial_seconds, c.partial_tokens, c.matmul,
+                               placement.visible, placement.sharing, revision=c.revision,
+                               log_level=c.log_level, log_format=c.log_format))
+        slot.gpu = None if placement.device == "cpu" or placement.missing else placement.key
+        if placement.missing:
+            slot.state, slot.last_error = "FATAL", placement.missing
+            log.error("worker %d (%s): %s; the other workers serve", wid, slot.spec.label, placement.missing)
+        elif placement.sharing > 1:
+            log.info("worker %d (%s) shares its GPU with %d other worker(s): it takes 1/%d of its free memory for "
+                     "KV caches", wid, slot.spec.label, placement.sharing - 1, placement.sharing)
+        return slot
 
     def manage(self) -> bool:
         """One round of the main loop; True when it is time to exit."""
@@ -270,6 +268,8 @@ class Supervisor:
                 if slot.process.is_alive():
                     slot.process.kill()
                     slot.process.join(5)
+        if self.nvml is not None:
+            self.nvml.close()
         for job in self.pending:
             self.claims.release(job.claim)
         for _, _, claim, what, action in self.unpublished:  # a last try; else the request runs again later
@@ -314,6 +314,7 @@ class Supervisor:
             slot.process = None
             slot.tokens += slot.stats.pop("tokens", 0)  # lifetime counters survive restarts
             slot.stats.pop("beat_at", None)
+            slot.stats.pop("gpu_memory_reserved", None)  # a dead worker holds no GPU memory
             died = exit_text(code)
             self.requeue(slot, f"worker {slot.spec.wid} exited with {died}")
             if slot.state == "STARTING":
@@ -374,18 +375,22 @@ class Supervisor:
                 slot.process.kill()
 
     def respawn(self) -> None:
-        """Start the workers due to (re)start. Those loading through host memory go one at a time."""
+        """Start the workers due to (re)start. Those loading through host memory go one at a time, and so do
+        those sharing a GPU: each one's memory check then counts what the others took."""
         if self.status == "stopping":
             return
         now = time.monotonic()
         for slot in self.slots:
             waiting = slot.state == "STARTING" and slot.process is None
             due = waiting or (slot.state == "BACKOFF" and now >= slot.retry_at)
-            if due and not (slot.spec.loads_on_host and self.host_loading()):
+            if due and not self.loading_beside(slot):
                 self.spawn(slot)
 
-    def host_loading(self) -> bool:
-        return any(s.state == "STARTING" and s.process is not None and s.spec.loads_on_host for s in self.slots)
+    def loading_beside(self, slot: Slot) -> bool:
+        """Another worker is loading into memory this one's model would take too."""
+        return any(s.state == "STARTING" and s.process is not None and
+                   (s.spec.loads_on_host and slot.spec.loads_on_host or s.gpu is not None and s.gpu == slot.gpu)
+                   for s in self.slots)
 
     def collect(self, timeout: float) -> None:
         """Handle every message the workers sent, waiting up to `timeout` for one (or for the spool to change)."""
@@ -431,6 +436,8 @@ class Supervisor:
             if job is not None:
                 job.text, job.tokens = message[3], message[4]
                 self.write_partial(job)
+        elif kind == "oom":
+            self.out_of_memory(slot, message[2])
         elif kind in ("done", "error"):
             self.dirty = True  # room for the next request: look at the spool now
             job = slot.jobs.pop(message[2], None)
@@ -443,6 +450,24 @@ class Supervisor:
             else:
                 slot.failed += 1
                 self.fail(job, message[3], {"reason": "rejected by the model"})
+
+    def out_of_memory(self, slot: Slot, report: dict) -> None:
+        """A worker's step ran out of device memory and the worker lives on, admitting fewer requests: those
+        it handed back run on any worker, charged no attempt (see worker.Loop.recover)."""
+        slot.out_of_memory += 1
+        slot.stats["max_batch"] = report["max_batch"]
+        log.warning("worker %d (%s) ran out of memory in a step of %d request(s) (%s): it now admits %d; "
+                    "%d handed back", slot.spec.wid, slot.spec.label, report["batch"], report["error"],
+                    report["max_batch"], len(report["shed"]))
+        shed = [slot.jobs.pop(key) for key in report["shed"] if key in slot.jobs]
+        for job in shed:
+            job.worker, job.text, job.tokens, job.cancelling = None, "", 0, False
+        self.queue_pending(shed)
+        self.dirty = True
+
+    def capacity(self, slot: Slot) -> int:
+        """Requests a worker is given at most: --max-batch, or less after it ran out of memory."""
+        return min(self.config.max_batch, slot.stats.get("max_batch", self.config.max_batch))
 
     # --- requests --------------------------------------------------------------------------------
 
@@ -469,7 +494,7 @@ class Supervisor:
             # that scanning takes at most a fifth of the time, so a claim costs the same at any depth.
             self.timers["scan"] = max(self.timers["scan"], now + 4 * (time.monotonic() - now))
         while self.backlog:
-            room = sum(self.config.max_batch - len(s.jobs) for s in self.usable_slots())
+            room = sum(self.capacity(s) - len(s.jobs) for s in self.usable_slots())
             if room <= 0:
                 return
             for job in self.take([self.backlog.popleft() for _ in range(min(room, len(self.backlog)))]):
@@ -483,7 +508,7 @@ class Supervisor:
         usable = self.usable_slots()
         if alone:
             return next((s for s in usable if not s.jobs), None)
-        usable = [s for s in usable if len(s.jobs) < self.config.max_batch]
+        usable = [s for s in usable if len(s.jobs) < self.capacity(s)]
         return min(usable, key=lambda s: len(s.jobs)) if usable else None
 
     def scan(self) -> list[tuple[str, dict]]:
@@ -748,21 +773,23 @@ class Supervisor:
         return statuses
 
     def status_dict(self) -> dict:
-        from .status import process_rss
+        from .status import gpu_status, process_rss
         in_progress = sum(len(s.jobs) for s in self.slots)
+        devices, process_gpu_memory = gpu_status(self.nvml, self.slots)
         return {
             "status": self.status, "host": self.config.host_id, "pid": os.getpid(),
             "started": self.started, "version": __version__, "model": self.config.model,
             "queue": {"pending": self.count_pending() + len(self.pending), "in_progress": in_progress},
             "served": self.served, "failed": self.failed,
+            "gpus": devices,
             "workers": [{
                 "id": s.spec.wid, "device": s.spec.label, "pid": s.pid if s.process is not None else None,
                 "state": s.state, "in_flight": len(s.jobs), "served": s.served, "failed": s.failed,
                 "restarts": s.restarts, "last_error": s.last_error, "tokens_per_s": round(s.rate, 2),
                 "tokens_generated": s.stats.get("tokens", 0) + s.tokens,
                 "rss_bytes": process_rss(s.pid) if s.process is not None else None,
-                "gpu_memory_used": s.stats.get("gpu_memory_used"),
-                "gpu_memory_total": s.stats.get("gpu_memory_total"),
+                "gpu_memory_bytes": process_gpu_memory.get(s.spec.wid),
+                "max_batch": self.capacity(s), "kv_tokens": s.stats.get("kv_tokens"), "out_of_memory": s.out_of_memory,
             } for s in self.slots],
         }
 

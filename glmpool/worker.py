@@ -6,8 +6,10 @@ The worker never touches the spool. It talks to the supervisor through a queue a
   results (worker -> supervisor): ("ready", wid, info) | ("fatal", wid, message) | ("beat", wid, stats)
                                   | ("token", wid, key, text, n) | ("done", wid, key, text, detail)
                                   | ("error", wid, key, message)
+                                  | ("oom", wid, {"max_batch", "batch", "error", "shed": [key, ...]})
 A worker holds any number of requests at once (up to max_batch generate together, the rest wait in
 arrival order). The key is the claim's token, unique even when a client reuses a request id.
+A step that runs out of device memory costs no request anything: see Loop.recover().
 "token" messages are sent at most every progress_seconds and every progress_tokens per request (0 tokens:
 never), the first as soon as progress_tokens exist: enough for .partial files, without streaming the
 growing text through the pipe after every step.
@@ -34,12 +36,14 @@ BEAT_SECONDS = 1.0
 GATHER_SECONDS = 0.005
 GATHER_MAX_SECONDS = 0.05
 TEST_CRASH_ENV = "GLMPOOL_TEST_CRASH_ON"  # test-only: a worker exits abruptly on a query containing this
+# test-only: a step of a batch of two or more that holds a query containing this runs out of memory
+TEST_OOM_ENV = "GLMPOOL_TEST_OOM_ON"
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
     wid: int
-    device: str  # "cpu" or a CUDA index as a string
+    device: str  # "cpu" or the --gpus index, as a string
     model: str
     dtype: str | None
     quantize: int | str | None
@@ -50,6 +54,8 @@ class WorkerSpec:
     progress_seconds: float = BY_NAME["partial_seconds"].default
     progress_tokens: int = BY_NAME["partial_tokens"].default
     matmul: str = BY_NAME["matmul"].default
+    visible: str = ""  # the worker's CUDA_VISIBLE_DEVICES: the entry of the supervisor's that `device` counts to
+    sharing: int = 1  # workers on the same physical device: they split its free memory for KV caches
     revision: str | None = None
     log_level: str = BY_NAME["log_level"].default
     log_format: str = BY_NAME["log_format"].default
@@ -69,18 +75,21 @@ class WorkerSpec:
 def main(spec: WorkerSpec, tasks, results) -> None:
     """Entry point of the spawned process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
-    os.environ["CUDA_VISIBLE_DEVICES"] = "" if spec.device == "cpu" else spec.device
+    set_device_environment(spec)
     # torch then allocates tensors of 2 MB and more on huge pages, so the weights load straight onto them
     # instead of being moved there afterwards (engine/hugepages.py); read once, before torch allocates.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     from . import logs
     logs.setup(spec.log_level, spec.log_format, worker=spec.wid)
     from .engine import EngineError, hugepages, load
+    from .engine.api import free_memory, parse_device
     if spec.threads:
         import torch
         torch.set_num_threads(spec.threads)  # cpu workers share the cores instead of fighting over them
     try:
-        engine = load(spec.model, device="cpu" if spec.device == "cpu" else "cuda", dtype=spec.dtype,
+        device = parse_device("cpu" if spec.device == "cpu" else "cuda")
+        free_before = free_memory(device) if spec.sharing > 1 else 0  # the model's footprint, counted below
+        engine = load(spec.model, device=device, dtype=spec.dtype,
                       cache_dir=spec.cache_dir, quantize=spec.quantize, progress=True,  # bars only on a tty
                       matmul=spec.matmul, revision=spec.revision)
     except EngineError as error:
@@ -90,13 +99,23 @@ def main(spec: WorkerSpec, tasks, results) -> None:
         results.send(("fatal", spec.wid, f"{type(error).__name__}: {error}"))
         return
     hugepages.reuse_freed_memory()  # after loading, whose temporary copies may go back to the system
-    kv_tokens = (int(spec.kv_cache_gb * (1 << 30)) // engine.kv_bytes_per_token() if spec.kv_cache_gb
-                 else engine.default_kv_tokens())
-    results.send(("ready", spec.wid, {"pid": os.getpid(), "kv_tokens": kv_tokens}))
+    if spec.kv_cache_gb:
+        kv_tokens = int(spec.kv_cache_gb * (1 << 30)) // engine.kv_bytes_per_token()
+    else:  # workers sharing the device: each counts the others' copies of the model as its own takes
+        model_bytes = max(0, free_before - free_memory(device)) if spec.sharing > 1 else None
+        kv_tokens = engine.default_kv_tokens(sharing=spec.sharing, model_bytes=model_bytes)
+    results.send(("ready", spec.wid, {"pid": os.getpid(), "kv_tokens": kv_tokens, "max_batch": spec.max_batch}))
     try:
         Loop(spec, engine, engine.batcher(spec.max_batch, kv_tokens), tasks, results).run()
     except (BrokenPipeError, ConnectionResetError, EOFError):  # the supervisor is gone: so are we
         pass
+
+
+def set_device_environment(spec: WorkerSpec) -> None:
+    """Before CUDA initialises: the one device this worker may see, numbered as the supervisor numbers it."""
+    from .gpus import DEVICE_ORDER
+    os.environ["CUDA_VISIBLE_DEVICES"] = "" if spec.device == "cpu" else spec.visible or spec.device
+    os.environ.setdefault("CUDA_DEVICE_ORDER", DEVICE_ORDER)
 
 
 @dataclass
@@ -118,8 +137,12 @@ class Loop:
         self.waiting: deque[Task] = deque()  # dispatched here, not yet admitted (batch or KV budget full)
         self.active: dict[str, Task] = {}  # in the batch
         self.tokens = 0
+        self.max_batch = spec.max_batch  # lowered after running out of memory (see recover)
         self.last_beat = 0.0
         self.crash_marker = os.environ.get(TEST_CRASH_ENV)
+        self.oom_marker = os.environ.get(TEST_OOM_ENV)
+        if self.oom_marker and engine is not None:
+            engine.model.register_forward_pre_hook(self.simulate_out_of_memory)
 
     def run(self) -> None:
         while True:
@@ -194,7 +217,15 @@ class Loop:
             self.finish(event, reason)
 
     def step(self) -> None:
-        events = self.batch.step()
+        try:
+            events = self.batch.step()
+        except Exception as error:
+            if not out_of_memory(error):
+                raise
+            events, failure = None, str(error).splitlines()[0]
+        if events is None:  # out of the except clause: its traceback holds the step's tensors
+            self.recover(failure)
+            return
         now = time.monotonic()  # after the step: a first token goes out as soon as it exists
         for event in events:
             self.tokens += 1
@@ -206,6 +237,38 @@ class Loop:
                     and now - task.reported >= self.spec.progress_seconds:
                 task.reported, task.reported_tokens = now, event.generated_tokens
                 self.results.send(("token", self.spec.wid, event.key, event.text, event.generated_tokens))
+
+    def recover(self, failure: str) -> None:
+        """A step ran out of device memory: a fact about capacity, not a fault of the requests. The batch
+        goes (its KV caches and the step's activations with it); of the requests held, the oldest half run
+        again from their start, those after are handed back to the supervisor for any worker, charged no
+        attempt; and this worker admits that half at most from now on. A request that fails so alone is
+        answered with the error."""
+        in_batch = list(self.active.values())
+        held = sorted([*in_batch, *self.waiting], key=lambda task: task.received)
+        self.active.clear()
+        self.waiting.clear()
+        kv_tokens, self.batch = self.batch.max_kv_tokens, None
+        release_device_memory()
+        if len(in_batch) == 1:
+            held.remove(in_batch[0])
+            self.results.send(("error", self.spec.wid, in_batch[0].key,
+                               f"out of device memory even alone ({failure}): lower max_length or max_new_tokens"))
+        else:
+            self.max_batch = max(1, len(in_batch) // 2)
+        self.batch = self.engine.batcher(self.max_batch, kv_tokens)
+        kept, shed = held[:self.max_batch], held[self.max_batch:]
+        for task in kept:
+            task.reported, task.reported_tokens = float("-inf"), 0
+        self.waiting.extend(kept)
+        self.results.send(("oom", self.spec.wid, {"max_batch": self.max_batch, "error": failure, "batch": len(in_batch),
+                                                  "shed": [task.key for task in shed]}))
+
+    def simulate_out_of_memory(self, module, args) -> None:
+        """Test-only (TEST_OOM_ENV): a forward pass in the middle of a step fails as CUDA's allocator does."""
+        if len(self.batch) > 1 and any(self.oom_marker in task.query for task in self.active.values()):
+            import torch
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated by {TEST_OOM_ENV})")
 
     def finish(self, event, reason: str) -> None:
         task = self.active.pop(event.key)
@@ -221,12 +284,26 @@ class Loop:
             return
         self.last_beat = now
         self.results.send(("beat", self.spec.wid, {"tokens": self.tokens, "in_flight": len(self.batch),
-                                                  "waiting": len(self.waiting), **device_memory()}))
+                                                  "waiting": len(self.waiting), "max_batch": self.max_batch,
+                                                  "gpu_memory_reserved": gpu_memory_reserved()}))
 
 
-def device_memory() -> dict:
+def gpu_memory_reserved() -> int | None:
+    """What torch's allocator holds on this worker's GPU (the CUDA context not counted), None without one.
+    The supervisor prefers NVML's count for the whole process where NVML can see it."""
     import torch
-    if not torch.cuda.is_available():
-        return {"gpu_memory_used": None, "gpu_memory_total": None}
-    free, total = torch.cuda.mem_get_info()
-    return {"gpu_memory_used": total - free, "gpu_memory_total": total}
+    return torch.cuda.memory_reserved() if torch.cuda.is_initialized() else None
+
+
+def out_of_memory(error: Exception) -> bool:
+    import torch
+    return isinstance(error, torch.OutOfMemoryError)
+
+
+def release_device_memory() -> None:
+    import gc
+
+    import torch
+    gc.collect()  # a failed step can leave reference cycles holding tensors
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

@@ -256,13 +256,14 @@ STATUS = {
     "workers": [
         {"id": 0, "device": "cuda:0", "pid": 4400, "state": "RUNNING", "in_flight": 2, "served": 40,
          "failed": 1, "restarts": 0, "tokens_per_s": 31.25, "rss_bytes": 2_000_000_000,
-         "gpu_memory_used": 6_000_000_000, "gpu_memory_total": 24_000_000_000,
-         "tokens_generated": 9000},
+         "gpu_memory_bytes": 6_000_000_000, "tokens_generated": 9000},
         {"id": 1, "device": "cuda:1", "pid": None, "state": "BACKOFF", "in_flight": 0, "served": 2,
          "failed": 0, "restarts": 3, "tokens_per_s": None, "rss_bytes": None,
-         "gpu_memory_used": None, "gpu_memory_total": None, "tokens_generated": 100},
+         "gpu_memory_bytes": None, "tokens_generated": 100},
         {"id": 1, "device": "cuda:1", "state": "RUNNING", "served": 99},   # duplicate: dropped
     ],
+    "gpus": [{"device": "GPU-0a", "memory_used": 7_000_000_000, "memory_total": 24_000_000_000, "workers": [0]},
+             {"device": "GPU-1b", "memory_used": None, "memory_total": None, "workers": [1]}],
 }
 
 _NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
@@ -333,14 +334,16 @@ def test_render_is_valid_exposition():
     assert get("glmpool_worker_restarts_total", **w1) == 3
     assert get("glmpool_worker_state", state="backoff", **w1) == 1
     assert get("glmpool_worker_state", state="running", **w1) == 0
-    assert get("glmpool_worker_gpu_memory_used_bytes", **w0) == 6e9
-    assert get("glmpool_worker_gpu_memory_total_bytes", **w0) == 24e9
+    assert get("glmpool_worker_gpu_memory_bytes", **w0) == 6e9
+    assert get("glmpool_gpu_memory_used_bytes", gpu="GPU-0a") == 7e9
+    assert get("glmpool_gpu_memory_total_bytes", gpu="GPU-0a") == 24e9
+    assert not any(("gpu", "GPU-1b") in labels for _, labels in samples)  # a GPU NVML could not read
     assert get("glmpool_worker_resident_memory_bytes", **w0) == 2e9
     assert get("glmpool_worker_tokens_per_second", **w0) == 31.25
     assert get("glmpool_worker_requests_in_flight", **w0) == 2
     # Nulls (cpu-less numbers, a worker without a process) omit the series instead of failing.
     names_w1 = {n for (n, labels) in samples if ("worker", "1") in labels}
-    assert "glmpool_worker_gpu_memory_used_bytes" not in names_w1
+    assert "glmpool_worker_gpu_memory_bytes" not in names_w1
     assert "glmpool_worker_pid" not in names_w1
 
 

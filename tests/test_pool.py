@@ -85,7 +85,9 @@ def test_status_while_both_workers_busy_then_cancel(pool, long_body):
     for worker in status["workers"]:
         assert worker["state"] == "RUNNING" and worker["device"] == "cpu" and worker["rss_bytes"] > 0
         assert worker["in_flight"] == 2  # spread evenly
-        assert worker["gpu_memory_used"] is None and worker["gpu_memory_total"] is None
+        assert worker["gpu_memory_bytes"] is None and worker["max_batch"] == 16 and worker["out_of_memory"] == 0
+        assert worker["kv_tokens"] > 0
+    assert status["gpus"] == []
     assert [h["pid"] for h in status["hosts"]] == [pool.process.pid]
     assert not (pool.root / "flags" / "status.flag").exists()
     for i in range(4):

@@ -7,7 +7,7 @@ import pytest
 
 from glmpool import config
 from glmpool.claims import Claim
-from glmpool.supervisor import Job, Slot, StartupError, Supervisor, worker_devices
+from glmpool.supervisor import Job, Slot, StartupError, Supervisor, place_workers
 from glmpool.worker import WorkerSpec
 
 
@@ -15,20 +15,34 @@ def supervisor(tmp_path, **settings) -> Supervisor:
     return Supervisor(config.resolve(argparse.Namespace(dir=str(tmp_path), **settings), environ={}))
 
 
-def test_worker_devices(monkeypatch):
+def test_worker_placement_and_missing_gpus(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    assert worker_devices("") == ["0", "1"]
-    assert worker_devices("cpu,cpu") == ["cpu", "cpu"]
-    assert worker_devices("1,cpu") == ["1", "cpu"]
-    assert worker_devices("all") == ["0", "1"]
-    with pytest.raises(StartupError, match="GPU 2 does not exist"):
-        worker_devices("0,2")
+    assert [p.visible for p in place_workers("", None)] == ["0", "1"]
     with pytest.raises(StartupError, match="neither"):
-        worker_devices("gpu0")
+        place_workers("gpu0", None)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert worker_devices("") == ["cpu"]
     with pytest.raises(StartupError, match="no GPU is visible"):
-        worker_devices("all")
+        place_workers("all", None)
+    placements = place_workers("cpu,3", None)
+    s = supervisor(tmp_path)
+    slots = [s.slot(i, p, placements) for i, p in enumerate(placements)]
+    assert [(slot.state, slot.gpu) for slot in slots] == [("STARTING", None), ("FATAL", None)]
+    assert slots[1].last_error.startswith("GPU 3 does not exist") and slots[1].spec.label == "cuda:3"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,5")
+    placements = place_workers("0,1", None)
+    assert [(slot.spec.visible, slot.spec.sharing, slot.gpu) for slot in
+            (s.slot(i, p, placements) for i, p in enumerate(placements))] == [("5", 2, "5"), ("5", 2, "5")]
+
+
+def test_workers_sharing_a_gpu_load_one_at_a_time(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    placements = place_workers("0,0,1", None)
+    s = supervisor(tmp_path)
+    s.slots = [s.slot(i, p, placements) for i, p in enumerate(placements)]
+    s.slots[0].process = object()  # loading
+    assert [s.loading_beside(slot) for slot in s.slots[1:]] == [True, False]
+    s.slots[0].state = "RUNNING"
+    assert not s.loading_beside(s.slots[1])
 
 
 def test_scan_is_fifo_across_both_forms_and_groups_files(tmp_path):

@@ -109,9 +109,15 @@ class Engine:
         c = self.config
         return c.num_layers * 2 * c.hidden_size * torch.tensor([], dtype=self.model.dtype).element_size()
 
-    def default_kv_tokens(self, fraction: float = 0.8) -> int:
-        """How many KV-cache tokens fit in what the device has free now (a fraction of it)."""
-        return max(1, int(free_memory(self.device) * fraction) // self.kv_bytes_per_token())
+    def default_kv_tokens(self, fraction: float = 0.8, sharing: int = 1, model_bytes: int | None = None) -> int:
+        """How many KV-cache tokens fit in what the device has free now (a fraction of it). `sharing`
+        processes holding this model on one device split it: each takes its part of what stays free once
+        all their copies (`model_bytes` each; default: the registered parameters and buffers, which packed
+        weights are not) are loaded. A copy loaded before this one measured is counted twice: on the safe side."""
+        if model_bytes is None:
+            model_bytes = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
+        room = free_memory(self.device) - (sharing - 1) * model_bytes
+        return max(1, int(room * fraction / sharing) // self.kv_bytes_per_token())
 
     def batcher(self, max_batch: int = 16, max_kv_tokens: int | None = None,
                 shared_cache: bool | None = None) -> Batcher:
