@@ -1,36 +1,18 @@
-"""The `glmpool` command: serve (the default), ask, status, quit, http, tiny-model, selftest."""
+"""The `glmpool` command: serve (the default), ask, chat, status, quit, pull, http, tiny-model, selftest."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
 from . import __version__
 from .engine.linear import registry
 
-COMMANDS = ("serve", "ask", "status", "quit", "http", "tiny-model", "selftest")
-
-
-class Formatter(logging.Formatter):
-    """The original server's console style: `[Info 2024-01-01 12:00:00]: message`."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return f"[{record.levelname.title()} {self.formatTime(record, '%Y-%m-%d %H:%M:%S')}]: {record.getMessage()}" + \
-            (("\n" + self.formatException(record.exc_info)) if record.exc_info else "")
-
-
-class JSONFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"time": record.created, "level": record.levelname.lower(), "logger": record.name,
-                           "message": record.getMessage()}, ensure_ascii=False)
-
-
-def setup_logging(level: str = "INFO", fmt: str = "plain") -> None:
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JSONFormatter() if fmt == "json" else Formatter())
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+COMMANDS = ("serve", "ask", "chat", "status", "quit", "pull", "http", "tiny-model", "selftest")
+EXTEND_START_SECONDS = 120  # while workers load, systemd's start timeout is pushed this far ahead every second
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,21 +23,36 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the pool (the default command)")
     config.add_arguments(serve)
 
-    ask = sub.add_parser("ask", help="send a question and print the answer as it grows")
-    ask.add_argument("question")
+    def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_text, description=help_text + ". The spool is found as serve "
+                                 "finds it: --dir, else $GLMPOOL_DIR, else the config file's dir.")
+        config.add_arguments(command, name)
+        return command
+
+    ask = client_command("ask", "send a question and print the answer as it grows")
+    ask.add_argument("question", help="the question; - reads it from standard input")
     ask.add_argument("--history", metavar="FILE", help="JSON [[question, answer], ...]")
-    ask.add_argument("--dir", default=".", help="spool root (default: .)")
-    ask.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")
-    ask.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                     help="generation parameter (max_length, max_new_tokens, top_p, temperature, do_sample, seed)")
+    chat = client_command("chat", "an interactive conversation that keeps its history")
+    for command in (ask, chat):
+        command.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                             help="seconds to wait for an answer, then cancel it (default: 600)")
+        command.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                             help="generation parameter (max_length, max_new_tokens, top_p, temperature, do_sample, "
+                                  "seed)")
+        command.add_argument("--keep", action="store_true",
+                             help="leave the answer's files (.back, .meta) in requests/ instead of removing them")
 
-    status = sub.add_parser("status", help="ask the running pool for its status")
-    status.add_argument("--dir", default=".")
+    status = client_command("status", "ask the running pool for its status")
     status.add_argument("--json", action="store_true", help="print the raw status.back JSON")
-    status.add_argument("--timeout", type=float, default=10.0)
+    status.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                        help="seconds to wait for the answer (default: 10)")
+    client_command("quit", "ask every supervisor on the spool to stop (exit 1 when none is running)")
 
-    quit_ = sub.add_parser("quit", help="ask every supervisor on the directory to stop")
-    quit_.add_argument("--dir", default=".")
+    pull = sub.add_parser("pull", help="download a model into the cache with progress, then exit",
+                          description="Download a hub model (or build tiny-random) where serve will look for it.")
+    pull.add_argument("model", nargs="?", default=argparse.SUPPRESS,
+                      help="hub id (default: the configured model)")
+    config.add_arguments(pull, "pull")
 
     http_ = sub.add_parser("http", help="an OpenAI-compatible HTTP gateway onto the spool (extra: glmpool[http])")
     config.add_arguments(http_, "http")
@@ -91,16 +88,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def serve(args) -> int:
+def settings_of(args):
+    """The resolved settings, or None after printing the configuration error (the command exits 2)."""
     from . import config
-    from .supervisor import StartupError, Supervisor
     try:
-        settings = config.resolve(args)
+        return config.resolve(args)
     except config.ConfigError as error:
-        print(f"glmpool: {error}", file=sys.stderr)
+        print(f"glmpool {args.command or 'serve'}: {error}", file=sys.stderr)
+        return None
+
+
+def serve(args) -> int:
+    from . import logs
+    from .supervisor import StartupError, Supervisor
+    settings = settings_of(args)
+    if settings is None:
         return 2
-    setup_logging(settings.log_level, settings.log_format)
-    supervisor = Supervisor(settings, echo=lambda line: print(line, flush=True))
+    logs.setup(settings.log_level, settings.log_format)
+    supervisor = Supervisor(settings)
     cleanup = install_hooks(supervisor, settings)
     try:
         return supervisor.run()
@@ -120,6 +125,10 @@ def install_hooks(supervisor, settings):
                 notify.ready("serving")
             elif event == "stopping":
                 notify.stopping("finishing in-flight requests")
+            elif status.get("status") == "starting":  # downloading or loading: more time, while we live
+                loading = [w["device"] for w in status.get("workers", []) if w.get("state") != "RUNNING"]
+                notify.extend_timeout(EXTEND_START_SECONDS, f"starting: loading {settings.model} on "
+                                                            f"{', '.join(loading) or 'no worker'}")
             else:
                 queue = status.get("queue", {})
                 notify.status(f"{status.get('status')}: {queue.get('in_progress', 0)} in progress, "
@@ -134,8 +143,49 @@ def install_hooks(supervisor, settings):
     return lambda: None
 
 
+def parse_params(items: list[str]) -> dict:
+    params = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            params[key] = json.loads(value)
+        except ValueError:
+            params[key] = value
+    return params
+
+
+class Printer:
+    """Prints an answer: streamed from .partial on a terminal, then the rest once it is complete."""
+
+    def __init__(self):
+        self.shown = ""
+
+    def partial(self, text: str) -> None:
+        if text.startswith(self.shown) and len(text) > len(self.shown):
+            sys.stdout.write(text[len(self.shown):])
+            sys.stdout.flush()
+            self.shown = text
+
+    @property
+    def streaming(self):
+        return self.partial if sys.stdout.isatty() else None
+
+    def finish(self, answer: str) -> None:
+        print(answer[len(self.shown):] if answer.startswith(self.shown) else "\n" + answer, flush=True)
+
+
+def terminate_as_interrupt() -> None:
+    """SIGTERM ends a waiting client as Ctrl-C does: its request is cancelled and its files removed."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, handler)
+
+
 def ask(args) -> int:
     from . import client
+    settings = settings_of(args)
+    if settings is None:
+        return 2
     history = None
     if args.history:
         try:
@@ -143,37 +193,68 @@ def ask(args) -> int:
         except (OSError, ValueError) as error:
             print(f"glmpool ask: cannot read history {args.history}: {error}", file=sys.stderr)
             return 2
-    params = {}
-    for item in args.param:
-        key, _, value = item.partition("=")
-        try:
-            params[key] = json.loads(value)
-        except ValueError:
-            params[key] = value
-    request_id = client.submit(args.dir, args.question, history, params=params or None)
-    shown = 0
-
-    def stream(text: str) -> None:
-        nonlocal shown
-        if text.startswith(text[:shown]) and len(text) > shown:
-            sys.stdout.write(text[shown:])
-            sys.stdout.flush()
-            shown = len(text)
-
+    question = sys.stdin.read().rstrip("\n") if args.question == "-" else args.question
+    terminate_as_interrupt()
+    printer = Printer()
     try:
-        answer = client.wait(args.dir, request_id, args.timeout, on_partial=stream if sys.stdout.isatty() else None)
+        answer = client.ask(settings.dir, question, history, parse_params(args.param) or None, args.timeout,
+                            printer.streaming, keep=args.keep)
     except client.ClientError as error:
-        print(f"\nglmpool ask: {error}" if shown else f"glmpool ask: {error}", file=sys.stderr)
+        print(f"\nglmpool ask: {error}" if printer.shown else f"glmpool ask: {error}", file=sys.stderr)
         return 1
-    print(answer[shown:] if answer.startswith(answer[:shown]) else "\n" + answer)
+    printer.finish(answer)
     return 0
+
+
+def chat(args) -> int:
+    """THUDM's console demo over the spool: 'clear' forgets the conversation, 'stop' or Ctrl-D ends it."""
+    from . import client
+    settings = settings_of(args)
+    if settings is None:
+        return 2
+    try:
+        import readline  # noqa: F401 (line editing and recall of earlier questions)
+    except ImportError:
+        pass
+    terminate_as_interrupt()
+    params = parse_params(args.param) or None
+    history: list = []
+    print("glmpool chat: type a question; 'clear' forgets the conversation, 'stop' ends it", flush=True)
+    while True:
+        try:
+            query = input("\n用户：")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if query.strip() == "stop":
+            return 0
+        if query.strip() == "clear":
+            history = []
+            continue
+        if not query.strip():
+            continue
+        print("\nChatGLM-6B：", end="", flush=True)
+        printer = Printer()
+        try:
+            answer = client.ask(settings.dir, query, history, params, args.timeout, printer.streaming, keep=args.keep)
+        except client.ClientError as error:
+            print(f"\nglmpool chat: {error}", file=sys.stderr, flush=True)
+            continue
+        except KeyboardInterrupt:  # cancels this answer only
+            print("\n(cancelled)", flush=True)
+            continue
+        printer.finish(answer)
+        history.append([query, answer])
 
 
 def status(args) -> int:
     from . import client
     from .status import render_table
+    settings = settings_of(args)
+    if settings is None:
+        return 2
     try:
-        result = client.status(args.dir, args.timeout)
+        result = client.status(settings.dir, args.timeout)
     except client.ClientError as error:
         print(f"glmpool status: {error}", file=sys.stderr)
         return 1
@@ -183,23 +264,45 @@ def status(args) -> int:
 
 def quit_command(args) -> int:
     from . import client
-    client.quit(args.dir)
+    settings = settings_of(args)
+    if settings is None:
+        return 2
+    if not client.quit(settings.dir):
+        print(f"glmpool quit: no pool is running on {Path(settings.dir).resolve()} (no supervisor heartbeat)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def pull(args) -> int:
+    """Fetch the model where `serve` will find it (the download's progress on a terminal) and print its path."""
+    from . import logs
+    from .engine import EngineError
+    from .engine.checkpoint import resolve
+    settings = settings_of(args)
+    if settings is None:
+        return 2
+    logs.setup(settings.log_level, settings.log_format)
+    try:
+        path = resolve(settings.model, settings.cache_dir, settings.revision, progress=True)
+    except EngineError as error:
+        print(f"glmpool pull: {error}", file=sys.stderr)
+        return 1
+    print(path)
     return 0
 
 
 def http(args) -> int:
-    from . import config
-    try:
-        settings = config.resolve(args)
-    except config.ConfigError as error:
-        print(f"glmpool http: {error}", file=sys.stderr)
+    from . import logs
+    settings = settings_of(args)
+    if settings is None:
         return 2
     try:
         from .gateway import serve as run_gateway
     except ImportError as error:
         print(f"glmpool http needs the http extra: pip install 'glmpool[http]' ({error})", file=sys.stderr)
         return 2
-    setup_logging(settings.log_level, settings.log_format)
+    logs.setup(settings.log_level, settings.log_format)
     return run_gateway(settings)
 
 
@@ -217,6 +320,5 @@ def tiny_model(args) -> int:
     return 0
 
 
-
-COMMAND_FUNCTIONS = {"serve": serve, "ask": ask, "status": status, "quit": quit_command, "http": http,
-                     "tiny-model": tiny_model}
+COMMAND_FUNCTIONS = {"serve": serve, "ask": ask, "chat": chat, "status": status, "quit": quit_command,
+                     "pull": pull, "http": http, "tiny-model": tiny_model}

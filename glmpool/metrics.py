@@ -1,10 +1,10 @@
-"""Prometheus metrics: text exposition format from the supervisor's status dict.
+"""Prometheus metrics from the supervisor's status dict, through prometheus_client.
 
-Two outlets for the same text:
-- a file for node_exporter's textfile collector (``metrics_file``, e.g.
-  ``/var/lib/prometheus/node-exporter/glmpool.prom``), replaced atomically: written to a hidden temp
-  file in the same directory (the collector only reads ``*.prom``) and renamed over the old one;
-- optionally an HTTP endpoint on localhost (``metrics_port``), served from a daemon thread.
+prometheus_client gives the exposition format (escaping, name checks), the textfile for node_exporter's
+textfile collector written atomically (``write_to_textfile``: a temp file beside it, whose name does not
+end in ``.prom``, renamed over it) and the HTTP endpoint; this module only says which metric families a
+status dict makes. Two outlets for the same numbers: ``metrics_file`` (e.g.
+``/var/lib/prometheus/node-exporter/glmpool.prom``) and ``metrics_port`` (on 127.0.0.1).
 
 Status dict assumed (the ``flags/status.back`` document of the pool; every key optional: a missing
 key or a null / non-numeric value omits that metric, it never fails)::
@@ -37,22 +37,20 @@ from __future__ import annotations
 
 import datetime
 import logging
-import math
 import os
 import re
-import tempfile
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
+
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server, write_to_textfile
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 log = logging.getLogger(__name__)
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 WORKER_STATES = ("starting", "running", "backoff", "fatal", "stopped")
 SUPERVISOR_STATES = ("starting", "running", "stopping")
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
-__all__ = ["render", "write_textfile", "MetricsServer", "Metrics", "CONTENT_TYPE"]
+__all__ = ["render", "Metrics"]
 
 
 def _number(value: Any) -> float | None:
@@ -60,24 +58,6 @@ def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value)
-
-
-def _format_value(v: float) -> str:
-    if math.isnan(v):
-        return "NaN"
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    if v.is_integer() and abs(v) < 2**53:
-        return str(int(v))
-    return repr(v)
-
-
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
 
 
 def _timestamp(value: Any) -> float | None:
@@ -93,7 +73,8 @@ def _timestamp(value: Any) -> float | None:
 
 
 class _Family:
-    """One metric family: HELP/TYPE once, then one sample per distinct label set."""
+    """One metric family being filled: samples whose value is unknown are left out, a repeated label
+    set (which would fail the whole scrape) is dropped."""
 
     def __init__(self, name: str, kind: str, help_text: str) -> None:
         self.name, self.kind, self.help = name, kind, help_text
@@ -101,22 +82,19 @@ class _Family:
 
     def add(self, labels: Mapping[str, Any], value: Any) -> None:
         v = _number(value)
-        if v is None:
-            return
         key = tuple((k, str(val)) for k, val in labels.items())
-        if key in self.samples:  # an invalid scrape otherwise; render() dedupes workers first
-            log.debug("duplicate series %s%s dropped", self.name, key)
-            return
-        self.samples[key] = v
+        if v is not None and key not in self.samples:
+            self.samples[key] = v
 
-    def lines(self) -> Iterable[str]:
+    def metric(self) -> Metric | None:
+        """The prometheus_client family (every sample of one family has the same label names)."""
         if not self.samples:
-            return
-        yield f"# HELP {self.name} {_escape_help(self.help)}"
-        yield f"# TYPE {self.name} {self.kind}"
-        for key, v in self.samples.items():
-            label_text = ",".join(f'{k}="{_escape_label(val)}"' for k, val in key)
-            yield f"{self.name}{{{label_text}}} {_format_value(v)}" if key else f"{self.name} {_format_value(v)}"
+            return None
+        kind = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
+        family = kind(self.name, self.help, labels=[k for k, _ in next(iter(self.samples))])
+        for key, value in self.samples.items():
+            family.add_metric([v for _, v in key], value)
+        return family
 
 
 def _sum(workers: list[Mapping[str, Any]], key: str) -> float | None:
@@ -125,8 +103,8 @@ def _sum(workers: list[Mapping[str, Any]], key: str) -> float | None:
     return sum(values) if values else None
 
 
-def render(status: Mapping[str, Any], extra_labels: Mapping[str, str] | None = None) -> str:
-    """Render the status dict as Prometheus text exposition format (ends with a newline)."""
+def families(status: Mapping[str, Any], extra_labels: Mapping[str, str] | None = None) -> list[Metric]:
+    """The metric families of a status dict."""
     base: dict[str, str] = {}
     for name, value in (extra_labels or {}).items():
         # An invalid label name would make the whole scrape fail: drop it, loudly.
@@ -150,11 +128,11 @@ def render(status: Mapping[str, Any], extra_labels: Mapping[str, str] | None = N
         seen.add(ident)
         workers.append(w)
     queue = status.get("queue") if isinstance(status.get("queue"), Mapping) else {}
-    families: list[_Family] = []
+    made: list[_Family] = []
 
     def family(name: str, kind: str, help_text: str) -> _Family:
         f = _Family("glmpool_" + name, kind, help_text)
-        families.append(f)
+        made.append(f)
         return f
 
     family("up", "gauge", "1 while the glmpool supervisor is running.").add(base, 1)
@@ -216,79 +194,32 @@ def render(status: Mapping[str, Any], extra_labels: Mapping[str, str] | None = N
             labels = {**base, "gpu": str(gpu.get("device", ""))}
             used.add(labels, gpu.get("memory_used"))
             total.add(labels, gpu.get("memory_total"))
-
-    lines = [line for f in families for line in f.lines()]
-    return "\n".join(lines) + "\n"
+    return [metric for metric in (f.metric() for f in made) if metric is not None]
 
 
-def write_textfile(path: str | os.PathLike[str], text: str) -> None:
-    """Atomically replace ``path`` with ``text``; raises OSError on failure (temp file removed)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(path) or "."
-    # Hidden, non-.prom name: node_exporter must never read the half-written temp file.
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        # mkstemp creates 0600; node_exporter runs as another user and must be able to read it.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+
+class StatusCollector:
+    """A prometheus_client collector of the latest status dict."""
+
+    def __init__(self, extra_labels: Mapping[str, str] | None = None) -> None:
+        self.status: Mapping[str, Any] = {}
+        self.extra_labels = dict(extra_labels or {})
+
+    def collect(self):
+        return families(self.status, self.extra_labels)
 
 
-class MetricsServer:
-    """``GET /metrics`` (and ``/``) on ``host:port`` from a daemon thread; port 0 picks a free one."""
+def _registry(collector: StatusCollector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
 
-    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
-        self._text = "# glmpool: no status yet\n"
-        self._lock = threading.Lock()
-        owner = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server naming)
-                if self.path.split("?", 1)[0] not in ("/", "/metrics"):
-                    self.send_error(404)
-                    return
-                body = owner.text.encode("utf-8")
-                self.send_response(200)
-                self.send_header("Content-Type", CONTENT_TYPE)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                log.debug("metrics http: " + format, *args)
-
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="glmpool-metrics",
-                                        daemon=True)
-
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1]
-
-    @property
-    def text(self) -> str:
-        with self._lock:
-            return self._text
-
-    def set_text(self, text: str) -> None:
-        with self._lock:
-            self._text = text
-
-    def start(self) -> "MetricsServer":
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+def render(status: Mapping[str, Any], extra_labels: Mapping[str, str] | None = None) -> str:
+    """The status dict in Prometheus text exposition format."""
+    collector = StatusCollector(extra_labels)
+    collector.status = status
+    return generate_latest(_registry(collector)).decode("utf-8")
 
 
 class Metrics:
@@ -301,38 +232,40 @@ class Metrics:
     def __init__(self, path: str | os.PathLike[str] | None = None, port: int | None = None,
                  bind: str = "127.0.0.1", extra_labels: Mapping[str, str] | None = None) -> None:
         self.path = os.fspath(path) if path else None
-        self.extra_labels = dict(extra_labels or {})
-        self.server: MetricsServer | None = None
+        self.collector = StatusCollector(extra_labels)
+        self.registry = _registry(self.collector)
+        self.server = None
+        self.port: int | None = None
         self._last_error: str | None = None
         if port is not None:
             try:
-                self.server = MetricsServer(port, bind).start()
-                log.info("metrics on http://%s:%d/metrics", bind, self.server.port)
+                self.server, _ = start_http_server(port, addr=bind, registry=self.registry)
+                self.port = self.server.server_address[1]
+                log.info("metrics on http://%s:%d/metrics", bind, self.port)
             except OSError as exc:
                 log.error("metrics endpoint on %s:%s not started: %s", bind, port, exc)
 
-    def update(self, status: Mapping[str, Any]) -> str:
-        """Render, publish to the HTTP endpoint and the file; returns the text."""
-        text = render(status, self.extra_labels)
-        if self.server is not None:
-            self.server.set_text(text)
-        if self.path:
-            try:
-                write_textfile(self.path, text)
-                self._last_error = None
-            except OSError as exc:
-                # Log once per distinct error, not every few seconds.
-                # (errno and reason only: the message names a random temp file.)
-                reason = f"[Errno {exc.errno}] {exc.strerror}"
-                if reason != self._last_error:
-                    log.warning("metrics file %s not written: %s", self.path, reason)
-                    self._last_error = reason
-        return text
+    def update(self, status: Mapping[str, Any]) -> None:
+        """Take a new status: the endpoint serves it from now on, and the file is rewritten."""
+        self.collector.status = status
+        if not self.path:
+            return
+        try:
+            write_to_textfile(self.path, self.registry)
+            self._last_error = None
+        except OSError as exc:
+            # Log once per distinct error, not every few seconds (errno and reason only: the message
+            # names a temp file).
+            reason = f"[Errno {exc.errno}] {exc.strerror}"
+            if reason != self._last_error:
+                log.warning("metrics file %s not written: %s", self.path, reason)
+                self._last_error = reason
 
     def close(self, remove_file: bool = False) -> None:
         """Stop the endpoint; optionally remove the file so stale numbers are not scraped."""
         if self.server is not None:
-            self.server.close()
+            self.server.shutdown()
+            self.server.server_close()
             self.server = None
         if remove_file and self.path:
             try:

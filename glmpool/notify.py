@@ -32,6 +32,8 @@ import socket
 
 log = logging.getLogger(__name__)
 
+SEND_TIMEOUT = 0.5  # seconds a datagram may wait for room in the listener's queue
+
 __all__ = [
     "enabled", "send", "ready", "status", "stopping", "reloading", "watchdog",
     "watchdog_interval", "extend_timeout",
@@ -66,6 +68,7 @@ def send(*fields: str) -> bool:
     payload = "\n".join(f.replace("\n", " ") for f in fields).encode("utf-8", "replace")
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.settimeout(SEND_TIMEOUT)  # a listener that stopped reading must not stall the supervisor
             sock.sendto(payload, addr)
         return True
     except Exception as exc:  # never raise into the supervisor's loop
@@ -104,9 +107,13 @@ def watchdog() -> bool:
     return send("WATCHDOG=1")
 
 
-def extend_timeout(seconds: float) -> bool:
-    """``EXTEND_TIMEOUT_USEC=``: ask for more start/stop time (e.g. a long model download)."""
-    return send(f"EXTEND_TIMEOUT_USEC={max(0, int(seconds * 1_000_000))}")
+def extend_timeout(seconds: float, text: str | None = None) -> bool:
+    """``EXTEND_TIMEOUT_USEC=`` (with an optional ``STATUS=``): ask for more start/stop time (e.g. while a
+    model downloads or loads)."""
+    fields = [f"EXTEND_TIMEOUT_USEC={max(0, int(seconds * 1_000_000))}"]
+    if text:
+        fields.append(f"STATUS={text}")
+    return send(*fields)
 
 
 def watchdog_interval() -> float | None:

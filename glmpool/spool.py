@@ -386,6 +386,20 @@ def touch(directory: Path, name: str) -> float:
         os.close(dir_fd)
 
 
+def live_heartbeats(flags: Path, prober: str) -> list[Path]:
+    """Heartbeat files of supervisors (any host) alive within HOST_FRESH_SECONDS, judged by the filesystem's
+    clock (a probe file named after `prober` is touched for "now"), by this host's when it cannot be."""
+    hosts = flags / ".hosts"
+    try:
+        now = touch(hosts, f".probe-{prober}")
+    except OSError:
+        now = time.time()
+    try:
+        return [p for p in hosts.glob("*.json") if now - p.stat().st_mtime < HOST_FRESH_SECONDS]
+    except OSError:
+        return []
+
+
 def error_text(sentence: str, detail: dict) -> str:
     return sentence.rstrip(".") + ".\n" + json.dumps(detail, ensure_ascii=False, indent=1) + "\n"
 

@@ -96,9 +96,8 @@ def place_workers(gpus_setting: str, nvml: gpus.Nvml | None, environ=os.environ)
 
 
 class Supervisor:
-    def __init__(self, config: Config, echo=print):
+    def __init__(self, config: Config):
         self.config = config
-        self.echo = echo  # the original server's two console lines
         self.root = Path(config.dir).resolve()
         self.requests = self.root / "requests"
         self.flags = self.root / "flags"
@@ -169,7 +168,8 @@ class Supervisor:
             threads = max(1, len(os.sched_getaffinity(0)) // sum(p.device == "cpu" for p in placements))
         slot = Slot(WorkerSpec(wid, placement.device, c.model, c.dtype, c.quantize, c.cache_dir, c.max_batch,
                                c.kv_cache_gb, threads, c.partial_seconds, c.partial_tokens, c.matmul,
-                               placement.visible, placement.sharing, c.compile == "on"))
+                               placement.visible, placement.sharing, c.compile == "on", revision=c.revision,
+                               log_level=c.log_level, log_format=c.log_format))
         slot.gpu = None if placement.device == "cpu" or placement.missing else placement.key
         if placement.missing:
             slot.state, slot.last_error = "FATAL", placement.missing
@@ -225,9 +225,9 @@ class Supervisor:
         return all(s.state in ("RUNNING", "FATAL") for s in self.slots) and any(s.state == "RUNNING" for s in self.slots)
 
     def announce(self) -> None:
-        self.echo(f"[Info {now_text()}]: Loaded.")
+        log.info("Loaded.")  # the original server's two console lines
         self.status = "running"
-        self.echo(f"[Info {now_text()}]: Running...")
+        log.info("Running...")
         self.run_hooks("ready")
 
     def run_hooks(self, event: str, status: dict | None = None) -> None:
@@ -827,14 +827,7 @@ class Supervisor:
 
     def peer_files(self) -> list[Path]:
         """Heartbeat files of supervisors (any host) seen alive within a few beats, by the filesystem clock."""
-        hosts = self.flags / ".hosts"
-        probe = hosts / f".probe-{self.config.host_id}"
-        try:
-            probe.touch()
-            now = probe.stat().st_mtime
-            return [p for p in hosts.glob("*.json") if now - p.stat().st_mtime < spool.HOST_FRESH_SECONDS]
-        except OSError:
-            return []
+        return spool.live_heartbeats(self.flags, self.config.host_id)
 
     def live_peers(self) -> list[Path]:
         own = self.host_file()
@@ -902,7 +895,3 @@ def exit_text(code: int | None) -> str:
     if code < 0:
         return f"signal {signal.Signals(-code).name}"
     return f"code {code}"
-
-
-def now_text() -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S")

@@ -48,7 +48,7 @@ class WorkerSpec:
     model: str
     dtype: str | None
     quantize: int | str | None
-    cache_dir: str
+    cache_dir: str | None
     max_batch: int
     kv_cache_gb: float | None
     threads: int = 0  # torch intra-op threads (0: torch's default)
@@ -58,6 +58,9 @@ class WorkerSpec:
     visible: str = ""  # the worker's CUDA_VISIBLE_DEVICES: the entry of the supervisor's that `device` counts to
     sharing: int = 1  # workers on the same physical device: they split its free memory for KV caches
     compile: bool = BY_NAME["compile"].default == "on"  # GPU workers: the decode step compiled (engine.static_decode)
+    revision: str | None = None
+    log_level: str = BY_NAME["log_level"].default
+    log_format: str = BY_NAME["log_format"].default
 
     @property
     def label(self) -> str:
@@ -78,7 +81,8 @@ def main(spec: WorkerSpec, tasks, results) -> None:
     # torch then allocates tensors of 2 MB and more on huge pages, so the weights load straight onto them
     # instead of being moved there afterwards (engine/hugepages.py); read once, before torch allocates.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    logging.basicConfig(level=logging.WARNING, format=f"[%(levelname)s worker {spec.wid}]: %(message)s")
+    from . import logs
+    logs.setup(spec.log_level, spec.log_format, worker=spec.wid)
     from .engine import EngineError, hugepages, load
     from .engine.api import free_memory, parse_device
     if spec.threads:
@@ -88,8 +92,8 @@ def main(spec: WorkerSpec, tasks, results) -> None:
         device = parse_device("cpu" if spec.device == "cpu" else "cuda")
         free_before = free_memory(device) if spec.sharing > 1 else 0  # the model's footprint, counted below
         engine = load(spec.model, device=device, dtype=spec.dtype,
-                      cache_dir=spec.cache_dir, quantize=spec.quantize, progress=True,  # tqdm; silent off a tty
-                      matmul=spec.matmul)
+                      cache_dir=spec.cache_dir, quantize=spec.quantize, progress=True,  # bars only on a tty
+                      matmul=spec.matmul, revision=spec.revision)
     except EngineError as error:
         results.send(("fatal", spec.wid, str(error)))
         return

@@ -5,9 +5,11 @@ Self-contained: it knows nothing of files of the spool or of processes.
 ## API
 ```python
 from glmpool.engine import load, SamplingParams, EngineError, PromptTooLongError, AdmissionError
-engine = load(model, device="cpu", dtype=None, cache_dir=".cache", quantize=None, progress=True,
-              matmul="reference")
+engine = load(model, device="cpu", dtype=None, cache_dir=None, quantize=None, progress=True,
+              matmul="reference", revision=None)
 #   model: local dir | hub id | "tiny-random" (built once into cache_dir, answers are noise)
+#   cache_dir: None: the standard Hugging Face cache (and ./.cache, where the original server kept models)
+#   revision: the hub revision (None: main)
 #   device: "cpu" | "cuda" | "cuda:N"; dtype: None (float16 on GPUs, float32 on the CPU) | "float32" | ...
 #   quantize: None | 4 | 8 | "4-qe" | "8-qe" (-qe: the embeddings = output projection too)
 #   matmul (CPU fp32 only): one of glmpool.engine.linear.registry.MATMULS, each described there

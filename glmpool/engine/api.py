@@ -163,8 +163,8 @@ class Engine:
 
 
 def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         cache_dir: str | Path = ".cache", quantize: int | str | None = None, progress: bool = True,
-         matmul: str = "reference") -> Engine:
+         cache_dir: str | Path | None = None, quantize: int | str | None = None, progress: bool = True,
+         matmul: str = "reference", revision: str | None = None) -> Engine:
     """Load a ChatGLM-6B checkpoint (directory, hub id, or "tiny-random") into an Engine.
 
     quantize: 4, 8, "4-qe", "8-qe" (see thudm.parse_quantize), or None to run the checkpoint as stored.
@@ -178,7 +178,7 @@ def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | tor
     device = parse_device(device)
     dtype = parse_dtype(dtype, device)
     bits, embeddings = parse_quantize(quantize)
-    model_dir = checkpoint.resolve(str(model), cache_dir)
+    model_dir = checkpoint.resolve(str(model), cache_dir, revision, progress)
     config = checkpoint.read_config(model_dir)
     if not (model_dir / "ice_text.model").is_file():
         raise CheckpointError(f"{model_dir}: no ice_text.model (the tokenizer)")

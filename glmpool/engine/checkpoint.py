@@ -12,6 +12,7 @@ import json
 import logging
 import mmap
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -27,36 +28,74 @@ HUB_FILES = ["*.json", "*.model", "*.bin", "*.safetensors"]  # never the remote 
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # recomputed exactly as the reference computes it
 
 
-def resolve(model: str, cache_dir: str | Path = ".cache") -> Path:
-    """A local checkpoint directory for `model`: a path, `tiny-random`, or a hub id (downloaded)."""
+# The original server's transformers cached hub models under ./.cache of its working directory (in the hub's
+# layout): a model already there is used before anything is downloaded.
+ORIGINAL_SERVER_CACHE = Path(".cache")
+
+
+def resolve(model: str, cache_dir: str | Path | None = None, revision: str | None = None,
+            progress: bool = True) -> Path:
+    """A local checkpoint directory for `model`: a path, `tiny-random`, or a hub id (found in a cache, else
+    downloaded). cache_dir replaces the standard Hugging Face cache (and glmpool's own, for tiny-random)."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
     if model == "tiny-random":
         from .tiny import cached_tiny_checkpoint
-        return cached_tiny_checkpoint(Path(cache_dir))
+        return cached_tiny_checkpoint(Path(cache_dir) if cache_dir else own_cache_dir())
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise CheckpointError(f"model {model!r} is neither a checkpoint directory nor a hub id like THUDM/chatglm-6b")
-    return download(model, Path(cache_dir))
+    return download(model, cache_dir, revision, progress)
 
 
-def download(repo_id: str, cache_dir: Path) -> Path:
+def own_cache_dir() -> Path:
+    """glmpool's own cache (the tiny model): systemd's CacheDirectory= ($CACHE_DIRECTORY), else
+    $XDG_CACHE_HOME/glmpool, else ~/.cache/glmpool."""
+    if os.environ.get("CACHE_DIRECTORY"):
+        return Path(os.environ["CACHE_DIRECTORY"].split(":")[0])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "glmpool"
+
+
+def cached(repo_id: str, revision: str | None, cache_dir: str | Path | None) -> Path | None:
+    """The complete snapshot of `repo_id` at `revision` in a hub cache (None: the standard one), or None."""
+    from huggingface_hub import snapshot_download
+    try:
+        found = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=HUB_FILES,
+                                       local_files_only=True))
+        shard_files(found)  # an interrupted download is not a checkpoint yet
+    except Exception:  # absent, or incomplete: LocalEntryNotFoundError, CheckpointError, ...
+        return None
+    return found if (found / "config.json").is_file() else None
+
+
+def download(repo_id: str, cache_dir: str | Path | None = None, revision: str | None = None,
+             progress: bool = True) -> Path:
+    """`repo_id` from the cache where it is complete (cache_dir, else the standard Hugging Face cache or the
+    original server's ./.cache), else downloaded into cache_dir or the standard cache. Honours the hub's
+    variables (HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE, HF_TOKEN, ...)."""
     try:
         from huggingface_hub import snapshot_download
+        from huggingface_hub.utils import disable_progress_bars
     except ImportError as error:  # pragma: no cover - a declared dependency
         raise ModelNotFoundError(f"cannot download {repo_id}: huggingface_hub is not installed") from error
-    log.info("fetching %s into %s", repo_id, cache_dir)
+    places = [cache_dir] if cache_dir else [None, ORIGINAL_SERVER_CACHE.resolve()]
+    for place in places:
+        found = cached(repo_id, revision, place)
+        if found is not None:
+            return found
+    if not (progress and sys.stderr.isatty()):  # bars written to a log or the journal are noise
+        disable_progress_bars()
+    where = cache_dir or "the Hugging Face cache"
+    log.info("downloading %s%s into %s", repo_id, f" at {revision}" if revision else "", where)
     try:
-        return Path(snapshot_download(repo_id, cache_dir=str(cache_dir), allow_patterns=HUB_FILES))
-    except Exception as first_error:  # offline, unknown id, or network trouble: try the cache alone
-        try:
-            return Path(snapshot_download(repo_id, cache_dir=str(cache_dir), allow_patterns=HUB_FILES,
-                                          local_files_only=True))
-        except Exception:
-            raise ModelNotFoundError(
-                f"cannot download {repo_id} ({type(first_error).__name__}) and it is not in {cache_dir}: "
-                f"pass a local checkpoint directory instead (--model /path/to/chatglm-6b), or "
-                f"--model tiny-random for a smoke test") from None
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=HUB_FILES))
+    except Exception as error:  # offline, unknown id or revision, network trouble
+        looked = str(cache_dir) if cache_dir else f"the Hugging Face cache or {ORIGINAL_SERVER_CACHE.resolve()}"
+        raise ModelNotFoundError(
+            f"cannot download {repo_id}{f' at {revision}' if revision else ''} ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}) and it is not in {looked}: pass a local "
+            f"checkpoint directory instead (--model /path/to/chatglm-6b), or --model tiny-random for a "
+            f"smoke test") from None
 
 
 def shard_files(model_dir: Path) -> list[Path]:
