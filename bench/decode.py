@@ -1,15 +1,15 @@
-"""Decode benchmark: fp32 / fp16 weights / int8 / int4 (and -qe: embeddings quantized too) on the medium
-random model.
+"""Decode benchmark of the linear methods (glmpool/engine/linear/registry.py's names: onednn, reference,
+fp16) and of int8 / int4 (and -qe: embeddings quantized too) on the medium random model.
 
     python bench/decode.py [--rounds 3] [--batches 4,16,64] [--agreement] [--model DIR] [--device cuda]
                            [--shared-cache auto|on|off]
-                           [--variants fp32,fp32-reference,fp16w,int8,int4,int8-qe,int4-qe]
+                           [--variants onednn,reference,fp16,int8,int4,int8-qe,int4-qe]
 
 Medium config (as the issue specifies): hidden 1024, 16 heads, inner 4096, 8 layers, vocab 130528, tied
 embeddings, ~234 M parameters (0.94 GB in fp32), random weights from `glmpool.engine.tiny`, built once
-into .cache/. fp32 runs with `matmul="onednn"`; fp32-reference with THUDM's own F.linear
-(`matmul="reference"`), for comparison; fp16w is fp16 weights with fp32 arithmetic (`matmul="fp16"`, the
-pool's default, by glmpool's kernel; the checkpoint is stored in fp16 as THUDM's are, so it loses
+into .cache/ (bench/harness.py). onednn, reference and fp16 run load(matmul=) with that name: fp32 weights
+through oneDNN; THUDM's own F.linear, for comparison; fp16 weights with fp32 arithmetic (the pool's
+default, by glmpool's kernel; the checkpoint is stored in fp16 as THUDM's are, so it loses
 nothing), and the quantized variants run with that default too (for int8/int4 it holds the unquantized
 embeddings = output projection in fp16). For every variant: prompt ms (one 32-token prompt), decode
 tokens/s of one sequence, aggregate tokens/s of batches through `engine.batcher` (greedy), next to this
@@ -17,10 +17,11 @@ machine's memory read bandwidth measured in the same run and the bound it implie
 bytes read per token).
 
 The machine is shared and noisy: the variants run round-robin, several rounds, and the table shows
-medians plus ratios against fp32 measured in the same rounds. Not a test: no targets are asserted.
+medians plus ratios against onednn measured in the same rounds (variant names before issue 20: fp32 =
+onednn, fp32-reference = reference, fp16w = fp16). Not a test: no targets are asserted.
 Any variant's name + "-no-row-kernel" runs it with lone rows through torch's kernels instead of glmpool's
 (glmpool/engine/row_kernel.py); + "-torch-rows" with several rows through torch's kernels (oneDNN,
-FBGEMM for every row of fp16w, torch's int4 kernel) instead of glmpool's tiled ones; + "-torch-attention" with decode attention
+FBGEMM for every row of fp16, torch's int4 kernel) instead of glmpool's tiled ones; + "-torch-attention" with decode attention
 through torch instead of glmpool's kernel (decode_attention.py); + "-4k-pages" with its weights left on
 4 KB pages (hugepages.py): list those first, since memory that held weights moved onto huge pages stays
 advised when it is reused.
@@ -41,24 +42,12 @@ from unittest import mock
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from glmpool.engine import SamplingParams, load  # noqa: E402
-from glmpool.engine import agreement, decode_attention, hugepages, row_kernel  # noqa: E402
-from glmpool.engine.linear import layers  # noqa: E402
+from glmpool.engine import SamplingParams, load
+from glmpool.engine import agreement, decode_attention, hugepages, row_kernel
+from glmpool.engine.linear import layers, registry
+from harness import ROOT, medium_checkpoint
 
-MEDIUM = dict(layers=8, hidden=1024, heads=16, inner=4096, vocab=130528, seed=0)
 PROMPT_TOKENS = 32
-
-
-def medium_checkpoint(cache: Path) -> Path:
-    from glmpool.engine.tiny import write_tiny_checkpoint
-
-    target = cache / "bench-medium-v1"
-    if not (target / "config.json").is_file():
-        print(f"building the medium random checkpoint in {target} ...", file=sys.stderr)
-        write_tiny_checkpoint(target, **MEDIUM)
-    return target
 
 
 def read_bandwidth(device: str = "cpu", rounds: int = 7, megabytes: int = 1024) -> float:
@@ -165,14 +154,10 @@ def build_variants(model_dir: Path, names: list[str], device: str = "cpu") -> di
 
 
 def build_variant(model_dir: Path, name: str, on: dict):
-    if name in ("bf16", "fp16"):
-        engine = load(model_dir, dtype={"bf16": "bfloat16", "fp16": "float16"}[name], **on)
-    elif name == "fp32-reference":
-        engine = load(model_dir, dtype="float32", matmul="reference", **on)
-    elif name == "fp16w":
-        engine = load(model_dir, matmul="fp16", **on)
-    elif name == "fp32":
-        engine = load(model_dir, dtype="float32", matmul="onednn", **on)
+    if name in ("dtype-bf16", "dtype-fp16"):  # the whole model in that dtype: yardsticks for --agreement
+        engine = load(model_dir, dtype={"dtype-bf16": "bfloat16", "dtype-fp16": "float16"}[name], **on)
+    elif name in registry.MATMULS:  # fp32 activations on the CPU, the weights as the method keeps them
+        engine = load(model_dir, dtype=None if name == "fp16" else "float32", matmul=name, **on)
     else:  # quantized: what the pool runs (its default matmul; the -qe variants have no float matrix left)
         engine = load(model_dir, quantize=name.removeprefix("int"), matmul="fp16", **on)
     # Random weights may well predict <eop>; the bench wants every sequence decoding every step.
@@ -199,7 +184,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: the medium random one)")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache")
-    parser.add_argument("--variants", default="fp32,fp32-reference,fp16w,int8,int4,int8-qe,int4-qe")
+    parser.add_argument("--variants", default="onednn,reference,fp16,int8,int4,int8-qe,int4-qe")
     parser.add_argument("--batches", default="4,16,64")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--decode-steps", type=int, default=16)
@@ -208,7 +193,7 @@ def main() -> None:
     parser.add_argument("--shared-cache", choices=("auto", "on", "off"), default="auto",
                         help="KV caches in one slab with batched decode attention (auto: on a GPU, and "
                              "on the CPU where load() found the padding exact)")
-    parser.add_argument("--agreement", action="store_true", help="also greedy token agreement against fp32")
+    parser.add_argument("--agreement", action="store_true", help="also greedy token agreement against onednn")
     parser.add_argument("--agreement-prompts", type=int, default=8)
     parser.add_argument("--agreement-tokens", type=int, default=16)
     parser.add_argument("--chatglm-cpp", metavar="PYTHON", default=None,
@@ -220,12 +205,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model_dir = args.model or medium_checkpoint(args.cache)
     names = args.variants.split(",")
-    if "fp32" not in names:
-        names.insert(0, "fp32")
+    if "onednn" not in names:  # every ratio is to onednn (fp32 weights) of the same round
+        names.insert(0, "onednn")
     batches = [int(b) for b in args.batches.split(",") if b]
     engines = build_variants(model_dir, names, args.device)
-    config = engines["fp32"].config
-    params = sum(t.numel() for t in [*engines["fp32"].model.parameters(), *engines["fp32"].model.buffers()])
+    config = engines["onednn"].config
+    model = engines["onednn"].model
+    params = sum(t.numel() for t in model.parameters()) + sum(
+        m.method.weight().numel() for m in model.modules() if isinstance(m, (layers.PackedLinear, layers.TiedEmbedding)))
     print(f"model {model_dir.name}: {params / 1e6:.0f} M parameters, hidden {config.hidden_size}, "
           f"{config.num_layers} layers, vocab {config.vocab_size}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, device {args.device}", file=sys.stderr)
@@ -256,7 +243,7 @@ def main() -> None:
     bandwidth = statistics.median(bandwidths)
     med = {name: {k: statistics.median(v) for k, v in r.items()} for name, r in results.items()}
     # ratios per round against fp32 of the same round, then the median
-    ratio = {name: {k: statistics.median(a / b for a, b in zip(v, results["fp32"][k])) for k, v in r.items()}
+    ratio = {name: {k: statistics.median(a / b for a, b in zip(v, results["onednn"][k])) for k, v in r.items()}
              for name, r in results.items()}
     where = f"{torch.get_num_threads()} threads" if args.device == "cpu" else args.device
     print(f"\nMemory read bandwidth (fp32 sum of 1 GiB, {where}, median of "
@@ -275,7 +262,7 @@ def main() -> None:
                  f"{100 * m['tokens_per_s'] / bound:.0f}%"]
         cells += [f"{m[f'b{b}']:.1f} ({r[f'b{b}']:.2f}x)" for b in batches]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    print("\n(x): ratio to fp32 measured in the same rounds (prompt: time ratio, lower is faster; "
+    print("\n(x): ratio to onednn measured in the same rounds (prompt: time ratio, lower is faster; "
           "tokens/s: speed ratio).")
     if batches:
         print("Batch scaling (aggregate tokens/s at batch b / decode tokens/s at batch 1): " + "; ".join(
@@ -287,21 +274,21 @@ def main() -> None:
               "decode in the same rounds:\n")
         print("| chatglm.cpp | tok/s | glmpool counterpart | glmpool tok/s | glmpool / chatglm.cpp (per round, median) |")
         print("|---|---|---|---|---|")
-        for kind, ours in (("f32", "fp32"), ("f16", "fp16w"), ("q8_0", "int8-qe"), ("q4_0", "int4-qe")):
+        for kind, ours in (("f32", "onednn"), ("f16", "fp16"), ("q8_0", "int8-qe"), ("q4_0", "int4-qe")):
             if kind in cpp and ours in results:
                 per_round = statistics.median(a / b for a, b in zip(results[ours]["tokens_per_s"], cpp[kind]))
                 print(f"| {kind} | {statistics.median(cpp[kind]):.1f} | {ours} | {med[ours]['tokens_per_s']:.1f} | "
                       f"{per_round:.2f} |")
 
     if args.agreement:
-        print(f"\nGreedy agreement with fp32 ({args.agreement_prompts} prompts x {args.agreement_tokens} tokens):\n")
+        print(f"\nGreedy agreement with onednn ({args.agreement_prompts} prompts x {args.agreement_tokens} tokens):\n")
         print("| variant | teacher-forced token agreement | identical prefix (fraction) | identical continuations |")
         print("|---|---|---|---|")
         agreement_engines = dict(engines)
-        if "bf16" not in agreement_engines:
-            agreement_engines["bf16 (yardstick)"] = build_variants(model_dir, ["bf16"])["bf16"]
-        agreement_engines["fp16 (yardstick)"] = build_variants(model_dir, ["fp16"])["fp16"]
-        for row in agreement_table(agreement_engines, "fp32", args.agreement_prompts, args.agreement_tokens,
+        for dtype in ("dtype-bf16", "dtype-fp16"):
+            if dtype not in agreement_engines:
+                agreement_engines[f"{dtype} (yardstick)"] = build_variants(model_dir, [dtype])[dtype]
+        for row in agreement_table(agreement_engines, "onednn", args.agreement_prompts, args.agreement_tokens,
                                    random.Random(1)):
             print(row)
 

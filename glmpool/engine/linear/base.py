@@ -12,6 +12,7 @@ import logging
 from typing import Callable, ClassVar
 
 import torch
+
 from . import registry
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,6 @@ def unit_scales(kind: str, shape: tuple[int, ...], device: torch.device | str = 
     return tensor
 
 
-
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # allowed by the int4 kernels, CPU and CUDA (all groups share the row scale)
 
 
@@ -163,7 +163,7 @@ def choose(name: str, device: torch.device, dtype: torch.dtype) -> type[LinearMe
         method = method_class(candidate)
         if method.usable(device, dtype):
             if candidate != name and device.type == "cpu" and dtype == torch.float32:
-                log.info("matmul %s cannot run here (kernel not built, CPU features, torch build); using %s",
-                            name, candidate)
+                log.info("matmul %s cannot run here (kernel not built, CPU features, torch build, or a probe "
+                         "found its promise broken); using %s", name, candidate)
             return method
     raise AssertionError("the last method of every chain is usable everywhere")
