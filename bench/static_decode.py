@@ -4,7 +4,7 @@ of its decode step that bench/gpu.py runs on a GPU.
     python bench/static_decode.py --cpu-dry-run    # the checks on the tiny model's CPU tensors (JSON)
     python bench/gpu.py [--cpu-dry-run]            # runs them too, and times the step on a GPU
 
-The checks (importable; tests/test_static_decode.py runs each, and bench/gpu.py --cpu-dry-run):
+The checks (importable; tests/engine/test_static_decode.py runs each, and bench/gpu.py --cpu-dry-run):
 - `check_fullgraph(batcher)`: every (batch, span) bucket's decode step is one graph, no break
   (torch._dynamo.explain on the eager step);
 - `check_compiled_matches_eager(engine, backend)`: the same greedy tokens from compiled and eager steps;

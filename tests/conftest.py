@@ -1,4 +1,11 @@
+"""Fixtures shared by the three groups of tests: engine/ (the engine library), pool/ (the pool's modules in
+process) and system/ (real pools, commands and units in processes)."""
+import sys
+from pathlib import Path
+
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # pooltools, for every group
 
 LONG_TOKENS = 1500  # ~1.5 s of generation here: long enough to catch mid-way on a faster machine
 

@@ -1,5 +1,5 @@
 """The engine's GPU-only branches, run on CPU tensors: what `bench/gpu.py --cpu-dry-run` reports and
-tests/test_gpu_engine.py asserts, one check each (name, ok, one-line detail).
+tests/engine/test_gpu_engine.py asserts, one check each (name, ok, one-line detail).
 
 Each route runs on the CPU where its operator has a CPU implementation, with small shapes:
 - int8-cuda: `aten._weight_int8pack_mm` has one, with the same arguments (fp16 activations, fp16 scales);

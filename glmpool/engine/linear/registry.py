@@ -74,7 +74,7 @@ def fallbacks(name: str) -> tuple[str, ...]:
 
 
 def matmul_comment(width: int = 100) -> str:
-    """deploy/glmpool.toml's comment on `matmul` (tests/test_imports.py holds the template to it)."""
+    """deploy/glmpool.toml's comment on `matmul` (tests/pool/test_imports.py holds the template to it)."""
     import textwrap
 
     lines = ["Matrix products on cpu workers (fp32 arithmetic); where one cannot run, the first of its fallbacks:"]

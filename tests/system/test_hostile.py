@@ -406,7 +406,7 @@ def jail(public_dir, cache):
     # The checkout may sit in a directory only root can enter (a `mktemp -d` clone is 0700): give nobody
     # its own readable copy of the package.
     source = public_dir / "src"
-    shutil.copytree(Path(__file__).resolve().parent.parent / "glmpool", source / "glmpool",
+    shutil.copytree(Path(__file__).resolve().parents[2] / "glmpool", source / "glmpool",
                     ignore=shutil.ignore_patterns("__pycache__"))
     for d, _, files in os.walk(source):
         os.chmod(d, 0o755)

@@ -139,7 +139,7 @@ class DeadProcess:
 
 
 def test_a_dead_workers_requests_stay_claimed_and_run_again_one_at_a_time(tmp_path):
-    """The unit behind tests/test_pool.py's SIGKILL cases: a worker's death puts its requests back in the
+    """The unit behind tests/system/test_pool.py's SIGKILL cases: a worker's death puts its requests back in the
     queue, still claimed (no other supervisor may take them), each to run again alone on the next worker;
     nothing new is claimed meanwhile."""
     s = one_worker_pool(tmp_path, requests=4, tasks=[])

@@ -22,7 +22,7 @@ import pytest
 
 from glmpool import metrics, notify
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 UNITS = ["glmpool.service", "glmpool@.service"]
 VENV_BIN = "/opt/glmpool/venv/bin/glmpool"

@@ -108,7 +108,7 @@ def test_bench_gpu_run_at_toy_size_on_the_cpu(monkeypatch):
     import importlib.util
     import sys
     from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "bench" / "gpu.py"
+    path = Path(__file__).resolve().parents[2] / "bench" / "gpu.py"
     spec = importlib.util.spec_from_file_location("bench_gpu", path)
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "bench_gpu", bench)  # its dataclass looks itself up there

@@ -13,7 +13,7 @@ from glmpool.engine import SamplingParams, load
 from glmpool.engine.generate import INVALID_SCORE_TOKEN
 from glmpool.engine.static_decode import StaticBatcher, batch_buckets, sample_tokens, span_buckets, uniform
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """glmpool against outputs recorded from THUDM's own reference code on the same tiny checkpoint.
 
-tests/data/thudm_reference.json was produced by running THUDM's modeling_chatglm.py and
+tests/engine/data/thudm_reference.json was produced by running THUDM's modeling_chatglm.py and
 tokenization_chatglm.py (transformers 4.27.1, fp32, CPU, greedy) on write_tiny_checkpoint(dir, seed=1),
 the checkpoint of the `tiny_dir` fixture. Checkpoint generation is deterministic; the hashes guard that.
 """
