@@ -188,8 +188,8 @@ def settled(text: str) -> str:
 class Spool:
     def __init__(self, root: Path, host_id: str, poll_interval: float):
         self.requests = root / "requests"
-        self.hosts = root / "flags" / ".hosts"
-        self.probe = self.hosts / f".probe-{host_id}"  # the supervisor's name on this host id: no new file
+        self.flags = root / "flags"
+        self.host_id = host_id  # probes the spool's clock under the supervisor's name on this host: no new file
         self.poll_interval = poll_interval
         self.waiters: dict[str, asyncio.Event] = {}
         self.watch: DirWatch | None = None
@@ -271,21 +271,9 @@ class Spool:
         if now - self._live[0] < LIVE_CACHE_SECONDS:
             return self._live[1]
         pools = []
-        try:
-            clock = spool.touch(self.hosts, self.probe.name)
-        except OSError:
-            clock = time.time()  # no write access to flags/: this host's clock
-        try:
-            entries = list(os.scandir(self.hosts))
-        except OSError:
-            entries = []
-        for entry in entries:
-            if entry.name.startswith(".") or not entry.name.endswith(".json"):
-                continue
+        for beat in spool.live_heartbeats(self.flags, self.host_id):
             try:
-                if clock - entry.stat().st_mtime >= spool.HOST_FRESH_SECONDS:
-                    continue
-                status = json.loads(Path(entry.path).read_text(encoding="utf-8"))
+                status = json.loads(beat.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 continue
             if isinstance(status, dict) and status.get("status") in ("starting", "running"):
