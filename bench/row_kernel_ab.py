@@ -26,14 +26,16 @@ from glmpool.engine import row_kernel  # noqa: E402
 SHAPES = [(3072, 1024), (1024, 1024), (4096, 1024), (1024, 4096), (130528, 1024)]  # the medium model's (out, in)
 
 
-def load(path: str) -> ctypes.CDLL:
+def load(path: str, int8_float_io: bool = False) -> ctypes.CDLL:
     lib = ctypes.CDLL(path)
+    lib.int8_float_io = int8_float_io
     for entry in (lib.glmpool_rows_times_packed_avx2, lib.glmpool_rows_times_half_avx2, lib.glmpool_row_times_int4,
                   lib.glmpool_rows_times_packed, lib.glmpool_rows_times_half):
         entry.restype = None
         entry.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
     lib.glmpool_rows_times_int8.restype = None
-    lib.glmpool_rows_times_int8.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.glmpool_rows_times_int8.argtypes = [ctypes.c_void_p] * (3 if int8_float_io else 4) + [ctypes.c_int64] * 3 + [
+        ctypes.c_int]
     return lib
 
 
@@ -41,11 +43,22 @@ def calls(kernel: str, out_features: int, in_features: int, wide: bool):
     """(weight bytes, call(lib, x, y)) for one row on this kernel's layout."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(1, in_features, generator=generator).bfloat16().float()
-    if kernel == "int8":
+    if kernel == "int8":  # as row_kernel.int8_times calls it, the conversions from and to bf16 included
         w = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
-        y = torch.empty(1, out_features)
-        return w.numel(), x, y, lambda lib: lib.glmpool_rows_times_int8(
-            w.data_ptr(), x.data_ptr(), y.data_ptr(), 1, out_features, in_features, 16 if wide else 8)
+        x16, y = x.bfloat16(), torch.empty(1, out_features, dtype=torch.bfloat16)
+        lanes = 16 if wide else 8
+
+        def call(lib):
+            if lib.int8_float_io:  # builds before bf16 in and out
+                x32, y32 = x16.float(), torch.empty(1, out_features)
+                lib.glmpool_rows_times_int8(w.data_ptr(), x32.data_ptr(), y32.data_ptr(), 1, out_features,
+                                            in_features, lanes)
+                y.copy_(y32.to(torch.bfloat16))
+            else:
+                scratch = torch.empty(in_features + out_features)
+                lib.glmpool_rows_times_int8(w.data_ptr(), x16.data_ptr(), y.data_ptr(), scratch.data_ptr(), 1,
+                                            out_features, in_features, lanes)
+        return w.numel(), x, y, call
     if kernel == "int4":
         q = torch.randint(0, 16, (out_features, in_features), dtype=torch.int32, generator=generator)
         w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
@@ -69,11 +82,13 @@ def main() -> None:
     parser.add_argument("--kernels", default="int4,int8,fp16")
     parser.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES))
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--old-int8-float-io", action="store_true",
+                        help="OLD's int8 entry takes and gives fp32 (before bf16 in and out)")
     parser.add_argument("--threads", type=int, default=1, help="more than 1: timed by wall time")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.threads == 1 else time.perf_counter
-    libs = {"old": load(args.old), "new": load(args.new)}
+    libs = {"old": load(args.old, args.old_int8_float_io), "new": load(args.new)}
     wide = row_kernel.library().isa == 512 and row_kernel.torch_isa() == 512
     print(f"{'AVX-512' if wide else 'AVX2'} variants, {args.threads} thread(s), {args.rounds} rounds\n")
     print("| kernel | out x in | old GB/s | new GB/s | new / old (per round, median) | same bits |")

@@ -325,8 +325,8 @@ INT8_TILE(tile2_int8_avx2, "avx2,fma", __m256, 8, 2, _mm256_setzero_ps, _mm256_l
 
 /* x [rows, in] (bf16 values as fp32): a lone row by row_times_int8 (lanes as there), more in tiles of 4 input
  * rows where 4 rows of x fit in L1 (in <= 2048), else 8. */
-void glmpool_rows_times_int8(const int8_t *weight, const float *x, float *y, int64_t rows, int64_t out, int64_t in,
-                             int lanes) {
+static void rows_times_int8(const int8_t *weight, const float *x, float *y, int64_t rows, int64_t out, int64_t in,
+                            int lanes) {
     if (rows == 1) {
         row_times_int8(weight, x, y, out, in, lanes);
         return;
@@ -349,6 +349,30 @@ void glmpool_rows_times_int8(const int8_t *weight, const float *x, float *y, int
                 tile8_int8(w, x + m * in, ym, outs, count, in, out);
         }
     }
+}
+
+/* torch's conversion of a float to bf16: to nearest, ties to even; a NaN to all ones, as its vectorized
+ * conversion gives it. */
+static inline uint16_t bf16_of(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (u & 0x7FFFFFFF) > 0x7F800000 ? 0xFFFF : (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+/* x [rows, in] and y [rows, out] in bf16, as torch's int8 kernel takes and gives them: converted here
+ * rather than by two torch operations around each call (a decode step makes ~200 small ones, which cost it
+ * more than the products' arithmetic does at int8). scratch: rows * (in + out) floats. */
+void glmpool_rows_times_int8(const int8_t *weight, const uint16_t *x16, uint16_t *y16, float *scratch, int64_t rows,
+                             int64_t out, int64_t in, int lanes) {
+    float *x = scratch, *y = scratch + rows * in;
+    for (int64_t i = 0; i < rows * in; i++) {
+        uint32_t u = (uint32_t)x16[i] << 16;
+        memcpy(x + i, &u, 4);
+    }
+    rows_times_int8(weight, x, y, rows, out, in, lanes);
+    #pragma omp parallel for schedule(static) if (rows * out >= 65536)
+    for (int64_t i = 0; i < rows * out; i++)
+        y16[i] = bf16_of(y[i]);
 }
 
 /* y[out] = int4 weight @ x[in] for CPUs without AVX-512, the weight in torch's AVX2 int4 layout, 32-row
@@ -402,9 +426,9 @@ STUB(glmpool_rows_times_half_avx2, uint16_t)
 STUB(glmpool_rows_times_int4, uint8_t)
 STUB(glmpool_row_times_int4, uint8_t)
 
-void glmpool_rows_times_int8(const int8_t *weight, const float *x, float *y, int64_t rows, int64_t out, int64_t in,
-                             int lanes) {
-    (void)weight; (void)x; (void)y; (void)rows; (void)out; (void)in; (void)lanes;
+void glmpool_rows_times_int8(const int8_t *weight, const uint16_t *x16, uint16_t *y16, float *scratch, int64_t rows,
+                             int64_t out, int64_t in, int lanes) {
+    (void)weight; (void)x16; (void)y16; (void)scratch; (void)rows; (void)out; (void)in; (void)lanes;
 }
 
 #endif
