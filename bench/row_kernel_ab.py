@@ -26,16 +26,19 @@ from glmpool.engine import row_kernel  # noqa: E402
 SHAPES = [(3072, 1024), (1024, 1024), (4096, 1024), (1024, 4096), (130528, 1024)]  # the medium model's (out, in)
 
 
-def load(path: str, int8_float_io: bool = False) -> ctypes.CDLL:
+def load(path: str, float_io: bool = False) -> ctypes.CDLL:
     lib = ctypes.CDLL(path)
-    lib.int8_float_io = int8_float_io
+    lib.float_io = float_io
     for entry in (lib.glmpool_rows_times_packed_avx2, lib.glmpool_rows_times_half_avx2, lib.glmpool_row_times_int4,
                   lib.glmpool_rows_times_packed, lib.glmpool_rows_times_half):
         entry.restype = None
         entry.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
     lib.glmpool_rows_times_int8.restype = None
-    lib.glmpool_rows_times_int8.argtypes = [ctypes.c_void_p] * (3 if int8_float_io else 4) + [ctypes.c_int64] * 3 + [
+    lib.glmpool_rows_times_int8.argtypes = [ctypes.c_void_p] * (3 if float_io else 4) + [ctypes.c_int64] * 3 + [
         ctypes.c_int]
+    if not float_io:
+        lib.glmpool_rows_times_int4_bf16.restype = None
+        lib.glmpool_rows_times_int4_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     return lib
 
 
@@ -49,7 +52,7 @@ def calls(kernel: str, out_features: int, in_features: int, wide: bool):
         lanes = 16 if wide else 8
 
         def call(lib):
-            if lib.int8_float_io:  # builds before bf16 in and out
+            if lib.float_io:  # builds before bf16 in and out
                 x32, y32 = x16.float(), torch.empty(1, out_features)
                 lib.glmpool_rows_times_int8(w.data_ptr(), x32.data_ptr(), y32.data_ptr(), 1, out_features,
                                             in_features, lanes)
@@ -59,13 +62,22 @@ def calls(kernel: str, out_features: int, in_features: int, wide: bool):
                 lib.glmpool_rows_times_int8(w.data_ptr(), x16.data_ptr(), y.data_ptr(), scratch.data_ptr(), 1,
                                             out_features, in_features, lanes)
         return w.numel(), x, y, call
-    if kernel == "int4":
+    if kernel == "int4":  # likewise
         q = torch.randint(0, 16, (out_features, in_features), dtype=torch.int32, generator=generator)
         w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        y = torch.empty(1, out_features)
-        entry = "glmpool_rows_times_int4" if wide else "glmpool_row_times_int4"
-        return w.numel() * w.element_size(), x, y, lambda lib: getattr(lib, entry)(
-            w.data_ptr(), x.data_ptr(), None, y.data_ptr(), 1, out_features, in_features, in_features)
+        x16, y = x.bfloat16(), torch.empty(1, out_features, dtype=torch.bfloat16)
+
+        def call(lib):
+            if lib.float_io:
+                x32, y32 = x16.float(), torch.empty(1, out_features)
+                getattr(lib, "glmpool_rows_times_int4" if wide else "glmpool_row_times_int4")(
+                    w.data_ptr(), x32.data_ptr(), None, y32.data_ptr(), 1, out_features, in_features, in_features)
+                y.copy_(y32.to(torch.bfloat16))
+            else:
+                scratch = torch.empty(in_features + out_features)
+                lib.glmpool_rows_times_int4_bf16(w.data_ptr(), x16.data_ptr(), y.data_ptr(), scratch.data_ptr(), 1,
+                                                 out_features, in_features, wide)
+        return w.numel() * w.element_size(), x, y, call
     if kernel == "fp16":
         w = row_kernel.pack_half(torch.randn(out_features, in_features, generator=generator).half())
         y = torch.empty(1, w.shape[0] * 64)
@@ -82,13 +94,13 @@ def main() -> None:
     parser.add_argument("--kernels", default="int4,int8,fp16")
     parser.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES))
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--old-int8-float-io", action="store_true",
-                        help="OLD's int8 entry takes and gives fp32 (before bf16 in and out)")
+    parser.add_argument("--old-float-io", action="store_true",
+                        help="OLD's int8 and int4 take and give fp32 (builds before bf16 in and out)")
     parser.add_argument("--threads", type=int, default=1, help="more than 1: timed by wall time")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.threads == 1 else time.perf_counter
-    libs = {"old": load(args.old, args.old_int8_float_io), "new": load(args.new)}
+    libs = {"old": load(args.old, args.old_float_io), "new": load(args.new)}
     wide = row_kernel.library().isa == 512 and row_kernel.torch_isa() == 512
     print(f"{'AVX-512' if wide else 'AVX2'} variants, {args.threads} thread(s), {args.rounds} rounds\n")
     print("| kernel | out x in | old GB/s | new GB/s | new / old (per round, median) | same bits |")

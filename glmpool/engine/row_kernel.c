@@ -359,20 +359,28 @@ static inline uint16_t bf16_of(float f) {
     return (u & 0x7FFFFFFF) > 0x7F800000 ? 0xFFFF : (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
-/* x [rows, in] and y [rows, out] in bf16, as torch's int8 kernel takes and gives them: converted here
- * rather than by two torch operations around each call (a decode step makes ~200 small ones, which cost it
- * more than the products' arithmetic does at int8). scratch: rows * (in + out) floats. */
+/* x [rows, in] and y [rows, out] in bf16, as torch's int8 and int4 kernels take and give them: converted
+ * here rather than by two torch operations around each call (a decode step makes ~200 small ones, which
+ * cost it more than the products' arithmetic does at int8 or int4). scratch: rows * (in + out) floats. */
+static float *widen_bf16(const uint16_t *x16, float *scratch, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u = (uint32_t)x16[i] << 16;
+        memcpy(scratch + i, &u, 4);
+    }
+    return scratch;
+}
+
+static void round_to_bf16(const float *y, uint16_t *y16, int64_t n) {
+    #pragma omp parallel for schedule(static) if (n >= 65536)
+    for (int64_t i = 0; i < n; i++)
+        y16[i] = bf16_of(y[i]);
+}
+
 void glmpool_rows_times_int8(const int8_t *weight, const uint16_t *x16, uint16_t *y16, float *scratch, int64_t rows,
                              int64_t out, int64_t in, int lanes) {
-    float *x = scratch, *y = scratch + rows * in;
-    for (int64_t i = 0; i < rows * in; i++) {
-        uint32_t u = (uint32_t)x16[i] << 16;
-        memcpy(x + i, &u, 4);
-    }
+    float *x = widen_bf16(x16, scratch, rows * in), *y = scratch + rows * in;
     rows_times_int8(weight, x, y, rows, out, in, lanes);
-    #pragma omp parallel for schedule(static) if (rows * out >= 65536)
-    for (int64_t i = 0; i < rows * out; i++)
-        y16[i] = bf16_of(y[i]);
+    round_to_bf16(y, y16, rows * out);
 }
 
 /* y[out] = int4 weight @ x[in] for CPUs without AVX-512, the weight in torch's AVX2 int4 layout, 32-row
@@ -409,6 +417,18 @@ void glmpool_row_times_int4(const uint8_t *packed, const float *x, const float *
             block32_times_row_int4(packed + b * in * 16, x + m * in, y + m * out + b * 32, in);
 }
 
+/* int4 with bf16 in and out, as int8's: by the tiled kernel for torch's 64-row layout (`wide`), else the
+ * lone-row one for its 32-row layout. */
+void glmpool_rows_times_int4_bf16(const uint8_t *packed, const uint16_t *x16, uint16_t *y16, float *scratch,
+                                  int64_t rows, int64_t out, int64_t in, int wide) {
+    float *x = widen_bf16(x16, scratch, rows * in), *y = scratch + rows * in;
+    if (wide)
+        glmpool_rows_times_int4(packed, x, NULL, y, rows, out, in, in);
+    else
+        glmpool_row_times_int4(packed, x, NULL, y, rows, out, in, in);
+    round_to_bf16(y, y16, rows * out);
+}
+
 #else
 
 int glmpool_isa(void) { return 0; }
@@ -429,6 +449,11 @@ STUB(glmpool_row_times_int4, uint8_t)
 void glmpool_rows_times_int8(const int8_t *weight, const uint16_t *x16, uint16_t *y16, float *scratch, int64_t rows,
                              int64_t out, int64_t in, int lanes) {
     (void)weight; (void)x16; (void)y16; (void)scratch; (void)rows; (void)out; (void)in; (void)lanes;
+}
+
+void glmpool_rows_times_int4_bf16(const uint8_t *packed, const uint16_t *x16, uint16_t *y16, float *scratch,
+                                  int64_t rows, int64_t out, int64_t in, int wide) {
+    (void)packed; (void)x16; (void)y16; (void)scratch; (void)rows; (void)out; (void)in; (void)wide;
 }
 
 #endif
