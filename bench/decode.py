@@ -2,6 +2,7 @@
 random model.
 
     python bench/decode.py [--rounds 3] [--batches 4,16,64] [--agreement] [--model DIR] [--device cuda]
+                           [--prompt-tokens 32] [--decode-steps 16] [--chatglm-cpp PYTHON [--cpp-tokens N]]
                            [--shared-cache auto|on|off]
                            [--variants fp32,fp32-reference,fp16w,int8,int4,int8-qe,int4-qe]
 
@@ -132,8 +133,9 @@ def run_chatglm_cpp(python: str, path: Path, prompt_tokens: int, tokens: int) ->
     import json
     import subprocess
 
-    out = subprocess.run([python, str(ROOT / "bench" / "vs_chatglm_cpp.py"), "run", str(path), "--prompt-tokens",
-                          str(prompt_tokens), "--tokens", str(tokens)], check=True, capture_output=True, text=True).stdout
+    command = [python, str(ROOT / "bench" / "vs_chatglm_cpp.py"), "run", str(path), "--prompt-tokens",
+               str(prompt_tokens), "--tokens", str(tokens)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["tokens_per_s"]
 
 
@@ -265,7 +267,8 @@ def main() -> None:
     where = f"{torch.get_num_threads()} threads" if args.device == "cpu" else args.device
     print(f"\nMemory read bandwidth (fp32 sum of 1 GiB, {where}, median of "
           f"{len(bandwidths)}): **{bandwidth:.1f} GB/s** (min {min(bandwidths):.1f}, max {max(bandwidths):.1f}).\n")
-    header = f"| variant | weight bytes/token | bound tok/s | prompt ms ({args.prompt_tokens} tok) | decode tok/s (batch 1) | % of bound |"
+    header = (f"| variant | weight bytes/token | bound tok/s | prompt ms ({args.prompt_tokens} tok) "
+              "| decode tok/s (batch 1) | % of bound |")
     header += "".join(f" batch {b} tok/s |" for b in batches)
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
