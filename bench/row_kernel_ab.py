@@ -1,9 +1,9 @@
 """A/B of two builds of glmpool's kernel library (glmpool/engine/_kernels*.so) on one row, the decode step's
-case: each kernel the CPU's variant runs (int8, int4, fp16 weights, fp32), on the medium model's matrices,
+case: the variant this CPU runs of the int8, int4 and fp16-weight kernels, on the medium model's matrices,
 both builds in the same process, interleaved over rounds; checks that both give the same bits.
 
     python setup.py build_ext --inplace && cp glmpool/engine/_kernels*.so /tmp/new.so   # and likewise /tmp/old.so
-    python bench/row_kernel_ab.py /tmp/old.so /tmp/new.so [--kernels int4,int8] [--rounds 15]
+    python bench/row_kernel_ab.py /tmp/old.so /tmp/new.so [--kernels int4,int8,fp16] [--rounds 15] [--old-float-io]
 
 Prints per kernel and shape: the weight GB/s each build streams (median over rounds) and new / old, the
 median of the per-round ratios. One thread by default, timed by its CPU time (time.thread_time): on a
@@ -43,7 +43,7 @@ def load(path: str, float_io: bool = False) -> ctypes.CDLL:
 
 
 def calls(kernel: str, out_features: int, in_features: int, wide: bool):
-    """(weight bytes, call(lib, x, y)) for one row on this kernel's layout."""
+    """(weight bytes, x, y, call(lib)) for one row on this kernel's layout."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(1, in_features, generator=generator).bfloat16().float()
     if kernel == "int8":  # as row_kernel.int8_times calls it, the conversions from and to bf16 included
