@@ -2,6 +2,7 @@
 fp16) and of int8 / int4 (and -qe: embeddings quantized too) on the medium random model.
 
     python bench/decode.py [--rounds 3] [--batches 4,16,64] [--agreement] [--model DIR] [--device cuda]
+                           [--prompt-tokens 32] [--decode-steps 16] [--chatglm-cpp PYTHON [--cpp-tokens N]]
                            [--shared-cache auto|on|off]
                            [--variants onednn,reference,fp16,int8,int4,int8-qe,int4-qe]
 
@@ -47,7 +48,7 @@ from glmpool.engine import agreement, decode_attention, hugepages, row_kernel
 from glmpool.engine.linear import layers, registry
 from harness import ROOT, medium_checkpoint
 
-PROMPT_TOKENS = 32
+PROMPT_TOKENS = 32  # default of --prompt-tokens
 
 
 def read_bandwidth(device: str = "cpu", rounds: int = 7, megabytes: int = 1024) -> float:
@@ -80,18 +81,18 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     return total
 
 
-def make_prompt(config, rng: random.Random) -> list[int]:
-    return [rng.randrange(6, min(1000, config.mask_token_id)) for _ in range(PROMPT_TOKENS - 2)] \
+def make_prompt(config, rng: random.Random, prompt_tokens: int = PROMPT_TOKENS) -> list[int]:
+    return [rng.randrange(6, min(1000, config.mask_token_id)) for _ in range(prompt_tokens - 2)] \
         + [config.gmask_token_id, config.bos_token_id]
 
 
 def measure(engine, batch: int, decode_steps: int, rng: random.Random,
-            shared_cache: bool | None = None) -> dict[str, float]:
+            shared_cache: bool | None = None, prompt_tokens: int = PROMPT_TOKENS) -> dict[str, float]:
     """One measurement of a variant: (prompt ms and decode tok/s) at batch 1, or aggregate tok/s at `batch`."""
     params = SamplingParams(do_sample=False, max_new_tokens=decode_steps + 8, max_length=4096)
     batcher = engine.batcher(max_batch=batch, shared_cache=shared_cache)
     for i in range(batch):
-        batcher.add_prompt(i, make_prompt(engine.config, rng), params)
+        batcher.add_prompt(i, make_prompt(engine.config, rng, prompt_tokens), params)
     start = time.perf_counter()
     batcher.step()  # prefill (the prompts together, one pass) and each sequence's first token
     prefill = time.perf_counter() - start
@@ -117,12 +118,13 @@ def prepare_chatglm_cpp(model_dir: Path, cache: Path) -> dict[str, Path]:
     return files
 
 
-def run_chatglm_cpp(python: str, path: Path, tokens: int) -> float:
+def run_chatglm_cpp(python: str, path: Path, prompt_tokens: int, tokens: int) -> float:
     import json
     import subprocess
 
-    out = subprocess.run([python, str(ROOT / "bench" / "vs_chatglm_cpp.py"), "run", str(path), "--tokens",
-                          str(tokens)], check=True, capture_output=True, text=True).stdout
+    command = [python, str(ROOT / "bench" / "vs_chatglm_cpp.py"), "run", str(path), "--prompt-tokens",
+               str(prompt_tokens), "--tokens", str(tokens)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["tokens_per_s"]
 
 
@@ -188,6 +190,9 @@ def main() -> None:
     parser.add_argument("--batches", default="4,16,64")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
+    parser.add_argument("--cpp-tokens", type=int, default=None,
+                        help="tokens chatglm.cpp decodes per round (default: twice --decode-steps)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU (then leave out --chatglm-cpp)")
     parser.add_argument("--shared-cache", choices=("auto", "on", "off"), default="auto",
@@ -226,7 +231,7 @@ def main() -> None:
     for round_ in range(args.rounds):
         bandwidths.append(read_bandwidth(args.device))
         for name, engine in engines.items():
-            one = measure(engine, 1, args.decode_steps, rng, shared_cache)
+            one = measure(engine, 1, args.decode_steps, rng, shared_cache, args.prompt_tokens)
             results[name]["prompt_ms"].append(one["prompt_ms"])
             results[name]["tokens_per_s"].append(one["tokens_per_s"])
             for b in batches:
@@ -235,7 +240,8 @@ def main() -> None:
             print(f"round {round_ + 1}/{args.rounds} {name}: " + ", ".join(
                 f"{k} {v[-1]:.1f}" for k, v in results[name].items()), file=sys.stderr, flush=True)
         for kind, path in cpp_files.items():
-            cpp[kind].append(run_chatglm_cpp(args.chatglm_cpp, path, args.decode_steps * 2))
+            cpp[kind].append(run_chatglm_cpp(args.chatglm_cpp, path, args.prompt_tokens,
+                                             args.cpp_tokens or args.decode_steps * 2))
             print(f"round {round_ + 1}/{args.rounds} chatglm.cpp {kind}: {cpp[kind][-1]:.1f} tok/s",
                   file=sys.stderr, flush=True)
         bandwidths.append(read_bandwidth(args.device))
@@ -248,7 +254,8 @@ def main() -> None:
     where = f"{torch.get_num_threads()} threads" if args.device == "cpu" else args.device
     print(f"\nMemory read bandwidth (fp32 sum of 1 GiB, {where}, median of "
           f"{len(bandwidths)}): **{bandwidth:.1f} GB/s** (min {min(bandwidths):.1f}, max {max(bandwidths):.1f}).\n")
-    header = "| variant | weight bytes/token | bound tok/s | prompt ms (32 tok) | decode tok/s (batch 1) | % of bound |"
+    header = (f"| variant | weight bytes/token | bound tok/s | prompt ms ({args.prompt_tokens} tok) "
+              "| decode tok/s (batch 1) | % of bound |")
     header += "".join(f" batch {b} tok/s |" for b in batches)
     print(header)
     print("|" + "---|" * (header.count("|") - 1))

@@ -248,8 +248,11 @@ static float reduce_8_lanes(__m256 v) {
     return _mm256_cvtss_f32(v);
 }
 
-__attribute__((target("avx2,fma")))
-static void rows_times_x_int8_avx2(const int8_t *w, const float *x, float *y, int64_t rows, int64_t in) {
+/* `rows` a constant for the compiler where it is ROWS (all but a matrix's last block): with it unknown, the
+ * loop branched on it for each output and kept a flag per output in memory, ~60 instructions per 64 weights
+ * instead of ~30, and a matrix held in L2 or L3 streamed ~1.2x slower (bench/row_kernel_ab.py). */
+__attribute__((target("avx2,fma"), always_inline))
+static inline void rows_times_x_int8_avx2(const int8_t *w, const float *x, float *y, const int64_t rows, int64_t in) {
     __m256 acc[ROWS];
     for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
     const char *next_block = (const char *)(w + ROWS * in);  /* as above: 64 bytes a step */
@@ -257,11 +260,21 @@ static void rows_times_x_int8_avx2(const int8_t *w, const float *x, float *y, in
         __m256 xk = _mm256_loadu_ps(x + k);
         _mm_prefetch(next_block + k * ROWS, _MM_HINT_T1);
         for (int r = 0; r < ROWS; r++) if (r < rows) {
-            __m128i bytes = _mm_loadl_epi64((const __m128i *)(w + r * in + k));
-            acc[r] = _mm256_fmadd_ps(xk, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), acc[r]);
+            __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + r * in + k)));
+            acc[r] = _mm256_fmadd_ps(xk, _mm256_cvtepi32_ps(v), acc[r]);
         }
     }
     for (int r = 0; r < rows; r++) y[r] = reduce_8_lanes(acc[r]);
+}
+
+__attribute__((target("avx2,fma")))
+static void full_rows_times_x_int8_avx2(const int8_t *w, const float *x, float *y, int64_t in) {
+    rows_times_x_int8_avx2(w, x, y, ROWS, in);
+}
+
+__attribute__((target("avx2,fma")))
+static void some_rows_times_x_int8_avx2(const int8_t *w, const float *x, float *y, int64_t rows, int64_t in) {
+    rows_times_x_int8_avx2(w, x, y, rows, in);
 }
 
 /* One row; lanes: 16 (torch's AVX-512 kernel, in % 16 == 0) or 8 (its AVX2 one, in % 8 == 0). */
@@ -272,8 +285,10 @@ static void row_times_int8(const int8_t *weight, const float *x, float *y, int64
         int64_t first = b * ROWS, rows = out - first < ROWS ? out - first : ROWS;
         if (lanes == 16)
             rows_times_x_int8(weight + first * in, x, y + first, rows, in);
+        else if (rows == ROWS)
+            full_rows_times_x_int8_avx2(weight + first * in, x, y + first, in);
         else
-            rows_times_x_int8_avx2(weight + first * in, x, y + first, rows, in);
+            some_rows_times_x_int8_avx2(weight + first * in, x, y + first, rows, in);
     }
 }
 
@@ -310,8 +325,8 @@ INT8_TILE(tile2_int8_avx2, "avx2,fma", __m256, 8, 2, _mm256_setzero_ps, _mm256_l
 
 /* x [rows, in] (bf16 values as fp32): a lone row by row_times_int8 (lanes as there), more in tiles of 4 input
  * rows where 4 rows of x fit in L1 (in <= 2048), else 8. */
-void glmpool_rows_times_int8(const int8_t *weight, const float *x, float *y, int64_t rows, int64_t out, int64_t in,
-                             int lanes) {
+static void rows_times_int8(const int8_t *weight, const float *x, float *y, int64_t rows, int64_t out, int64_t in,
+                            int lanes) {
     if (rows == 1) {
         row_times_int8(weight, x, y, out, in, lanes);
         return;
@@ -334,6 +349,38 @@ void glmpool_rows_times_int8(const int8_t *weight, const float *x, float *y, int
                 tile8_int8(w, x + m * in, ym, outs, count, in, out);
         }
     }
+}
+
+/* torch's conversion of a float to bf16: to nearest, ties to even; a NaN to all ones, as its vectorized
+ * conversion gives it. */
+static inline uint16_t bf16_of(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (u & 0x7FFFFFFF) > 0x7F800000 ? 0xFFFF : (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+/* x [rows, in] and y [rows, out] in bf16, as torch's int8 and int4 kernels take and give them: converted
+ * here rather than by two torch operations around each call (a decode step makes ~200 small ones, which
+ * cost it more than the products' arithmetic does at int8 or int4). scratch: rows * (in + out) floats. */
+static float *widen_bf16(const uint16_t *x16, float *scratch, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u = (uint32_t)x16[i] << 16;
+        memcpy(scratch + i, &u, 4);
+    }
+    return scratch;
+}
+
+static void round_to_bf16(const float *y, uint16_t *y16, int64_t n) {
+    #pragma omp parallel for schedule(static) if (n >= 65536)
+    for (int64_t i = 0; i < n; i++)
+        y16[i] = bf16_of(y[i]);
+}
+
+void glmpool_rows_times_int8(const int8_t *weight, const uint16_t *x16, uint16_t *y16, float *scratch, int64_t rows,
+                             int64_t out, int64_t in, int lanes) {
+    float *x = widen_bf16(x16, scratch, rows * in), *y = scratch + rows * in;
+    rows_times_int8(weight, x, y, rows, out, in, lanes);
+    round_to_bf16(y, y16, rows * out);
 }
 
 /* y[out] = int4 weight @ x[in] for CPUs without AVX-512, the weight in torch's AVX2 int4 layout, 32-row
@@ -370,6 +417,18 @@ void glmpool_row_times_int4(const uint8_t *packed, const float *x, const float *
             block32_times_row_int4(packed + b * in * 16, x + m * in, y + m * out + b * 32, in);
 }
 
+/* int4 with bf16 in and out, as int8's: by the tiled kernel for torch's 64-row layout (`wide`), else the
+ * lone-row one for its 32-row layout. */
+void glmpool_rows_times_int4_bf16(const uint8_t *packed, const uint16_t *x16, uint16_t *y16, float *scratch,
+                                  int64_t rows, int64_t out, int64_t in, int wide) {
+    float *x = widen_bf16(x16, scratch, rows * in), *y = scratch + rows * in;
+    if (wide)
+        glmpool_rows_times_int4(packed, x, NULL, y, rows, out, in, in);
+    else
+        glmpool_row_times_int4(packed, x, NULL, y, rows, out, in, in);
+    round_to_bf16(y, y16, rows * out);
+}
+
 #else
 
 int glmpool_isa(void) { return 0; }
@@ -387,9 +446,14 @@ STUB(glmpool_rows_times_half_avx2, uint16_t)
 STUB(glmpool_rows_times_int4, uint8_t)
 STUB(glmpool_row_times_int4, uint8_t)
 
-void glmpool_rows_times_int8(const int8_t *weight, const float *x, float *y, int64_t rows, int64_t out, int64_t in,
-                             int lanes) {
-    (void)weight; (void)x; (void)y; (void)rows; (void)out; (void)in; (void)lanes;
+void glmpool_rows_times_int8(const int8_t *weight, const uint16_t *x16, uint16_t *y16, float *scratch, int64_t rows,
+                             int64_t out, int64_t in, int lanes) {
+    (void)weight; (void)x16; (void)y16; (void)scratch; (void)rows; (void)out; (void)in; (void)lanes;
+}
+
+void glmpool_rows_times_int4_bf16(const uint8_t *packed, const uint16_t *x16, uint16_t *y16, float *scratch,
+                                  int64_t rows, int64_t out, int64_t in, int wide) {
+    (void)packed; (void)x16; (void)y16; (void)scratch; (void)rows; (void)out; (void)in; (void)wide;
 }
 
 #endif

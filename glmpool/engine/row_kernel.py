@@ -79,11 +79,12 @@ def library() -> ctypes.CDLL | None:
         return None
     for rows_times in (kernels.glmpool_rows_times_packed, kernels.glmpool_rows_times_packed_avx2,  # one signature
                        kernels.glmpool_rows_times_half, kernels.glmpool_rows_times_half_avx2,
-                       kernels.glmpool_rows_times_int4, kernels.glmpool_row_times_int4):
+                       kernels.glmpool_rows_times_int4, kernels.glmpool_row_times_int4):  # (int4: bench only)
         rows_times.restype = None
         rows_times.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
-    kernels.glmpool_rows_times_int8.restype = None
-    kernels.glmpool_rows_times_int8.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    for bf16_times in (kernels.glmpool_rows_times_int8, kernels.glmpool_rows_times_int4_bf16):  # bf16 in and out
+        bf16_times.restype = None
+        bf16_times.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     kernels.glmpool_gelu.restype = None  # gelu()
     kernels.glmpool_gelu.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_int]
     kernels.glmpool_decode_attention.restype = None  # decode_attention.py
@@ -215,11 +216,12 @@ def int8_times(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     rows share each read of the weight."""
     assert weight.dtype == torch.int8 and weight.is_contiguous() and weight.shape[1] % 16 == 0 and torch_isa()
     assert x.dim() == 2 and x.shape[1] == weight.shape[1]
-    x = x.float().contiguous()  # bf16 values, exact in fp32
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-    library().glmpool_rows_times_int8(weight.data_ptr(), x.data_ptr(), out.data_ptr(), x.shape[0], *weight.shape,
-                                      torch_isa() // 32)
-    return out.to(torch.bfloat16)
+    x = x.to(torch.bfloat16).contiguous()  # the kernel widens it and rounds its sums to bf16 itself
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.bfloat16)
+    scratch = torch.empty(x.shape[0] * (x.shape[1] + weight.shape[0]), dtype=torch.float32)
+    library().glmpool_rows_times_int8(weight.data_ptr(), x.data_ptr(), out.data_ptr(), scratch.data_ptr(), x.shape[0],
+                                      *weight.shape, torch_isa() // 32)
+    return out
 
 
 INT4_BLOCKS = {64: 512, 32: 256}  # output rows per block of torch's CPU int4 layout -> the width that reads it
@@ -239,8 +241,12 @@ def int4_times(x: torch.Tensor, packed: torch.Tensor, out_features: int, block: 
     assert INT4_BLOCKS[block] <= library().isa and out_features % block == 0
     assert packed.numel() * packed.element_size() >= out_features * in_features // 2  # never read past it
     assert block == 64 or rows == 1
-    entry = library().glmpool_rows_times_int4 if block == 64 else library().glmpool_row_times_int4
-    return _rows_times(entry, x, packed.data_ptr(), None, out_features, in_features).to(torch.bfloat16)
+    x = x.to(torch.bfloat16).contiguous()
+    out = torch.empty(rows, out_features, dtype=torch.bfloat16)
+    scratch = torch.empty(rows * (in_features + out_features), dtype=torch.float32)
+    library().glmpool_rows_times_int4_bf16(packed.data_ptr(), x.data_ptr(), out.data_ptr(), scratch.data_ptr(), rows,
+                                           out_features, in_features, block == 64)
+    return out
 
 
 def _cancelling_probe(out_features: int, in_features: int, generator: torch.Generator, low: int = -127,
