@@ -162,8 +162,8 @@ class Loop:
         self.last_beat = 0.0
         self.crash_marker = os.environ.get(TEST_CRASH_ENV)
         self.oom_marker = os.environ.get(TEST_OOM_ENV)
-        if self.oom_marker and engine is not None:
-            engine.model.register_forward_pre_hook(self.simulate_out_of_memory)
+        if self.oom_marker and engine is not None:  # the last layer's MLP: mid-step, on either decode path
+            engine.model.layers[-1].mlp.register_forward_pre_hook(self.simulate_out_of_memory)
 
     def run(self) -> None:
         while True:

@@ -428,3 +428,24 @@ def test_the_gpu_path_in_a_pool_answers_a_burst_as_one_at_a_time(tmp_path, cache
         assert [outcome(pool.root, f"burst{i}") for i in range(len(bodies))] == alone
     finally:
         pool.kill()
+
+
+def test_the_gpu_path_survives_running_out_of_memory_mid_step(tmp_path, cache_dir):
+    """The static decode path (as on GPUs, eagerly) loses a step to out-of-memory while batching: the worker
+    lives on, its batcher is reset in place, and every request is answered at its first attempt."""
+    pool = Pool(tmp_path / "spool", cache_dir, "--gpus", "cpu", "--max-batch", "4", "--compile", "off",
+                "--kv-cache-gb", "0.05", env={"GLMPOOL_TEST_STATIC": "1", "GLMPOOL_TEST_OOM_ON": "OOM-HERE"}).start()
+    try:
+        pool.wait_running()
+        pid = pool.status()["workers"][0]["pid"]
+        for i in range(4):
+            json_request(pool.root, f"r{i}", {"query": "OOM-HERE" if i == 1 else f"question {i}",
+                                              "do_sample": False, "max_new_tokens": 6})
+        outcomes = [outcome(pool.root, f"r{i}") for i in range(4)]
+        worker = pool.status()["workers"][0]
+        assert worker["pid"] == pid and worker["restarts"] == 0 and worker["out_of_memory"] >= 1
+        assert worker["max_batch"] < 4
+        attempts = [json.loads((pool.root / "requests" / f"r{i}.meta").read_text())["attempts"] for i in range(4)]
+        assert attempts == [1, 1, 1, 1], (outcomes, pool.output())
+    finally:
+        pool.kill()
