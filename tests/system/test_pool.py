@@ -379,6 +379,17 @@ def test_cpu_workers_load_one_at_a_time(pool):
     assert out.index(f"worker {first} (cpu) ready") < out.index(f"worker {1 - first} (cpu) starting")
 
 
+def alone_then_as_a_burst(root, bodies: list[dict]) -> tuple[list, list]:
+    """Each request sent alone, one after another, then all of them at once: both lists of outcomes."""
+    alone = []
+    for i, body in enumerate(bodies):
+        json_request(root, f"alone{i}", body)
+        alone.append(outcome(root, f"alone{i}"))
+    for i, body in enumerate(bodies):
+        json_request(root, f"burst{i}", body)
+    return alone, [outcome(root, f"burst{i}") for i in range(len(bodies))]
+
+
 def test_a_burst_through_a_shared_kv_slab_answers_as_one_at_a_time(tmp_path, cache_dir):
     """Heads of 64 dims with `--matmul onednn`: the worker decodes a burst through one KV slab (glmpool's
     attention kernel, or torch's with its padding checked exact at load), the requests leaving at different
@@ -394,13 +405,8 @@ def test_a_burst_through_a_shared_kv_slab_answers_as_one_at_a_time(tmp_path, cac
         pool.wait_running()
         bodies = [{"query": q, "do_sample": False, "max_new_tokens": n}
                   for q, n in (("你好", 4), ("hello there, how are you?", 9), ("橘子", 14), ("what is the time", 20))]
-        alone = []
-        for i, body in enumerate(bodies):
-            json_request(pool.root, f"alone{i}", body)
-            alone.append(outcome(pool.root, f"alone{i}"))
-        for i, body in enumerate(bodies):
-            json_request(pool.root, f"burst{i}", body)
-        assert [outcome(pool.root, f"burst{i}") for i in range(len(bodies))] == alone
+        alone, burst = alone_then_as_a_burst(pool.root, bodies)
+        assert burst == alone
         assert {meta(pool.root, f"burst{i}")["generated_tokens"] for i in range(len(bodies))} != {4}
     finally:
         pool.kill()
@@ -419,13 +425,8 @@ def test_the_gpu_path_in_a_pool_answers_a_burst_as_one_at_a_time(tmp_path, cache
         bodies = [{"query": "你好", "do_sample": False, "max_new_tokens": 4},
                   {"query": "hello there, how are you?", "seed": 7, "max_new_tokens": 9},
                   {"query": "what is the time", "seed": 8, "top_k": 3, "max_new_tokens": 14}]
-        alone = []
-        for i, body in enumerate(bodies):
-            json_request(pool.root, f"alone{i}", body)
-            alone.append(outcome(pool.root, f"alone{i}"))
-        for i, body in enumerate(bodies):
-            json_request(pool.root, f"burst{i}", body)
-        assert [outcome(pool.root, f"burst{i}") for i in range(len(bodies))] == alone
+        alone, burst = alone_then_as_a_burst(pool.root, bodies)
+        assert burst == alone
     finally:
         pool.kill()
 
