@@ -155,7 +155,7 @@ def test_several_int4_rows_go_through_glmpools_kernel_with_torchs_bits(shape, mo
     assert module.own_kernels and module.own_int4_rows
     calls, kernel = [], row_kernel.int4_times
     monkeypatch.setattr(row_kernel, "int4_times", lambda *a: calls.append(1) or kernel(*a))
-    head, block = module._blocked_rows(), int4.int4_block_rows()
+    head = module._blocked_rows()
     group, unit = module._int4_unit_groups(head, "cpu")
     for rows in (2, 5, 16, 37):
         x = torch.randn(rows, shape[1]).to(torch.bfloat16)
