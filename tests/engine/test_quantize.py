@@ -469,11 +469,12 @@ def test_a_kernel_is_chosen_only_where_it_is_right_and_faster(monkeypatch):
     import time
     module = QuantizedLinear.from_linear(torch.nn.Linear(128, 192), 8)
     matmul = module.matmul
+    clock = [0.0]  # kernel_rows' clock: each product takes 1 ms, a slowed one 20 ms, whatever the machine's load
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
 
-    def slowed(*slow):  # (path, rows) pairs made 20 ms slower: more than a busy machine's preemptions
+    def slowed(*slow):  # (path, rows) pairs made slower
         def run(x, bias=None, path=None):
-            if (path, x.shape[0]) in slow:
-                time.sleep(0.02)
+            clock[0] += 0.02 if (path, x.shape[0]) in slow else 0.001
             return matmul(x, bias, path)
         return run
 
