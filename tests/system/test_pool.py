@@ -344,7 +344,8 @@ def test_worker_hung_while_loading_is_killed_after_the_load_timeout(tmp_path, ca
         p.wait_running(120)  # killed after 10 s, restarted, and the new one loads
         out = p.output()
         assert "did not load within --load-timeout 10s; killing it" in out
-        assert out.count("starting, pid") == 2
+        # a restart that also loads too slowly (a loaded machine) is killed and restarted in turn
+        assert out.count("starting, pid") >= 2
     finally:
         p.kill()
 
