@@ -72,10 +72,11 @@ class StaticKV(torch.nn.Module):
             self.register_buffer(f"layer{i}", buffer, persistent=False)
         self.layers = [getattr(self, f"layer{i}") for i in range(c.num_layers)]
 
-    def clear(self, slot: int) -> None:
-        """Zero a slot for a new occupant: a masked position gets probability 0, and 0 x a stale NaN is NaN."""
+    def clear(self, slot: int, count: int = 1) -> None:
+        """Zero `count` slots from `slot` for new occupants: a masked position gets probability 0, and 0 x a
+        stale NaN is NaN."""
         for layer in self.layers:
-            layer[:, slot].zero_()
+            layer[:, slot:slot + count].zero_()
 
     def move(self, source: int, target: int) -> None:
         for layer in self.layers:
@@ -413,11 +414,12 @@ class StaticBatcher(Batcher):
 
     # --- slots ---
 
-    def _attach(self, sequence: Sequence) -> None:
-        slot = len(self.occupants)
-        self.cache.clear(slot)
-        self.occupants.append(sequence)
-        sequence.cache = StaticSlot(slot)
+    def _attach(self, sequences: list[Sequence]) -> None:
+        """The next free slots to `sequences`, cleared together (an operator a layer, however many)."""
+        self.cache.clear(len(self.occupants), len(sequences))
+        for sequence in sequences:
+            sequence.cache = StaticSlot(len(self.occupants))
+            self.occupants.append(sequence)
 
     def _free(self, sequence: Sequence) -> None:
         if isinstance(sequence.cache, StaticSlot):
@@ -521,18 +523,18 @@ class StaticBatcher(Batcher):
     def _start(self, group: list[Sequence]) -> PrefillJob:
         """A PrefillJob for the prompts of `group`, each given a slot."""
         device = self.model.device
-        layout = []  # per prompt [5, P]: position, block position, prompt, index in it, its context length
+        self._attach(group)
+        layout = [[], [], [], [], []]  # per token: position, block position, prompt, index in it, its context length
         for i, sequence in enumerate(group):
             position, block, context_length, _ = prompt_positions(
                 sequence.prompt, self.tokenizer.bos_id, self.tokenizer.mask_id, self.tokenizer.gmask_id)
-            P = len(sequence.prompt)
-            layout.append(torch.tensor([position, block, [i] * P, list(range(P)), [context_length] * P]))
-            self._attach(sequence)
-            sequence.cache.length = P
+            P = sequence.cache.length = len(sequence.prompt)
+            for row, values in zip(layout, (position, block, [i] * P, range(P), [context_length] * P)):
+                row.extend(values)
         prompts = torch.tensor([t for s in group for t in s.prompt]).to(device, non_blocking=True)
         job = PrefillJob(group, self.model.word_embeddings(prompts))
         job.pieces = prefill_pieces(self.model, self.cache, job, self.prefill_chunk,
-                                    torch.cat(layout, dim=1).to(device, non_blocking=True))
+                                    torch.tensor(layout).to(device, non_blocking=True))
         job.next_piece = next(job.pieces)
         self.prefilling.update((s.key, job) for s in group)
         return job

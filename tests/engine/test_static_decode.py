@@ -92,6 +92,52 @@ def test_long_prompts_delay_a_stream_by_a_chunk_a_step(engine, checks):
     assert found["largest_step_work"] <= found["budget"] and found["steps_with_prompts"] >= 6
 
 
+def test_a_burst_of_short_prompts_is_prefilled_in_one_pass(engine, checks):
+    found = checks.check_prefill_packing(engine, prompts=8)
+    assert found["operators_8_prompts"] < 2 * found["operators_one_prompt"]  # one at a time: 8x
+
+
+def test_prompts_prefilled_together_give_their_tokens_alone(engine, checks):
+    together = StaticBatcher(engine.model, engine.tokenizer, 5, compile=False)
+    prompts = [checks.prompt(together, n, seed) for seed, n in enumerate((7, 20, 3, 12))]
+    prompts.append(checks.prompt(together, 9, 9) + [33, 44, 55])  # tokens after <sop>: attended causally
+    for key, ids in enumerate(prompts):
+        together.add_prompt(key, ids, checks.GREEDY)
+    first = together.step()
+    assert len(first) == len(prompts)  # all five in the first step
+    got = {event.key: [event.token_id] for event in first}
+    while len(together):
+        for event in together.step():
+            got[event.key].append(event.token_id)
+    alone = [checks.run(StaticBatcher(engine.model, engine.tokenizer, 1, compile=False), [ids])[0] for ids in prompts]
+    assert [got[key] for key in range(len(prompts))] == alone
+    assert got == checks.run(engine.batcher(5, static=False), prompts)
+
+
+def test_a_prompt_cancelled_while_prefilled_with_others(engine, checks):
+    """Prompts packed in one pass that spans two steps (a long prompt took most of the first); one of
+    them is cancelled in between, so the last slot's prompt moves into its slot mid-pass."""
+    def batcher():
+        return StaticBatcher(engine.model, engine.tokenizer, 4, compile=False, prefill_chunk=16)
+    prompts = [checks.prompt(batcher(), 24, 1)] + [checks.prompt(batcher(), 4, seed) for seed in (2, 3, 4)]
+    alone = [checks.run(batcher(), [ids])[0] for ids in prompts]
+    packed = batcher()
+    for key, ids in enumerate(prompts):
+        packed.add_prompt(key, ids, checks.GREEDY)
+    while 0 not in packed.running:
+        packed.step()
+    job = packed.prefilling[1]
+    assert [s.key for s in job.sequences] == [1, 2, 3] and packed.prefilling[3] is job
+    # the step that finished the long prompt (its last 72 quarter token-layers) ran the first of 2 layers
+    assert packed.stats.prefill_cost == 72 + 4 * 12 and job.next_piece is not None
+    assert packed.cancel(1).finish_reason == "cancelled" and job.sequences[2].cache.slot == 1
+    got = {0: [packed.running[0].generated[0]]}
+    while len(packed):
+        for event in packed.step():
+            got.setdefault(event.key, []).append(event.token_id)
+    assert got == {0: alone[0], 2: alone[2], 3: alone[3]}
+
+
 def test_chunked_prefill_gives_the_tokens_of_a_whole_one(engine, checks):
     whole = StaticBatcher(engine.model, engine.tokenizer, 1, compile=False, prefill_chunk=512)
     chunked = StaticBatcher(engine.model, engine.tokenizer, 1, compile=False, prefill_chunk=7)
