@@ -221,7 +221,7 @@ class PrefillJob:
     pieces: Iterator[tuple[int, Callable[[], None]]] = None  # (cost, work); cost in quarter token-layers
     next_piece: tuple[int, Callable[[], None]] | None = None
     finished: list[Sequence] = field(default_factory=list)  # once done: the sequences not cancelled meanwhile
-    logits: torch.Tensor | None = None  # once done: [len(finished), vocab]
+    last_hidden: torch.Tensor | None = None  # once done: their last tokens' final hidden states [len(finished), H]
     _places: tuple[list, torch.Tensor] | None = None
 
     def advance(self, budget: int, force: bool) -> int:
@@ -247,7 +247,7 @@ class PrefillJob:
 
 def prefill_pieces(model: ChatGLM, cache: StaticKV, job: PrefillJob, chunk: int,
                    layout: torch.Tensor) -> Iterator[tuple[int, Callable[[], None]]]:
-    """The pieces of job's prompts, layer by layer, then their last tokens' logits. S <= chunk tokens (one
+    """The pieces of job's prompts, layer by layer, then their last tokens' final states. S <= chunk tokens (one
     prompt or several packed): a layer for all of them is one piece (cost 4S), each token attending only
     within its own prompt. A longer prompt (alone) takes the layer's projections chunk by chunk (cost t
     each), then attention and the rest chunk by chunk (3t: three quarters of a layer's weights), as every
@@ -316,8 +316,7 @@ def prefill_pieces(model: ChatGLM, cache: StaticKV, job: PrefillJob, chunk: int,
     def output():
         job.finished = [s for s in job.sequences if s.cache is not None]
         lasts = torch.tensor([end - 1 for s, end in zip(job.sequences, ends) if s.cache is not None])
-        hidden = job.hidden[lasts.to(job.hidden.device, non_blocking=True)]  # [len(finished), H]
-        job.logits = model.output_logits(model.final_layernorm(hidden))
+        job.last_hidden = model.final_layernorm(job.hidden[lasts.to(job.hidden.device, non_blocking=True)])
     yield 0, output
 
 
@@ -453,7 +452,10 @@ class StaticBatcher(Batcher):
         if prompts:
             if tokens:  # out of the graphs' memory, so that the next sampler call replays as a root (see warm_up)
                 tokens[0] = tokens[0].clone()
-            tokens.append(self._first_tokens(prompts, torch.cat([job.logits for job in prefilled])))
+            logits = self._prompt_logits(torch.cat([job.last_hidden for job in prefilled]))  # one sampler call
+            padded = [*prompts, *[None] * (len(logits) - len(prompts))]
+            sample_rows, candidates = sampling_rows(padded, self.model.config.vocab_size, self.model.device)
+            tokens.append(self.sample(logits, *sample_rows, candidates)[:len(prompts)])
         if not tokens:
             return []
         chosen = read_back(torch.cat(tokens))
@@ -485,13 +487,12 @@ class StaticBatcher(Batcher):
         slots = torch.tensor([s.cache.slot for s in decoding]).to(device, non_blocking=True)
         return tokens[slots]
 
-    def _first_tokens(self, prompts: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
-        """The first tokens [m] of the prompts just prefilled, from their logits [m, vocab]: one sampler call,
-        padded to a batch bucket (the shapes warm_up compiled)."""
-        m, rows = len(prompts), bucket(len(prompts), self.batch_buckets)
-        sample_rows, candidates = sampling_rows([*prompts, *[None] * (rows - m)], self.model.config.vocab_size,
-                                                self.model.device)
-        return self.sample(F.pad(logits.float(), (0, 0, 0, rows - m)), *sample_rows, candidates)[:m]
+    def _prompt_logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [rows, vocab] (fp32) of prompts' last tokens from their final hidden states [m, H]: one output
+        projection, padded to a batch bucket, so that the sampler meets a decode step's shape and layout (one
+        compiled sampler each; logits padded after the projection may have other strides)."""
+        rows = bucket(len(last_hidden), self.batch_buckets)
+        return self.model.output_logits(F.pad(last_hidden, (0, 0, 0, rows - len(last_hidden)))).float()
 
     def _prefill(self) -> list[PrefillJob]:
         """Prompt work of one step (at most a chunk's worth through the whole model); the jobs finished."""
@@ -564,7 +565,8 @@ class StaticBatcher(Batcher):
                 if self.compiled:  # prompts' first tokens: the sampler alone, with no live graph output (see step)
                     torch.compiler.cudagraph_mark_step_begin()
                 sample_rows, _ = sampling_rows([None] * rows, vocab, device)
-                self.sample(torch.zeros(rows, vocab, device=device), *sample_rows, candidates)
+                hidden = torch.zeros(rows, self.model.config.hidden_size, dtype=self.model.dtype, device=device)
+                self.sample(self._prompt_logits(hidden), *sample_rows, candidates)
         self.stats.compile_seconds = time.monotonic() - start
         log.info("decode step %s for %d buckets in %.1f s", "compiled" if self.compiled else "run",
                  len(self.stats.graphs), self.stats.compile_seconds)

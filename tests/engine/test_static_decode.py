@@ -166,6 +166,22 @@ def test_a_sequence_draws_the_same_tokens_alone_or_batched(engine, checks):
     assert got == expected
 
 
+def test_no_compilation_while_serving_any_top_k(engine, checks):
+    """After warm_up, a batch mixing top_k 50, 100 and 0 (the whole vocabulary) and a greedy request, joining
+    and leaving, compiles nothing; each request draws the tokens it draws alone."""
+    params = [SamplingParams(do_sample=True, seed=seed, top_k=top_k, top_p=1.0, temperature=1.5, max_new_tokens=n)
+              for seed, top_k, n in ((1, 50, 6), (2, 100, 9), (3, 0, 4), (4, 100, 5))]
+    params.append(SamplingParams(do_sample=False, max_new_tokens=7))
+    batcher = StaticBatcher(engine.model, engine.tokenizer, 3, compile=True, backend="eager", capacity=64)
+    prompts = [checks.prompt(batcher, n, seed) for seed, n in enumerate((9, 14, 5, 20, 7))]
+    batcher.warm_up()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        batched = checks.run(batcher, prompts, params)
+    alone = [checks.run(StaticBatcher(engine.model, engine.tokenizer, 1, compile=False, capacity=64), [ids], [p])[0]
+             for ids, p in zip(prompts, params)]
+    assert [batched[key] for key in range(len(prompts))] == alone
+
+
 def test_a_reused_slot_forgets_its_former_occupant(engine, checks):
     batcher = StaticBatcher(engine.model, engine.tokenizer, 2, compile=False)
     ids = checks.prompt(batcher, 20, 5)
