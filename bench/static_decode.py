@@ -11,8 +11,8 @@ The checks (importable; tests/engine/test_static_decode.py runs each, and bench/
 - `check_host_syncs(engine)`: operators dispatched a step (TorchDispatchMode), and how many of them wait
   for the device: at most one;
 - `check_mixed_lengths(engine)`: the operators of a step of mixed lengths over those of uniform ones;
-- `check_prefill_burst(engine)`: a decoding stream gains a token every step while a burst of long prompts
-  is prefilled, and no step does more than a chunk's worth of prompt work;
+- `check_prefill_burst(engine)`: a decoding stream gains a token every step while a burst of long and short
+  prompts is prefilled, and no step does more than a chunk's worth of prompt work;
 - `check_prefill_packing(engine)`: a burst of short prompts is prefilled in one pass: the operators of the
   step that prefills 8 stay under twice those of one;
 - `check_inductor(engine)` (`--inductor`, minutes): inductor's generated code gives the eager tokens.
@@ -189,13 +189,16 @@ def check_prefill_packing(engine, prompts: int = 8, prompt_tokens: int = 12) -> 
 
 
 def check_prefill_burst(engine, chunk: int = 16, prompts: int = 3, prompt_tokens: int = 80) -> dict:
-    """A stream decodes; then long prompts arrive at once. Each step must still give the stream its token
-    and do at most `chunk` tokens' worth of prompt work."""
-    batcher = StaticBatcher(engine.model, engine.tokenizer, prompts + 1, compile=False, prefill_chunk=chunk)
+    """A stream decodes; then long prompts arrive at once, each followed by two short ones (prefilled
+    together). Each step must still give the stream its token and do at most `chunk` tokens' worth of prompt
+    work."""
+    batcher = StaticBatcher(engine.model, engine.tokenizer, 3 * prompts + 1, compile=False, prefill_chunk=chunk)
     batcher.add_prompt("stream", prompt(batcher, 6), SamplingParams(do_sample=False, max_new_tokens=200))
     batcher.step()
+    short = max(3, chunk // 3)
     for i in range(prompts):
-        batcher.add_prompt(i, prompt(batcher, prompt_tokens, i + 1), SamplingParams(do_sample=False, max_new_tokens=2))
+        for key, length in ((i, prompt_tokens), (f"{i}a", short), (f"{i}b", short)):
+            batcher.add_prompt(key, prompt(batcher, length, i + 1), SamplingParams(do_sample=False, max_new_tokens=2))
     budget = 4 * chunk * engine.config.num_layers
     steps = most = 0
     while batcher.pending or batcher.prefilling:
