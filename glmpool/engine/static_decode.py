@@ -12,12 +12,20 @@ torch.compile (fullgraph, on CUDA mode="reduce-overhead": replayed as a CUDA gra
   whatever the lengths (no sequence-by-sequence fallback);
 - sampling is on the device for the whole batch (`sample_tokens`): each row its own temperature, top-k,
   top-p, and random numbers from a counter-based hash of its seed and its token count, so a sequence
-  draws the same tokens alone or batched; one copy to the host a step (the tokens) is the only wait.
+  draws the same tokens alone or batched; a row draws from its top 64 candidates (or, for a top_k above
+  64 or 0, from the whole sorted vocabulary): two sampler graphs a batch bucket, both compiled before
+  serving; one copy to the host a step (the tokens) is the only wait.
 
 Prompts are prefilled in pieces of bounded work between decode steps (`PrefillJob`): ChatGLM's prompt
 attends both ways, so a piece is a layer's projections or the rest of a layer for at most `chunk`
 tokens, never a token range through all layers. A step runs at most `chunk` tokens' worth of a full
 forward pass of prompts, so a burst of long prompts delays each decoding stream by one chunk a step.
+Short prompts waiting together (up to `chunk` tokens in all) go through the model as one pass: their
+tokens one after another, one projection and MLP a layer for all, one attention call with a
+block-diagonal mask (each token sees its own prompt: the context both ways, the rest causally; the
+wasted scores of S <= chunk tokens cost less than a call per prompt), their keys and values written to
+their slots by one indexed copy, their first tokens projected in one call and sampled in another: a
+burst of 20 short prompts costs about the operators of one.
 
 The CPU path (generate.Batcher, model.forward) is unchanged: it keeps its kernels and its bits.
 """
