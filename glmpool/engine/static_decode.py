@@ -460,7 +460,7 @@ class StaticBatcher(Batcher):
         if prompts:
             if tokens:  # out of the graphs' memory, so that the next sampler call replays as a root (see warm_up)
                 tokens[0] = tokens[0].clone()
-            logits = self._prompt_logits(torch.cat([job.last_hidden for job in prefilled]))  # one sampler call
+            logits = self._prompt_logits(torch.cat([job.last_hidden for job in prefilled]))
             padded = [*prompts, *[None] * (len(logits) - len(prompts))]
             sample_rows, candidates = sampling_rows(padded, self.model.config.vocab_size, self.model.device)
             tokens.append(self.sample(logits, *sample_rows, candidates)[:len(prompts)])
