@@ -167,7 +167,8 @@ def check_mixed_lengths(engine, batch: int = 8, short: int = 10, long: int = 200
 
 
 def prefill_step_operators(engine, prompts: list[list[int]]) -> int:
-    """The operators of the step that prefills `prompts` (sampling their first tokens and read-back included)."""
+    """The operators of the step that prefills `prompts` (sampling their first tokens and read-back included);
+    it waits for the device once."""
     batcher = StaticBatcher(engine.model, engine.tokenizer, len(prompts), compile=False)
     for key, ids in enumerate(prompts):
         batcher.add_prompt(key, ids, GREEDY)
@@ -175,6 +176,7 @@ def prefill_step_operators(engine, prompts: list[list[int]]) -> int:
     with counter:
         events = batcher.step()
     assert len(events) == len(prompts), f"{len(events)} of {len(prompts)} prompts prefilled in a step"
+    assert sum(counter.waits.values()) <= 1, f"a prefill step waits for the device: {dict(counter.waits)}"
     return sum(counter.operators.values())
 
 

@@ -247,9 +247,12 @@ class PrefillJob:
         slot 0's scratch column). Built again when a slot has moved (StaticBatcher._free) since the last call."""
         slots = [s.cache.slot if s.cache is not None else None for s in self.sequences]
         if self._places is None or self._places[0] != slots:
-            rows = [[slot, column] if slot is not None else [0, scratch]
-                    for s, slot in zip(self.sequences, slots) for column in range(len(s.prompt))]
-            self._places = slots, torch.tensor(rows).T.to(self.hidden.device, non_blocking=True)
+            places = [[], []]
+            for sequence, slot in zip(self.sequences, slots):
+                P = len(sequence.prompt)
+                places[0] += [0 if slot is None else slot] * P
+                places[1] += [scratch] * P if slot is None else range(P)
+            self._places = slots, torch.tensor(places).to(self.hidden.device, non_blocking=True)
         return self._places[1]
 
 
@@ -277,7 +280,8 @@ def prefill_pieces(model: ChatGLM, cache: StaticKV, job: PrefillJob, chunk: int,
         """The layer's input [1, t, H], queries [1, n, t, d], keys and values [1, 2, n, t, d] of tokens start..end."""
         attention_input = layer.input_layernorm(job.hidden[None, start:end])
         qkv = layer.attention.query_key_value(attention_input).view(1, end - start, n, 3, d)
-        q, key_value, _ = queries_keys_values(qkv, cos[:, start:end], sin[:, start:end], parts, layer.attention.layer_id)
+        q, key_value, _ = queries_keys_values(qkv, cos[:, start:end], sin[:, start:end], parts,
+                                              layer.attention.layer_id)
         return attention_input, q, key_value
 
     def finish(layer, attention_input, context):
