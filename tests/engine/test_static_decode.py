@@ -1,6 +1,7 @@
 """The GPU path's generation (engine/static_decode.py) on CPU tensors: one graph per bucket, compiled ==
-eager, one host synchronisation a step, mixed lengths at the cost of uniform ones, chunked prefill,
-sampling on the device that a batch does not change. The checks themselves live in bench/static_decode.py
+eager, one host synchronisation a step, mixed lengths at the cost of uniform ones, chunked prefill, short
+prompts prefilled in one pass, sampling on the device that a batch does not change and that no top_k
+compiles again. The checks themselves live in bench/static_decode.py
 (also run by `python bench/static_decode.py --cpu-dry-run`)."""
 import importlib.util
 import math
