@@ -299,8 +299,12 @@ def prefill_pieces(model: ChatGLM, cache: StaticKV, job: PrefillJob, chunk: int,
                                                  scale=float(layer.attention.layer_id + 1))
         job.hidden = finish(layer, attention_input, context)
 
-    queries = torch.empty(1, n, S, d, dtype=model.dtype, device=job.hidden.device)  # a long prompt's, per layer
-    slot = lambda: job.sequences[0].cache.slot  # noqa: E731  (it moves when another sequence's slot is freed)
+    chunks = [(start, min(S, start + chunk)) for start in range(0, S, chunk)]
+    if len(chunks) > 1:  # a long prompt's queries, a layer's at a time
+        queries = torch.empty(1, n, S, d, dtype=model.dtype, device=job.hidden.device)
+
+    def slot():  # the long prompt's: it moves when another sequence's slot is freed
+        return job.sequences[0].cache.slot
 
     def project_chunk(layer, start, end):
         _, q, key_value = project(layer, start, end)
@@ -313,7 +317,6 @@ def prefill_pieces(model: ChatGLM, cache: StaticKV, job: PrefillJob, chunk: int,
                                                  attn_mask=allowed[start:end], scale=float(layer.attention.layer_id + 1))
         job.hidden[start:end] = finish(layer, layer.input_layernorm(job.hidden[None, start:end]), context)
 
-    chunks = [(start, min(S, start + chunk)) for start in range(0, S, chunk)]
     for layer in model.layers:
         if len(chunks) == 1:
             yield 4 * S, lambda layer=layer: packed_layer(layer)
