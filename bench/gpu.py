@@ -14,7 +14,7 @@ the GPU path's compiled step (engine/static_decode.py, beside its memory bound: 
 CPU implementations of their operators, the cpm_kernels route compiled and emulated, the fp16 GPU
 numerics against fp32), this script's own GPU run at toy size on the CPU, the static decode step's
 checks (bench/static_decode.py: one graph per bucket, compiled == eager, one host wait a step, mixed
-lengths, chunked prefill), and the pool's
+lengths, chunked prefill, short prompts in one pass), and the pool's
 (glmpool.gpucheck: device mapping under a parent CUDA_VISIBLE_DEVICES, a worker surviving an
 out-of-memory step, the KV budget split between workers sharing a GPU). Exit status 1 if any fails.
 """

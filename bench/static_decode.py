@@ -11,8 +11,10 @@ The checks (importable; tests/engine/test_static_decode.py runs each, and bench/
 - `check_host_syncs(engine)`: operators dispatched a step (TorchDispatchMode), and how many of them wait
   for the device: at most one;
 - `check_mixed_lengths(engine)`: the operators of a step of mixed lengths over those of uniform ones;
-- `check_prefill_burst(engine)`: a decoding stream gains a token every step while a burst of long prompts
-  is prefilled, and no step does more than a chunk's worth of prompt work;
+- `check_prefill_burst(engine)`: a decoding stream gains a token every step while a burst of long and short
+  prompts is prefilled, and no step does more than a chunk's worth of prompt work;
+- `check_prefill_packing(engine)`: a burst of short prompts is prefilled in one pass: the operators of the
+  step that prefills 8 stay under twice those of one;
 - `check_inductor(engine)` (`--inductor`, minutes): inductor's generated code gives the eager tokens.
 Each returns a dict of what it found and raises AssertionError where the property fails.
 
@@ -82,13 +84,16 @@ def prompt(batcher: StaticBatcher, length: int, seed: int = 0) -> list[int]:
     return text + [tokenizer.gmask_id, tokenizer.bos_id]
 
 
-def run(batcher, prompts: list[list[int]], params: SamplingParams = GREEDY) -> dict:
-    """Every prompt to the end, each admitted as soon as there is room; key -> its tokens."""
+def run(batcher, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] = GREEDY) -> dict:
+    """Every prompt to the end (with its own params where a list is given), each admitted as soon as there is
+    room; key -> its tokens."""
+    every = params if isinstance(params, list) else [params] * len(prompts)
     waiting = list(enumerate(prompts))
     tokens = collections.defaultdict(list)
     while waiting or len(batcher):
-        while waiting and batcher.has_room(len(waiting[0][1]), params):
-            batcher.add_prompt(*waiting.pop(0), params)
+        while waiting and batcher.has_room(len(waiting[0][1]), every[waiting[0][0]]):
+            key, ids = waiting.pop(0)
+            batcher.add_prompt(key, ids, every[key])
         for event in batcher.step():
             tokens[event.key].append(event.token_id)
     return dict(tokens)
@@ -161,14 +166,41 @@ def check_mixed_lengths(engine, batch: int = 8, short: int = 10, long: int = 200
     return {"uniform_operators": uniform, "mixed_operators": mixed, "ratio": round(mixed / uniform, 3)}
 
 
+def prefill_step_operators(engine, prompts: list[list[int]]) -> int:
+    """The operators of the step that prefills `prompts` (sampling their first tokens and read-back included);
+    it waits for the device once."""
+    batcher = StaticBatcher(engine.model, engine.tokenizer, len(prompts), compile=False)
+    for key, ids in enumerate(prompts):
+        batcher.add_prompt(key, ids, GREEDY)
+    counter = OperatorCounter()
+    with counter:
+        events = batcher.step()
+    assert len(events) == len(prompts), f"{len(events)} of {len(prompts)} prompts prefilled in a step"
+    assert sum(counter.waits.values()) <= 1, f"a prefill step waits for the device: {dict(counter.waits)}"
+    return sum(counter.operators.values())
+
+
+def check_prefill_packing(engine, prompts: int = 8, prompt_tokens: int = 12) -> dict:
+    """A burst of short prompts that fit in a chunk together is prefilled in one pass: the step costs less
+    than twice the operators of one prompt's (one prompt at a time would cost `prompts` times)."""
+    batcher = StaticBatcher(engine.model, engine.tokenizer, 1, compile=False)
+    burst = [prompt(batcher, prompt_tokens, seed) for seed in range(prompts)]
+    one, many = prefill_step_operators(engine, burst[:1]), prefill_step_operators(engine, burst)
+    assert many < 2 * one, f"{prompts} short prompts: {many} operators, one alone {one}"
+    return {"operators_one_prompt": one, f"operators_{prompts}_prompts": many, "ratio": round(many / one, 2)}
+
+
 def check_prefill_burst(engine, chunk: int = 16, prompts: int = 3, prompt_tokens: int = 80) -> dict:
-    """A stream decodes; then long prompts arrive at once. Each step must still give the stream its token
-    and do at most `chunk` tokens' worth of prompt work."""
-    batcher = StaticBatcher(engine.model, engine.tokenizer, prompts + 1, compile=False, prefill_chunk=chunk)
+    """A stream decodes; then long prompts arrive at once, each followed by two short ones (prefilled
+    together). Each step must still give the stream its token and do at most `chunk` tokens' worth of prompt
+    work."""
+    batcher = StaticBatcher(engine.model, engine.tokenizer, 3 * prompts + 1, compile=False, prefill_chunk=chunk)
     batcher.add_prompt("stream", prompt(batcher, 6), SamplingParams(do_sample=False, max_new_tokens=200))
     batcher.step()
+    short = max(3, chunk // 3)
     for i in range(prompts):
-        batcher.add_prompt(i, prompt(batcher, prompt_tokens, i + 1), SamplingParams(do_sample=False, max_new_tokens=2))
+        for key, length in ((i, prompt_tokens), (f"{i}a", short), (f"{i}b", short)):
+            batcher.add_prompt(key, prompt(batcher, length, i + 1), SamplingParams(do_sample=False, max_new_tokens=2))
     budget = 4 * chunk * engine.config.num_layers
     steps = most = 0
     while batcher.pending or batcher.prefilling:
@@ -195,6 +227,7 @@ def dry_run(model_dir: str | None = None, inductor: bool = False) -> dict:
         "host_syncs": check_host_syncs(engine),
         "mixed_lengths": check_mixed_lengths(engine),
         "prefill_burst": check_prefill_burst(engine),
+        "prefill_packing": check_prefill_packing(engine),
     }
     if inductor:
         found["inductor"] = check_inductor(engine)
@@ -211,7 +244,7 @@ def occupy(batcher: StaticBatcher, lengths: list[int], steps: int) -> None:
         params = SamplingParams(do_sample=False, max_length=min(batcher.cache.capacity, length + steps + 8))
         batcher.add_prompt(key, [config.gmask_token_id, config.bos_token_id], params)
         sequence = batcher.pending.pop(key)
-        batcher._attach(sequence)
+        batcher._attach([sequence])
         sequence.cache.length = length
         sequence.prompt = [config.gmask_token_id] * (length - 1) + [config.bos_token_id]
         sequence.context_length = sequence.mask_position = length - 1

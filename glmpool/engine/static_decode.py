@@ -12,12 +12,20 @@ torch.compile (fullgraph, on CUDA mode="reduce-overhead": replayed as a CUDA gra
   whatever the lengths (no sequence-by-sequence fallback);
 - sampling is on the device for the whole batch (`sample_tokens`): each row its own temperature, top-k,
   top-p, and random numbers from a counter-based hash of its seed and its token count, so a sequence
-  draws the same tokens alone or batched; one copy to the host a step (the tokens) is the only wait.
+  draws the same tokens alone or batched; a row draws from its top 64 candidates (or, for a top_k above
+  64 or 0, from the whole sorted vocabulary): two sampler graphs a batch bucket, both compiled before
+  serving; one copy to the host a step (the tokens) is the only wait.
 
 Prompts are prefilled in pieces of bounded work between decode steps (`PrefillJob`): ChatGLM's prompt
 attends both ways, so a piece is a layer's projections or the rest of a layer for at most `chunk`
 tokens, never a token range through all layers. A step runs at most `chunk` tokens' worth of a full
 forward pass of prompts, so a burst of long prompts delays each decoding stream by one chunk a step.
+Short prompts waiting together (up to `chunk` tokens in all) go through the model as one pass: their
+tokens one after another, one projection and MLP a layer for all, one attention call with a
+block-diagonal mask (each token sees its own prompt: the context both ways, the rest causally; the
+wasted scores of S <= chunk tokens cost less than a call per prompt), their keys and values written to
+their slots by one indexed copy, their first tokens projected in one call and sampled in another: a
+burst of 20 short prompts costs about the operators of one.
 
 The CPU path (generate.Batcher, model.forward) is unchanged: it keeps its kernels and its bits.
 """
@@ -72,10 +80,11 @@ class StaticKV(torch.nn.Module):
             self.register_buffer(f"layer{i}", buffer, persistent=False)
         self.layers = [getattr(self, f"layer{i}") for i in range(c.num_layers)]
 
-    def clear(self, slot: int) -> None:
-        """Zero a slot for a new occupant: a masked position gets probability 0, and 0 x a stale NaN is NaN."""
+    def clear(self, slot: int, count: int = 1) -> None:
+        """Zero `count` slots from `slot` for new occupants: a masked position gets probability 0, and 0 x a
+        stale NaN is NaN."""
         for layer in self.layers:
-            layer[:, slot].zero_()
+            layer[:, slot:slot + count].zero_()
 
     def move(self, source: int, target: int) -> None:
         for layer in self.layers:
@@ -140,26 +149,47 @@ def uniform(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     return (x >> 8).float() * (1.0 / (1 << 24))
 
 
-def sample_tokens(logits: torch.Tensor, greedy: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                  top_p: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor, candidates: int) -> torch.Tensor:
-    """One token per row of logits [B, vocab] (float32), all on the device, each row alone.
+SAMPLE_CANDIDATES = 64  # a sampled row with top_k up to this draws from the top 64; any other from the whole sort
 
-    Per row [B]: greedy (bool), temperature, top_k (1..candidates), top_p (> 1: keep all), seed and
-    counter (its generated tokens: a fresh number each step). Sampling follows the CPU path's order
-    (temperature, top-k, top-p within the top k, the most likely always kept), then draws by inverting the
-    cumulative distribution at uniform(seed, counter). A row with NaN/inf anywhere gets INVALID_SCORE_TOKEN,
-    as the reference does."""
-    finite = torch.isfinite(logits).all(-1)
-    logits = torch.where(finite[:, None], logits, 0.0)
-    values, indices = logits.topk(candidates)  # [B, k], descending
-    ranks = torch.arange(candidates, device=logits.device)
+
+def candidate_counts(vocab: int) -> list[int]:
+    """The candidates counts sample_tokens is called with (one graph each per batch bucket)."""
+    return sorted({min(SAMPLE_CANDIDATES, vocab), vocab})
+
+
+def _draw(values: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+          numbers: torch.Tensor) -> torch.Tensor:
+    """values [B, k]: each row's k largest logits, descending -> the rank [B] drawn at numbers [B] in [0, 1)."""
+    k = values.shape[-1]
+    ranks = torch.arange(k, device=values.device)
     values = (values / temperature[:, None]).masked_fill(ranks >= top_k[:, None], -math.inf)
     probs = values.softmax(-1)
     mass_before = probs.cumsum(-1) - probs
     probs = probs.masked_fill(mass_before >= top_p[:, None], 0.0)
     cumulative = probs.cumsum(-1)
-    threshold = uniform(seeds, counters) * cumulative[:, -1]
-    pick = (cumulative <= threshold[:, None]).sum(-1).clamp(max=candidates - 1)
+    threshold = numbers * cumulative[:, -1]
+    return (cumulative <= threshold[:, None]).sum(-1).clamp(max=k - 1)
+
+
+def sample_tokens(logits: torch.Tensor, greedy: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                  top_p: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor, candidates: int) -> torch.Tensor:
+    """One token per row of logits [B, vocab] (float32), all on the device, each row alone.
+
+    Per row [B]: greedy (bool), temperature, top_k (1..vocab), top_p (> 1: keep all), seed and counter (its
+    generated tokens: a fresh number each step); candidates: one of candidate_counts(vocab), covering every
+    sampled row's top_k. Sampling follows the CPU path's order (temperature, top-k, top-p within the top k,
+    the most likely always kept), then draws by inverting the cumulative distribution at uniform(seed,
+    counter). A row with top_k <= SAMPLE_CANDIDATES draws from its top 64 whatever `candidates` is, so its
+    arithmetic, and its token, do not depend on its neighbours' top_k. A row with NaN/inf anywhere gets
+    INVALID_SCORE_TOKEN, as the reference does."""
+    finite = torch.isfinite(logits).all(-1)
+    logits = torch.where(finite[:, None], logits, 0.0)
+    values, indices = logits.topk(candidates)  # [B, candidates], descending
+    numbers = uniform(seeds, counters)
+    few = min(SAMPLE_CANDIDATES, candidates)
+    pick = _draw(values[:, :few], temperature, top_k, top_p, numbers)
+    if candidates > few:
+        pick = torch.where(top_k <= few, pick, _draw(values, temperature, top_k, top_p, numbers))
     drawn = indices.gather(1, pick[:, None])[:, 0]
     chosen = torch.where(greedy, logits.argmax(-1), drawn)
     return torch.where(finite, chosen, INVALID_SCORE_TOKEN)
@@ -170,11 +200,12 @@ PADDING = SamplingParams(do_sample=False)  # a padding row's sampling: greedy
 
 def sampling_rows(sequences: list[Sequence | None], vocab: int, device) -> tuple[list[torch.Tensor], int]:
     """The per-row tensors of sample_tokens for a row per sequence (None: a padding row, greedy), and the
-    candidates count: a power of two covering every sampled row's top_k (all of the vocabulary for 0)."""
+    candidates count: SAMPLE_CANDIDATES, or the whole vocabulary where a sampled row's top_k is larger (or
+    0). Two counts only, both compiled by warm_up: no request compiles a sampler while serving."""
     rows = [(s.params, s.seed, len(s.generated)) if s is not None else (PADDING, 0, 0) for s in sequences]
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p, _, _ in rows]
     wanted = max([k for k, (p, _, _) in zip(top_k, rows) if p.do_sample], default=1)
-    candidates = min(vocab, 1 << (wanted - 1).bit_length())
+    candidates = next(count for count in candidate_counts(vocab) if count >= wanted)
     floats = torch.tensor([[p.temperature, p.top_p if p.top_p < 1.0 else math.inf] for p, _, _ in rows])
     ints = torch.tensor([[not p.do_sample, k, seed, count] for (p, seed, count), k in zip(rows, top_k)])
     floats, ints = floats.to(device, non_blocking=True), ints.to(device, non_blocking=True)
@@ -189,14 +220,17 @@ def read_back(tokens: torch.Tensor) -> list[int]:
 
 # --- prefill in bounded pieces ---
 
-@dataclass
+@dataclass(eq=False)
 class PrefillJob:
-    """A prompt on its way through the model, a piece at a time (see the module docstring)."""
-    sequence: Sequence
-    hidden: torch.Tensor  # [P, H]: the prompt's activations between layers
+    """Prompts on their way through the model, a piece at a time (see the module docstring): one prompt
+    longer than the chunk, or several whose tokens fit in one, packed one after another."""
+    sequences: list[Sequence]
+    hidden: torch.Tensor  # [S, H]: the prompts' activations between layers, S their tokens together
     pieces: Iterator[tuple[int, Callable[[], None]]] = None  # (cost, work); cost in quarter token-layers
     next_piece: tuple[int, Callable[[], None]] | None = None
-    logits: torch.Tensor | None = None  # [1, vocab] once done
+    finished: list[Sequence] = field(default_factory=list)  # once done: the sequences not cancelled meanwhile
+    last_hidden: torch.Tensor | None = None  # once done: their last tokens' final hidden states [len(finished), H]
+    _places: tuple[list, torch.Tensor] | None = None
 
     def advance(self, budget: int, force: bool) -> int:
         """Run pieces while they fit in `budget` (with `force`, at least one); return the cost spent."""
@@ -208,55 +242,96 @@ class PrefillJob:
             self.next_piece = next(self.pieces, None)
         return spent
 
+    def places(self, scratch: int) -> torch.Tensor:
+        """[2, S] on the device: each prompt token's slot and column in the StaticKV (a cancelled prompt's:
+        slot 0's scratch column). Built again when a slot has moved (StaticBatcher._free) since the last call."""
+        slots = [s.cache.slot if s.cache is not None else None for s in self.sequences]
+        if self._places is None or self._places[0] != slots:
+            places = [[], []]
+            for sequence, slot in zip(self.sequences, slots):
+                P = len(sequence.prompt)
+                places[0] += [0 if slot is None else slot] * P
+                places[1] += [scratch] * P if slot is None else range(P)
+            self._places = slots, torch.tensor(places).to(self.hidden.device, non_blocking=True)
+        return self._places[1]
 
-def prefill_pieces(model: ChatGLM, cache: StaticKV, job: PrefillJob, chunk: int, context_length: int,
-                   positions: torch.Tensor) -> Iterator[tuple[int, Callable[[], None]]]:
-    """The pieces of job's prompt, layer by layer. A layer of P <= chunk tokens is one piece (cost 4P);
-    longer prompts take the layer's projections chunk by chunk (cost t each), then attention and the rest
-    chunk by chunk (3t: three quarters of a layer's weights), as every query may attend every prompt key.
-    positions [2, P] on the device."""
+
+def prefill_pieces(model: ChatGLM, cache: StaticKV, job: PrefillJob, chunk: int,
+                   layout: torch.Tensor) -> Iterator[tuple[int, Callable[[], None]]]:
+    """The pieces of job's prompts, layer by layer, then their last tokens' final states. S <= chunk tokens (one
+    prompt or several packed): a layer for all of them is one piece (cost 4S), each token attending only
+    within its own prompt. A longer prompt (alone) takes the layer's projections chunk by chunk (cost t
+    each), then attention and the rest chunk by chunk (3t: three quarters of a layer's weights), as every
+    query may attend every prompt key. layout [5, S] on the device: each token's position, block position,
+    prompt (its index in job.sequences), index in its prompt, and its prompt's context length."""
     c = model.config
     n, d, H = c.num_attention_heads, c.head_dim, c.hidden_size
     parts = 2 if c.position_encoding_2d else 1
-    P, device = job.hidden.shape[0], job.hidden.device
+    S = job.hidden.shape[0]
     cos_table, sin_table = model._rotary
-    ids = positions if c.position_encoding_2d else positions[:1]
-    cos, sin = (F.embedding(ids, table).transpose(0, 1).reshape(1, P, 1, 1, -1) for table in (cos_table, sin_table))
-    keys_at = torch.arange(P, device=device)
-    # [P, P] True = may attend: the context both ways, the rest causally
-    allowed = (keys_at[None, :] < context_length) | (keys_at[None, :] <= keys_at[:, None])
-    queries = torch.empty(n, P, d, dtype=model.dtype, device=device)
-    chunks = [(start, min(P, start + chunk)) for start in range(0, P, chunk)]
+    ids = layout[:2] if c.position_encoding_2d else layout[:1]
+    cos, sin = (F.embedding(ids, table).transpose(0, 1).reshape(1, S, 1, 1, -1) for table in (cos_table, sin_table))
+    prompt, index, context_length = layout[2:]
+    # [S, S] True = may attend: within a prompt, its context both ways, the rest causally
+    allowed = (prompt[:, None] == prompt[None, :]) & ((index[None, :] < context_length[None, :])
+                                                      | (index[None, :] <= index[:, None]))
 
-    def project_chunk(layer, start, end):
-        t = end - start
-        qkv = layer.attention.query_key_value(layer.input_layernorm(job.hidden[None, start:end]))
-        q, key_value, scale = queries_keys_values(qkv.view(1, t, n, 3, d), cos[:, start:end], sin[:, start:end],
-                                                  parts, layer.attention.layer_id)
-        cache.layers[layer.attention.layer_id][:, job.sequence.cache.slot, :, start:end] = key_value[0]
-        queries[:, start:end] = q[0]
-
-    def finish_chunk(layer, start, end):
-        t = end - start
-        data = cache.layers[layer.attention.layer_id][:, job.sequence.cache.slot, :, :P]
-        context = F.scaled_dot_product_attention(queries[None, :, start:end], data[0][None], data[1][None],
-                                                 attn_mask=allowed[start:end], scale=float(layer.attention.layer_id + 1))
+    def project(layer, start, end):
+        """The layer's input [1, t, H], queries [1, n, t, d], keys and values [1, 2, n, t, d] of tokens start..end."""
         attention_input = layer.input_layernorm(job.hidden[None, start:end])
+        qkv = layer.attention.query_key_value(attention_input).view(1, end - start, n, 3, d)
+        q, key_value, _ = queries_keys_values(qkv, cos[:, start:end], sin[:, start:end], parts,
+                                              layer.attention.layer_id)
+        return attention_input, q, key_value
+
+    def finish(layer, attention_input, context):
+        """The layer's output [t, H] from its input [1, t, H] and attention's context [1, n, t, d]."""
+        t = attention_input.shape[1]
         x = attention_input * layer.alpha + layer.attention.dense(context.transpose(1, 2).reshape(1, t, H))
         mlp_input = layer.post_attention_layernorm(x)
-        job.hidden[start:end] = (mlp_input * layer.alpha + layer.mlp(mlp_input))[0]
+        return (mlp_input * layer.alpha + layer.mlp(mlp_input))[0]
+
+    def packed_layer(layer):
+        attention_input, q, key_value = project(layer, 0, S)
+        slots, columns = job.places(cache.capacity)
+        cache.layers[layer.attention.layer_id][:, slots, :, columns] = key_value[0].permute(2, 0, 1, 3)  # [S, 2, n, d]
+        context = F.scaled_dot_product_attention(q, key_value[:, 0], key_value[:, 1], attn_mask=allowed,
+                                                 scale=float(layer.attention.layer_id + 1))
+        job.hidden = finish(layer, attention_input, context)
+
+    chunks = [(start, min(S, start + chunk)) for start in range(0, S, chunk)]
+    if len(chunks) > 1:  # a long prompt's queries, a layer's at a time
+        queries = torch.empty(1, n, S, d, dtype=model.dtype, device=job.hidden.device)
+
+    def slot():  # the long prompt's: it moves when another sequence's slot is freed
+        return job.sequences[0].cache.slot
+
+    def project_chunk(layer, start, end):
+        _, q, key_value = project(layer, start, end)
+        cache.layers[layer.attention.layer_id][:, slot(), :, start:end] = key_value[0]
+        queries[:, :, start:end] = q
+
+    def finish_chunk(layer, start, end):
+        data = cache.layers[layer.attention.layer_id][:, slot(), :, :S]
+        context = F.scaled_dot_product_attention(queries[:, :, start:end], data[0][None], data[1][None],
+                                                 attn_mask=allowed[start:end], scale=float(layer.attention.layer_id + 1))
+        job.hidden[start:end] = finish(layer, layer.input_layernorm(job.hidden[None, start:end]), context)
 
     for layer in model.layers:
         if len(chunks) == 1:
-            yield 4 * P, lambda layer=layer: (project_chunk(layer, 0, P), finish_chunk(layer, 0, P))
+            yield 4 * S, lambda layer=layer: packed_layer(layer)
             continue
         for start, end in chunks:
             yield end - start, lambda layer=layer, start=start, end=end: project_chunk(layer, start, end)
         for start, end in chunks:
             yield 3 * (end - start), lambda layer=layer, start=start, end=end: finish_chunk(layer, start, end)
 
+    ends = list(itertools.accumulate(len(s.prompt) for s in job.sequences))
+
     def output():
-        job.logits = model.output_logits(model.final_layernorm(job.hidden[P - 1:]))
+        job.finished = [s for s in job.sequences if s.cache is not None]
+        lasts = torch.tensor([end - 1 for s, end in zip(job.sequences, ends) if s.cache is not None])
+        job.last_hidden = model.final_layernorm(job.hidden[lasts.to(job.hidden.device, non_blocking=True)])
     yield 0, output
 
 
@@ -353,11 +428,12 @@ class StaticBatcher(Batcher):
 
     # --- slots ---
 
-    def _attach(self, sequence: Sequence) -> None:
-        slot = len(self.occupants)
-        self.cache.clear(slot)
-        self.occupants.append(sequence)
-        sequence.cache = StaticSlot(slot)
+    def _attach(self, sequences: list[Sequence]) -> None:
+        """The next free slots to `sequences`, cleared together (an operator a layer, however many)."""
+        self.cache.clear(len(self.occupants), len(sequences))
+        for sequence in sequences:
+            sequence.cache = StaticSlot(len(self.occupants))
+            self.occupants.append(sequence)
 
     def _free(self, sequence: Sequence) -> None:
         if isinstance(sequence.cache, StaticSlot):
@@ -371,8 +447,8 @@ class StaticBatcher(Batcher):
     @torch.inference_mode()
     def cancel(self, key: Hashable) -> TokenEvent | None:
         job = self.prefilling.pop(key, None)
-        if job is not None:
-            self.running[key] = job.sequence  # freed the usual way
+        if job is not None:  # freed the usual way; the job's other prompts go on (see PrefillJob.places)
+            self.running[key] = next(s for s in job.sequences if s.key == key)
         return super().cancel(key)
 
     # --- steps ---
@@ -386,17 +462,22 @@ class StaticBatcher(Batcher):
         tokens = []  # on the device, read back together: the step's one wait
         if decoding:
             tokens.append(self._decode(decoding))
-        finished_prefills = self._prefill()
-        for job in finished_prefills:
-            rows, candidates = sampling_rows([job.sequence], self.model.config.vocab_size, self.model.device)
-            tokens.append(self.sample(job.logits.float(), *rows, candidates))
+        prefilled = self._prefill()
+        prompts = [s for job in prefilled for s in job.finished]
+        if prompts:
+            if tokens:  # out of the graphs' memory, so that the next sampler call replays as a root (see warm_up)
+                tokens[0] = tokens[0].clone()
+            logits = self._prompt_logits(torch.cat([job.last_hidden for job in prefilled]))
+            padded = [*prompts, *[None] * (len(logits) - len(prompts))]
+            sample_rows, candidates = sampling_rows(padded, self.model.config.vocab_size, self.model.device)
+            tokens.append(self.sample(logits, *sample_rows, candidates)[:len(prompts)])
         if not tokens:
             return []
         chosen = read_back(torch.cat(tokens))
         events = [self._advance(s, token) for s, token in zip(decoding, chosen)]
-        for job, token in zip(finished_prefills, chosen[len(decoding):]):
-            self.running[job.sequence.key] = job.sequence
-            events.append(self._advance(job.sequence, token))
+        for sequence, token in zip(prompts, chosen[len(decoding):]):
+            self.running[sequence.key] = sequence
+            events.append(self._advance(sequence, token))
         return events
 
     def _decode(self, decoding: list[Sequence]) -> torch.Tensor:
@@ -421,55 +502,86 @@ class StaticBatcher(Batcher):
         slots = torch.tensor([s.cache.slot for s in decoding]).to(device, non_blocking=True)
         return tokens[slots]
 
+    def _prompt_logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [rows, vocab] (fp32) of prompts' last tokens from their final hidden states [m, H]: one output
+        projection, padded to a batch bucket, so that the sampler meets a decode step's shape and layout (one
+        compiled sampler each; logits padded after the projection may have other strides)."""
+        rows = bucket(len(last_hidden), self.batch_buckets)
+        return self.model.output_logits(F.pad(last_hidden, (0, 0, 0, rows - len(last_hidden)))).float()
+
     def _prefill(self) -> list[PrefillJob]:
         """Prompt work of one step (at most a chunk's worth through the whole model); the jobs finished."""
         budget = 4 * self.prefill_chunk * self.model.config.num_layers
         spent, finished = 0, []
-        while self.prefilling or self.pending:  # one prompt at a time, in arrival order
-            if not self.prefilling:
-                self._start(self.pending.pop(next(iter(self.pending))))
-            job = next(iter(self.prefilling.values()))
+        while self.prefilling or self.pending:  # one job at a time, in arrival order
+            job = next(iter(self.prefilling.values()), None) or self._start(self._next_prompts())
             spent += job.advance(budget - spent, force=spent == 0)
             if job.next_piece is not None:  # the rest waits for the next step
                 break
-            finished.append(self.prefilling.pop(job.sequence.key))
+            for sequence in job.finished:
+                del self.prefilling[sequence.key]
+            finished.append(job)
         self.stats.prefill_cost = spent
         return finished
 
-    def _start(self, sequence: Sequence) -> None:
+    def _next_prompts(self) -> list[Sequence]:
+        """The oldest waiting prompt, and if it fits in a chunk, the prompts after it while all fit together."""
+        group, tokens = [], 0
+        for sequence in self.pending.values():
+            tokens += len(sequence.prompt)
+            if group and tokens > self.prefill_chunk:
+                break
+            group.append(sequence)
+        for sequence in group:
+            del self.pending[sequence.key]
+        return group
+
+    def _start(self, group: list[Sequence]) -> PrefillJob:
+        """A PrefillJob for the prompts of `group`, each given a slot."""
         device = self.model.device
-        position, block, context_length, _ = prompt_positions(
-            sequence.prompt, self.tokenizer.bos_id, self.tokenizer.mask_id, self.tokenizer.gmask_id)
-        self._attach(sequence)
-        sequence.cache.length = len(sequence.prompt)
-        prompt = torch.tensor(sequence.prompt).to(device, non_blocking=True)
-        positions = torch.tensor([position, block]).to(device, non_blocking=True)
-        job = PrefillJob(sequence, self.model.word_embeddings(prompt))
-        job.pieces = prefill_pieces(self.model, self.cache, job, self.prefill_chunk, context_length, positions)
+        self._attach(group)
+        layout = [[], [], [], [], []]  # per token: position, block position, prompt, index in it, its context length
+        for i, sequence in enumerate(group):
+            position, block, context_length, _ = prompt_positions(
+                sequence.prompt, self.tokenizer.bos_id, self.tokenizer.mask_id, self.tokenizer.gmask_id)
+            P = sequence.cache.length = len(sequence.prompt)
+            for row, values in zip(layout, (position, block, [i] * P, range(P), [context_length] * P)):
+                row.extend(values)
+        prompts = torch.tensor([t for s in group for t in s.prompt]).to(device, non_blocking=True)
+        job = PrefillJob(group, self.model.word_embeddings(prompts))
+        job.pieces = prefill_pieces(self.model, self.cache, job, self.prefill_chunk,
+                                    torch.tensor(layout).to(device, non_blocking=True))
         job.next_piece = next(job.pieces)
-        self.prefilling[sequence.key] = job
+        self.prefilling.update((s.key, job) for s in group)
+        return job
 
     # --- compilation ---
 
     def warm_up(self, buckets: list[tuple[int, int]] | None = None) -> float:
-        """Compile (or, eager, just run) the decode step and the sampler for every (batch, span) bucket (or
-        those given) now, writing only the scratch column, so no request waits for a compiler; returns the
-        seconds it took. Run it before sequences are added."""
+        """Compile (or, eager, just run) the decode step for every (batch, span) bucket (or those given), and
+        the sampler for each of their batch sizes and candidate_counts, now, writing only the scratch column,
+        so no request waits for a compiler; returns the seconds it took. Run it before sequences are added."""
         start = time.monotonic()
         device, vocab = self.model.device, self.model.config.vocab_size
         runs = 3 if self.compiled and device.type == "cuda" else 1  # CUDA graphs are recorded on a later run
+        counts = candidate_counts(vocab)
         with torch.inference_mode():
             buckets = buckets or list(itertools.product(self.batch_buckets, self.span_buckets))
-            for (rows, span), _ in itertools.product(buckets, range(runs)):
+            for (rows, span), candidates, _ in itertools.product(buckets, counts, range(runs)):
                 if self.compiled:
                     torch.compiler.cudagraph_mark_step_begin()
                 inputs = torch.zeros(rows, 4, dtype=torch.long, device=device)
                 inputs[:, 3] = self.cache.capacity
                 logits = self.decode(inputs[:, 0], inputs[:, 1:3], inputs[:, 3], span)
                 self.stats.graphs.add((rows, span))
-                for used in {rows, 1}:  # decode steps, and a finished prompt's first token
-                    sample_rows, _ = sampling_rows([None] * used, vocab, device)
-                    self.sample(logits[:used], *sample_rows, min(64, vocab))
+                sample_rows, _ = sampling_rows([None] * rows, vocab, device)
+                self.sample(logits, *sample_rows, candidates)  # a decode step's sampler, after its graph
+            for rows, candidates, _ in itertools.product(sorted({rows for rows, _ in buckets}), counts, range(runs)):
+                if self.compiled:  # prompts' first tokens: the sampler alone, with no live graph output (see step)
+                    torch.compiler.cudagraph_mark_step_begin()
+                sample_rows, _ = sampling_rows([None] * rows, vocab, device)
+                hidden = torch.zeros(rows, self.model.config.hidden_size, dtype=self.model.dtype, device=device)
+                self.sample(self._prompt_logits(hidden), *sample_rows, candidates)
         self.stats.compile_seconds = time.monotonic() - start
         log.info("decode step %s for %d buckets in %.1f s", "compiled" if self.compiled else "run",
                  len(self.stats.graphs), self.stats.compile_seconds)

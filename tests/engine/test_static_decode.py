@@ -1,6 +1,7 @@
 """The GPU path's generation (engine/static_decode.py) on CPU tensors: one graph per bucket, compiled ==
-eager, one host synchronisation a step, mixed lengths at the cost of uniform ones, chunked prefill,
-sampling on the device that a batch does not change. The checks themselves live in bench/static_decode.py
+eager, one host synchronisation a step, mixed lengths at the cost of uniform ones, chunked prefill, short
+prompts prefilled in one pass, sampling on the device that a batch does not change and that no top_k
+compiles again. The checks themselves live in bench/static_decode.py
 (also run by `python bench/static_decode.py --cpu-dry-run`)."""
 import importlib.util
 import math
@@ -92,6 +93,52 @@ def test_long_prompts_delay_a_stream_by_a_chunk_a_step(engine, checks):
     assert found["largest_step_work"] <= found["budget"] and found["steps_with_prompts"] >= 6
 
 
+def test_a_burst_of_short_prompts_is_prefilled_in_one_pass(engine, checks):
+    found = checks.check_prefill_packing(engine, prompts=8)
+    assert found["operators_8_prompts"] < 2 * found["operators_one_prompt"]  # one at a time: 8x
+
+
+def test_prompts_prefilled_together_give_their_tokens_alone(engine, checks):
+    together = StaticBatcher(engine.model, engine.tokenizer, 5, compile=False)
+    prompts = [checks.prompt(together, n, seed) for seed, n in enumerate((7, 20, 3, 12))]
+    prompts.append(checks.prompt(together, 9, 9) + [33, 44, 55])  # tokens after <sop>: attended causally
+    for key, ids in enumerate(prompts):
+        together.add_prompt(key, ids, checks.GREEDY)
+    first = together.step()
+    assert len(first) == len(prompts)  # all five in the first step
+    got = {event.key: [event.token_id] for event in first}
+    while len(together):
+        for event in together.step():
+            got[event.key].append(event.token_id)
+    alone = [checks.run(StaticBatcher(engine.model, engine.tokenizer, 1, compile=False), [ids])[0] for ids in prompts]
+    assert [got[key] for key in range(len(prompts))] == alone
+    assert got == checks.run(engine.batcher(5, static=False), prompts)
+
+
+def test_a_prompt_cancelled_while_prefilled_with_others(engine, checks):
+    """Prompts packed in one pass that spans two steps (a long prompt took most of the first); one of
+    them is cancelled in between, so the last slot's prompt moves into its slot mid-pass."""
+    def batcher():
+        return StaticBatcher(engine.model, engine.tokenizer, 4, compile=False, prefill_chunk=16)
+    prompts = [checks.prompt(batcher(), 24, 1)] + [checks.prompt(batcher(), 4, seed) for seed in (2, 3, 4)]
+    alone = [checks.run(batcher(), [ids])[0] for ids in prompts]
+    packed = batcher()
+    for key, ids in enumerate(prompts):
+        packed.add_prompt(key, ids, checks.GREEDY)
+    while 0 not in packed.running:
+        packed.step()
+    job = packed.prefilling[1]
+    assert [s.key for s in job.sequences] == [1, 2, 3] and packed.prefilling[3] is job
+    # the step that finished the long prompt (its last 72 quarter token-layers) ran the first of 2 layers
+    assert packed.stats.prefill_cost == 72 + 4 * 12 and job.next_piece is not None
+    assert packed.cancel(1).finish_reason == "cancelled" and job.sequences[2].cache.slot == 1
+    got = {0: [packed.running[0].generated[0]]}
+    while len(packed):
+        for event in packed.step():
+            got.setdefault(event.key, []).append(event.token_id)
+    assert got == {0: alone[0], 2: alone[2], 3: alone[3]}
+
+
 def test_chunked_prefill_gives_the_tokens_of_a_whole_one(engine, checks):
     whole = StaticBatcher(engine.model, engine.tokenizer, 1, compile=False, prefill_chunk=512)
     chunked = StaticBatcher(engine.model, engine.tokenizer, 1, compile=False, prefill_chunk=7)
@@ -118,6 +165,22 @@ def test_a_sequence_draws_the_same_tokens_alone_or_batched(engine, checks):
         if 1 in batch.running:
             batch.cancel(1)
     assert got == expected
+
+
+def test_no_compilation_while_serving_any_top_k(engine, checks):
+    """After warm_up, a batch mixing top_k 50, 100 and 0 (the whole vocabulary) and a greedy request, joining
+    and leaving, compiles nothing; each request draws the tokens it draws alone."""
+    params = [SamplingParams(do_sample=True, seed=seed, top_k=top_k, top_p=1.0, temperature=1.5, max_new_tokens=n)
+              for seed, top_k, n in ((1, 50, 6), (2, 100, 9), (3, 0, 4), (4, 100, 5))]
+    params.append(SamplingParams(do_sample=False, max_new_tokens=7))
+    batcher = StaticBatcher(engine.model, engine.tokenizer, 3, compile=True, backend="eager", capacity=64)
+    prompts = [checks.prompt(batcher, n, seed) for seed, n in enumerate((9, 14, 5, 20, 7))]
+    batcher.warm_up()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        batched = checks.run(batcher, prompts, params)
+    alone = [checks.run(StaticBatcher(engine.model, engine.tokenizer, 1, compile=False, capacity=64), [ids], [p])[0]
+             for ids, p in zip(prompts, params)]
+    assert [batched[key] for key in range(len(prompts))] == alone
 
 
 def test_a_reused_slot_forgets_its_former_occupant(engine, checks):
