@@ -32,6 +32,7 @@ from typing import Callable, Hashable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .errors import PromptTooLongError
 from .generate import INVALID_SCORE_TOKEN, Batcher, SamplingParams, Sequence, TokenEvent
@@ -40,17 +41,12 @@ from .model import ChatGLM, prompt_positions, queries_keys_values
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 512  # prompt tokens a step may push through the whole model (its prefill budget)
-SPAN_DIVISORS = (8, 4, 2, 1)  # attention spans: the capacity divided by these
-MIN_SPAN = 64
+ATTENTION_BLOCK = 128  # cached positions a block of the decode step's block-sparse attention
 
 
 def batch_buckets(slots: int) -> list[int]:
     """Padded batch sizes: powers of two below `slots`, and `slots`."""
     return [b for b in (1 << i for i in range(slots.bit_length())) if b < slots] + [slots]
-
-
-def span_buckets(capacity: int) -> list[int]:
-    return sorted({max(min(MIN_SPAN, capacity), capacity // d) for d in SPAN_DIVISORS})
 
 
 def bucket(n: int, buckets: list[int]) -> int:
@@ -82,13 +78,34 @@ class StaticKV(torch.nn.Module):
             layer[:, target] = layer[:, source]
 
 
+def attention_mask(write_at: torch.Tensor, capacity: int) -> BlockMask:
+    """The positions each decode row attends, as FlexAttention's block mask over a slot's capacity + 1
+    columns: a sequence's 0..write_at (its first write_at // ATTENTION_BLOCK + 1 blocks, the last one
+    masked within), a padding row's (write_at == capacity) the scratch column alone (one block). Made of
+    tensors on the device with fixed shapes: built inside the compiled step, no host read.
+
+    write_at [B] -> kv_num_blocks [B, 1, 1], kv_indices [B, 1, 1, blocks]: one query block, every head alike."""
+    B, columns = write_at.shape[0], capacity + 1
+    blocks = -(-columns // ATTENTION_BLOCK)
+    first = torch.where(write_at == capacity, capacity, 0)  # [B]
+    first_block = first // ATTENTION_BLOCK
+    visited = write_at // ATTENTION_BLOCK - first_block + 1
+    order = (first_block[:, None] + torch.arange(blocks, device=write_at.device)).clamp(max=blocks - 1)
+
+    def visible(b, h, q, kv):
+        return (kv >= first[b]) & (kv <= write_at[b])
+    return BlockMask.from_kv_blocks(visited.int().view(B, 1, 1), order.int().view(B, 1, 1, blocks),
+                                    BLOCK_SIZE=ATTENTION_BLOCK, mask_mod=visible, seq_lengths=(1, columns),
+                                    compute_q_blocks=False)
+
+
 def decode_logits(model: ChatGLM, cache: StaticKV, tokens: torch.Tensor, positions: torch.Tensor,
-                  write_at: torch.Tensor, span: int) -> torch.Tensor:
-    """One new token for each of slots 0..B-1 -> logits [B, vocab] in fp32. Fixed shapes for fixed B and span.
+                  write_at: torch.Tensor) -> torch.Tensor:
+    """One new token for each of slots 0..B-1 -> logits [B, vocab] in fp32. Fixed shapes for a fixed B.
 
     tokens [B]; positions [B, 2] (position, block position); write_at [B]: where the row's key and value
     go, its cached length (a padding row: cache.capacity, the scratch column). Each row attends to
-    positions 0..write_at of its slot's first `span`."""
+    positions 0..write_at of its slot, reading only the blocks that hold them (attention_mask)."""
     B = tokens.shape[0]
     c = model.config
     n, d, H = c.num_attention_heads, c.head_dim, c.hidden_size
@@ -97,7 +114,7 @@ def decode_logits(model: ChatGLM, cache: StaticKV, tokens: torch.Tensor, positio
     ids = positions if c.position_encoding_2d else positions[:, :1]
     cos, sin = (F.embedding(ids, table).reshape(B, 1, 1, 1, -1) for table in (cos_table, sin_table))
     rows = torch.arange(B, device=tokens.device)
-    attend = (torch.arange(span, device=tokens.device) <= write_at[:, None])[:, None, None, :]  # [B, 1, 1, span]
+    attend = attention_mask(write_at, cache.capacity)
     x = model.word_embeddings(tokens[:, None])  # [B, 1, H]
     for layer, data in zip(model.layers, cache.layers):
         attention_input = layer.input_layernorm(x)
@@ -105,8 +122,7 @@ def decode_logits(model: ChatGLM, cache: StaticKV, tokens: torch.Tensor, positio
         q, key_value, scale = queries_keys_values(qkv, cos, sin, parts, layer.attention.layer_id)
         data[:, rows, :, write_at] = key_value[:, :, :, 0]  # indexed dims first: [B, 2, n, d]
         # q is already divided by sqrt(d) * scale; scaling the scores back by `scale` is the reference's order
-        context = F.scaled_dot_product_attention(q, data[0, :B, :, :span], data[1, :B, :, :span],
-                                                 attn_mask=attend, scale=scale)  # [B, n, 1, d]
+        context = flex_attention(q, data[0, :B], data[1, :B], block_mask=attend, scale=scale)  # [B, n, 1, d]
         x = attention_input * layer.alpha + layer.attention.dense(context.transpose(1, 2).reshape(B, 1, H))
         mlp_input = layer.post_attention_layernorm(x)
         x = mlp_input * layer.alpha + layer.mlp(mlp_input)
@@ -271,7 +287,7 @@ class StaticSlot:
 class StepStats:
     prefill_cost: int = 0  # quarter token-layers of prompt work done in the last step
     compile_seconds: float = 0.0
-    graphs: set = field(default_factory=set)  # (batch, span) buckets compiled
+    graphs: set = field(default_factory=set)  # batch buckets compiled
 
 
 class StaticBatcher(Batcher):
@@ -295,12 +311,12 @@ class StaticBatcher(Batcher):
         model.rotary(window)
         for table in model._rotary:
             torch._dynamo.mark_static_address(table)
-        self.batch_buckets, self.span_buckets = batch_buckets(slots), span_buckets(capacity)
+        self.batch_buckets = batch_buckets(slots)
         self.decode, self.sample = self._compiled(compile, backend)
 
     def _compiled(self, compile: bool, backend: str | None):
-        def decode(tokens, positions, write_at, span):
-            return decode_logits(self.model, self.cache, tokens, positions, write_at, span)
+        def decode(tokens, positions, write_at):
+            return decode_logits(self.model, self.cache, tokens, positions, write_at)
         self.compiled = compile
         if not compile:
             return decode, sample_tokens
@@ -310,7 +326,7 @@ class StaticBatcher(Batcher):
             # CUDA graphs read weights and tables where they are: marked static, none is copied in a replay
             for tensor in (*self.model.parameters(), *self.model.buffers()):
                 torch._dynamo.mark_static_address(tensor)
-        graphs = len(self.batch_buckets) * (len(self.span_buckets) + 2)  # + the samplers' few shapes
+        graphs = len(self.batch_buckets) * 3  # the decode step, and the samplers' few shapes
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
         torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
                                                                4 * graphs)
@@ -404,7 +420,6 @@ class StaticBatcher(Batcher):
         to the batch bucket (prefilling slots and padding write to the scratch column; their tokens dropped)."""
         device = self.model.device
         rows = bucket(len(self.occupants), self.batch_buckets)
-        span = bucket(max(s.cache.length for s in decoding) + 1, self.span_buckets)
         by_slot: list[Sequence | None] = [None] * rows
         inputs = [[0, 0, 0, self.cache.capacity]] * rows  # token, position, block position, write_at
         for s in decoding:
@@ -412,8 +427,8 @@ class StaticBatcher(Batcher):
             inputs[s.cache.slot] = [s.generated[-1], *s.next_position(), s.cache.length]
             s.cache.length += 1
         inputs = torch.tensor(inputs).to(device, non_blocking=True)
-        logits = self.decode(inputs[:, 0], inputs[:, 1:3], inputs[:, 3], span)
-        self.stats.graphs.add((rows, span))
+        logits = self.decode(inputs[:, 0], inputs[:, 1:3], inputs[:, 3])
+        self.stats.graphs.add(rows)
         sample_rows, candidates = sampling_rows(by_slot, self.model.config.vocab_size, device)
         tokens = self.sample(logits, *sample_rows, candidates)
         if len(decoding) == rows or decoding[-1].cache.slot == len(decoding) - 1:
@@ -451,22 +466,21 @@ class StaticBatcher(Batcher):
 
     # --- compilation ---
 
-    def warm_up(self, buckets: list[tuple[int, int]] | None = None) -> float:
-        """Compile (or, eager, just run) the decode step and the sampler for every (batch, span) bucket (or
-        those given) now, writing only the scratch column, so no request waits for a compiler; returns the
+    def warm_up(self, buckets: list[int] | None = None) -> float:
+        """Compile (or, eager, just run) the decode step and the sampler for every batch bucket (or those
+        given) now, writing only the scratch column, so no request waits for a compiler; returns the
         seconds it took. Run it before sequences are added."""
         start = time.monotonic()
         device, vocab = self.model.device, self.model.config.vocab_size
         runs = 3 if self.compiled and device.type == "cuda" else 1  # CUDA graphs are recorded on a later run
         with torch.inference_mode():
-            buckets = buckets or list(itertools.product(self.batch_buckets, self.span_buckets))
-            for (rows, span), _ in itertools.product(buckets, range(runs)):
+            for rows, _ in itertools.product(buckets or self.batch_buckets, range(runs)):
                 if self.compiled:
                     torch.compiler.cudagraph_mark_step_begin()
                 inputs = torch.zeros(rows, 4, dtype=torch.long, device=device)
                 inputs[:, 3] = self.cache.capacity
-                logits = self.decode(inputs[:, 0], inputs[:, 1:3], inputs[:, 3], span)
-                self.stats.graphs.add((rows, span))
+                logits = self.decode(inputs[:, 0], inputs[:, 1:3], inputs[:, 3])
+                self.stats.graphs.add(rows)
                 for used in {rows, 1}:  # decode steps, and a finished prompt's first token
                     sample_rows, _ = sampling_rows([None] * used, vocab, device)
                     self.sample(logits[:used], *sample_rows, min(64, vocab))
