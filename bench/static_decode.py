@@ -24,21 +24,22 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
-import torch.nn.attention.flex_attention as flex_attention_module
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from glmpool.engine import SamplingParams, load  # noqa: E402
-from glmpool.engine.static_decode import StaticBatcher  # noqa: E402
+from glmpool.engine.static_decode import StaticBatcher, attention_mask  # noqa: E402
 
 
 # operators that make the host wait for the device: a scalar read, data-dependent shapes, a copy to the host
@@ -48,33 +49,15 @@ GREEDY = SamplingParams(do_sample=False, max_new_tokens=8)
 
 
 class OperatorCounter(TorchDispatchMode):
-    """Counts the aten operators dispatched inside it, and those that wait for the device. A higher-order
-    operator (FlexAttention's) counts as one: compiled, it is one kernel."""
-    supports_higher_order_operators = True
+    """Counts the aten operators dispatched inside it, and those that wait for the device."""
 
     def __init__(self):
         super().__init__()
         self.operators = collections.Counter()
         self.waits = collections.Counter()
 
-    def __enter__(self):
-        # eager flex_attention runs its operator through torch.compile, which refuses to trace under a
-        # dispatch mode; its debug switch calls the operator directly, where this mode sees it
-        self._direct_flex = mock.patch.object(flex_attention_module, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG", True)
-        self._direct_flex.start()
-        return super().__enter__()
-
-    def __exit__(self, *exception):
-        try:
-            return super().__exit__(*exception)
-        finally:
-            self._direct_flex.stop()
-
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if isinstance(func, torch._ops.HigherOrderOperator):
-            self.operators[func.name()] += 1
-            return func(*args, **kwargs)
         name = str(func.overloadpacket)
         self.operators[name] += 1
         if name in WAITING_OPERATORS or copies_to_host(name, args, kwargs):
@@ -151,33 +134,101 @@ def check_inductor(engine) -> dict:
     return {"tokens": len(eager[0]), "seconds": round(time.monotonic() - start)}
 
 
-def decode_step_counts(engine, lengths: list[int], max_batch: int) -> OperatorCounter:
-    """The operators of one decode step (sampling and read-back included) of sequences at `lengths`."""
+def count_decode_step(engine, lengths: list[int], max_batch: int) -> tuple[OperatorCounter, int]:
+    """The operators of one decode step (sampling and read-back included) of sequences holding `lengths`
+    tokens, and the KV blocks its attention reads in each layer: those of the block mask
+    (static_decode.attention_mask) of the lengths the step passes."""
     batcher = engine.batcher(max_batch, static=True, compile=False)
-    params = SamplingParams(do_sample=True, seed=3, max_new_tokens=16)
-    for key, length in enumerate(lengths):
-        batcher.add_prompt(key, prompt(batcher, length, key), params)
-    while batcher.pending or batcher.prefilling:
-        batcher.step()
+    occupy(batcher, lengths, 1, SamplingParams(do_sample=True, seed=3))
+    passed = []
+    decode = batcher.decode
+    batcher.decode = lambda *inputs: passed.append(inputs[2]) or decode(*inputs)
     counter = OperatorCounter()
     with counter:
         batcher.step()
-    return counter
+    return counter, blocks_read(attention_mask(passed[0], batcher.cache.capacity))
+
+
+def blocks_read(mask) -> int:
+    """The KV blocks a block mask makes the attention read, whole and partial, over its rows."""
+    return int(mask.kv_num_blocks.sum() + mask.full_kv_num_blocks.sum())
 
 
 def check_host_syncs(engine) -> dict:
-    counter = decode_step_counts(engine, [12, 40, 7], max_batch=4)
+    counter, _ = count_decode_step(engine, [12, 40, 7], max_batch=4)
     waits = sum(counter.waits.values())
     assert waits <= 1, f"{waits} host synchronisations in a decode step: {dict(counter.waits)}"
     return {"operators": sum(counter.operators.values()), "host_syncs": waits}
 
 
-def check_mixed_lengths(engine, batch: int = 8, short: int = 10, long: int = 200) -> dict:
-    """One long sequence among short ones against all short (the issue's 2,000 among 100s, scaled down)."""
-    uniform = sum(decode_step_counts(engine, [short] * batch, batch).operators.values())
-    mixed = sum(decode_step_counts(engine, [long] + [short] * (batch - 1), batch).operators.values())
+def check_mixed_lengths(engine, batch: int = 64, short: int = 100, long: int = 2000) -> dict:
+    """One long sequence among short ones against all short (the issue's case: one of 2,000 among 63 of
+    100): a step's operators (the same: fixed shapes) and the KV blocks its attention reads (following the
+    lengths), each within 1.3x. The engine's window must hold `long` tokens."""
+    uniform, uniform_blocks = count_decode_step(engine, [short] * batch, batch)
+    mixed, mixed_blocks = count_decode_step(engine, [long] + [short] * (batch - 1), batch)
+    uniform, mixed = sum(uniform.operators.values()), sum(mixed.operators.values())
     assert mixed <= 1.3 * uniform, f"mixed lengths: {mixed} operators a step, uniform {uniform}"
-    return {"uniform_operators": uniform, "mixed_operators": mixed, "ratio": round(mixed / uniform, 3)}
+    assert mixed_blocks <= 1.3 * uniform_blocks, f"mixed lengths: {mixed_blocks} KV blocks read, uniform {uniform_blocks}"
+    return {"uniform_operators": uniform, "mixed_operators": mixed, "operator_ratio": round(mixed / uniform, 3),
+            "uniform_blocks": uniform_blocks, "mixed_blocks": mixed_blocks,
+            "block_ratio": round(mixed_blocks / uniform_blocks, 3)}
+
+
+def time_mixed_attention(batch: int = 64, short: int = 100, long: int = 2000, capacity: int = 2048, heads: int = 8,
+                         head_dim: int = 128, dtype: torch.dtype = torch.bfloat16, rounds: int = 7,
+                         device: str = "cpu") -> dict:
+    """The decode step's attention alone (attention_mask and flex_attention, as decode_logits runs them),
+    compiled (inductor: C++ on the CPU, Triton on a GPU), one query a row over a cache of `capacity`
+    columns: the median ms of a call for uniform rows (all `short`) and mixed ones (one `long`),
+    interleaved round by round in one process, and the median of the per-round ratios. Beside it, the
+    design it replaced: a masked scaled_dot_product_attention over the span bucket of the longest row (the
+    capacity / 8, / 4, / 2, / 1)."""
+    generator = torch.Generator(device).manual_seed(0)
+    q = torch.randn(batch, heads, 1, head_dim, generator=generator, device=device).to(dtype)
+    keys, values = (torch.randn(batch, heads, capacity + 1, head_dim, generator=generator, device=device).to(dtype)
+                    for _ in range(2))
+    attention = torch.compile(lambda q, k, v, write_at: flex_attention(
+        q, k, v, block_mask=attention_mask(write_at, capacity), scale=2.0), fullgraph=True, dynamic=False)
+
+    def spans(write_at):
+        span = min(s for s in (capacity // d for d in (8, 4, 2, 1)) if s > int(write_at.max()))
+        mask = (torch.arange(span, device=device) <= write_at[:, None])[:, None, None, :]
+        return lambda: F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], attn_mask=mask,
+                                                      scale=2.0)
+    cases = {"uniform": [short] * batch, "mixed": [long] + [short] * (batch - 1)}
+    runs = {}
+    for name, lengths in cases.items():
+        write_at = torch.tensor(lengths, device=device)
+        runs[name] = lambda write_at=write_at: attention(q, keys, values, write_at)
+        runs[f"{name}, span buckets"] = spans(write_at)
+    with torch.inference_mode():
+        started = time.monotonic()
+        for run in runs.values():
+            run()
+        compile_seconds = time.monotonic() - started
+        times = {name: [] for name in runs}
+        for _ in range(rounds):
+            for name, run in runs.items():
+                times[name].append(milliseconds(run, device, inner=5))
+    found = {name: round(statistics.median(ms), 3) for name, ms in times.items()}
+    for design in ("", ", span buckets"):
+        ratios = [m / u for m, u in zip(times[f"mixed{design}"], times[f"uniform{design}"])]
+        found[f"ratio{design}"] = round(statistics.median(ratios), 2)
+    found["compile_seconds"] = round(compile_seconds)
+    return found
+
+
+def milliseconds(run, device: str, inner: int) -> float:
+    """Mean ms of `inner` calls of run(), the device's queue drained before and after."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(inner):
+        run()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / inner * 1e3
 
 
 def check_prefill_burst(engine, chunk: int = 16, prompts: int = 3, prompt_tokens: int = 80) -> dict:
@@ -222,13 +273,14 @@ def dry_run(model_dir: str | None = None, inductor: bool = False) -> dict:
 
 # --- timings (bench/gpu.py runs them on its random ChatGLM-6B) ---
 
-def occupy(batcher: StaticBatcher, lengths: list[int], steps: int) -> None:
-    """Running sequences holding `lengths` tokens each (their cache as it is: timings only), greedy, with
-    room for `steps` more."""
+def occupy(batcher: StaticBatcher, lengths: list[int], steps: int,
+           params: SamplingParams = SamplingParams(do_sample=False)) -> None:
+    """Running sequences holding `lengths` tokens each (their cache as it is: counts and timings only),
+    drawing by `params`, with room for `steps` more."""
     config = batcher.model.config
     for key, length in enumerate(lengths):
-        params = SamplingParams(do_sample=False, max_length=min(batcher.cache.capacity, length + steps + 8))
-        batcher.add_prompt(key, [config.gmask_token_id, config.bos_token_id], params)
+        room = dataclasses.replace(params, max_length=min(batcher.cache.capacity, length + steps + 8))
+        batcher.add_prompt(key, [config.gmask_token_id, config.bos_token_id], room)
         sequence = batcher.pending.pop(key)
         batcher._attach(sequence)
         sequence.cache.length = length

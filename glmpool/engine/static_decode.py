@@ -78,25 +78,35 @@ class StaticKV(torch.nn.Module):
             layer[:, target] = layer[:, source]
 
 
-def attention_mask(write_at: torch.Tensor, capacity: int) -> BlockMask:
-    """The positions each decode row attends, as FlexAttention's block mask over a slot's capacity + 1
-    columns: a sequence's 0..write_at (its first write_at // ATTENTION_BLOCK + 1 blocks, the last one
-    masked within), a padding row's (write_at == capacity) the scratch column alone (one block). Made of
-    tensors on the device with fixed shapes: built inside the compiled step, no host read.
+def visible(column: torch.Tensor, write_at: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Whether a decode row writing at write_at attends a slot's column: a sequence its columns 0..write_at,
+    a padding row (write_at == capacity) the scratch column alone."""
+    return (column <= write_at) & ((write_at < capacity) | (column == capacity))
 
-    write_at [B] -> kv_num_blocks [B, 1, 1], kv_indices [B, 1, 1, blocks]: one query block, every head alike."""
+
+def attention_mask(write_at: torch.Tensor, capacity: int) -> BlockMask:
+    """`visible` as FlexAttention's block mask over a slot's capacity + 1 columns: a sequence reads its first
+    write_at // ATTENTION_BLOCK + 1 blocks (those before the block of write_at whole, that one masked
+    within), a padding row one block. Made of tensors on the device with fixed shapes: built inside the
+    compiled step, no host read.
+
+    write_at [B] -> blocks [B, 1, 1] and their indices [B, 1, 1, blocks] (one query block, every head alike),
+    for the whole blocks and for the partial one."""
     B, columns = write_at.shape[0], capacity + 1
     blocks = -(-columns // ATTENTION_BLOCK)
-    first = torch.where(write_at == capacity, capacity, 0)  # [B]
-    first_block = first // ATTENTION_BLOCK
-    visited = write_at // ATTENTION_BLOCK - first_block + 1
-    order = (first_block[:, None] + torch.arange(blocks, device=write_at.device)).clamp(max=blocks - 1)
-
-    def visible(b, h, q, kv):
-        return (kv >= first[b]) & (kv <= write_at[b])
-    return BlockMask.from_kv_blocks(visited.int().view(B, 1, 1), order.int().view(B, 1, 1, blocks),
-                                    BLOCK_SIZE=ATTENTION_BLOCK, mask_mod=visible, seq_lengths=(1, columns),
-                                    compute_q_blocks=False)
+    padding = write_at == capacity
+    ends = write_at + 1  # a sequence attends columns [0, ends)
+    whole = torch.where(padding, 0, ends // ATTENTION_BLOCK)
+    partial = torch.where(padding, 1, (ends % ATTENTION_BLOCK != 0).long())
+    partial_first = torch.where(padding, capacity // ATTENTION_BLOCK, ends // ATTENTION_BLOCK)
+    in_order = torch.arange(blocks, device=write_at.device).expand(B, blocks)
+    partial_indices = (partial_first[:, None] + in_order).clamp(max=blocks - 1)  # only the first is read
+    return BlockMask.from_kv_blocks(
+        partial.int().view(B, 1, 1), partial_indices.int().view(B, 1, 1, blocks),
+        whole.int().view(B, 1, 1), in_order.int().reshape(B, 1, 1, blocks), BLOCK_SIZE=ATTENTION_BLOCK,
+        # (write_at alone: inductor's CPU kernel takes no tensor computed in the graph here)
+        mask_mod=lambda b, h, q, column: visible(column, write_at[b], capacity),
+        seq_lengths=(1, columns), compute_q_blocks=False)
 
 
 def decode_logits(model: ChatGLM, cache: StaticKV, tokens: torch.Tensor, positions: torch.Tensor,
@@ -105,7 +115,7 @@ def decode_logits(model: ChatGLM, cache: StaticKV, tokens: torch.Tensor, positio
 
     tokens [B]; positions [B, 2] (position, block position); write_at [B]: where the row's key and value
     go, its cached length (a padding row: cache.capacity, the scratch column). Each row attends to
-    positions 0..write_at of its slot, reading only the blocks that hold them (attention_mask)."""
+    positions 0..write_at of its slot; compiled, it reads only the blocks that hold them (attention_mask)."""
     B = tokens.shape[0]
     c = model.config
     n, d, H = c.num_attention_heads, c.head_dim, c.hidden_size
@@ -114,7 +124,11 @@ def decode_logits(model: ChatGLM, cache: StaticKV, tokens: torch.Tensor, positio
     ids = positions if c.position_encoding_2d else positions[:, :1]
     cos, sin = (F.embedding(ids, table).reshape(B, 1, 1, 1, -1) for table in (cos_table, sin_table))
     rows = torch.arange(B, device=tokens.device)
-    attend = attention_mask(write_at, cache.capacity)
+    # compiled: FlexAttention reads each row's blocks. Eager (--compile off), flex_attention would still
+    # run torch.compile and upcast whole cache rows to fp32: a masked SDPA over every column instead
+    sparse = torch.compiler.is_compiling()
+    attend = attention_mask(write_at, cache.capacity) if sparse else visible(  # [B, 1, 1, capacity + 1]
+        torch.arange(cache.capacity + 1, device=tokens.device), write_at[:, None], cache.capacity)[:, None, None, :]
     x = model.word_embeddings(tokens[:, None])  # [B, 1, H]
     for layer, data in zip(model.layers, cache.layers):
         attention_input = layer.input_layernorm(x)
@@ -122,7 +136,9 @@ def decode_logits(model: ChatGLM, cache: StaticKV, tokens: torch.Tensor, positio
         q, key_value, scale = queries_keys_values(qkv, cos, sin, parts, layer.attention.layer_id)
         data[:, rows, :, write_at] = key_value[:, :, :, 0]  # indexed dims first: [B, 2, n, d]
         # q is already divided by sqrt(d) * scale; scaling the scores back by `scale` is the reference's order
-        context = flex_attention(q, data[0, :B], data[1, :B], block_mask=attend, scale=scale)  # [B, n, 1, d]
+        keys, values = data[0, :B], data[1, :B]
+        context = (flex_attention(q, keys, values, block_mask=attend, scale=scale) if sparse  # [B, n, 1, d]
+                   else F.scaled_dot_product_attention(q, keys, values, attn_mask=attend, scale=scale))
         x = attention_input * layer.alpha + layer.attention.dense(context.transpose(1, 2).reshape(B, 1, H))
         mlp_input = layer.post_attention_layernorm(x)
         x = mlp_input * layer.alpha + layer.mlp(mlp_input)
