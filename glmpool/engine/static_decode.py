@@ -331,8 +331,9 @@ class StaticBatcher(Batcher):
         self.decode, self.sample = self._compiled(compile, backend)
 
     def _compiled(self, compile: bool, backend: str | None):
-        def decode(tokens, positions, write_at):
-            return decode_logits(self.model, self.cache, tokens, positions, write_at)
+        def decode(inputs):  # [4, B]: tokens, positions, block positions, write_at (one copy to the device)
+            # (write_at a row of an input: inductor's CPU FlexAttention takes no other tensor in a mask)
+            return decode_logits(self.model, self.cache, inputs[0], inputs[1:3].T, inputs[3])
         self.compiled = compile
         if not compile:
             return decode, sample_tokens
@@ -442,8 +443,7 @@ class StaticBatcher(Batcher):
             by_slot[s.cache.slot] = s
             inputs[s.cache.slot] = [s.generated[-1], *s.next_position(), s.cache.length]
             s.cache.length += 1
-        inputs = torch.tensor(inputs).to(device, non_blocking=True)
-        logits = self.decode(inputs[:, 0], inputs[:, 1:3], inputs[:, 3])
+        logits = self.decode(torch.tensor(inputs).T.contiguous().to(device, non_blocking=True))
         self.stats.graphs.add(rows)
         sample_rows, candidates = sampling_rows(by_slot, self.model.config.vocab_size, device)
         tokens = self.sample(logits, *sample_rows, candidates)
@@ -493,9 +493,9 @@ class StaticBatcher(Batcher):
             for rows, _ in itertools.product(buckets or self.batch_buckets, range(runs)):
                 if self.compiled:
                     torch.compiler.cudagraph_mark_step_begin()
-                inputs = torch.zeros(rows, 4, dtype=torch.long, device=device)
-                inputs[:, 3] = self.cache.capacity
-                logits = self.decode(inputs[:, 0], inputs[:, 1:3], inputs[:, 3])
+                inputs = torch.zeros(4, rows, dtype=torch.long, device=device)
+                inputs[3] = self.cache.capacity
+                logits = self.decode(inputs)
                 self.stats.graphs.add(rows)
                 for used in {rows, 1}:  # decode steps, and a finished prompt's first token
                     sample_rows, _ = sampling_rows([None] * used, vocab, device)
