@@ -1,4 +1,4 @@
-"""The GPU path's generation: static shapes, one compiled graph per bucket, chunked prefill.
+"""The GPU path's generation: static shapes, one compiled graph per batch bucket, chunked prefill.
 
 A decode step on a GPU is bound by launches, not by arithmetic, when run op by op (~35 operators a layer,
 ~1,000 kernel launches a token for ChatGLM-6B). Here it is one function of fixed shapes, compiled with
@@ -6,10 +6,13 @@ torch.compile (fullgraph, on CUDA mode="reduce-overhead": replayed as a CUDA gra
 - the KV cache is allocated once, sized by the KV budget: [2, slots, n, capacity + 1, d] per layer, the
   running and prefilling sequences in slots 0..N-1 (a finished one's slot takes the last one's sequence);
   column `capacity` is scratch, where padding rows write;
-- the batch is padded to a bucket (powers of two up to the slot count) and attention spans a bucket of
-  the longest sequence's length (the capacity divided by 1, 2, 4, 8): one graph per (batch, span);
-- attention is torch's scaled_dot_product_attention with a mask over the span, the same operators
-  whatever the lengths (no sequence-by-sequence fallback);
+- the batch is padded to a bucket (powers of two up to the slot count): one graph per bucket;
+- attention is FlexAttention (flex_attention, on CUDA its decoding kernel) with a block mask that the step
+  builds from each row's length (`attention_mask`, no host read): a row reads its own blocks of
+  ATTENTION_BLOCK positions (a padding row one), so one long sequence among short ones costs its own
+  blocks and not every row's, with the same operators whatever the lengths (no sequence-by-sequence
+  fallback). Run eagerly (compile off), the step takes a masked scaled_dot_product_attention over all
+  the columns instead: eager flex_attention goes through torch.compile all the same;
 - sampling is on the device for the whole batch (`sample_tokens`): each row its own temperature, top-k,
   top-p, and random numbers from a counter-based hash of its seed and its token count, so a sequence
   draws the same tokens alone or batched; one copy to the host a step (the tokens) is the only wait.
