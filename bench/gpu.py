@@ -397,8 +397,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device here: run with --cpu-dry-run", file=sys.stderr)
         return 2
-    options = Options(torch.device(args.device), CHATGLM_SHAPES, ROWS, ModelConfig(), BATCHES, args.context, SHORT, LONG, 12,
-                      bandwidth_gbs=args.bandwidth_gbs)
+    options = Options(torch.device(args.device), CHATGLM_SHAPES, ROWS, ModelConfig(), BATCHES, args.context, SHORT,
+                      LONG, 12, bandwidth_gbs=args.bandwidth_gbs)
     started = time.perf_counter()
     with torch.no_grad():
         gpu_report(options)

@@ -174,7 +174,8 @@ def check_mixed_lengths(engine, batch: int = 64, short: int = 100, long: int = 2
     mixed, mixed_blocks = count_decode_step(engine, [long] + [short] * (batch - 1), batch)
     uniform, mixed = sum(uniform.operators.values()), sum(mixed.operators.values())
     assert mixed <= 1.3 * uniform, f"mixed lengths: {mixed} operators a step, uniform {uniform}"
-    assert mixed_blocks <= 1.3 * uniform_blocks, f"mixed lengths: {mixed_blocks} KV blocks read, uniform {uniform_blocks}"
+    assert mixed_blocks <= 1.3 * uniform_blocks, \
+        f"mixed lengths: {mixed_blocks} KV blocks read, uniform {uniform_blocks}"
     return {"uniform_operators": uniform, "mixed_operators": mixed, "operator_ratio": round(mixed / uniform, 3),
             "uniform_blocks": uniform_blocks, "mixed_blocks": mixed_blocks,
             "block_ratio": round(mixed_blocks / uniform_blocks, 3)}

@@ -122,8 +122,8 @@ def test_compiled_attention_reads_what_the_mask_says(tmp_path, monkeypatch, dtyp
     wanted = visible(columns, write_at[:, None], capacity)[:, None, None, :]
     keys.masked_fill_(~wanted[:, :, 0, :, None], 30.0)
     values.masked_fill_(~wanted[:, :, 0, :, None], 1e4)
-    attend = torch.compile(lambda q, k, v, write_at: flex_attention(q, k, v, block_mask=attention_mask(write_at, capacity),
-                                                                  scale=2.0), fullgraph=True, dynamic=False)
+    attend = torch.compile(lambda q, k, v, write_at: flex_attention(
+        q, k, v, block_mask=attention_mask(write_at, capacity), scale=2.0), fullgraph=True, dynamic=False)
     expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=wanted, scale=2.0)
     got = attend(*(t.to(dtype) for t in (q, keys, values)), write_at)
     assert got.dtype == dtype
