@@ -147,7 +147,7 @@ def count_decode_step(engine, lengths: list[int], max_batch: int) -> tuple[Opera
     occupy(batcher, lengths, 1, SamplingParams(do_sample=True, seed=3))
     passed = []
     decode = batcher.decode
-    batcher.decode = lambda inputs: passed.append(inputs[3]) or decode(inputs)
+    batcher.decode = lambda inputs, columns: passed.append(inputs[3]) or decode(inputs, columns)
     counter = OperatorCounter()
     with counter:
         batcher.step()

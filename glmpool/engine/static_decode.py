@@ -11,8 +11,8 @@ torch.compile (fullgraph, on CUDA mode="reduce-overhead": replayed as a CUDA gra
   builds from each row's length (`attention_mask`, no host read): a row reads its own blocks of
   ATTENTION_BLOCK positions (a padding row one), so one long sequence among short ones costs its own
   blocks and not every row's, with the same operators whatever the lengths (no sequence-by-sequence
-  fallback). Run eagerly (compile off), the step takes a masked scaled_dot_product_attention over all
-  the columns instead: eager flex_attention goes through torch.compile all the same;
+  fallback). Run eagerly (compile off, or where compiling fails), the step takes a masked
+  scaled_dot_product_attention over the longest row's columns instead;
 - sampling is on the device for the whole batch (`sample_tokens`): each row its own temperature, top-k,
   top-p, and random numbers from a counter-based hash of its seed and its token count, so a sequence
   draws the same tokens alone or batched; one copy to the host a step (the tokens) is the only wait.
@@ -113,12 +113,15 @@ def attention_mask(write_at: torch.Tensor, capacity: int) -> BlockMask:
 
 
 def decode_logits(model: ChatGLM, cache: StaticKV, tokens: torch.Tensor, positions: torch.Tensor,
-                  write_at: torch.Tensor) -> torch.Tensor:
+                  write_at: torch.Tensor, columns: int | None = None) -> torch.Tensor:
     """One new token for each of slots 0..B-1 -> logits [B, vocab] in fp32. Fixed shapes for a fixed B.
 
     tokens [B]; positions [B, 2] (position, block position); write_at [B]: where the row's key and value
     go, its cached length (a padding row: cache.capacity, the scratch column). Each row attends to
-    positions 0..write_at of its slot; compiled, it reads only the blocks that hold them (attention_mask)."""
+    positions 0..write_at of its slot: compiled (columns None), reading only the blocks that hold them
+    (attention_mask); run eagerly, with a masked scaled_dot_product_attention over the first `columns`
+    (the longest row's length + 1, which the host knows; padding rows attend them all, their results
+    dropped). Eager flex_attention would run torch.compile all the same and upcast whole cache rows."""
     B = tokens.shape[0]
     c = model.config
     n, d, H = c.num_attention_heads, c.head_dim, c.hidden_size
@@ -127,11 +130,10 @@ def decode_logits(model: ChatGLM, cache: StaticKV, tokens: torch.Tensor, positio
     ids = positions if c.position_encoding_2d else positions[:, :1]
     cos, sin = (F.embedding(ids, table).reshape(B, 1, 1, 1, -1) for table in (cos_table, sin_table))
     rows = torch.arange(B, device=tokens.device)
-    # compiled: FlexAttention reads each row's blocks. Eager (--compile off), flex_attention would still
-    # run torch.compile and upcast whole cache rows to fp32: a masked SDPA over every column instead
-    sparse = torch.compiler.is_compiling()
-    attend = attention_mask(write_at, cache.capacity) if sparse else visible(  # [B, 1, 1, capacity + 1]
-        torch.arange(cache.capacity + 1, device=tokens.device), write_at[:, None], cache.capacity)[:, None, None, :]
+    if columns is None:
+        attend = attention_mask(write_at, cache.capacity)
+    else:
+        attend = (torch.arange(columns, device=tokens.device) <= write_at[:, None])[:, None, None, :]  # [B, 1, 1, c]
     x = model.word_embeddings(tokens[:, None])  # [B, 1, H]
     for layer, data in zip(model.layers, cache.layers):
         attention_input = layer.input_layernorm(x)
@@ -139,9 +141,11 @@ def decode_logits(model: ChatGLM, cache: StaticKV, tokens: torch.Tensor, positio
         q, key_value, scale = queries_keys_values(qkv, cos, sin, parts, layer.attention.layer_id)
         data[:, rows, :, write_at] = key_value[:, :, :, 0]  # indexed dims first: [B, 2, n, d]
         # q is already divided by sqrt(d) * scale; scaling the scores back by `scale` is the reference's order
-        keys, values = data[0, :B], data[1, :B]
-        context = (flex_attention(q, keys, values, block_mask=attend, scale=scale) if sparse  # [B, n, 1, d]
-                   else F.scaled_dot_product_attention(q, keys, values, attn_mask=attend, scale=scale))
+        if columns is None:
+            context = flex_attention(q, data[0, :B], data[1, :B], block_mask=attend, scale=scale)  # [B, n, 1, d]
+        else:
+            context = F.scaled_dot_product_attention(q, data[0, :B, :, :columns], data[1, :B, :, :columns],
+                                                     attn_mask=attend, scale=scale)
         x = attention_input * layer.alpha + layer.attention.dense(context.transpose(1, 2).reshape(B, 1, H))
         mlp_input = layer.post_attention_layernorm(x)
         x = mlp_input * layer.alpha + layer.mlp(mlp_input)
@@ -334,9 +338,9 @@ class StaticBatcher(Batcher):
         self.decode, self.sample = self._compiled(compile, backend)
 
     def _compiled(self, compile: bool, backend: str | None):
-        def decode(inputs):  # [4, B]: tokens, positions, block positions, write_at (one copy to the device)
+        def decode(inputs, columns=None):  # inputs [4, B]: tokens, positions, block positions, write_at
             # (write_at a row of an input: inductor's CPU FlexAttention takes no other tensor in a mask)
-            return decode_logits(self.model, self.cache, inputs[0], inputs[1:3].T, inputs[3])
+            return decode_logits(self.model, self.cache, inputs[0], inputs[1:3].T, inputs[3], columns)
         self.compiled = compile
         if not compile:
             return decode, sample_tokens
@@ -446,7 +450,8 @@ class StaticBatcher(Batcher):
             by_slot[s.cache.slot] = s
             inputs[s.cache.slot] = [s.generated[-1], *s.next_position(), s.cache.length]
             s.cache.length += 1
-        logits = self.decode(torch.tensor(inputs).T.contiguous().to(device, non_blocking=True))
+        columns = None if self.compiled else max(s.cache.length for s in decoding)  # eager: the longest row's
+        logits = self.decode(torch.tensor(inputs).T.contiguous().to(device, non_blocking=True), columns)
         self.stats.graphs.add(rows)
         sample_rows, candidates = sampling_rows(by_slot, self.model.config.vocab_size, device)
         tokens = self.sample(logits, *sample_rows, candidates)
@@ -498,7 +503,7 @@ class StaticBatcher(Batcher):
                     torch.compiler.cudagraph_mark_step_begin()
                 inputs = torch.zeros(4, rows, dtype=torch.long, device=device)
                 inputs[3] = self.cache.capacity
-                logits = self.decode(inputs)
+                logits = self.decode(inputs, None if self.compiled else 1)
                 self.stats.graphs.add(rows)
                 for used in {rows, 1}:  # decode steps, and a finished prompt's first token
                     sample_rows, _ = sampling_rows([None] * used, vocab, device)
