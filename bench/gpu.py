@@ -1,6 +1,6 @@
 """The GPU path in one command, with no checkpoint and no network.
 
-    python bench/gpu.py                 # on a GPU machine: 3-5 minutes
+    python bench/gpu.py                 # on a GPU machine: minutes (a compile per decode case)
     python bench/gpu.py --cpu-dry-run   # anywhere: every GPU-only branch on CPU tensors, ok/FAIL per check
 
 On a GPU it prints: the device; each linear method's availability here; each method's error against fp32
