@@ -1,20 +1,23 @@
 """The GPU path in one command, with no checkpoint and no network.
 
-    python bench/gpu.py                 # on a GPU machine: 3-5 minutes
+    python bench/gpu.py                 # on a GPU machine: minutes (a compile per decode case)
     python bench/gpu.py --cpu-dry-run   # anywhere: every GPU-only branch on CPU tensors, ok/FAIL per check
 
 On a GPU it prints: the device; each linear method's availability here; each method's error against fp32
 and its time at 1, 16 and 64 input rows on ChatGLM-6B's matrix shapes, fed activations with ChatGLM-like
 outliers (|x| up to 1000); then a full-size ChatGLM-6B with random weights, in fp16 and in int4, as
 load() sets it up on a GPU: memory after load, the KV-cache budget, and ms per decode step and tokens/s at
-batch 1, 16 and 64 and for one long sequence among 63 short ones, through the model's forward and through
-the GPU path's compiled step (engine/static_decode.py, beside its memory bound: weights + KV read a step).
+batch 1, 16 and 64 with 1,000 tokens of context each, batch 64 with lengths spread from 500 to 1,500 (the
+same mean), batch 64 of 100 and one of 1,536 among 63 of 100, through the model's forward and through the
+GPU path's compiled step (engine/static_decode.py, beside its memory bound: weights + KV read a step),
+with the mixed batches' time over the uniform ones'; and the compiled step's attention alone for the
+last two batches (bench/static_decode.py's time_mixed_attention).
 
 --cpu-dry-run runs the engine's checks (glmpool.engine.gpucheck: the quantized CUDA routes through the
 CPU implementations of their operators, the cpm_kernels route compiled and emulated, the fp16 GPU
 numerics against fp32), this script's own GPU run at toy size on the CPU, the static decode step's
 checks (bench/static_decode.py: one graph per bucket, compiled == eager, one host wait a step, mixed
-lengths, chunked prefill, short prompts in one pass), and the pool's
+lengths against uniform ones, chunked prefill, short prompts in one pass), and the pool's
 (glmpool.gpucheck: device mapping under a parent CUDA_VISIBLE_DEVICES, a worker surviving an
 out-of-memory step, the KV budget split between workers sharing a GPU). Exit status 1 if any fails.
 """
@@ -52,7 +55,9 @@ CHATGLM_SHAPES = {  # N x K of each matrix a token passes through (the last: the
     "dense_4h_to_h": (4096, 16384), "output (vocab)": (130528, 4096)}
 ROWS = (1, 16, 64)
 BATCHES = (1, 16, 64)
-CONTEXT, LONG = 256, 1536  # tokens already in each sequence's cache; the long one's
+# tokens already in each sequence's cache, the mixed batches' too (a long one of 2,000 would need more KV
+# cache at batch 64 than the budget beside fp16 weights on an 80 GB card)
+CONTEXT, SHORT, LONG = 1000, 100, 1536
 
 
 @dataclasses.dataclass
@@ -63,6 +68,7 @@ class Options:
     config: ModelConfig
     batches: tuple[int, ...]
     context: int
+    short: int
     long: int
     steps: int  # decode steps timed per case
     repeats: int = 5  # timings per measurement (their median)
@@ -243,6 +249,24 @@ def decode_ms(net: ChatGLM, lengths: list[int], steps: int, repeats: int) -> tup
     return ms, finite
 
 
+def decode_cases(options: Options) -> list[tuple[str, list[int]]]:
+    """(name, tokens in each sequence's cache) of each batch measured: `batches` at `context` each; the
+    largest batch spread from context / 2 to 3 context / 2; the largest batch at `short`, and one `long`
+    among the others at `short`."""
+    top = max(options.batches)
+    spread = [options.context // 2 + options.context * i // (top - 1) for i in range(top)]
+    return [*((f"batch {b}", [options.context] * b) for b in options.batches),
+            (f"batch {top} mixed, {spread[0]} to {spread[-1]}", spread),
+            (f"batch {top} of {options.short}", [options.short] * top),
+            (f"1 of {options.long} among {top - 1} of {options.short}", [options.long] + [options.short] * (top - 1))]
+
+
+def mixed_and_uniform(options: Options) -> list[tuple[str, str]]:
+    """The mixed batches of decode_cases, each with the uniform one it is compared with."""
+    names = [name for name, _ in decode_cases(options)]
+    return [(names[-3], names[-4]), (names[-1], names[-2])]
+
+
 def model_report(options: Options, bits: int | None) -> list[str]:
     device = options.device
     if device.type == "cuda":
@@ -260,9 +284,8 @@ def model_report(options: Options, bits: int | None) -> list[str]:
                      f"free {torch.cuda.mem_get_info(device)[0] / 2**30:.1f} GiB")
     budget = engine.default_kv_tokens()
     lines.append(f"  KV budget {budget} tokens ({engine.kv_bytes_per_token() / 1024:.0f} KiB per token)")
-    cases = [(f"batch {b}", [options.context] * b) for b in options.batches]
-    cases.append((f"1 long ({options.long}) among 63 short", [options.long] + [options.context // 2] * 63))
-    for name, lengths in cases:
+    static_ms = {}
+    for name, lengths in decode_cases(options):
         needed = len(lengths) * (max(lengths) + options.steps + 64)
         if needed > budget:
             lines.append(f"  {name}: skipped, needs {needed} KV tokens")
@@ -280,6 +303,11 @@ def model_report(options: Options, bits: int | None) -> list[str]:
         lines.append(f"  {name}, static step: {static['ms']:.2f} ms per step, {len(lengths) * 1e3 / static['ms']:.0f} "
                      f"tokens/s; memory bound {bound:.2f} ms at {options.bandwidth_gbs:.0f} GB/s, "
                      f"{bound / static['ms']:.0%} of it; compiled in {static['compile_seconds']:.0f} s")
+        static_ms[name] = static["ms"]
+    for mixed, uniform in mixed_and_uniform(options):
+        if mixed in static_ms and uniform in static_ms:
+            lines.append(f"  static step, {mixed} over {uniform}: {static_ms[mixed] / static_ms[uniform]:.2f}x "
+                         f"(target <= 1.3x)")
     del engine, net
     return lines
 
@@ -296,6 +324,12 @@ def gpu_report(options: Options, out=print) -> None:
     for bits in (None, 4):
         for line in model_report(options, bits):
             out(line)
+    if options.device.type == "cuda":  # (the dry run times it on the CPU in bench/static_decode.py's checks)
+        found = static_decode.time_mixed_attention(short=options.short, long=options.long, device=str(options.device))
+        out(f"\nthe compiled step's attention alone (32 heads of 128, fp16, 2,048 positions), batch 64 of "
+            f"{options.short}: {found['uniform']:.3f} ms; one of {options.long} among 63 of {options.short}: "
+            f"{found['mixed']:.3f} ms; {found['ratio']:.2f}x (spans of the longest row's bucket, the design "
+            f"before: {found['ratio, span buckets']:.2f}x)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -307,7 +341,7 @@ TOY = ModelConfig(vocab_size=1024, hidden_size=128, num_layers=2, num_attention_
 
 def toy_options() -> Options:
     return Options(torch.device("cpu"), {"toy qkv": (384, 128), "toy 4h_to_h": (128, 512)}, (1, 9), TOY,
-                   (1, 4), 16, 64, 1, repeats=1)
+                   (1, 4), 16, 4, 64, 1, repeats=1)
 
 
 def check_gpu_run_at_toy_size():
@@ -317,7 +351,7 @@ def check_gpu_run_at_toy_size():
     with torch.no_grad():
         gpu_report(toy_options(), out=lambda line: print(line, file=text))
     report = text.getvalue()
-    cases = 2 * (len(toy_options().batches) + 1)  # both models, each case through forward and the static step
+    cases = 2 * len(decode_cases(toy_options()))  # both models, each case through forward and the static step
     ok = "NOT FINITE" not in report and "FAIL" not in report and report.count("tokens/s") == 2 * cases
     rows = sum(line.startswith("| toy") for line in report.splitlines())
     return ok, f"{rows} method rows, {cases} decode cases, all finite" if ok else report.replace("\n", " / ")[-600:]
@@ -325,7 +359,8 @@ def check_gpu_run_at_toy_size():
 
 def check_static_decode():
     """The GPU path's properties on CPU tensors: one graph per bucket, compiled == eager, one host wait a
-    step, mixed lengths at the operators of uniform ones, a stream never stalled by a burst of prompts."""
+    step, mixed lengths within 1.3x of uniform ones (operators, KV blocks read, the compiled attention's
+    time), a stream never stalled by a burst of prompts."""
     found = static_decode.dry_run()  # a failed property raises: run_check reports it
     return True, "; ".join(f"{name} {detail}" for name, detail in found.items())
 
@@ -355,7 +390,7 @@ def main() -> int:
     parser.add_argument("--cpu-dry-run", action="store_true", help="the GPU-only branches on CPU tensors")
     parser.add_argument("--device", default="cuda", help="the GPU to measure (default: cuda)")
     parser.add_argument("--context", type=int, default=CONTEXT,
-                        help=f"tokens in each sequence's cache (default {CONTEXT}; the batch-64 target takes 1000)")
+                        help=f"tokens in each sequence's cache (default {CONTEXT}, the batch-64 target's)")
     parser.add_argument("--bandwidth-gbs", type=float, default=Options.bandwidth_gbs,
                         help="memory bandwidth of the bound, GB/s (default: H100 SXM's 3350)")
     args = parser.parse_args()
@@ -364,8 +399,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device here: run with --cpu-dry-run", file=sys.stderr)
         return 2
-    options = Options(torch.device(args.device), CHATGLM_SHAPES, ROWS, ModelConfig(), BATCHES, args.context, LONG, 12,
-                      bandwidth_gbs=args.bandwidth_gbs)
+    options = Options(torch.device(args.device), CHATGLM_SHAPES, ROWS, ModelConfig(), BATCHES, args.context, SHORT,
+                      LONG, 12, bandwidth_gbs=args.bandwidth_gbs)
     started = time.perf_counter()
     with torch.no_grad():
         gpu_report(options)

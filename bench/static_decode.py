@@ -5,12 +5,15 @@ of its decode step that bench/gpu.py runs on a GPU.
     python bench/gpu.py [--cpu-dry-run]            # runs them too, and times the step on a GPU
 
 The checks (importable; tests/engine/test_static_decode.py runs each, and bench/gpu.py --cpu-dry-run):
-- `check_fullgraph(batcher)`: every (batch, span) bucket's decode step is one graph, no break
+- `check_fullgraph(batcher)`: every batch bucket's decode step is one graph, no break
   (torch._dynamo.explain on the eager step);
 - `check_compiled_matches_eager(engine, backend)`: the same greedy tokens from compiled and eager steps;
 - `check_host_syncs(engine)`: operators dispatched a step (TorchDispatchMode), and how many of them wait
   for the device: at most one;
-- `check_mixed_lengths(engine)`: the operators of a step of mixed lengths over those of uniform ones;
+- `check_mixed_lengths(engine)`: one sequence of 2,000 tokens among 63 of 100 against 64 of 100: the
+  operators of a step, and the KV blocks its attention reads (from its block mask), each within 1.3x;
+- `check_mixed_lengths_time()`: the same two batches' attention, compiled (inductor's C++ on the CPU),
+  timed: mixed within 1.3x of uniform (and the span-bucket design it replaced, timed beside it);
 - `check_prefill_burst(engine)`: a decoding stream gains a token every step while a burst of long and short
   prompts is prefilled, and no step does more than a chunk's worth of prompt work;
 - `check_prefill_packing(engine)`: a burst of short prompts is prefilled in one pass: the operators of the
@@ -19,26 +22,30 @@ The checks (importable; tests/engine/test_static_decode.py runs each, and bench/
 Each returns a dict of what it found and raises AssertionError where the property fails.
 
 Timings: `time_decode(model, lengths, steps, compile)`, the median ms of a step of sequences holding
-`lengths` tokens, and `memory_bound_ms(model, lengths, GB/s)`, the step's bytes (weights + KV) over a
-bandwidth.
+`lengths` tokens; `memory_bound_ms(model, lengths, GB/s)`, the step's bytes (weights + KV) over a
+bandwidth; `time_mixed_attention(...)`, the decode attention alone for uniform and mixed lengths.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from glmpool.engine import SamplingParams, load  # noqa: E402
-from glmpool.engine.static_decode import StaticBatcher  # noqa: E402
+from glmpool.engine.static_decode import ATTENTION_BLOCK, StaticBatcher, attention_mask  # noqa: E402
 
 
 # operators that make the host wait for the device: a scalar read, data-dependent shapes, a copy to the host
@@ -103,14 +110,13 @@ def check_fullgraph(batcher: StaticBatcher) -> dict:
     """batcher: built with compile=False (its decode step is then the plain function)."""
     device, found = batcher.model.device, {}
     for rows in batcher.batch_buckets:
-        for span in batcher.span_buckets:
-            inputs = torch.zeros(rows, 4, dtype=torch.long, device=device)
-            inputs[:, 3] = batcher.cache.capacity
-            with torch.inference_mode():
-                explained = torch._dynamo.explain(batcher.decode)(inputs[:, 0], inputs[:, 1:3], inputs[:, 3], span)
-            found[f"{rows}x{span}"] = explained.graph_break_count
-            assert explained.graph_count == 1 and explained.graph_break_count == 0, \
-                f"batch {rows}, span {span}: {explained.graph_count} graphs, breaks: {explained.break_reasons}"
+        inputs = torch.zeros(4, rows, dtype=torch.long, device=device)
+        inputs[3] = batcher.cache.capacity
+        with torch.inference_mode():
+            explained = torch._dynamo.explain(batcher.decode)(inputs)
+        found[rows] = explained.graph_break_count
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, \
+            f"batch {rows}: {explained.graph_count} graphs, breaks: {explained.break_reasons}"
     return {"buckets": len(found), "graph_breaks": sum(found.values())}
 
 
@@ -127,43 +133,57 @@ def check_compiled_matches_eager(engine, backend: str = "aot_eager", max_batch: 
 
 
 def check_inductor(engine) -> dict:
-    """Inductor's own code (C++ on the CPU) for one bucket gives the eager step's greedy tokens. Minutes on
-    2 cores: not in the suite; `--cpu-dry-run --inductor`."""
-    prompts = [prompt(engine.batcher(1, static=True, compile=False), 9, 0)]
-    eager = run(StaticBatcher(engine.model, engine.tokenizer, 1, compile=False, capacity=64), prompts)
+    """Inductor's own code (C++ on the CPU, its FlexAttention kernel) for one bucket gives the eager step's
+    greedy tokens, the second prompt's crossing a block of the attention. Minutes on 2 cores: not in the
+    suite; `--cpu-dry-run --inductor`."""
+    prompts = [prompt(engine.batcher(1, static=True, compile=False), n, 0) for n in (9, ATTENTION_BLOCK - 2)]
+    eager = run(StaticBatcher(engine.model, engine.tokenizer, 1, compile=False, capacity=256), prompts)
     start = time.monotonic()
-    compiled = run(StaticBatcher(engine.model, engine.tokenizer, 1, compile=True, capacity=64), prompts)
+    compiled = run(StaticBatcher(engine.model, engine.tokenizer, 1, compile=True, capacity=256), prompts)
     assert compiled == eager, f"inductor {compiled} != eager {eager}"
-    return {"tokens": len(eager[0]), "seconds": round(time.monotonic() - start)}
+    return {"tokens": sum(map(len, eager.values())), "seconds": round(time.monotonic() - start)}
 
 
-def decode_step_counts(engine, lengths: list[int], max_batch: int) -> OperatorCounter:
-    """The operators of one decode step (sampling and read-back included) of sequences at `lengths`."""
+def count_decode_step(engine, lengths: list[int], max_batch: int) -> tuple[OperatorCounter, int]:
+    """The operators of one decode step (sampling and read-back included) of sequences holding `lengths`
+    tokens, and the KV blocks its attention reads in each layer: those of the block mask
+    (static_decode.attention_mask) of the lengths the step passes."""
     batcher = engine.batcher(max_batch, static=True, compile=False)
-    params = SamplingParams(do_sample=True, seed=3, max_new_tokens=16)
-    for key, length in enumerate(lengths):
-        batcher.add_prompt(key, prompt(batcher, length, key), params)
-    while batcher.pending or batcher.prefilling:
-        batcher.step()
+    occupy(batcher, lengths, 1, SamplingParams(do_sample=True, seed=3))
+    passed = []
+    decode = batcher.decode
+    batcher.decode = lambda inputs, columns: passed.append(inputs[3]) or decode(inputs, columns)
     counter = OperatorCounter()
     with counter:
         batcher.step()
-    return counter
+    return counter, blocks_read(attention_mask(passed[0], batcher.cache.capacity))
+
+
+def blocks_read(mask) -> int:
+    """The KV blocks a block mask makes the attention read, whole and partial, over its rows."""
+    return int(mask.kv_num_blocks.sum() + mask.full_kv_num_blocks.sum())
 
 
 def check_host_syncs(engine) -> dict:
-    counter = decode_step_counts(engine, [12, 40, 7], max_batch=4)
+    counter, _ = count_decode_step(engine, [12, 40, 7], max_batch=4)
     waits = sum(counter.waits.values())
     assert waits <= 1, f"{waits} host synchronisations in a decode step: {dict(counter.waits)}"
     return {"operators": sum(counter.operators.values()), "host_syncs": waits}
 
 
-def check_mixed_lengths(engine, batch: int = 8, short: int = 10, long: int = 200) -> dict:
-    """One long sequence among short ones against all short (the issue's 2,000 among 100s, scaled down)."""
-    uniform = sum(decode_step_counts(engine, [short] * batch, batch).operators.values())
-    mixed = sum(decode_step_counts(engine, [long] + [short] * (batch - 1), batch).operators.values())
+def check_mixed_lengths(engine, batch: int = 64, short: int = 100, long: int = 2000) -> dict:
+    """One long sequence among short ones against all short (the issue's case: one of 2,000 among 63 of
+    100): a step's operators (the same: fixed shapes) and the KV blocks its attention reads (following the
+    lengths), each within 1.3x. The engine's window must hold `long` tokens."""
+    uniform, uniform_blocks = count_decode_step(engine, [short] * batch, batch)
+    mixed, mixed_blocks = count_decode_step(engine, [long] + [short] * (batch - 1), batch)
+    uniform, mixed = sum(uniform.operators.values()), sum(mixed.operators.values())
     assert mixed <= 1.3 * uniform, f"mixed lengths: {mixed} operators a step, uniform {uniform}"
-    return {"uniform_operators": uniform, "mixed_operators": mixed, "ratio": round(mixed / uniform, 3)}
+    assert mixed_blocks <= 1.3 * uniform_blocks, \
+        f"mixed lengths: {mixed_blocks} KV blocks read, uniform {uniform_blocks}"
+    return {"uniform_operators": uniform, "mixed_operators": mixed, "operator_ratio": round(mixed / uniform, 3),
+            "uniform_blocks": uniform_blocks, "mixed_blocks": mixed_blocks,
+            "block_ratio": round(mixed_blocks / uniform_blocks, 3)}
 
 
 def prefill_step_operators(engine, prompts: list[list[int]]) -> int:
@@ -213,19 +233,26 @@ def check_prefill_burst(engine, chunk: int = 16, prompts: int = 3, prompt_tokens
     return {"steps_with_prompts": steps, "largest_step_work": most, "budget": budget}
 
 
+def check_mixed_lengths_time(device: str = "cpu", **shape) -> dict:
+    """time_mixed_attention's ratio of mixed to uniform lengths within 1.3x (a timing: on a busy machine
+    compare it with the span-bucket design's ratio measured beside it)."""
+    found = time_mixed_attention(device=device, **shape)
+    assert found["ratio"] <= 1.3, f"mixed lengths take {found['ratio']}x the time of uniform ones: {found}"
+    return found
+
+
 def dry_run(model_dir: str | None = None, inductor: bool = False) -> dict:
     """Every check on the tiny model's CPU tensors (with `inductor`, check_inductor too)."""
     if model_dir is None:
-        from glmpool.engine.tiny import write_tiny_checkpoint
-        model_dir = Path(".cache") / "static-decode-tiny"
-        if not (model_dir / "config.json").is_file():
-            write_tiny_checkpoint(model_dir, seed=1, max_sequence_length=256)
+        from glmpool.engine.tiny import cached_tiny_checkpoint
+        model_dir = cached_tiny_checkpoint(Path(tempfile.gettempdir()) / "glmpool-gpucheck")  # as bench/gpu.py's
     engine = load(model_dir, progress=False)
     found = {
         "fullgraph": check_fullgraph(engine.batcher(4, static=True, compile=False)),
         "compiled_matches_eager": check_compiled_matches_eager(engine),
         "host_syncs": check_host_syncs(engine),
         "mixed_lengths": check_mixed_lengths(engine),
+        "mixed_lengths_time": check_mixed_lengths_time(heads=8),  # a quarter of ChatGLM-6B's: the CPU's memory
         "prefill_burst": check_prefill_burst(engine),
         "prefill_packing": check_prefill_packing(engine),
     }
@@ -236,13 +263,14 @@ def dry_run(model_dir: str | None = None, inductor: bool = False) -> dict:
 
 # --- timings (bench/gpu.py runs them on its random ChatGLM-6B) ---
 
-def occupy(batcher: StaticBatcher, lengths: list[int], steps: int) -> None:
-    """Running sequences holding `lengths` tokens each (their cache as it is: timings only), greedy, with
-    room for `steps` more."""
+def occupy(batcher: StaticBatcher, lengths: list[int], steps: int,
+           params: SamplingParams = SamplingParams(do_sample=False)) -> None:
+    """Running sequences holding `lengths` tokens each (their cache as it is: counts and timings only),
+    drawing by `params`, with room for `steps` more."""
     config = batcher.model.config
     for key, length in enumerate(lengths):
-        params = SamplingParams(do_sample=False, max_length=min(batcher.cache.capacity, length + steps + 8))
-        batcher.add_prompt(key, [config.gmask_token_id, config.bos_token_id], params)
+        room = dataclasses.replace(params, max_length=min(batcher.cache.capacity, length + steps + 8))
+        batcher.add_prompt(key, [config.gmask_token_id, config.bos_token_id], room)
         sequence = batcher.pending.pop(key)
         batcher._attach([sequence])
         sequence.cache.length = length
@@ -267,15 +295,81 @@ def time_decode(model, lengths: list[int], steps: int, compile: bool) -> dict:
     c = model.config
     tokenizer = SimpleNamespace(bos_id=c.bos_token_id, mask_id=c.mask_token_id, gmask_id=c.gmask_token_id)
     batcher = StaticBatcher(model, tokenizer, len(lengths), compile=compile, capacity=max(lengths) + steps + 8)
-    spans = {min(s for s in batcher.span_buckets if s > max(lengths) + i) for i in range(steps)}
-    compile_seconds = batcher.warm_up([(batcher.batch_buckets[-1], span) for span in sorted(spans)])
+    compile_seconds = batcher.warm_up([batcher.batch_buckets[-1]])
     occupy(batcher, lengths, steps)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         batcher.step()  # ends reading its tokens back: the device is done
         times.append(time.perf_counter() - start)
+    del batcher
+    torch._dynamo.reset()  # the compiled step and its CUDA graphs let go of this case's KV cache
     return {"ms": 1e3 * statistics.median(times), "compile_seconds": compile_seconds}
+
+
+def time_mixed_attention(batch: int = 64, short: int = 100, long: int = 2000, capacity: int = 2048, heads: int = 32,
+                         head_dim: int = 128, rounds: int = 7, device: str = "cpu") -> dict:
+    """The decode step's attention alone (attention_mask and flex_attention, as decode_logits runs them;
+    ChatGLM-6B's heads by default), compiled (inductor: C++ on the CPU in fp32, Triton on a GPU in fp16 and
+    CUDA graphs), one query a row over a cache of `capacity` columns: the median ms of a call for uniform
+    rows (all `short`) and mixed ones (one `long`), interleaved round by round in one process, and the
+    median of the per-round ratios. Beside it, the design it replaced: a masked
+    scaled_dot_product_attention over the span bucket of the longest row (the capacity / 8, / 4, / 2, / 1)."""
+    cuda = torch.device(device).type == "cuda"
+    dtype = torch.float16 if cuda else torch.float32
+    generator = torch.Generator(device).manual_seed(0)
+    q = torch.randn(batch, heads, 1, head_dim, generator=generator, device=device).to(dtype)
+    keys, values = (torch.randn(batch, heads, capacity + 1, head_dim, generator=generator, device=device).to(dtype)
+                    for _ in range(2))
+    attention = torch.compile(lambda q, k, v, write_at: flex_attention(
+        q, k, v, block_mask=attention_mask(write_at, capacity), scale=2.0), fullgraph=True, dynamic=False,
+        mode="reduce-overhead" if cuda else None)
+
+    def sparse(write_at):
+        def run():
+            if cuda:  # each call a new step of the CUDA graph trees: the last output may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
+            return attention(q, keys, values, write_at)
+        return run
+
+    def spans(write_at):
+        span = min(s for s in (capacity // d for d in (8, 4, 2, 1)) if s > int(write_at.max()))
+        mask = (torch.arange(span, device=device) <= write_at[:, None])[:, None, None, :]
+        return lambda: F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], attn_mask=mask,
+                                                      scale=2.0)
+    cases = {"uniform": [short] * batch, "mixed": [long] + [short] * (batch - 1)}
+    runs = {}
+    for name, lengths in cases.items():
+        write_at = torch.tensor(lengths, device=device)
+        runs[name] = sparse(write_at)
+        runs[f"{name}, span buckets"] = spans(write_at)
+    with torch.inference_mode():
+        started = time.monotonic()
+        for run in runs.values():
+            for _ in range(3):  # CUDA graphs are recorded on a later call
+                run()
+        compile_seconds = time.monotonic() - started
+        times = {name: [] for name in runs}
+        for _ in range(rounds):
+            for name, run in runs.items():
+                times[name].append(milliseconds(run, device, inner=5))
+    found = {name: round(statistics.median(ms), 3) for name, ms in times.items()}
+    for design in ("", ", span buckets"):
+        ratios = [m / u for m, u in zip(times[f"mixed{design}"], times[f"uniform{design}"])]
+        found[f"ratio{design}"] = round(statistics.median(ratios), 2)
+    found["compile_seconds"] = round(compile_seconds)
+    return found
+
+
+def milliseconds(run, device: str, inner: int) -> float:
+    """Mean ms of `inner` calls of run(), the device's queue drained before and after."""
+    drain = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda device: None
+    drain(device)
+    start = time.perf_counter()
+    for _ in range(inner):
+        run()
+    drain(device)
+    return (time.perf_counter() - start) / inner * 1e3
 
 
 def main() -> None:

@@ -154,8 +154,8 @@ SETTINGS = [
             "docs/benchmarks.md; GPUs may profit from 32-64)", "N"),
     Setting("compile", _choice("on", "off"), "on",
             "GPU workers: compile the decode step with torch.compile and replay it as CUDA graphs, one per batch "
-            "and attention-span bucket, compiled while the worker loads ('off': run it eagerly, for debugging or "
-            "where compiling fails; cpu workers never compile)", "on|off"),
+            "bucket, compiled while the worker loads ('off': run it eagerly, for debugging or where compiling "
+            "fails; cpu workers never compile)", "on|off"),
     Setting("worker_threads", _integer(0), 0, "CPU threads of each worker's torch (0: the usable cores shared "
             "out among cpu workers; torch's own default on GPU workers)", "N"),
     Setting("kv_cache_gb", _number(0.0, above=True), None,

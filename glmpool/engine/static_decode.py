@@ -1,4 +1,4 @@
-"""The GPU path's generation: static shapes, one compiled graph per bucket, chunked prefill.
+"""The GPU path's generation: static shapes, one compiled graph per batch bucket, chunked prefill.
 
 A decode step on a GPU is bound by launches, not by arithmetic, when run op by op (~35 operators a layer,
 ~1,000 kernel launches a token for ChatGLM-6B). Here it is one function of fixed shapes, compiled with
@@ -6,10 +6,13 @@ torch.compile (fullgraph, on CUDA mode="reduce-overhead": replayed as a CUDA gra
 - the KV cache is allocated once, sized by the KV budget: [2, slots, n, capacity + 1, d] per layer, the
   running and prefilling sequences in slots 0..N-1 (a finished one's slot takes the last one's sequence);
   column `capacity` is scratch, where padding rows write;
-- the batch is padded to a bucket (powers of two up to the slot count) and attention spans a bucket of
-  the longest sequence's length (the capacity divided by 1, 2, 4, 8): one graph per (batch, span);
-- attention is torch's scaled_dot_product_attention with a mask over the span, the same operators
-  whatever the lengths (no sequence-by-sequence fallback);
+- the batch is padded to a bucket (powers of two up to the slot count): one graph per bucket;
+- attention is FlexAttention (flex_attention, on CUDA its decoding kernel) with a block mask that the step
+  builds from each row's length (`attention_mask`, no host read): a row reads its own blocks of
+  ATTENTION_BLOCK positions (a padding row one), so one long sequence among short ones costs its own
+  blocks and not every row's, with the same operators whatever the lengths (no sequence-by-sequence
+  fallback). Run eagerly (compile off, or where compiling fails), the step takes a masked
+  scaled_dot_product_attention over the longest row's columns instead;
 - sampling is on the device for the whole batch (`sample_tokens`): each row its own temperature, top-k,
   top-p, and random numbers from a counter-based hash of its seed and its token count, so a sequence
   draws the same tokens alone or batched; a row draws from its top 64 candidates (or, for a top_k above
@@ -40,6 +43,7 @@ from typing import Callable, Hashable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .errors import PromptTooLongError
 from .generate import INVALID_SCORE_TOKEN, Batcher, SamplingParams, Sequence, TokenEvent
@@ -48,17 +52,12 @@ from .model import ChatGLM, prompt_positions, queries_keys_values
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 512  # prompt tokens a step may push through the whole model (its prefill budget)
-SPAN_DIVISORS = (8, 4, 2, 1)  # attention spans: the capacity divided by these
-MIN_SPAN = 64
+ATTENTION_BLOCK = 128  # cached positions a block of the decode step's block-sparse attention
 
 
 def batch_buckets(slots: int) -> list[int]:
     """Padded batch sizes: powers of two below `slots`, and `slots`."""
     return [b for b in (1 << i for i in range(slots.bit_length())) if b < slots] + [slots]
-
-
-def span_buckets(capacity: int) -> list[int]:
-    return sorted({max(min(MIN_SPAN, capacity), capacity // d) for d in SPAN_DIVISORS})
 
 
 def bucket(n: int, buckets: list[int]) -> int:
@@ -91,13 +90,47 @@ class StaticKV(torch.nn.Module):
             layer[:, target] = layer[:, source]
 
 
+def visible(column: torch.Tensor, write_at: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Whether a decode row writing at write_at attends a slot's column: a sequence its columns 0..write_at,
+    a padding row (write_at == capacity) the scratch column alone."""
+    return (column <= write_at) & ((write_at < capacity) | (column == capacity))
+
+
+def attention_mask(write_at: torch.Tensor, capacity: int) -> BlockMask:
+    """`visible` as FlexAttention's block mask over a slot's capacity + 1 columns: a sequence reads its first
+    write_at // ATTENTION_BLOCK + 1 blocks (those before the block of write_at whole, that one masked
+    within), a padding row one block. Made of tensors on the device with fixed shapes: built inside the
+    compiled step, no host read.
+
+    write_at [B] -> blocks [B, 1, 1] and their indices [B, 1, 1, blocks] (one query block, every head alike),
+    for the whole blocks and for the partial one."""
+    B, columns = write_at.shape[0], capacity + 1
+    blocks = -(-columns // ATTENTION_BLOCK)
+    padding = write_at == capacity
+    ends = write_at + 1  # a sequence attends columns [0, ends)
+    whole = torch.where(padding, 0, ends // ATTENTION_BLOCK)
+    partial = torch.where(padding, 1, (ends % ATTENTION_BLOCK != 0).long())
+    partial_first = torch.where(padding, capacity // ATTENTION_BLOCK, ends // ATTENTION_BLOCK)
+    in_order = torch.arange(blocks, device=write_at.device).expand(B, blocks)
+    partial_indices = (partial_first[:, None] + in_order).clamp(max=blocks - 1)  # only the first is read
+    return BlockMask.from_kv_blocks(
+        partial.int().view(B, 1, 1), partial_indices.int().view(B, 1, 1, blocks),
+        whole.int().view(B, 1, 1), in_order.int().reshape(B, 1, 1, blocks), BLOCK_SIZE=ATTENTION_BLOCK,
+        # (write_at alone: inductor's CPU kernel takes no tensor computed in the graph here)
+        mask_mod=lambda b, h, q, column: visible(column, write_at[b], capacity),
+        seq_lengths=(1, columns), compute_q_blocks=False)
+
+
 def decode_logits(model: ChatGLM, cache: StaticKV, tokens: torch.Tensor, positions: torch.Tensor,
-                  write_at: torch.Tensor, span: int) -> torch.Tensor:
-    """One new token for each of slots 0..B-1 -> logits [B, vocab] in fp32. Fixed shapes for fixed B and span.
+                  write_at: torch.Tensor, columns: int | None = None) -> torch.Tensor:
+    """One new token for each of slots 0..B-1 -> logits [B, vocab] in fp32. Fixed shapes for a fixed B.
 
     tokens [B]; positions [B, 2] (position, block position); write_at [B]: where the row's key and value
     go, its cached length (a padding row: cache.capacity, the scratch column). Each row attends to
-    positions 0..write_at of its slot's first `span`."""
+    positions 0..write_at of its slot: compiled (columns None), reading only the blocks that hold them
+    (attention_mask); run eagerly, with a masked scaled_dot_product_attention over the first `columns`
+    (the longest row's length + 1, which the host knows; padding rows attend them all, their results
+    dropped). Eager flex_attention would run torch.compile all the same and upcast whole cache rows."""
     B = tokens.shape[0]
     c = model.config
     n, d, H = c.num_attention_heads, c.head_dim, c.hidden_size
@@ -106,7 +139,10 @@ def decode_logits(model: ChatGLM, cache: StaticKV, tokens: torch.Tensor, positio
     ids = positions if c.position_encoding_2d else positions[:, :1]
     cos, sin = (F.embedding(ids, table).reshape(B, 1, 1, 1, -1) for table in (cos_table, sin_table))
     rows = torch.arange(B, device=tokens.device)
-    attend = (torch.arange(span, device=tokens.device) <= write_at[:, None])[:, None, None, :]  # [B, 1, 1, span]
+    if columns is None:
+        attend = attention_mask(write_at, cache.capacity)
+    else:
+        attend = (torch.arange(columns, device=tokens.device) <= write_at[:, None])[:, None, None, :]  # [B, 1, 1, c]
     x = model.word_embeddings(tokens[:, None])  # [B, 1, H]
     for layer, data in zip(model.layers, cache.layers):
         attention_input = layer.input_layernorm(x)
@@ -114,8 +150,11 @@ def decode_logits(model: ChatGLM, cache: StaticKV, tokens: torch.Tensor, positio
         q, key_value, scale = queries_keys_values(qkv, cos, sin, parts, layer.attention.layer_id)
         data[:, rows, :, write_at] = key_value[:, :, :, 0]  # indexed dims first: [B, 2, n, d]
         # q is already divided by sqrt(d) * scale; scaling the scores back by `scale` is the reference's order
-        context = F.scaled_dot_product_attention(q, data[0, :B, :, :span], data[1, :B, :, :span],
-                                                 attn_mask=attend, scale=scale)  # [B, n, 1, d]
+        if columns is None:
+            context = flex_attention(q, data[0, :B], data[1, :B], block_mask=attend, scale=scale)  # [B, n, 1, d]
+        else:
+            context = F.scaled_dot_product_attention(q, data[0, :B, :, :columns], data[1, :B, :, :columns],
+                                                     attn_mask=attend, scale=scale)
         x = attention_input * layer.alpha + layer.attention.dense(context.transpose(1, 2).reshape(B, 1, H))
         mlp_input = layer.post_attention_layernorm(x)
         x = mlp_input * layer.alpha + layer.mlp(mlp_input)
@@ -346,7 +385,7 @@ class StaticSlot:
 class StepStats:
     prefill_cost: int = 0  # quarter token-layers of prompt work done in the last step
     compile_seconds: float = 0.0
-    graphs: set = field(default_factory=set)  # (batch, span) buckets compiled
+    graphs: set = field(default_factory=set)  # batch buckets compiled
 
 
 class StaticBatcher(Batcher):
@@ -370,12 +409,13 @@ class StaticBatcher(Batcher):
         model.rotary(window)
         for table in model._rotary:
             torch._dynamo.mark_static_address(table)
-        self.batch_buckets, self.span_buckets = batch_buckets(slots), span_buckets(capacity)
+        self.batch_buckets = batch_buckets(slots)
         self.decode, self.sample = self._compiled(compile, backend)
 
     def _compiled(self, compile: bool, backend: str | None):
-        def decode(tokens, positions, write_at, span):
-            return decode_logits(self.model, self.cache, tokens, positions, write_at, span)
+        def decode(inputs, columns=None):  # inputs [4, B]: tokens, positions, block positions, write_at
+            # (write_at a row of an input: inductor's CPU FlexAttention takes no other tensor in a mask)
+            return decode_logits(self.model, self.cache, inputs[0], inputs[1:3].T, inputs[3], columns)
         self.compiled = compile
         if not compile:
             return decode, sample_tokens
@@ -385,7 +425,7 @@ class StaticBatcher(Batcher):
             # CUDA graphs read weights and tables where they are: marked static, none is copied in a replay
             for tensor in (*self.model.parameters(), *self.model.buffers()):
                 torch._dynamo.mark_static_address(tensor)
-        graphs = len(self.batch_buckets) * (len(self.span_buckets) + 2)  # + the samplers' few shapes
+        graphs = len(self.batch_buckets) * 3  # the decode step, and the samplers' few shapes
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
         torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
                                                                4 * graphs)
@@ -485,16 +525,15 @@ class StaticBatcher(Batcher):
         to the batch bucket (prefilling slots and padding write to the scratch column; their tokens dropped)."""
         device = self.model.device
         rows = bucket(len(self.occupants), self.batch_buckets)
-        span = bucket(max(s.cache.length for s in decoding) + 1, self.span_buckets)
         by_slot: list[Sequence | None] = [None] * rows
         inputs = [[0, 0, 0, self.cache.capacity]] * rows  # token, position, block position, write_at
         for s in decoding:
             by_slot[s.cache.slot] = s
             inputs[s.cache.slot] = [s.generated[-1], *s.next_position(), s.cache.length]
             s.cache.length += 1
-        inputs = torch.tensor(inputs).to(device, non_blocking=True)
-        logits = self.decode(inputs[:, 0], inputs[:, 1:3], inputs[:, 3], span)
-        self.stats.graphs.add((rows, span))
+        columns = None if self.compiled else max(s.cache.length for s in decoding)  # eager: the longest row's
+        logits = self.decode(torch.tensor(inputs).T.contiguous().to(device, non_blocking=True), columns)
+        self.stats.graphs.add(rows)
         sample_rows, candidates = sampling_rows(by_slot, self.model.config.vocab_size, device)
         tokens = self.sample(logits, *sample_rows, candidates)
         if len(decoding) == rows or decoding[-1].cache.slot == len(decoding) - 1:
@@ -557,26 +596,26 @@ class StaticBatcher(Batcher):
 
     # --- compilation ---
 
-    def warm_up(self, buckets: list[tuple[int, int]] | None = None) -> float:
-        """Compile (or, eager, just run) the decode step for every (batch, span) bucket (or those given), and
-        the sampler for each of their batch sizes and candidate_counts, now, writing only the scratch column,
-        so no request waits for a compiler; returns the seconds it took. Run it before sequences are added."""
+    def warm_up(self, buckets: list[int] | None = None) -> float:
+        """Compile (or, eager, just run) the decode step for every batch bucket (or those given), and the
+        sampler for each of them and each of candidate_counts, now, writing only the scratch column, so no
+        request waits for a compiler; returns the seconds it took. Run it before sequences are added."""
         start = time.monotonic()
         device, vocab = self.model.device, self.model.config.vocab_size
         runs = 3 if self.compiled and device.type == "cuda" else 1  # CUDA graphs are recorded on a later run
         counts = candidate_counts(vocab)
         with torch.inference_mode():
-            buckets = buckets or list(itertools.product(self.batch_buckets, self.span_buckets))
-            for (rows, span), candidates, _ in itertools.product(buckets, counts, range(runs)):
+            buckets = buckets or self.batch_buckets
+            for rows, candidates, _ in itertools.product(buckets, counts, range(runs)):
                 if self.compiled:
                     torch.compiler.cudagraph_mark_step_begin()
-                inputs = torch.zeros(rows, 4, dtype=torch.long, device=device)
-                inputs[:, 3] = self.cache.capacity
-                logits = self.decode(inputs[:, 0], inputs[:, 1:3], inputs[:, 3], span)
-                self.stats.graphs.add((rows, span))
+                inputs = torch.zeros(4, rows, dtype=torch.long, device=device)
+                inputs[3] = self.cache.capacity
+                logits = self.decode(inputs, None if self.compiled else 1)
+                self.stats.graphs.add(rows)
                 sample_rows, _ = sampling_rows([None] * rows, vocab, device)
                 self.sample(logits, *sample_rows, candidates)  # a decode step's sampler, after its graph
-            for rows, candidates, _ in itertools.product(sorted({rows for rows, _ in buckets}), counts, range(runs)):
+            for rows, candidates, _ in itertools.product(sorted(set(buckets)), counts, range(runs)):
                 if self.compiled:  # prompts' first tokens: the sampler alone, with no live graph output (see step)
                     torch.compiler.cudagraph_mark_step_begin()
                 sample_rows, _ = sampling_rows([None] * rows, vocab, device)

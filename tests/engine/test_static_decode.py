@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.nn.attention.flex_attention import create_mask, flex_attention
 
 from glmpool.engine import SamplingParams, load
 from glmpool.engine.generate import INVALID_SCORE_TOKEN
-from glmpool.engine.static_decode import StaticBatcher, batch_buckets, sample_tokens, span_buckets, uniform
+from glmpool.engine.static_decode import (StaticBatcher, attention_mask, batch_buckets, sample_tokens, uniform,
+                                          visible)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,12 +36,11 @@ def engine(tmp_path_factory):
 
 def test_buckets():
     assert batch_buckets(16) == [1, 2, 4, 8, 16] and batch_buckets(12) == [1, 2, 4, 8, 12] and batch_buckets(1) == [1]
-    assert span_buckets(2048) == [256, 512, 1024, 2048] and span_buckets(100) == [64, 100]
 
 
 def test_every_bucket_is_one_graph(engine, checks):
     found = checks.check_fullgraph(engine.batcher(2, static=True, compile=False))
-    assert found == {"buckets": 6, "graph_breaks": 0}
+    assert found == {"buckets": 2, "graph_breaks": 0}
 
 
 def test_bfloat16_steps_are_one_graph_and_decode(tmp_path, checks):
@@ -47,7 +48,7 @@ def test_bfloat16_steps_are_one_graph_and_decode(tmp_path, checks):
     engine = load(write_tiny_checkpoint(tmp_path / "ckpt", seed=1, max_sequence_length=128), dtype="bfloat16",
                   progress=False)
     batcher = engine.batcher(1, static=True, compile=False)
-    assert checks.check_fullgraph(batcher) == {"buckets": 2, "graph_breaks": 0}
+    assert checks.check_fullgraph(batcher) == {"buckets": 1, "graph_breaks": 0}
     tokens = checks.run(batcher, [checks.prompt(batcher, 20)])[0]
     assert len(tokens) == checks.GREEDY.max_new_tokens or tokens[-1] == engine.config.eos_token_id
 
@@ -83,9 +84,51 @@ def test_one_host_synchronisation_a_step(engine, checks):
     assert sum(counter.waits.values()) >= 2
 
 
-def test_mixed_lengths_cost_the_operators_of_uniform_ones(engine, checks):
-    found = checks.check_mixed_lengths(engine, batch=4, short=10, long=200)
-    assert found["ratio"] == 1.0
+def test_mixed_lengths_cost_what_uniform_ones_do(tiny_engine, checks):
+    # the issue's case: one sequence of 2,000 tokens among 63 of 100 reads 16 blocks of 128 positions and
+    # the others one each (spans of the longest row's bucket read 2,048 positions for every row: 8x)
+    found = checks.check_mixed_lengths(tiny_engine, batch=64, short=100, long=2000)
+    assert found["operator_ratio"] == 1.0
+    assert (found["uniform_blocks"], found["mixed_blocks"]) == (64, 63 + 16)
+    # padding rows read one block: 3 sequences in a batch bucket of 4
+    assert checks.count_decode_step(tiny_engine, [100, 300, 5], max_batch=4)[1] == 1 + 3 + 1 + 1
+
+
+def test_attention_mask_lists_the_blocks_each_row_attends():
+    capacity = 300  # 301 columns: blocks of 128, 128 and 45
+    write_at = torch.tensor([0, 126, 127, 128, 255, 299, 300])  # the last: a padding row (scratch column)
+    mask = attention_mask(write_at, capacity)
+    columns = torch.arange(capacity + 1)
+    wanted = (columns <= write_at[:, None]) & (write_at[:, None] < capacity)
+    wanted[-1, -1] = True
+    assert torch.equal(create_mask(mask.mask_mod, 7, 1, 1, capacity + 1)[:, 0, 0], wanted)
+    whole = [set(row[0, 0, :n].tolist()) for row, n in zip(mask.full_kv_indices, mask.full_kv_num_blocks.flatten())]
+    partial = [set(row[0, 0, :n].tolist()) for row, n in zip(mask.kv_indices, mask.kv_num_blocks.flatten())]
+    assert whole == [set(), set(), {0}, {0}, {0, 1}, {0, 1}, set()]
+    assert partial == [{0}, {0}, set(), {1}, set(), {2}, {2}]
+    for row, blocks in enumerate(whole):  # whole blocks: every column attended
+        assert all(bool(wanted[row, b * 128:(b + 1) * 128].all()) for b in blocks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # fp16: what CUDA runs
+def test_compiled_attention_reads_what_the_mask_says(tmp_path, monkeypatch, dtype):
+    """Inductor's own FlexAttention kernel (C++ here) against a masked SDPA, keys and values past each row's
+    length made huge: reading a block it should skip, or skipping one it should read, shows."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # compiled here, not fetched from a cache
+    capacity, generator = 300, torch.Generator().manual_seed(0)
+    write_at = torch.tensor([0, 127, 128, 200, 299, 300])
+    q = torch.randn(6, 2, 1, 16, generator=generator)
+    keys, values = (torch.randn(6, 2, capacity + 1, 16, generator=generator) for _ in range(2))
+    columns = torch.arange(capacity + 1)
+    wanted = visible(columns, write_at[:, None], capacity)[:, None, None, :]
+    keys.masked_fill_(~wanted[:, :, 0, :, None], 30.0)
+    values.masked_fill_(~wanted[:, :, 0, :, None], 1e4)
+    attend = torch.compile(lambda q, k, v, write_at: flex_attention(
+        q, k, v, block_mask=attention_mask(write_at, capacity), scale=2.0), fullgraph=True, dynamic=False)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=wanted, scale=2.0)
+    got = attend(*(t.to(dtype) for t in (q, keys, values)), write_at)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected, **({} if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)))
 
 
 def test_long_prompts_delay_a_stream_by_a_chunk_a_step(engine, checks):
@@ -217,7 +260,7 @@ def test_device_sampling():
 def test_warm_up_runs_every_bucket_writing_only_the_scratch_column(engine):
     batcher = engine.batcher(2, static=True, compile=False)
     assert batcher.warm_up() >= 0.0
-    assert batcher.stats.graphs == {(b, s) for b in (1, 2) for s in (64, 128, 256)}
+    assert batcher.stats.graphs == {1, 2}
     assert all(int(layer[..., :batcher.cache.capacity, :].count_nonzero()) == 0 for layer in batcher.cache.layers)
 
 
