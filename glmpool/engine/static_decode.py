@@ -532,7 +532,9 @@ class StaticBatcher(Batcher):
             inputs[s.cache.slot] = [s.generated[-1], *s.next_position(), s.cache.length]
             s.cache.length += 1
         columns = None if self.compiled else max(s.cache.length for s in decoding)  # eager: the longest row's
-        logits = self.decode(torch.tensor(inputs).T.contiguous().to(device, non_blocking=True), columns)
+        columns_first = torch.tensor(list(zip(*inputs)))  # [4, rows], strides as warm_up's (.T.contiguous() keeps
+        # a [4, 1] tensor's transposed strides, and the compiled step guards on strides)
+        logits = self.decode(columns_first.to(device, non_blocking=True), columns)
         self.stats.graphs.add(rows)
         sample_rows, candidates = sampling_rows(by_slot, self.model.config.vocab_size, device)
         tokens = self.sample(logits, *sample_rows, candidates)
