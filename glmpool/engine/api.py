@@ -100,6 +100,20 @@ def check_memory(net: torch.nn.Module, device: torch.device, quantizing: bool,
                           f"free some memory, or {advice}")
 
 
+def static_path_missing() -> str | None:
+    """What this torch lacks for static_decode (FlexAttention block masks built from block lists, as torch
+    2.13 has them), or None."""
+    import inspect
+    try:
+        from torch.nn.attention.flex_attention import BlockMask
+    except ImportError:
+        return "FlexAttention"
+    wanted = {"seq_lengths", "compute_q_blocks"}
+    if not wanted <= inspect.signature(BlockMask.from_kv_blocks).parameters.keys():
+        return "BlockMask.from_kv_blocks(seq_lengths=, compute_q_blocks=)"
+    return None
+
+
 class Engine:
     def __init__(self, model: ChatGLM, tokenizer: ChatGLMTokenizer, name: str = ""):
         self.model = model
@@ -135,7 +149,11 @@ class Engine:
         (None: inductor; "eager"/"aot_eager" check the graphs without generating code)."""
         if static is None:
             static = self.device.type != "cpu"
-        if static:
+        missing = static and static_path_missing()
+        if missing:
+            log.warning("the GPU path's static decode step needs %s (torch %s); decoding step by step instead",
+                        missing, torch.__version__)
+        elif static:
             from .static_decode import StaticBatcher
             return StaticBatcher(self.model, self.tokenizer, max_batch, max_kv_tokens, compile, backend)
         return Batcher(self.model, self.tokenizer, max_batch, max_kv_tokens, shared_cache)

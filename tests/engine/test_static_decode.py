@@ -272,3 +272,15 @@ def test_kv_budget_sizes_the_static_cache(engine):
     from glmpool.engine import PromptTooLongError
     with pytest.raises(PromptTooLongError):
         small.add_prompt(0, list(range(10, 60)), SamplingParams(max_length=200))
+
+
+def test_a_torch_without_the_block_masks_decodes_step_by_step(engine, monkeypatch, caplog):
+    """A GPU worker on an older torch (FlexAttention's block lists without seq_lengths / compute_q_blocks)
+    still serves, eagerly, and says why."""
+    from torch.nn.attention.flex_attention import BlockMask
+    from glmpool.engine.generate import Batcher
+    assert isinstance(engine.batcher(2, static=True, compile=False), StaticBatcher)
+    monkeypatch.setattr(BlockMask, "from_kv_blocks", classmethod(lambda cls, kv_num_blocks, kv_indices: None))
+    batcher = engine.batcher(2, static=True, compile=False)
+    assert type(batcher) is Batcher
+    assert "compute_q_blocks" in caplog.text
