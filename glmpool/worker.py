@@ -55,6 +55,7 @@ class WorkerSpec:
     progress_seconds: float = BY_NAME["partial_seconds"].default
     progress_tokens: int = BY_NAME["partial_tokens"].default
     matmul: str = BY_NAME["matmul"].default
+    quantized_activations: str = BY_NAME["quantized_activations"].default
     visible: str = ""  # the worker's CUDA_VISIBLE_DEVICES: the entry of the supervisor's that `device` counts to
     sharing: int = 1  # workers on the same physical device: they split its free memory for KV caches
     compile: bool = BY_NAME["compile"].default == "on"  # GPU workers: the decode step compiled (engine.static_decode)
@@ -93,7 +94,8 @@ def main(spec: WorkerSpec, tasks, results) -> None:
         free_before = free_memory(device) if spec.sharing > 1 else 0  # the model's footprint, counted below
         engine = load(spec.model, device=device, dtype=spec.dtype,
                       cache_dir=spec.cache_dir, quantize=spec.quantize, progress=True,  # bars only on a tty
-                      matmul=spec.matmul, revision=spec.revision)
+                      matmul=spec.matmul, revision=spec.revision,
+                      quantized_activations=spec.quantized_activations)
     except EngineError as error:
         results.send(("fatal", spec.wid, str(error)))
         return

@@ -68,6 +68,7 @@ class QuantizedRoute(LinearMethod):
     matrix holds the weight (and the layout a route gave it in place at load)."""
 
     scaled: ClassVar[bool] = False  # apply() applies the row scales itself; else the matrix does, after
+    biased: ClassVar[bool] = False  # apply() takes the bias and adds it itself
 
     @classmethod
     def takes(cls, matrix, rows: int, tokens: int, device: torch.device) -> bool:
@@ -76,7 +77,8 @@ class QuantizedRoute(LinearMethod):
 
     @classmethod
     def apply(cls, matrix, x2: torch.Tensor) -> torch.Tensor:
-        """x2 [M, K] -> x2 @ W^T [M, N] (with unit scales unless `scaled`; no bias)."""
+        """x2 [M, K] -> x2 @ W^T [M, N] (with unit scales unless `scaled`; no bias unless `biased`, which takes
+        it as a third argument)."""
         raise NotImplementedError
 
 

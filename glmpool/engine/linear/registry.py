@@ -48,6 +48,10 @@ METHODS = (
            "int8/int4 kernels on THUDM's layout as stored, NVRTC-compiled and launched through THUDM's cpm_kernels; "
            "up to 8 rows one fused product, more dequantized in one pass then cuBLAS", fallbacks=("dequant",),
            quantized=True),
+    Method("int-dot", "intdot:IntDot", "CPU, int8 and int4 weights read as stored times activations quantized to "
+           "int8 per block of 32 inputs (ggml's q8_0 scheme), integer dot products by glmpool's kernel (AVX2): "
+           "the fastest, batch-invariant by construction; decode steps and prompts of up to 64 tokens, where "
+           "quantized_activations is int8", fallbacks=("int8", "int4", "dequant"), quantized=True),
     Method("int8", "int8:Int8", "CPU, int8 weights read as stored by torch's weight-only kernel or glmpool's "
            "(the same bits), bf16 activations; decode steps and prompts of up to 64 tokens",
            fallbacks=("dequant",), quantized=True),
@@ -62,6 +66,11 @@ MATMULS = tuple(m.name for m in METHODS if not m.quantized)
 DEFAULT_MATMUL = "fp16"
 QUANTIZED_ORDER = tuple(m.name for m in METHODS if m.quantized)  # tried per call, first usable wins
 QUANTIZE_CHOICES = (4, 8, "4-qe", "8-qe")  # "-qe": the word embeddings (= output projection) too
+# What the CPU's quantized routes multiply the int8/int4 weights with (quantized_activations): "int8", the
+# activations quantized per block of 32 and integer products (int-dot, as ggml/chatglm.cpp do), or "bf16",
+# the activations rounded to bf16 and fp32 products in torch's order (int8, int4). Either is batch-invariant.
+QUANTIZED_ACTIVATIONS = ("int8", "bf16")
+DEFAULT_QUANTIZED_ACTIVATIONS = "int8"
 # On the CPU the quantized kernels take a prompt of up to this many tokens, which beat dequantize + GEMM up to
 # ~64 rows; longer ones are dequantized. Per prompt, not per call, so that batching changes no bit:
 # generate.py prefills the two kinds of prompt apart.
@@ -84,6 +93,15 @@ def matmul_comment(width: int = 100) -> str:
                 (f"; else {', '.join(m.fallbacks)}" if m.fallbacks else "")
             lines += textwrap.wrap(text, width - 2, initial_indent="- ", subsequent_indent="  ", break_on_hyphens=False)
     return "\n".join("# " + line for line in lines)
+
+
+def quantized_activations_help() -> str:
+    """The --quantized-activations help (config.py)."""
+    return ("cpu workers, quantized weights (--quantize, -int4 checkpoints): 'int8' quantizes each activation row "
+            "to int8 per block of 32 inputs and multiplies in integers (route int-dot: ggml's scheme, the "
+            "fastest); 'bf16' rounds activations to bf16 and multiplies in fp32 (routes int8, int4: torch's "
+            "weight-only kernels' bits). Both batch-invariant; prompts over "
+            f"{PROMPT_KERNEL_MAX_TOKENS} tokens are dequantized either way")
 
 
 def matmul_help() -> str:
