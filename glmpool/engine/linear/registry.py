@@ -95,12 +95,21 @@ def matmul_comment(width: int = 100) -> str:
     return "\n".join("# " + line for line in lines)
 
 
+def quantized_activations_comment(width: int = 100) -> str:
+    """deploy/glmpool.toml's comment on `quantized_activations` (tests/pool/test_imports.py holds the template
+    to it)."""
+    import textwrap
+
+    text = f'T{quantized_activations_help()[1:]} (default "{DEFAULT_QUANTIZED_ACTIVATIONS}").'
+    return "\n".join("# " + line for line in textwrap.wrap(text, width - 2, break_on_hyphens=False))
+
+
 def quantized_activations_help() -> str:
     """The --quantized-activations help (config.py)."""
-    return ("cpu workers, quantized weights (--quantize, -int4 checkpoints): 'int8' quantizes each activation row "
-            "to int8 per block of 32 inputs and multiplies in integers (route int-dot: ggml's scheme, the "
-            "fastest); 'bf16' rounds activations to bf16 and multiplies in fp32 (routes int8, int4: torch's "
-            "weight-only kernels' bits). Both batch-invariant; prompts over "
+    return ("the activations' precision against quantized weights (--quantize, -int4 checkpoints) on cpu workers: "
+            "'int8' quantizes each row to int8 per block of 32 inputs and multiplies in integers (route int-dot, "
+            "ggml's scheme: the fastest); 'bf16' rounds it to bf16 and multiplies in fp32 (routes int8, int4: "
+            "torch's weight-only kernels' bits); both batch-invariant, and prompts over "
             f"{PROMPT_KERNEL_MAX_TOKENS} tokens are dequantized either way")
 
 
