@@ -12,7 +12,9 @@ into .cache/ (bench/harness.py). onednn, reference and fp16 run load(matmul=) wi
 through oneDNN; THUDM's own F.linear, for comparison; fp16 weights with fp32 arithmetic (the pool's
 default, by glmpool's kernel; the checkpoint is stored in fp16 as THUDM's are, so it loses
 nothing), and the quantized variants run with that default too (for int8/int4 it holds the unquantized
-embeddings = output projection in fp16). For every variant: prompt ms (one 32-token prompt), decode
+embeddings = output projection in fp16). The quantized variants multiply int8-quantized activations (the
+default quantized_activations, route int-dot); + "-bf16" (int8-qe-bf16, ...) bf16 ones through torch's
+weight-only kernels' arithmetic (routes int8, int4), as before that route. For every variant: prompt ms (one 32-token prompt), decode
 tokens/s of one sequence, aggregate tokens/s of batches through `engine.batcher` (greedy), next to this
 machine's memory read bandwidth measured in the same run and the bound it implies (bandwidth / weight
 bytes read per token).
@@ -161,7 +163,9 @@ def build_variant(model_dir: Path, name: str, on: dict):
     elif name in registry.MATMULS:  # fp32 activations on the CPU, the weights as the method keeps them
         engine = load(model_dir, dtype=None if name == "fp16" else "float32", matmul=name, **on)
     else:  # quantized: what the pool runs (its default matmul; the -qe variants have no float matrix left)
-        engine = load(model_dir, quantize=name.removeprefix("int"), matmul="fp16", **on)
+        activations = "bf16" if name.endswith("-bf16") else registry.DEFAULT_QUANTIZED_ACTIVATIONS
+        engine = load(model_dir, quantize=name.removeprefix("int").removesuffix("-bf16"), matmul="fp16",
+                      quantized_activations=activations, **on)
     # Random weights may well predict <eop>; the bench wants every sequence decoding every step.
     engine.model.config = dataclasses.replace(engine.model.config, eos_token_id=-1)
     return engine
@@ -281,7 +285,8 @@ def main() -> None:
               "decode in the same rounds:\n")
         print("| chatglm.cpp | tok/s | glmpool counterpart | glmpool tok/s | glmpool / chatglm.cpp (per round, median) |")
         print("|---|---|---|---|---|")
-        for kind, ours in (("f32", "onednn"), ("f16", "fp16"), ("q8_0", "int8-qe"), ("q4_0", "int4-qe")):
+        for kind, ours in (("f32", "onednn"), ("f16", "fp16"), ("q8_0", "int8-qe"), ("q4_0", "int4-qe"),
+                           ("q8_0", "int8-qe-bf16"), ("q4_0", "int4-qe-bf16")):
             if kind in cpp and ours in results:
                 per_round = statistics.median(a / b for a, b in zip(results[ours]["tokens_per_s"], cpp[kind]))
                 print(f"| {kind} | {statistics.median(cpp[kind]):.1f} | {ours} | {med[ours]['tokens_per_s']:.1f} | "

@@ -261,10 +261,10 @@ def int_dot(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: to
     K % 32 == 0 (int8) or K % 64 == 0 (int4). Needs available()."""
     rows, in_features = x.shape
     out_features = weight.shape[0]
-    assert weight.dtype == torch.int8 and weight.is_contiguous() and weight.shape[1] * 8 == in_features * bits
-    assert in_features % (32 if bits == 8 else 64) == 0 and scale.dtype == torch.float32 and scale.is_contiguous()
-    assert scale.shape == (out_features,) and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()
-                                                                and bias.shape == scale.shape))
+    assert weight.dtype == torch.int8 and weight.is_contiguous() and weight.shape[1] * 8 == in_features * bits \
+        and in_features % (32 if bits == 8 else 64) == 0 and scale.dtype == torch.float32 \
+        and scale.is_contiguous() and scale.numel() == out_features and (bias is None or (
+            bias.dtype == torch.float32 and bias.is_contiguous() and bias.numel() == out_features))
     x = x.float().contiguous()
     out = torch.empty(rows, out_features, dtype=torch.float32)
     if library().glmpool_int_dot(weight.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),

@@ -7,6 +7,7 @@ matrix stored in THUDM's int8/int4 format (quantized.py), chosen per call, holdi
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 from typing import Callable, ClassVar
@@ -153,6 +154,7 @@ def int4_unit_groups(in_features: int, rows: int, device: torch.device) -> tuple
     return group, unit_scales("int4", (in_features // group, rows, 2), device)
 
 
+@functools.cache  # asked for every quantized product, to pick its route
 def method_class(name: str) -> type[LinearMethod]:
     """The class that implements registry entry `name` (its module imported now)."""
     module, _, cls = registry.BY_NAME[name].implementation.partition(":")

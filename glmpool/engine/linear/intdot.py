@@ -38,9 +38,9 @@ class IntDot(QuantizedRoute):
 
     @classmethod
     def takes(cls, matrix, rows: int, tokens: int, device: torch.device) -> bool:
-        return (device.type == "cpu" and matrix.int8_activations and tokens <= PROMPT_KERNEL_MAX_TOKENS
-                and matrix.in_features % K_MULTIPLE[matrix.bits] == 0
-                and matrix._current_layout() == matrix.LAYOUT_THUDM and cls.usable(device, torch.float32))
+        # int8_activations: set by quantized.prepare() where usable() and the matrix's K fits the kernel
+        return (matrix.int8_activations and device.type == "cpu" and tokens <= PROMPT_KERNEL_MAX_TOKENS
+                and matrix._current_layout() == matrix.LAYOUT_THUDM)
 
     @classmethod
     def apply(cls, matrix, x2: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

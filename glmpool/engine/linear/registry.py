@@ -40,6 +40,10 @@ METHODS = (
            "in oneDNN's summation order, so batching changes no result", fallbacks=("reference",)),
     Method("reference", "reference:Reference", "THUDM's own F.linear: greedy output bit-identical to their code when a "
            "sequence runs alone"),
+    Method("int-dot", "intdot:IntDot", "CPU, int8 and int4 weights read as stored times activations quantized to "
+           "int8 per block of 32 inputs (ggml's q8_0 scheme), integer dot products by glmpool's kernel (AVX2): "
+           "the fastest, batch-invariant by construction; decode steps and prompts of up to 64 tokens, where "
+           "quantized_activations is int8", fallbacks=("int8", "int4", "dequant"), quantized=True),
     Method("int4-cuda", "cuda:Int4Cuda", "CUDA, int4 layers by torch's tinygemm kernel (Ampere or newer), in place",
            fallbacks=("dequant",), quantized=True),
     Method("int8-cuda", "cuda:Int8Cuda", "CUDA, int8 by torch's weight-only kernel up to the rows where a load-time "
@@ -48,10 +52,6 @@ METHODS = (
            "int8/int4 kernels on THUDM's layout as stored, NVRTC-compiled and launched through THUDM's cpm_kernels; "
            "up to 8 rows one fused product, more dequantized in one pass then cuBLAS", fallbacks=("dequant",),
            quantized=True),
-    Method("int-dot", "intdot:IntDot", "CPU, int8 and int4 weights read as stored times activations quantized to "
-           "int8 per block of 32 inputs (ggml's q8_0 scheme), integer dot products by glmpool's kernel (AVX2): "
-           "the fastest, batch-invariant by construction; decode steps and prompts of up to 64 tokens, where "
-           "quantized_activations is int8", fallbacks=("int8", "int4", "dequant"), quantized=True),
     Method("int8", "int8:Int8", "CPU, int8 weights read as stored by torch's weight-only kernel or glmpool's "
            "(the same bits), bf16 activations; decode steps and prompts of up to 64 tokens",
            fallbacks=("dequant",), quantized=True),
@@ -64,7 +64,7 @@ METHODS = (
 BY_NAME = {m.name: m for m in METHODS}
 MATMULS = tuple(m.name for m in METHODS if not m.quantized)
 DEFAULT_MATMUL = "fp16"
-QUANTIZED_ORDER = tuple(m.name for m in METHODS if m.quantized)  # tried per call, first usable wins
+QUANTIZED_ORDER = tuple(m.name for m in METHODS if m.quantized)  # tried per call, the first that takes it wins
 QUANTIZE_CHOICES = (4, 8, "4-qe", "8-qe")  # "-qe": the word embeddings (= output projection) too
 # What the CPU's quantized routes multiply the int8/int4 weights with (quantized_activations): "int8", the
 # activations quantized per block of 32 and integer products (int-dot, as ggml/chatglm.cpp do), or "bf16",
