@@ -55,13 +55,13 @@ class WorkerSpec:
     progress_seconds: float = BY_NAME["partial_seconds"].default
     progress_tokens: int = BY_NAME["partial_tokens"].default
     matmul: str = BY_NAME["matmul"].default
-    quantized_activations: str = BY_NAME["quantized_activations"].default
     visible: str = ""  # the worker's CUDA_VISIBLE_DEVICES: the entry of the supervisor's that `device` counts to
     sharing: int = 1  # workers on the same physical device: they split its free memory for KV caches
     compile: bool = BY_NAME["compile"].default == "on"  # GPU workers: the decode step compiled (engine.static_decode)
     revision: str | None = None
     log_level: str = BY_NAME["log_level"].default
     log_format: str = BY_NAME["log_format"].default
+    quantized_activations: str = BY_NAME["quantized_activations"].default
 
     @property
     def label(self) -> str:
