@@ -64,7 +64,7 @@ static void quantize_row(const float *x, int8_t *xq, float *xs, int32_t *corr, i
         _mm256_storeu_si256((__m256i *)tmp, p);
         int32_t sum = 0;
         for (int i = 0; i < QBLOCK; i++) sum += tmp[i];
-        if (corr) corr[b] = 8 * sum;
+        corr[b] = 8 * sum;
         if (!int4) {
             memcpy(xq + b * QBLOCK, tmp, QBLOCK);
             continue;
@@ -119,7 +119,7 @@ static inline __m256 add_block(__m256 acc, __m256i dot, float xs) {
 
 /* One tile: OUTS weight rows (w[r] their starts; a tile past the matrix's end repeats its last row) times
  * `rows` quantized rows -> acc[rows] (8 outputs each). Blocks outer, rows inner: each weight block is loaded
- * (int4: unpacked) once for all the rows. `rows` is a constant 1 for a lone row (ROWS1 below). */
+ * (int4: unpacked) once for all the rows. `rows` is a constant 1 for a lone row (tile_*_row below). */
 __attribute__((target("avx2,fma"), always_inline))
 static inline void tile_int8(const int8_t *const *w, const int8_t *xq, const float *xs, __m256 *acc, int rows,
                              int64_t in, const char *ahead) {

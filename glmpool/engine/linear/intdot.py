@@ -5,9 +5,9 @@ Each row of activations is quantized per block of 32 inputs (ggml's q8_0, as cha
 scale = max|x| / 127, x / scale rounded to nearest. A block's products are summed exactly in integers;
 each output adds its blocks' scaled sums in block order in fp32, then applies the fp16 row scale (and the
 bias). So a row's bits depend on nothing but the row, whatever the rows around it: batch-invariant by
-construction, without imitating torch's order. The price is precision: an activation is rounded to 1/254
-of its block's largest |x| (bf16 rounds to 1/256 of its own magnitude), and an outlier channel flattens
-its block's other 31 values; docs/engine.md and docs/benchmarks.md have the measured agreement.
+construction, without imitating torch's order. The price is precision: an activation is rounded to within
+1/254 of its block's largest |x| (bf16: within 1/512 of its own magnitude), so an outlier channel flattens
+its block's other 31 values; docs/benchmarks.md has the measured agreement.
 
 Decode steps, the output projection and prompts of up to PROMPT_KERNEL_MAX_TOKENS tokens; longer prompts
 are dequantized as on the other routes (dequant.py). int4 needs no re-layout: the activations are stored
