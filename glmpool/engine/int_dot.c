@@ -2,7 +2,7 @@
  * y[m, n] = scale[n] * sum over blocks b of xs[m, b] * dot(xq[m, b], q[n, b]) (+ bias[n]).
  *
  * Why: widening every weight to fp32 costs ~18 vector instructions per 32 int4 weights; multiplying bytes
- * (maddubs: unsigned x signed bytes into pairs of int16, then madd into int32) costs ~5, and decoding is
+ * (maddubs: unsigned x signed bytes into pairs of int16, then madd into int32) costs ~6, and decoding is
  * then bound by memory again. The activations are quantized per block of 32 inputs (ggml's q8_0 scheme):
  * xs = max|x| / 127, xq = x * (127 / max|x|) rounded to nearest even.
  *

@@ -142,6 +142,9 @@ def test_a_matrix_takes_the_route_by_the_setting_keeping_thudms_layout(bits):
                                              bits).view(2, 5, 96))
     prepare(linear, "bf16")
     assert linear.kernel_path(1, CPU) == f"int{bits}"
+    linear(x)  # int4: now in torch's layout, until prepared for int8 again
+    prepare(linear, "int8")
+    assert linear.kernel_path(1, CPU) == "int-dot" and torch.equal(linear(x), out)
 
 
 CHILD = textwrap.dedent("""

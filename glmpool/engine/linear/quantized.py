@@ -374,7 +374,8 @@ def prepare(model: nn.Module, quantized_activations: str = registry.DEFAULT_QUAN
         module.int8_activations = int_dot and module.weight.device.type == "cpu" \
             and module.in_features % INT_DOT_K_MULTIPLE[module.bits] == 0
         if module.int8_activations:
-            continue  # THUDM's layout as stored; longer prompts are dequantized
+            module._to_thudm_layout_()  # the kernel reads THUDM's layout (a no-op unless prepared for bf16 before)
+            continue
         if module.bits == 8 and module.weight.device.type == "cpu":
             module.own_kernels = row_kernel.int8_matches_torch()
         if module.bits != 4:
