@@ -348,9 +348,8 @@ def prepare(model: nn.Module, quantized_activations: str = registry.DEFAULT_QUAN
     whether cpm.py's kernels take every matrix (a GPU before Ampere) and else where torch's int8 kernel is
     used; on the CPU, whether route int-dot takes a matrix (`quantized_activations` "int8", where its kernel
     runs: THUDM's layout is kept) and else whether glmpool's kernels may stand in for torch's."""
-    if quantized_activations not in registry.QUANTIZED_ACTIVATIONS:
-        raise EngineError(f"unknown quantized_activations {quantized_activations!r}: use one of "
-                          + ", ".join(registry.QUANTIZED_ACTIVATIONS))
+    if quantized_activations not in registry.QUANTIZED_ACTIVATIONS:  # load() said so to its caller already
+        raise ValueError(f"quantized_activations must be one of {registry.QUANTIZED_ACTIVATIONS}")
     dtype = getattr(model, "dtype", torch.float16)
     cpu = torch.device("cpu")
     int_dot = quantized_activations == "int8" and method_class("int-dot").usable(cpu, torch.float32)
