@@ -53,6 +53,7 @@ static void quantize_row(const float *x, int8_t *xq, float *xs, int32_t *corr, i
         __m128 b4 = _mm_add_ps(_mm256_castps256_ps128(bad), _mm256_extractf128_ps(bad, 1));
         int finite = _mm_movemask_ps(_mm_cmpunord_ps(b4, b4)) == 0;
         float inverse = top > 0 ? 127.0f / top : 0.0f;
+        if (isinf(inverse)) inverse = 0.0f;  /* a block below 127 / FLT_MAX: zeros, not inf * x */
         xs[b] = finite ? top / 127.0f : NAN;
         __m256 scale = _mm256_set1_ps(finite ? inverse : 0.0f);
         __m256i q[4];  /* rounded to nearest even (the default rounding mode), |q| <= 127 */

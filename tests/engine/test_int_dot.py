@@ -30,7 +30,8 @@ def expected_int_dot(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     blocks = x.view(M, K // 32, 32)
     top = blocks.abs().amax(-1)  # [M, K/32]
     all_127 = torch.full_like(top, 127)  # not 127 / top: torch computes that as top.reciprocal() * 127
-    inverse = torch.where(top > 0, all_127 / top, torch.zeros_like(top))
+    inverse = all_127 / top
+    inverse = torch.where((top > 0) & inverse.isfinite(), inverse, torch.zeros_like(top))  # below 127 / FLT_MAX: 0
     xq = torch.round(blocks * inverse[..., None]).to(torch.int64)
     xs = top / all_127
     q = (unpack_int4(weight) if bits == 4 else weight).to(torch.int64).view(-1, K // 32, 32)  # [N, K/32, 32]
@@ -58,6 +59,8 @@ def test_the_kernel_computes_exactly_its_stated_arithmetic(bits, shape, with_bia
     x = base.probe_activations(33, shape[1], g)  # outlier channels: blocks of very different scales
     x[0, :32] = 0  # a block of zeros (scale 0)
     x[1, 32:64] *= 1e-30  # and of tiny values
+    x[2] = 0
+    x[2, 32:64] = 1e-39 * x[3, 32:64]  # alone, so tiny (subnormal) that 127 / max|x| overflows: quantized to 0
     bias = torch.randn(shape[0], generator=g) if with_bias else None
     assert torch.equal(row_kernel.int_dot(x, weight, scale, bias, bits), expected_int_dot(x, weight, scale, bias, bits))
 
