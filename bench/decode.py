@@ -14,8 +14,8 @@ default, by glmpool's kernel; the checkpoint is stored in fp16 as THUDM's are, s
 nothing), and the quantized variants run with that default too (for int8/int4 it holds the unquantized
 embeddings = output projection in fp16). The quantized variants multiply int8-quantized activations (the
 default quantized_activations, route int-dot); + "-bf16" (int8-qe-bf16, ...) bf16 ones through torch's
-weight-only kernels' arithmetic (routes int8, int4), as before that route. For every variant: prompt ms (one 32-token prompt), decode
-tokens/s of one sequence, aggregate tokens/s of batches through `engine.batcher` (greedy), next to this
+weight-only kernels' arithmetic (routes int8, int4), as before that route. For every variant: prompt ms
+(one 32-token prompt), decode tokens/s of one sequence, aggregate tokens/s of batches through `engine.batcher` (greedy), next to this
 machine's memory read bandwidth measured in the same run and the bound it implies (bandwidth / weight
 bytes read per token).
 
@@ -171,19 +171,18 @@ def build_variant(model_dir: Path, name: str, on: dict):
     return engine
 
 
-def agreement_table(engines: dict, reference: str, prompts: int, new_tokens: int, rng: random.Random) -> list[str]:
+def agreement_table(engines: dict, reference: str, prompts: int, new_tokens: int, rng: random.Random):
+    """The agreement table's rows, one variant at a time (each takes minutes on the CPU)."""
     ref = engines[reference]
     c = ref.config
     sample = [[rng.randrange(6, min(1000, c.mask_token_id)) for _ in range(rng.randint(4, 24))] + [c.gmask_token_id, c.bos_token_id]
               for _ in range(prompts)]
-    rows = []
     for name, engine in engines.items():
         if name == reference:
             continue
         s = agreement.greedy_agreement(ref.model, engine.model, sample, new_tokens, c.bos_token_id, c.mask_token_id,
                                c.gmask_token_id)
-        rows.append(f"| {name} | {s['teacher_forced']:.3f} | {s['prefix']:.3f} | {s['exact']:.2f} |")
-    return rows
+        yield f"| {name} | {s['teacher_forced']:.3f} | {s['prefix']:.3f} | {s['exact']:.2f} |"
 
 
 def main() -> None:
@@ -302,7 +301,7 @@ def main() -> None:
                 agreement_engines[f"{dtype} (yardstick)"] = build_variants(model_dir, [dtype])[dtype]
         for row in agreement_table(agreement_engines, "onednn", args.agreement_prompts, args.agreement_tokens,
                                    random.Random(1)):
-            print(row)
+            print(row, flush=True)
 
 
 if __name__ == "__main__":
