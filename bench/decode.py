@@ -15,9 +15,9 @@ nothing), and the quantized variants run with that default too (for int8/int4 it
 embeddings = output projection in fp16). The quantized variants multiply int8-quantized activations (the
 default quantized_activations, route int-dot); + "-bf16" (int8-qe-bf16, ...) bf16 ones through torch's
 weight-only kernels' arithmetic (routes int8, int4), as before that route. For every variant: prompt ms
-(one 32-token prompt), decode tokens/s of one sequence, aggregate tokens/s of batches through `engine.batcher` (greedy), next to this
-machine's memory read bandwidth measured in the same run and the bound it implies (bandwidth / weight
-bytes read per token).
+(one 32-token prompt), decode tokens/s of one sequence, aggregate tokens/s of batches through
+`engine.batcher` (greedy), next to this machine's memory read bandwidth measured in the same run and the
+bound it implies (bandwidth / weight bytes read per token).
 
 The machine is shared and noisy: the variants run round-robin, several rounds, and the table shows
 medians plus ratios against onednn measured in the same rounds (variant names before issue 20: fp32 =
