@@ -12,10 +12,12 @@ into .cache/ (bench/harness.py). onednn, reference and fp16 run load(matmul=) wi
 through oneDNN; THUDM's own F.linear, for comparison; fp16 weights with fp32 arithmetic (the pool's
 default, by glmpool's kernel; the checkpoint is stored in fp16 as THUDM's are, so it loses
 nothing), and the quantized variants run with that default too (for int8/int4 it holds the unquantized
-embeddings = output projection in fp16). For every variant: prompt ms (one 32-token prompt), decode
-tokens/s of one sequence, aggregate tokens/s of batches through `engine.batcher` (greedy), next to this
-machine's memory read bandwidth measured in the same run and the bound it implies (bandwidth / weight
-bytes read per token).
+embeddings = output projection in fp16). The quantized variants multiply int8-quantized activations (the
+default quantized_activations, route int-dot); + "-bf16" (int8-qe-bf16, ...) bf16 ones through torch's
+weight-only kernels' arithmetic (routes int8, int4), as before that route. For every variant: prompt ms
+(one 32-token prompt), decode tokens/s of one sequence, aggregate tokens/s of batches through
+`engine.batcher` (greedy), next to this machine's memory read bandwidth measured in the same run and the
+bound it implies (bandwidth / weight bytes read per token).
 
 The machine is shared and noisy: the variants run round-robin, several rounds, and the table shows
 medians plus ratios against onednn measured in the same rounds (variant names before issue 20: fp32 =
@@ -161,25 +163,26 @@ def build_variant(model_dir: Path, name: str, on: dict):
     elif name in registry.MATMULS:  # fp32 activations on the CPU, the weights as the method keeps them
         engine = load(model_dir, dtype=None if name == "fp16" else "float32", matmul=name, **on)
     else:  # quantized: what the pool runs (its default matmul; the -qe variants have no float matrix left)
-        engine = load(model_dir, quantize=name.removeprefix("int"), matmul="fp16", **on)
+        activations = "bf16" if name.endswith("-bf16") else registry.DEFAULT_QUANTIZED_ACTIVATIONS
+        engine = load(model_dir, quantize=name.removeprefix("int").removesuffix("-bf16"), matmul="fp16",
+                      quantized_activations=activations, **on)
     # Random weights may well predict <eop>; the bench wants every sequence decoding every step.
     engine.model.config = dataclasses.replace(engine.model.config, eos_token_id=-1)
     return engine
 
 
-def agreement_table(engines: dict, reference: str, prompts: int, new_tokens: int, rng: random.Random) -> list[str]:
+def agreement_table(engines: dict, reference: str, prompts: int, new_tokens: int, rng: random.Random):
+    """The agreement table's rows, one variant at a time (each takes minutes on the CPU)."""
     ref = engines[reference]
     c = ref.config
     sample = [[rng.randrange(6, min(1000, c.mask_token_id)) for _ in range(rng.randint(4, 24))] + [c.gmask_token_id, c.bos_token_id]
               for _ in range(prompts)]
-    rows = []
     for name, engine in engines.items():
         if name == reference:
             continue
         s = agreement.greedy_agreement(ref.model, engine.model, sample, new_tokens, c.bos_token_id, c.mask_token_id,
                                c.gmask_token_id)
-        rows.append(f"| {name} | {s['teacher_forced']:.3f} | {s['prefix']:.3f} | {s['exact']:.2f} |")
-    return rows
+        yield f"| {name} | {s['teacher_forced']:.3f} | {s['prefix']:.3f} | {s['exact']:.2f} |"
 
 
 def main() -> None:
@@ -281,7 +284,8 @@ def main() -> None:
               "decode in the same rounds:\n")
         print("| chatglm.cpp | tok/s | glmpool counterpart | glmpool tok/s | glmpool / chatglm.cpp (per round, median) |")
         print("|---|---|---|---|---|")
-        for kind, ours in (("f32", "onednn"), ("f16", "fp16"), ("q8_0", "int8-qe"), ("q4_0", "int4-qe")):
+        for kind, ours in (("f32", "onednn"), ("f16", "fp16"), ("q8_0", "int8-qe"), ("q4_0", "int4-qe"),
+                           ("q8_0", "int8-qe-bf16"), ("q4_0", "int4-qe-bf16")):
             if kind in cpp and ours in results:
                 per_round = statistics.median(a / b for a, b in zip(results[ours]["tokens_per_s"], cpp[kind]))
                 print(f"| {kind} | {statistics.median(cpp[kind]):.1f} | {ours} | {med[ours]['tokens_per_s']:.1f} | "
@@ -297,7 +301,7 @@ def main() -> None:
                 agreement_engines[f"{dtype} (yardstick)"] = build_variants(model_dir, [dtype])[dtype]
         for row in agreement_table(agreement_engines, "onednn", args.agreement_prompts, args.agreement_tokens,
                                    random.Random(1)):
-            print(row)
+            print(row, flush=True)
 
 
 if __name__ == "__main__":

@@ -140,6 +140,9 @@ SETTINGS = [
             "quantize weights at load to 4 or 8 bits; -qe: the embeddings (= output projection) too",
             "{" + ",".join(map(str, registry.QUANTIZE_CHOICES)) + "}"),
     Setting("matmul", _choice(*registry.MATMULS), registry.DEFAULT_MATMUL, registry.matmul_help(), "KIND"),
+    Setting("quantized_activations", _choice(*registry.QUANTIZED_ACTIVATIONS),
+            registry.DEFAULT_QUANTIZED_ACTIVATIONS, registry.quantized_activations_help(),
+            "|".join(registry.QUANTIZED_ACTIVATIONS)),
     Setting("dtype", _choice("float16", "bfloat16", "float32"), None,
             "compute dtype (default float16 on GPUs, float32 on cpu)", "DTYPE"),
     Setting("dir", _text, ".", "spool root; requests/ and flags/ are created in it", "DIR",
@@ -205,6 +208,7 @@ class Config:
     gpus: str
     quantize: int | str | None
     matmul: str
+    quantized_activations: str
     dtype: str | None
     dir: str
     cache_dir: str | None

@@ -169,6 +169,7 @@ class Supervisor:
         slot = Slot(WorkerSpec(wid, placement.device, c.model, c.dtype, c.quantize, c.cache_dir, c.max_batch,
                                c.kv_cache_gb, threads, c.partial_seconds, c.partial_tokens, c.matmul,
                                placement.visible, placement.sharing, c.compile == "on", revision=c.revision,
+                               quantized_activations=c.quantized_activations,
                                log_level=c.log_level, log_format=c.log_format))
         slot.gpu = None if placement.device == "cpu" or placement.missing else placement.key
         if placement.missing:

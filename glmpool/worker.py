@@ -61,6 +61,7 @@ class WorkerSpec:
     revision: str | None = None
     log_level: str = BY_NAME["log_level"].default
     log_format: str = BY_NAME["log_format"].default
+    quantized_activations: str = BY_NAME["quantized_activations"].default
 
     @property
     def label(self) -> str:
@@ -93,7 +94,8 @@ def main(spec: WorkerSpec, tasks, results) -> None:
         free_before = free_memory(device) if spec.sharing > 1 else 0  # the model's footprint, counted below
         engine = load(spec.model, device=device, dtype=spec.dtype,
                       cache_dir=spec.cache_dir, quantize=spec.quantize, progress=True,  # bars only on a tty
-                      matmul=spec.matmul, revision=spec.revision)
+                      matmul=spec.matmul, revision=spec.revision,
+                      quantized_activations=spec.quantized_activations)
     except EngineError as error:
         results.send(("fatal", spec.wid, str(error)))
         return

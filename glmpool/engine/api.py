@@ -182,7 +182,8 @@ class Engine:
 
 def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          cache_dir: str | Path | None = None, quantize: int | str | None = None, progress: bool = True,
-         matmul: str = "reference", revision: str | None = None) -> Engine:
+         matmul: str = "reference", revision: str | None = None,
+         quantized_activations: str = registry.DEFAULT_QUANTIZED_ACTIVATIONS) -> Engine:
     """Load a ChatGLM-6B checkpoint (directory, hub id, or "tiny-random") into an Engine.
 
     quantize: 4, 8, "4-qe", "8-qe" (see thudm.parse_quantize), or None to run the checkpoint as stored.
@@ -190,9 +191,14 @@ def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | tor
     quantizes them at load.
     matmul: how the float weights are multiplied, one of linear/registry.py's MATMULS (each entry says
     what it is for); where it cannot run here, the first usable one along its fallback chain.
+    quantized_activations: on the CPU, what quantized weights multiply (registry.QUANTIZED_ACTIVATIONS): "int8",
+    the activations quantized per block of 32 and integer products; "bf16", torch's weight-only kernels' bits.
     """
     if matmul not in registry.MATMULS:
         raise EngineError(f"unknown matmul {matmul!r}: use one of {', '.join(registry.MATMULS)}")
+    if quantized_activations not in registry.QUANTIZED_ACTIVATIONS:
+        raise EngineError(f"unknown quantized_activations {quantized_activations!r}: use one of "
+                          + ", ".join(registry.QUANTIZED_ACTIVATIONS))
     device = parse_device(device)
     dtype = parse_dtype(dtype, device)
     bits, embeddings = parse_quantize(quantize)
@@ -230,7 +236,7 @@ def load(model: str | Path, device: str | torch.device = "cpu", dtype: str | tor
     if quantize_layers or quantize_embeddings:
         quantize_model(net, bits, layers=quantize_layers, embeddings=quantize_embeddings)
         net = net.to(device, dtype)  # what was not quantized (norms, biases, embeddings) in the model's dtype
-    prepare(net)
+    prepare(net, quantized_activations)
     if method.name != "reference":
         layers.pack_model(net, method)
     net.eval().requires_grad_(False)

@@ -11,6 +11,8 @@ kernels for a lone row stream well below the memory's bandwidth (docs/benchmarks
   make exact anyway (bound by decoding the nibbles, not by the memory).
   Both sum as torch's kernels do, which int8_matches_torch() and int4_matches_torch() check once per
   process on inputs built to expose any other order.
+- int8 and int4 in THUDM's layout times activations quantized to int8 on the fly: int_dot (int_dot.c,
+  linear/intdot.py), integer products and sums of its own, AVX2 only (it runs on AVX-512 CPUs too).
 Either way a row gets the same bits alone as among others, so batching still changes no result.
 Each kernel has an AVX2 variant for CPUs without AVX-512, which mirrors torch's AVX2 kernels (8 lanes for
 int8, 32-row blocks for int4; fp32 sums the same either way).
@@ -40,7 +42,7 @@ import torch
 log = logging.getLogger(__name__)
 
 BLOCK = 64  # outputs per block of oneDNN's AB16b64a layout, which the kernel reads
-C_NAME = "_kernels"  # row_kernel.c and decode_attention.c, built by setup.py
+C_NAME = "_kernels"  # row_kernel.c, decode_attention.c, gelu.c and int_dot.c, built by setup.py
 
 
 def library_path() -> Path | None:
@@ -87,6 +89,8 @@ def library() -> ctypes.CDLL | None:
         bf16_times.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     kernels.glmpool_gelu.restype = None  # gelu()
     kernels.glmpool_gelu.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_int]
+    kernels.glmpool_int_dot.restype = ctypes.c_int  # int_dot()
+    kernels.glmpool_int_dot.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     kernels.glmpool_decode_attention.restype = None  # decode_attention.py
     kernels.glmpool_decode_attention.argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6
                                                  + [ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_int])
@@ -246,6 +250,26 @@ def int4_times(x: torch.Tensor, packed: torch.Tensor, out_features: int, block: 
     scratch = torch.empty(rows * (in_features + out_features), dtype=torch.float32)
     library().glmpool_rows_times_int4_bf16(packed.data_ptr(), x.data_ptr(), out.data_ptr(), scratch.data_ptr(), rows,
                                            out_features, in_features, block == 64)
+    return out
+
+
+def int_dot(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+            bits: int) -> torch.Tensor:
+    """x [M, K] (fp32) @ W^T * scale + bias -> [M, N] in fp32, W THUDM's int8 [N, K] or int4 [N, K/2] as stored,
+    by int_dot.c: x quantized to int8 per block of 32 inputs, integer dot products per block, each output
+    summing its blocks' scaled products in block order (the same bits for any M). scale, bias: fp32 [N].
+    K % 32 == 0 (int8) or K % 64 == 0 (int4). Needs available()."""
+    rows, in_features = x.shape
+    out_features = weight.shape[0]
+    assert weight.dtype == torch.int8 and weight.is_contiguous() and weight.shape[1] * 8 == in_features * bits \
+        and in_features % (32 if bits == 8 else 64) == 0 and scale.dtype == torch.float32 \
+        and scale.is_contiguous() and scale.numel() == out_features and (bias is None or (
+            bias.dtype == torch.float32 and bias.is_contiguous() and bias.numel() == out_features))
+    x = x.float().contiguous()
+    out = torch.empty(rows, out_features, dtype=torch.float32)
+    if library().glmpool_int_dot(weight.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
+                                 x.data_ptr(), out.data_ptr(), rows, out_features, in_features, bits):
+        raise MemoryError(f"no memory for {rows} x {in_features} quantized activations")
     return out
 
 

@@ -142,7 +142,7 @@ def wide_head_dir(tmp_path_factory):
 @pytest.mark.parametrize("matmul", ["onednn", "reference", pytest.param("fp16", marks=pytest.mark.skipif(
     not fp16.OwnFp16.usable(torch.device("cpu"), torch.float32), reason="glmpool's fp16 kernel is not built or this CPU has no AVX2")),
     pytest.param("fbgemm-fp16", marks=pytest.mark.skipif(not fp16.fbgemm_available(), reason="no FBGEMM fp16 linear")),
-    "int8-qe", "int4-qe"])
+    "int8-qe", "int4-qe", "int8-qe-bf16", "int4-qe-bf16"])
 def test_batching_keeps_every_logit_bit_for_bit_with_onednn(tiny_dir, wide_head_dir, matmul, head, attention,
                                                              monkeypatch):
     """With matmul="onednn" (or "fp16", "fbgemm-fp16") a sequence's logits are the same bits alone or batched, at
@@ -152,16 +152,17 @@ def test_batching_keeps_every_logit_bit_for_bit_with_onednn(tiny_dir, wide_head_
     attention padded to the longest sequence (or, beside a much longer prompt, sequence by sequence over
     each one's own span). Sequences leave early, and the last slot's moves into the freed one. With the
     reference's matmuls (F.linear alone, W @ x^T batched) they are not, only the greedy tokens. int8-qe,
-    int4-qe: every matrix quantized (prompts through dequantized matrices, decode steps through the
-    weight-only kernels, a lone row and several int8 rows through glmpool's where built), the rest as with
-    onednn."""
+    int4-qe: every matrix quantized (prompts through dequantized matrices, decode steps through route
+    int-dot where built, else as -bf16), the rest as with onednn; -bf16: decode steps through the
+    weight-only kernels, a lone row and several int8 rows through glmpool's where built."""
     from glmpool.engine import SamplingParams, decode_attention, load
 
     if attention == "torch":
         monkeypatch.setattr(decode_attention, "usable", lambda *args: False)
-    quantize = matmul.removeprefix("int") if matmul.endswith("-qe") else None
+    activations = "bf16" if matmul.endswith("-bf16") else "int8"
+    quantize = matmul.removeprefix("int").removesuffix("-bf16") if "-qe" in matmul else None
     engine = load(tiny_dir if head == "tiny" else wide_head_dir, progress=False,
-                  matmul="onednn" if quantize else matmul, quantize=quantize)
+                  matmul="onednn" if quantize else matmul, quantize=quantize, quantized_activations=activations)
     if matmul == "fbgemm-fp16":  # where FBGEMM would change bits with the batch: glmpool's kernel, else oneDNN
         through = type(getattr(engine.model.word_embeddings, "method", None))
         assert (through is fp16.FbgemmFp16) == fp16.fbgemm_batch_invariant()

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from glmpool.engine import agreement
-from glmpool.engine.linear import cuda, dequant, int4, int8, quantized, registry, thudm
+from glmpool.engine.linear import base, cuda, dequant, int4, int8, quantized, registry, thudm
 from glmpool.engine import row_kernel
 from glmpool.engine.config import ModelConfig
 from glmpool.engine.model import ChatGLM, prefix_attention_mask, prompt_positions
@@ -115,7 +115,7 @@ def test_quantized_linear_paths_equal_dequantize_then_linear(bits, rows):
 def test_a_lone_row_goes_through_glmpools_kernel_with_the_bits_it_gets_in_a_batch(bits, shape, monkeypatch):
     torch.manual_seed(4)
     module = QuantizedLinear.from_linear(torch.nn.Linear(shape[1], shape[0]), bits)
-    quantized.prepare(module)  # as load() does: it decides
+    quantized.prepare(module, "bf16")  # as load() does: it decides
     assert module.own_kernels
     x = torch.randn(17, shape[1])
     together = module.matmul(x, module.bias)
@@ -133,7 +133,7 @@ def test_several_int8_rows_go_through_glmpools_kernel_with_torchs_bits(shape, mo
     """More than 4 rows (a batch's decode step): glmpool's multi-row int8 kernel, the bits of torch's."""
     torch.manual_seed(5)
     module = QuantizedLinear.from_linear(torch.nn.Linear(shape[1], shape[0]), 8)
-    quantized.prepare(module)
+    quantized.prepare(module, "bf16")
     calls, kernel = [], row_kernel.int8_times
     monkeypatch.setattr(row_kernel, "int8_times", lambda *a: calls.append(1) or kernel(*a))
     for rows in (4, 5, 16, 37):
@@ -151,7 +151,7 @@ def test_several_int4_rows_go_through_glmpools_kernel_with_torchs_bits(shape, mo
     """A batch's decode step, a short prompt: glmpool's tiled int4 kernel, the bits of torch's."""
     torch.manual_seed(6)
     module = QuantizedLinear.from_linear(torch.nn.Linear(shape[1], shape[0]), 4)
-    quantized.prepare(module)
+    quantized.prepare(module, "bf16")
     assert module.own_kernels and module.own_int4_rows
     calls, kernel = [], row_kernel.int4_times
     monkeypatch.setattr(row_kernel, "int4_times", lambda *a: calls.append(1) or kernel(*a))
@@ -385,14 +385,20 @@ def test_embeddings_quantized_at_load_on_a_layers_only_checkpoint(tiny_dir, tmp_
     assert torch.equal(last_logits(upgraded.model, prompt), last_logits(qe.model, prompt))
 
 
-def test_int4_weights_are_laid_out_for_the_cpu_kernel_at_load(tiny_dir):
+@pytest.mark.parametrize("activations", registry.QUANTIZED_ACTIVATIONS)
+def test_int4_weights_are_laid_out_for_the_cpu_kernel_at_load(tiny_dir, activations):
+    """bf16 activations: torch's CPU int4 layout, made in place at load; int8 (route int-dot): THUDM's as stored."""
     from glmpool.engine import load
 
-    if not int4._cpu_int4_layout_ok():
+    int_dot = activations == "int8" and base.method_class("int-dot").usable(torch.device("cpu"), torch.float32)
+    if not int_dot and not int4._cpu_int4_layout_ok():
         pytest.skip("this torch has no usable CPU int4 kernel: int4 runs dequantize + matmul")
-    model = load(tiny_dir, quantize="4-qe", progress=False).model
+    model = load(tiny_dir, quantize="4-qe", progress=False, quantized_activations=activations).model
     layouts = {name: m._current_layout() for name, m in quantized.quantized_modules(model)}
-    assert set(layouts.values()) == {quantized.QuantizedMatrix.LAYOUT_CPU_INT4}, layouts
+    expected = quantized.QuantizedMatrix.LAYOUT_THUDM if int_dot else quantized.QuantizedMatrix.LAYOUT_CPU_INT4
+    assert set(layouts.values()) == {expected}, layouts
+    assert {m.kernel_path(1, torch.device("cpu")) for _, m in quantized.quantized_modules(model)} == \
+        {"int-dot" if int_dot else "int4"}
 
 
 @pytest.mark.parametrize("stored_as", ["both", "lm_head only"])
@@ -415,7 +421,7 @@ def test_int4_qe_checkpoint_layout_loads(tiny_dir, tmp_path, stored_as):
     engine = load(target, progress=False)
     assert isinstance(engine.model.word_embeddings, QuantizedEmbedding)
     reference = load(tiny_dir, progress=False)
-    quantize_model(reference.model, 4, embeddings=True)
+    quantized.prepare(quantize_model(reference.model, 4, embeddings=True))  # as load() does
     prompt = engine.tokenizer.build_prompt("hi", [])
     assert torch.equal(last_logits(engine.model, prompt), last_logits(reference.model, prompt))
 
@@ -450,7 +456,7 @@ def test_a_matrix_in_the_cuda_int4_layout_refuses_what_it_cannot_do():
     from glmpool.engine import EngineError
     linear = QuantizedLinear.from_linear(torch.nn.Linear(128, 64), 4)
     assert not linear.to_cuda_int4_layout()  # not on a GPU
-    quantized.prepare(torch.nn.Sequential(linear))
+    quantized.prepare(torch.nn.Sequential(linear), "bf16")
     assert linear._current_layout() == linear.LAYOUT_CPU_INT4  # what a CPU lays out instead
     linear._layout, linear._layout_key = linear.LAYOUT_CUDA_INT4, quantized._tensor_key(linear.weight)
     assert linear.kernel_path(1, torch.device("cpu")) == linear.kernel_path(500, torch.device("cpu")) == "int4-cuda"

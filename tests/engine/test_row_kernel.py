@@ -26,7 +26,7 @@ CHILD = textwrap.dedent("""
     assert all(torch.equal(onednn.linear(x[i:i + 1], packed, bias, route), together[i:i + 1]) for i in range(9))
     for bits in (8, 4):
         module = quantized.QuantizedLinear.from_linear(torch.nn.Linear(1024, 4128), bits)  # 4128: a partial int4 block
-        quantized.prepare(module)
+        quantized.prepare(module, "bf16")
         assert module.own_kernels, bits
         together = module.matmul(x, module.bias)
         assert all(torch.equal(module.matmul(x[i:i + 1], module.bias), together[i:i + 1]) for i in range(9)), bits

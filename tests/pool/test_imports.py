@@ -73,3 +73,12 @@ def test_the_toml_template_and_the_help_describe_every_matmul_method():
     help_text = config.BY_NAME["matmul"].help
     assert all(f"'{name}'" in help_text for name in registry.MATMULS)
     assert config.BY_NAME["matmul"].default == registry.DEFAULT_MATMUL
+
+
+def test_the_toml_template_and_the_help_describe_the_quantized_activations():
+    from glmpool import config
+    from glmpool.engine.linear import registry
+    assert registry.quantized_activations_comment() in (ROOT / "deploy" / "glmpool.toml").read_text()
+    setting = config.BY_NAME["quantized_activations"]
+    assert setting.default == registry.DEFAULT_QUANTIZED_ACTIVATIONS
+    assert [setting.parse(kind) for kind in registry.QUANTIZED_ACTIVATIONS] == list(registry.QUANTIZED_ACTIVATIONS)

@@ -36,6 +36,15 @@ def test_worker_placement_and_missing_gpus(tmp_path, monkeypatch):
             (s.slot(i, p, placements) for i, p in enumerate(placements))] == [("5", 2, "5"), ("5", 2, "5")]
 
 
+def test_the_engine_settings_reach_the_workers_spec(tmp_path):
+    placements = place_workers("cpu", None)
+    s = supervisor(tmp_path, quantize="4-qe", matmul="onednn", quantized_activations="bf16", compile="off")
+    spec = s.slot(0, placements[0], placements).spec
+    assert (spec.quantize, spec.matmul, spec.quantized_activations, spec.compile, spec.visible) == \
+        ("4-qe", "onednn", "bf16", False, "")
+    assert supervisor(tmp_path).slot(0, placements[0], placements).spec.quantized_activations == "int8"
+
+
 def test_workers_sharing_a_gpu_load_one_at_a_time(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     placements = place_workers("0,0,1", None)

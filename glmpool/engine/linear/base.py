@@ -7,6 +7,7 @@ matrix stored in THUDM's int8/int4 format (quantized.py), chosen per call, holdi
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 from typing import Callable, ClassVar
@@ -68,6 +69,7 @@ class QuantizedRoute(LinearMethod):
     matrix holds the weight (and the layout a route gave it in place at load)."""
 
     scaled: ClassVar[bool] = False  # apply() applies the row scales itself; else the matrix does, after
+    biased: ClassVar[bool] = False  # apply() takes the bias and adds it itself
 
     @classmethod
     def takes(cls, matrix, rows: int, tokens: int, device: torch.device) -> bool:
@@ -76,7 +78,8 @@ class QuantizedRoute(LinearMethod):
 
     @classmethod
     def apply(cls, matrix, x2: torch.Tensor) -> torch.Tensor:
-        """x2 [M, K] -> x2 @ W^T [M, N] (with unit scales unless `scaled`; no bias)."""
+        """x2 [M, K] -> x2 @ W^T [M, N] (with unit scales unless `scaled`; no bias unless `biased`, which takes
+        it as a third argument)."""
         raise NotImplementedError
 
 
@@ -151,6 +154,7 @@ def int4_unit_groups(in_features: int, rows: int, device: torch.device) -> tuple
     return group, unit_scales("int4", (in_features // group, rows, 2), device)
 
 
+@functools.cache  # asked for every quantized product, to pick its route
 def method_class(name: str) -> type[LinearMethod]:
     """The class that implements registry entry `name` (its module imported now)."""
     module, _, cls = registry.BY_NAME[name].implementation.partition(":")

@@ -26,6 +26,7 @@ from .base import apply_row_scales, method_class, scaling_dtype
 from .layers import replace_module
 from .int4 import _cpu_int4_layout_ok, _cpu_int4_pack, _cpu_int4_unpack, int4_block_rows
 from .int8 import KERNEL_K_MULTIPLE
+from .intdot import K_MULTIPLE as INT_DOT_K_MULTIPLE
 from .dequant import DEQUANT_CHUNK_BYTES
 from .thudm import LINEAR_NAMES, _check_bits, pack_int4, quantize_weight, unpack_int4
 
@@ -58,6 +59,7 @@ class QuantizedMatrix(nn.Module):
         self.cpm = False  # on a GPU before Ampere, multiplied by cpm.py's kernels (see prepare)
         self.own_kernels = False  # on the CPU glmpool's kernels give torch's bits here (row_kernel.py, prepare)
         self.own_int4_rows = False  # and take several int4 rows too (AVX-512)
+        self.int8_activations = False  # on the CPU, route int-dot (quantized_activations="int8"; see prepare)
         self._register_state_dict_hook(_thudm_layout_state_dict_hook)
 
     def extra_repr(self) -> str:
@@ -226,6 +228,8 @@ class QuantizedMatrix(nn.Module):
         x2 = x.reshape(-1, shape[-1])  # [M, K]
         path = path or self.kernel_path(x2.shape[0], x.device, tokens=shape[-2] if x.dim() >= 3 else 1)
         route = method_class(path)
+        if route.biased:
+            return route.apply(self, x2, bias).view(*shape[:-1], self.out_features)
         out = route.apply(self, x2)
         if not route.scaled:  # the kernel ran with unit scales: apply the row scales (and bias), in fp32 for fp16
             out = apply_row_scales(out, self._scale(scaling_dtype(x.dtype)), bias, x.dtype)
@@ -338,12 +342,21 @@ def quantized_modules(model: nn.Module) -> Iterable[tuple[str, QuantizedMatrix]]
     return ((name, m) for name, m in model.named_modules() if isinstance(m, QuantizedMatrix))
 
 
-def prepare(model: nn.Module) -> nn.Module:
+def prepare(model: nn.Module, quantized_activations: str = registry.DEFAULT_QUANTIZED_ACTIVATIONS) -> nn.Module:
     """Build the kernel layouts now (right after loading): CPU int4 on the first forward otherwise; CUDA int4
     (the layers' matrices: a lookup table must stay in THUDM's layout) only here. On CUDA, also decide
     whether cpm.py's kernels take every matrix (a GPU before Ampere) and else where torch's int8 kernel is
-    used; on the CPU, whether glmpool's kernels may stand in for torch's."""
+    used; on the CPU, whether route int-dot takes a matrix (`quantized_activations` "int8", where its kernel
+    runs: THUDM's layout is kept) and else whether glmpool's kernels may stand in for torch's."""
+    if quantized_activations not in registry.QUANTIZED_ACTIVATIONS:  # load() said so to its caller already
+        raise ValueError(f"quantized_activations must be one of {registry.QUANTIZED_ACTIVATIONS}")
     dtype = getattr(model, "dtype", torch.float16)
+    cpu = torch.device("cpu")
+    int_dot = quantized_activations == "int8" and method_class("int-dot").usable(cpu, torch.float32)
+    if quantized_activations == "int8" and not int_dot and any(
+            m.weight.device.type == "cpu" for _, m in quantized_modules(model)):
+        log.info("glmpool's int8-activation kernel cannot run here (not built, no AVX2, or %s=none): quantized "
+                 "matrices multiply bf16 activations instead", row_kernel.ISA_ENV)
     for _, module in quantized_modules(model):  # a GPU before Ampere: cpm.py's kernels, where they work
         device = module.weight.device
         module.cpm = device.type == "cuda" and cpm.fits(module.bits, module.in_features, dtype) \
@@ -357,6 +370,11 @@ def prepare(model: nn.Module) -> nn.Module:
             module.cuda_int8_rows = rows
     broken = None
     for name, module in quantized_modules(model):
+        module.int8_activations = int_dot and module.weight.device.type == "cpu" \
+            and module.in_features % INT_DOT_K_MULTIPLE[module.bits] == 0
+        if module.int8_activations:
+            module._to_thudm_layout_()  # the kernel reads THUDM's layout (a no-op unless prepared for bf16 before)
+            continue
         if module.bits == 8 and module.weight.device.type == "cpu":
             module.own_kernels = row_kernel.int8_matches_torch()
         if module.bits != 4:

@@ -40,6 +40,10 @@ METHODS = (
            "in oneDNN's summation order, so batching changes no result", fallbacks=("reference",)),
     Method("reference", "reference:Reference", "THUDM's own F.linear: greedy output bit-identical to their code when a "
            "sequence runs alone"),
+    Method("int-dot", "intdot:IntDot", "CPU, int8 and int4 weights read as stored times activations quantized to "
+           "int8 per block of 32 inputs (ggml's q8_0 scheme), integer dot products by glmpool's kernel (AVX2): "
+           "the fastest, batch-invariant by construction; decode steps and prompts of up to 64 tokens, where "
+           "quantized_activations is int8", fallbacks=("int8", "int4", "dequant"), quantized=True),
     Method("int4-cuda", "cuda:Int4Cuda", "CUDA, int4 layers by torch's tinygemm kernel (Ampere or newer), in place",
            fallbacks=("dequant",), quantized=True),
     Method("int8-cuda", "cuda:Int8Cuda", "CUDA, int8 by torch's weight-only kernel up to the rows where a load-time "
@@ -60,8 +64,13 @@ METHODS = (
 BY_NAME = {m.name: m for m in METHODS}
 MATMULS = tuple(m.name for m in METHODS if not m.quantized)
 DEFAULT_MATMUL = "fp16"
-QUANTIZED_ORDER = tuple(m.name for m in METHODS if m.quantized)  # tried per call, first usable wins
+QUANTIZED_ORDER = tuple(m.name for m in METHODS if m.quantized)  # tried per call, the first that takes it wins
 QUANTIZE_CHOICES = (4, 8, "4-qe", "8-qe")  # "-qe": the word embeddings (= output projection) too
+# What the CPU's quantized routes multiply the int8/int4 weights with (quantized_activations): "int8", the
+# activations quantized per block of 32 and integer products (int-dot, as ggml/chatglm.cpp do), or "bf16",
+# the activations rounded to bf16 and fp32 products in torch's order (int8, int4). Either is batch-invariant.
+QUANTIZED_ACTIVATIONS = ("int8", "bf16")
+DEFAULT_QUANTIZED_ACTIVATIONS = "int8"
 # On the CPU the quantized kernels take a prompt of up to this many tokens, which beat dequantize + GEMM up to
 # ~64 rows; longer ones are dequantized. Per prompt, not per call, so that batching changes no bit:
 # generate.py prefills the two kinds of prompt apart.
@@ -84,6 +93,24 @@ def matmul_comment(width: int = 100) -> str:
                 (f"; else {', '.join(m.fallbacks)}" if m.fallbacks else "")
             lines += textwrap.wrap(text, width - 2, initial_indent="- ", subsequent_indent="  ", break_on_hyphens=False)
     return "\n".join("# " + line for line in lines)
+
+
+def quantized_activations_comment(width: int = 100) -> str:
+    """deploy/glmpool.toml's comment on `quantized_activations` (tests/pool/test_imports.py holds the template
+    to it)."""
+    import textwrap
+
+    text = f'T{quantized_activations_help()[1:]} (default "{DEFAULT_QUANTIZED_ACTIVATIONS}").'
+    return "\n".join("# " + line for line in textwrap.wrap(text, width - 2, break_on_hyphens=False))
+
+
+def quantized_activations_help() -> str:
+    """The --quantized-activations help (config.py)."""
+    return ("the activations' precision against quantized weights (--quantize, -int4 checkpoints) on cpu workers: "
+            "'int8' quantizes each row to int8 per block of 32 inputs and multiplies in integers (route int-dot, "
+            "ggml's scheme: the fastest); 'bf16' rounds it to bf16 and multiplies in fp32 (routes int8, int4: "
+            "torch's weight-only kernels' bits); both batch-invariant, and prompts over "
+            f"{PROMPT_KERNEL_MAX_TOKENS} tokens are dequantized either way")
 
 
 def matmul_help() -> str:
