@@ -24,17 +24,20 @@ def usable(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
 
 
 def attend(layer: torch.Tensor, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-           scores: torch.Tensor, layer_scale: float, parts: int, isa: int | None = None) -> torch.Tensor:
+           scores: torch.Tensor, layer_scale: float, parts: int, isa: int | None = None,
+           longest: int | None = None) -> torch.Tensor:
     """layer: one layer of a slab [2, slots, n, capacity, d], sequence b in slot b (written at positions);
     qkv [B, n, 3, d] (THUDM's query_key_value rows); cos, sin [B, d] (model.rotary_tables at each
     sequence's position, sin signed; parts 2 with 2D positions); positions [B] int64, where each new key
     and value go; scores: scratch, [B * n, > positions.max()]. Returns the context [B, n, d].
-    isa: 512, 256 or 0 (plain C) to pick a variant (the same bits; for tests); None: this CPU's."""
+    isa: 512, 256 or 0 (plain C) to pick a variant (the same bits; for tests); None: this CPU's.
+    longest: positions.max(), where the caller knows it (the check reads it otherwise, every layer)."""
     B, n, _, d = qkv.shape
     _, slots, _, capacity, _ = layer.shape
     assert layer.is_contiguous() and layer.dtype == torch.float32 and B <= slots and layer.shape[2] == n
     assert positions.dtype == torch.int64 and positions.is_contiguous() and positions.numel() == B
-    assert int(positions.max()) < min(capacity, scores.shape[1]) and scores.shape[0] >= B * n
+    longest = int(positions.max()) if longest is None else longest
+    assert longest < min(capacity, scores.shape[1]) and scores.shape[0] >= B * n
     qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
     context = torch.empty(B, n, d)
     kernels = row_kernel.library()

@@ -113,7 +113,8 @@ DEFINE_GELU_VECTOR(gelu_avx2, "avx2,fma", __m256, 8, _mm256_set1_ps, _mm256_load
 /* out[i] = gelu(in[i]) for i < n; isa 512, 256 or 0 (plain C): the same bits. */
 void glmpool_gelu(const float *in, float *out, int64_t n, int isa) {
     int64_t pieces = (n + PIECE - 1) / PIECE;
-    #pragma omp parallel for schedule(static)
+    /* one piece (a decode step's activations) is done before a second thread would have started */
+    #pragma omp parallel for schedule(static) if (pieces > 1)
     for (int64_t p = 0; p < pieces; p++) {
         int64_t start = p * PIECE, count = n - start < PIECE ? n - start : PIECE, done = 0;
 #if defined(__x86_64__) && defined(__GNUC__)

@@ -24,6 +24,7 @@ from typing import Callable, Hashable
 
 import torch
 
+from . import row_kernel
 from .errors import AdmissionError, PromptTooLongError
 from .model import ChatGLM, KVCache, SlotCache, prefix_attention_mask, prompt_positions, round_up
 from .linear.registry import PROMPT_KERNEL_MAX_TOKENS
@@ -108,15 +109,19 @@ def next_tokens(logits: torch.Tensor, params: list[SamplingParams],
     sharing a top_k filtered together (one top-k over [rows, vocab] costs half as much as a top-k per
     row) and each drawn with its own generator, so a row's token does not depend on its neighbours.
     A row with NaN/inf anywhere puts all its probability on INVALID_SCORE_TOKEN, as the reference does.
+    On the CPU, glmpool's kernel finds both the greedy tokens and that every row is valid in one pass where
+    it can (row_kernel.greedy), else the rows are checked and searched as here.
     """
-    finite = torch.isfinite(logits.sum(-1))  # one reduction per row
-    if not bool(finite.all()):
-        logits = logits.clone()
-        logits[~finite] = 0.0
-        logits[~finite, INVALID_SCORE_TOKEN] = 5e4
+    greedy = row_kernel.greedy(logits) if _greedy_kernel_takes(logits) else None
+    if greedy is None:
+        finite = torch.isfinite(logits.sum(-1))  # one reduction per row
+        if not bool(finite.all()):
+            logits = logits.clone()
+            logits[~finite] = 0.0
+            logits[~finite, INVALID_SCORE_TOKEN] = 5e4
     tokens = [0] * len(params)
     if not all(p.do_sample for p in params):
-        tokens = argmax(logits).tolist()
+        tokens = greedy if greedy is not None else argmax(logits).tolist()
     by_top_k: dict[int, list[int]] = {}
     for row, p in enumerate(params):
         if p.do_sample:
@@ -129,6 +134,11 @@ def next_tokens(logits: torch.Tensor, params: list[SamplingParams],
         for row, token in zip(rows, indices.gather(1, draws[:, None]).view(-1).tolist()):
             tokens[row] = token
     return tokens
+
+
+def _greedy_kernel_takes(logits: torch.Tensor) -> bool:
+    return (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
+            and logits.shape[1] > 0 and logits.is_contiguous() and row_kernel.available())
 
 
 def argmax(logits: torch.Tensor, chunk: int = 1024) -> torch.Tensor:

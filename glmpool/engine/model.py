@@ -225,14 +225,16 @@ class KernelDecode:
 
     def __init__(self, slab: KVSlab, lengths: list[int]):
         self.slab = slab
-        self.positions = torch.tensor(lengths) - 1  # [B] where each new key and value go
+        self.positions = torch.tensor([length - 1 for length in lengths])  # [B] where each new key and value go
+        self.longest = max(lengths) - 1
         self.scores = torch.empty(len(lengths) * slab.config.num_attention_heads, max(lengths))  # scratch
 
     def attend(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, parts: int) -> torch.Tensor:
         """As PaddedDecode.attend."""
         B = qkv.shape[0]
         return decode_attention.attend(self.slab.layers[layer], qkv[:, 0], cos.view(B, -1), sin.view(B, -1),
-                                       self.positions, self.scores, float(layer + 1), parts).unsqueeze(2)
+                                       self.positions, self.scores, float(layer + 1), parts,
+                                       longest=self.longest).unsqueeze(2)
 
 
 @torch.inference_mode()
@@ -387,13 +389,21 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.mlp = MLP(config)
         self.alpha = (2 * ALPHA_LAYERS) ** 0.5
+        # alpha as an fp32 scalar tensor: the same factor in the same kernel as `x * self.alpha` (which rounds
+        # the Python float to fp32 first), without wrapping and converting the float on every call. Not a
+        # buffer, so that no cast of the model rounds it to the model's dtype.
+        self.alpha_scalar = torch.tensor(self.alpha, dtype=torch.float32, device="cpu")
+
+    def scaled_residual(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """x * alpha + out, rounded as the reference rounds it (the product, then the sum)."""
+        return torch.mul(x, self.alpha_scalar).add_(out)
 
     def forward(self, x, cos, sin, caches, prefix_masks, lengths, decode=None):
         attention_input = self.input_layernorm(x)
-        x = attention_input * self.alpha + self.attention(attention_input, cos, sin, caches, prefix_masks, lengths,
-                                                          decode)
+        x = self.scaled_residual(attention_input, self.attention(attention_input, cos, sin, caches, prefix_masks,
+                                                                 lengths, decode))
         mlp_input = self.post_attention_layernorm(x)
-        return mlp_input * self.alpha + self.mlp(mlp_input)
+        return self.scaled_residual(mlp_input, self.mlp(mlp_input))
 
 
 class ChatGLM(nn.Module):
@@ -476,7 +486,8 @@ class ChatGLM(nn.Module):
             x = layer(x, cos, sin, caches, masks, lengths, decode)
         for cache, t in zip(caches, lengths):
             cache.advance(t)
-        last = x[torch.arange(B), torch.tensor(lengths) - 1]  # [B, H]: each sequence's last real token
+        # [B, H]: each sequence's last real token
+        last = x[:, 0] if T == 1 else x[torch.arange(B), torch.tensor(lengths) - 1]
         return self.output_logits(self.final_layernorm(last))
 
 

@@ -91,6 +91,8 @@ def library() -> ctypes.CDLL | None:
     kernels.glmpool_gelu.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_int]
     kernels.glmpool_int_dot.restype = ctypes.c_int  # int_dot()
     kernels.glmpool_int_dot.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    kernels.glmpool_greedy.restype = None  # greedy()
+    kernels.glmpool_greedy.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
     kernels.glmpool_decode_attention.restype = None  # decode_attention.py
     kernels.glmpool_decode_attention.argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6
                                                  + [ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_int])
@@ -131,27 +133,33 @@ def several_rows_available() -> bool:
 
 def _rows_times(entry: Callable, x: torch.Tensor, weight_address: int, bias: torch.Tensor | None,
                 out_features: int, chunk: int) -> torch.Tensor:
-    x = x.float().contiguous()
-    bias = None if bias is None else bias.detach().float().contiguous()
-    out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
-    entry(weight_address, x.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), x.shape[0],
-          out_features, x.shape[1], chunk)
+    """x [..., in] -> [..., out] in fp32 by `entry`. Called for every matrix of every step: the inputs are
+    converted only where they must be (each torch call here costs as much as a small kernel's work)."""
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.float().contiguous()
+    in_features = x.shape[-1]
+    out = torch.empty(x.shape[:-1] + (out_features,))
+    entry(weight_address, x.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+          x.numel() // in_features if in_features else 0, out_features, in_features, chunk)
     return out
 
 
 def rows_times_packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
-                      chunk: int) -> torch.Tensor:
-    """x [M, in] (fp32) @ weight^T + bias -> [M, out], each row summed as oneDNN's multi-row matmul sums it,
-    with this chunk (row_kernel.c; the AVX-512 and AVX2 variants alike); `packed` must pass fits()."""
+                      chunk: int, address: int | None = None) -> torch.Tensor:
+    """x [..., in] (fp32) @ weight^T + bias -> [..., out], each row summed as oneDNN's multi-row matmul sums
+    it, with this chunk (row_kernel.c; the AVX-512 and AVX2 variants alike); `packed` must pass fits().
+    address: packed's, where the caller keeps it (torch's accessor is an operator call)."""
     kernels = library()
     entry = kernels.glmpool_rows_times_packed if kernels.isa == 512 else kernels.glmpool_rows_times_packed_avx2
-    return _rows_times(entry, x, torch.ops.mkldnn.data_ptr(packed), bias, out_features, chunk)
+    return _rows_times(entry, x, address or torch.ops.mkldnn.data_ptr(packed), bias, out_features, chunk)
 
 
 def row_times_packed(row: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
                      out_features: int, chunk: int) -> torch.Tensor:
     """row [in] -> [out], as rows_times_packed."""
-    return rows_times_packed(row[None], packed, bias, out_features, chunk)[0]
+    return rows_times_packed(row, packed, bias, out_features, chunk)
 
 
 HALF_CHUNK = 512  # inputs per chunk of the fp16 kernel's sums: 64 KB of a block, L2-resident
@@ -177,9 +185,9 @@ def unpack_half(packed: torch.Tensor, out_features: int) -> torch.Tensor:
 
 def rows_times_half(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
                     out_features: int) -> torch.Tensor:
-    """x [M, in] (fp32) @ weight^T + bias -> [M, out] in fp32, the weight fp16 from pack_half: each output
+    """x [..., in] (fp32) @ weight^T + bias -> [..., out] in fp32, the weight fp16 from pack_half: each output
     summed in chunks of HALF_CHUNK inputs (fused multiply-adds in input order, chunk sums in order), the
-    same for any M and on any CPU (the AVX-512 and AVX2 variants alike). Needs available()."""
+    same for any number of rows and on any CPU (the AVX-512 and AVX2 variants alike). Needs available()."""
     assert packed.dtype == torch.float16 and packed.is_contiguous() and packed.shape[2] == BLOCK
     assert packed.shape[0] * BLOCK >= out_features and x.shape[-1] == packed.shape[1]
     kernels = library()
@@ -195,6 +203,16 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(x)
     library().glmpool_gelu(x.data_ptr(), out.data_ptr(), x.numel(), library().isa)
     return out
+
+
+def greedy(logits: torch.Tensor) -> list[int] | None:
+    """Each row's first maximum for logits [B, vocab] (fp32, CPU, contiguous) by one pass of greedy.c, where
+    every row is surely valid (finite, and its sum cannot overflow: greedy.c); else None (check as before)."""
+    assert logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.is_contiguous()
+    rows, vocab = logits.shape
+    index, valid = (ctypes.c_int64 * rows)(), (ctypes.c_uint8 * rows)()
+    library().glmpool_greedy(logits.data_ptr(), rows, vocab, index, valid, library().isa)
+    return list(index) if all(valid) else None
 
 
 _last_chunk: dict[int, int] = {}  # in_features -> the chunk that matched last: try it first

@@ -158,6 +158,33 @@ def test_argmax_is_torchs_first_maximum_ties_included():
         assert torch.equal(argmax(logits), logits.argmax(-1)), (rows, vocab, high)
 
 
+@pytest.mark.parametrize("isa", [256, 0])
+def test_greedy_kernel_gives_torchs_first_maximum_or_leaves_the_row_to_torch(isa, monkeypatch):
+    """row_kernel.greedy (greedy.c, AVX2 and plain C) answers only where torch's sum of the row is surely
+    finite, and then with torch's argmax: ties, -0.0 against 0.0, any length; NaN, inf and logits large
+    enough that a sum could overflow leave the rows to torch (None)."""
+    import math
+    import torch
+    from glmpool.engine import row_kernel
+    if not row_kernel.available():
+        pytest.skip("glmpool's CPU kernels are not built")
+    monkeypatch.setattr(row_kernel.library(), "isa", min(isa, row_kernel.library().isa))
+    g = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        rows, vocab = 1 + trial % 5, [1, 7, 8, 31, 33, 1025, 130528][trial % 7]
+        logits = torch.randint(-3, 3 if trial % 2 else 10 ** 6, (rows, vocab), generator=g).float()
+        if trial % 3 == 0:  # zeros of both signs as the maximum
+            logits = torch.where(torch.rand(rows, vocab, generator=g) < 0.5, -logits.abs(), 0.0)
+        assert row_kernel.greedy(logits) == logits.argmax(-1).tolist(), (rows, vocab)
+    vocab = 130528
+    for bad in (math.nan, math.inf, -math.inf, 2 * torch.finfo(torch.float32).max / (2 * vocab)):
+        logits = torch.randn(3, vocab, generator=g)
+        logits[2, vocab - 1] = bad
+        assert row_kernel.greedy(logits) is None, bad
+    logits[2, vocab - 1] = torch.finfo(torch.float32).max / (2 * vocab)  # no sum of the row can overflow
+    assert row_kernel.greedy(logits) == [*logits[:2].argmax(-1).tolist(), vocab - 1]
+
+
 def test_sampling_filters_like_transformers():
     """temperature -> top-k -> top-p as transformers' warpers define them (sorted ascending, drop the
     tokens whose cumulative probability is <= 1 - top_p)."""

@@ -82,8 +82,7 @@ class OwnFp16(WeightMethod):
         return True  # by construction: see the module docstring
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        out = row_kernel.rows_times_half(x.reshape(-1, x.shape[-1]), self.packed, self.bias, self.out_features)
-        return out.view(*x.shape[:-1], self.out_features)
+        return row_kernel.rows_times_half(x, self.packed, self.bias, self.out_features)
 
     def weight(self) -> torch.Tensor:
         return row_kernel.unpack_half(self.packed, self.out_features)

@@ -49,6 +49,7 @@ class LoneRow(NamedTuple):
     chunk: int | None = None  # by the row kernel, with this chunk length (row_kernel.c)
     pad: bool = False  # else by oneDNN as two rows (itself twice), where alone it would sum differently
     several: bool = False  # with a chunk: up to OWN_KERNEL_ROWS rows by the kernel too (AVX-512)
+    address: int | None = None  # with a chunk: the weight's, read once (torch's accessor is an operator call)
 
 
 def lone_row_route(weight: torch.Tensor, bias: torch.Tensor | None) -> LoneRow:
@@ -58,7 +59,8 @@ def lone_row_route(weight: torch.Tensor, bias: torch.Tensor | None) -> LoneRow:
     among_others = _matmul(x, weight, bias)[0]
     chunk = row_kernel.probe(weight, bias, out_features, in_features, x[0], among_others)
     if chunk is not None:
-        return LoneRow(chunk=chunk, several=row_kernel.several_rows_available())
+        return LoneRow(chunk=chunk, several=row_kernel.several_rows_available(),
+                       address=torch.ops.mkldnn.data_ptr(weight))
     return LoneRow(pad=not torch.equal(_matmul(x[:1], weight, bias)[0], among_others))
 
 
@@ -71,15 +73,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            lone_row: LoneRow = LoneRow()) -> torch.Tensor:
     """x [..., in] @ weight [out, in]^T + bias; `weight` plain or reordered by `_reorder_linear_weight`;
     lone_row: lone_row_route(weight, bias), see the module docstring."""
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] == 1 and lone_row.chunk:
-        out = row_kernel.row_times_packed(rows[0], weight, bias, weight.shape[0], lone_row.chunk)
-    elif rows.shape[0] <= OWN_KERNEL_ROWS and lone_row.several:
-        out = row_kernel.rows_times_packed(rows, weight, bias, weight.shape[0], lone_row.chunk)
-    elif rows.shape[0] == 1 and lone_row.pad:
-        out = _matmul(rows.expand(2, -1).contiguous(), weight, bias)[:1]
+    rows = x.numel() // x.shape[-1]
+    if (rows == 1 and lone_row.chunk) or (rows <= OWN_KERNEL_ROWS and lone_row.several):
+        return row_kernel.rows_times_packed(x, weight, bias, weight.shape[0], lone_row.chunk, lone_row.address)
+    x2 = x.reshape(rows, x.shape[-1])
+    if rows == 1 and lone_row.pad:
+        out = _matmul(x2.expand(2, -1).contiguous(), weight, bias)[:1]
     else:
-        out = _matmul(rows, weight, bias)
+        out = _matmul(x2, weight, bias)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
