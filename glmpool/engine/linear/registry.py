@@ -100,7 +100,8 @@ def quantized_activations_comment(width: int = 100) -> str:
     to it)."""
     import textwrap
 
-    text = f'T{quantized_activations_help()[1:]} (default "{DEFAULT_QUANTIZED_ACTIVATIONS}").'
+    text = quantized_activations_help()
+    text = text[0].upper() + text[1:] + f' (default "{DEFAULT_QUANTIZED_ACTIVATIONS}").'
     return "\n".join("# " + line for line in textwrap.wrap(text, width - 2, break_on_hyphens=False))
 
 
